@@ -1,0 +1,43 @@
+r"""Trains a two-tower model from a config file.
+
+  python -m experiments.train --config experiments/configs/siglip_digits.py \
+      --workdir /tmp/siglip_digits [--config.total_steps=2000 ...]
+
+Re-running with the same --workdir resumes from the latest checkpoint.
+"""
+
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", None, "Path to a config file (.py).", lock_config=True)
+flags.DEFINE_string("workdir", None, "Checkpoints, metrics, plots and results go here.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def parse_flags(argv):
+  """absl's parsing, with a bad --config.* override reported as one line, not a traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    bad = [a for a in argv[1:] if a.startswith("--config.")]
+    msg = str(e).replace("\\n", "\n").splitlines()[0].strip("\"'\\ ")
+    if isinstance(e, AttributeError):
+      msg = f"unknown config key {msg!r}"
+    sys.exit(f"mmjax: error: {msg} (overrides: {' '.join(bad) or 'none'})")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  from mmjax.train import loop  # after flag parsing: a bad flag fails fast
+  try:
+    loop.train(flags.FLAGS.config, flags.FLAGS.workdir)
+  except ValueError as e:
+    # Config and data errors are raised before compiling and name the field: one line, no trace.
+    sys.exit(f"mmjax: error: {e}")
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags)

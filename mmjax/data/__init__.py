@@ -1,0 +1,1 @@
+"""Data: TFDS builders (embedded digits, image folder + captions), tokenizer, input pipeline."""

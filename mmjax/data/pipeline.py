@@ -1,0 +1,190 @@
+"""Input pipeline without TensorFlow: TFDS array_record sources read by grain.
+
+Train batches are dicts of numpy arrays: 'image' float32 [b, S, S, 3] in
+[-1, 1], 'text' int32 [b, L] (and 'label' int32 [b] when the data has one),
+b = global batch // process count: each process reads its own shard.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterator
+
+import grain
+import numpy as np
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from mmjax.data import digits
+
+# Datasets mmjax ships and can build offline on first use.
+_EMBEDDED = {"mmjax_digits": digits.MmjaxDigits}
+_DEFAULT_TEMPLATES = {"mmjax_digits": digits.ZEROSHOT_TEMPLATES}
+
+
+def default_templates(name: str) -> list[str] | None:
+  """The zero-shot prompt templates a dataset ships, if any."""
+  return _DEFAULT_TEMPLATES.get(name)
+
+
+def _builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
+  if name in _EMBEDDED:
+    builder = _EMBEDDED[name](data_dir=data_dir, file_format="array_record")
+    if not builder.is_prepared():
+      builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+          try_download_gcs=False))
+    return builder
+  try:
+    return tfds.builder_from_directory(_prepared_dir(name, data_dir))
+  except (FileNotFoundError, ValueError) as e:
+    raise ValueError(
+        f"config.data.name={name!r}: no prepared dataset under data_dir {data_dir!r} ({e}). "
+        "Prepare it in array_record format (your own images + captions: "
+        "mmjax.data.image_folder.build_image_text_folder)") from None
+
+
+def _prepared_dir(name: str, data_dir: str) -> str:
+  """<data_dir>/<name>[/<config>]/<version>: the newest version prepared there."""
+  root = os.path.join(data_dir, *name.split(":")[0].split("/"))
+  if ":" in name:
+    return os.path.join(root, name.split(":")[1])
+  versions = sorted(v for v in os.listdir(root) if v[:1].isdigit()) if os.path.isdir(root) else []
+  if not versions:
+    raise FileNotFoundError(f"{root} has no prepared version")
+  return os.path.join(root, versions[-1])
+
+
+def dataset_features(name: str, *, data_dir: str) -> dict:
+  """The dataset's top-level features, {key: tfds feature}, without reading data."""
+  return dict(_builder(name, data_dir).info.features)
+
+
+def get_source(name: str, split: str, *, data_dir: str, image_key: str = "image",
+               text_key: str = "text"):
+  """A random-access source of one split; builds the embedded default on first use.
+
+  Raises ValueError naming config.data.image_key / text_key when the dataset
+  lacks an image or text feature under that key.
+  """
+  builder = _builder(name, data_dir)
+  features = dict(builder.info.features)
+  for field, key, kind in (("image_key", image_key, tfds.features.Image),
+                           ("text_key", text_key, tfds.features.Text)):
+    if not isinstance(features.get(key), kind):
+      raise ValueError(f"config.data.{field}={key!r}: dataset {name!r} has no {kind.__name__} "
+                       f"feature {key!r}; its features: {sorted(features)}")
+  if split not in builder.info.splits:
+    raise ValueError(f"dataset {name!r} has no split {split!r}; splits: {list(builder.info.splits)}")
+  if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
+    raise ValueError(f"config.data.name={name!r} is stored as {builder.info.file_format}; "
+                     "mmjax reads array_record (TFRecord needs TensorFlow)")
+  return builder.as_data_source(split=split)
+
+
+def iter_texts(source, text_key: str = "text") -> Iterator[str]:
+  for i in range(len(source)):
+    t = source[i][text_key]
+    yield t.decode() if isinstance(t, bytes) else str(t)
+
+
+def resize(image: np.ndarray, size: int) -> np.ndarray:
+  """uint8 [H, W, 3] -> uint8 [size, size, 3] (bicubic)."""
+  if image.shape[:2] == (size, size):
+    return image
+  return np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC))
+
+
+def random_resized_crop(image: np.ndarray, size: int, rng: np.random.Generator, *,
+                        scale=(0.6, 1.0), ratio=(3 / 4, 4 / 3)) -> np.ndarray:
+  """Inception-style crop: random area share in `scale`, aspect in `ratio`, then resize."""
+  h, w = image.shape[:2]
+  for _ in range(10):
+    area = h * w * rng.uniform(*scale)
+    aspect = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1])))
+    ch, cw = int(round(np.sqrt(area / aspect))), int(round(np.sqrt(area * aspect)))
+    if 0 < ch <= h and 0 < cw <= w:
+      top, left = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+      crop = Image.fromarray(image[top:top + ch, left:left + cw])
+      return np.asarray(crop.resize((size, size), Image.BICUBIC))
+  return resize(image, size)
+
+
+def _to_float(image: np.ndarray) -> np.ndarray:
+  return image.astype(np.float32) * (2.0 / 255.0) - 1.0
+
+
+def _rgb(image: np.ndarray) -> np.ndarray:
+  return np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image
+
+
+def _decode_text(t) -> str:
+  return t.decode() if isinstance(t, bytes) else str(t)
+
+
+class _Preprocess:
+  """Example -> {'image', 'text'[, 'label']}; a module-level class so grain workers can pickle it."""
+
+  def __init__(self, tokenizer, image_size, text_len, augment, crop_scale_min, flip,
+               image_key, text_key, label_key):
+    self.__dict__.update(locals())
+    del self.__dict__["self"]
+
+  def __call__(self, ex: dict, rng: np.random.Generator) -> dict:
+    image = _rgb(np.asarray(ex[self.image_key]))
+    if self.augment:
+      image = random_resized_crop(image, self.image_size, rng, scale=(self.crop_scale_min, 1.0))
+    else:
+      image = resize(image, self.image_size)
+    if self.flip and rng.random() < 0.5:
+      image = image[:, ::-1]
+    out = {"image": _to_float(image),
+           "text": self.tokenizer.encode([_decode_text(ex[self.text_key])], self.text_len)[0]}
+    if self.label_key and self.label_key in ex:
+      out["label"] = np.int32(ex[self.label_key])
+    return out
+
+
+def make_train_iterator(source, *, tokenizer, global_batch_size: int, image_size: int,
+                        text_len: int, seed: int, process_index: int = 0,
+                        process_count: int = 1, augment: bool = True,
+                        crop_scale_min: float = 0.6, flip: bool = False,
+                        image_key: str = "image", text_key: str = "text",
+                        label_key: str = "label", num_workers: int = 0):
+  """An endless, seeded, shuffled iterator over this process's shard, with get_state/set_state.
+
+  Restoring a saved state (`it.set_state(state)`) continues with exactly the
+  batches the original iterator would have produced.
+  """
+  if global_batch_size % process_count:
+    raise ValueError(f"config.batch_size={global_batch_size} is not divisible by "
+                     f"{process_count} processes")
+  local = global_batch_size // process_count
+  shard = grain.MapDataset.source(source)[process_index::process_count]
+  if len(shard) < local:
+    raise ValueError(f"config.batch_size: {local} examples per process but the shard has "
+                     f"{len(shard)}")
+  prep = _Preprocess(tokenizer, image_size, text_len, augment, crop_scale_min, flip,
+                     image_key, text_key, label_key)
+  ds = (shard.seed(seed).shuffle().repeat(None).random_map(prep)
+        .batch(local, drop_remainder=True).to_iter_dataset())
+  if num_workers > 0:
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+  return iter(ds)
+
+
+def make_eval_arrays(source, *, tokenizer, image_size: int, text_len: int,
+                     image_key: str = "image", text_key: str = "text",
+                     label_key: str | None = "label") -> dict[str, np.ndarray]:
+  """The whole (small) eval split in memory, no augmentation:
+  'image' float32 [n, S, S, 3], 'text' int32 [n, L], 'label' int32 [n] if present."""
+  images, texts, labels = [], [], []
+  for i in range(len(source)):
+    ex = source[i]
+    images.append(_to_float(resize(_rgb(np.asarray(ex[image_key])), image_size)))
+    texts.append(_decode_text(ex[text_key]))
+    if label_key and label_key in ex:
+      labels.append(int(ex[label_key]))
+  out = {"image": np.stack(images), "text": tokenizer.encode(texts, text_len)}
+  if labels:
+    out["label"] = np.asarray(labels, np.int32)
+  return out

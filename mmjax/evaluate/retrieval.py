@@ -1,0 +1,54 @@
+"""Image <-> text retrieval recall@k."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+
+def _recall(scores: np.ndarray, match: np.ndarray, ks: Sequence[int]) -> dict[int, float]:
+  """scores, match: [queries, candidates]; rank of the best-scoring correct candidate."""
+  best_correct = np.where(match, scores, -np.inf).max(1, keepdims=True)
+  # Pessimistic on ties: a wrong candidate scoring equal to the best correct one counts as above it.
+  rank = ((scores >= best_correct) & ~match).sum(1)
+  return {k: float(np.mean(rank < k)) for k in ks}
+
+
+def retrieval_recall(img_emb: np.ndarray, txt_emb: np.ndarray, *,
+                     img_ids: np.ndarray | None = None,
+                     txt_ids: np.ndarray | None = None,
+                     ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+  """Recall@k for image->text and text->image retrieval.
+
+  A text is a correct answer for an image when their ids are equal. By default
+  ids are positions (text i describes image i); passing class labels as both
+  ids scores class-level retrieval.
+
+  Args:
+    img_emb: [n, d] image embeddings.
+    txt_emb: [m, d] text embeddings.
+    img_ids: [n] ints (default arange(n)).
+    txt_ids: [m] ints (default arange(m)).
+    ks: the k of recall@k.
+
+  Returns:
+    {"i2t_r1": ..., "t2i_r1": ..., ...} for each k.
+  """
+  img_emb = np.asarray(img_emb, np.float32)
+  txt_emb = np.asarray(txt_emb, np.float32)
+  if img_emb.ndim != 2 or txt_emb.ndim != 2 or img_emb.shape[1] != txt_emb.shape[1]:
+    raise ValueError(f"img_emb {img_emb.shape} and txt_emb {txt_emb.shape} must be [n, d] and [m, d]")
+  img_ids = np.arange(len(img_emb)) if img_ids is None else np.asarray(img_ids)
+  txt_ids = np.arange(len(txt_emb)) if txt_ids is None else np.asarray(txt_ids)
+  if img_ids.shape != img_emb.shape[:1] or txt_ids.shape != txt_emb.shape[:1]:
+    raise ValueError(f"img_ids {img_ids.shape} / txt_ids {txt_ids.shape} must match "
+                     f"img_emb {img_emb.shape} / txt_emb {txt_emb.shape} rows")
+  scores = img_emb @ txt_emb.T
+  match = img_ids[:, None] == txt_ids[None, :]
+  out = {}
+  for name, s, m in (("i2t", scores, match), ("t2i", scores.T, match.T)):
+    if not m.any(1).all():
+      raise ValueError(f"{name}: some queries have no correct candidate; check img_ids/txt_ids")
+    out.update({f"{name}_r{k}": v for k, v in _recall(s, m, ks).items()})
+  return out

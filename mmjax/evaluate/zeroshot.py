@@ -1,0 +1,58 @@
+"""Zero-shot classification with prompt-template ensembles (CLIP's recipe)."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+
+
+def _normalize(x: np.ndarray) -> np.ndarray:
+  return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def class_embeddings(encode_text: Callable[[Sequence[str]], np.ndarray],
+                     class_names: Sequence[str],
+                     templates: Sequence[str]) -> np.ndarray:
+  """One embedding per class: the template ensemble, averaged and re-normalised.
+
+  Args:
+    encode_text: maps n strings to [n, d] text embeddings (L2-normalised).
+    class_names: C names, e.g. ["zero", "one", ...].
+    templates: T prompt templates, each with one "{}" for the class name.
+
+  Returns:
+    [C, d] float32, unit-norm rows.
+  """
+  if not class_names:
+    raise ValueError("class_names is empty")
+  bad = [t for t in templates if t.count("{}") != 1]
+  if not templates or bad:
+    raise ValueError(f"templates must be non-empty, each with exactly one '{{}}'; bad: {bad}")
+  prompts = [t.format(c) for c in class_names for t in templates]
+  emb = np.asarray(encode_text(prompts), np.float32)
+  emb = _normalize(emb).reshape(len(class_names), len(templates), -1).mean(1)
+  return _normalize(emb)
+
+
+def zeroshot_accuracy(img_emb: np.ndarray, class_emb: np.ndarray,
+                      labels: np.ndarray, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
+  """Top-k accuracy of classifying images by their nearest class embedding.
+
+  Args:
+    img_emb: [n, d] image embeddings.
+    class_emb: [C, d] class embeddings from `class_embeddings`.
+    labels: [n] int class indices.
+    ks: which top-k to report (k > C is skipped).
+
+  Returns:
+    {"top1": ..., "top5": ...}.
+  """
+  img_emb, labels = np.asarray(img_emb, np.float32), np.asarray(labels)
+  if img_emb.ndim != 2 or labels.shape != img_emb.shape[:1]:
+    raise ValueError(f"img_emb {img_emb.shape} must be [n, d] and labels {labels.shape} [n]")
+  scores = img_emb @ np.asarray(class_emb, np.float32).T
+  # Rank of the true class = how many classes score strictly higher.
+  true = np.take_along_axis(scores, labels[:, None], axis=1)
+  rank = (scores > true).sum(1)
+  return {f"top{k}": float(np.mean(rank < k)) for k in ks if k <= scores.shape[1]}

@@ -1,0 +1,94 @@
+"""CLIP (softmax) and SigLIP (sigmoid) contrastive losses.
+
+Both take L2-normalised embeddings `img_emb`, `txt_emb` of shape [batch, dim]
+where row i of each is a positive pair, and `scale`, the positive multiplier
+of the logits (already exponentiated: exp(t) of the model's learned t).
+Logits and the loss are computed in float32 whatever the embedding dtype:
+bf16 operands, f32 accumulation (the fast path on AMX/TPU/GPU alike).
+
+Later implementations (sharded, tiled, Pallas) are `impl=` values of these
+same functions, tested against impl="dense".
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+_IMPLS = ("dense",)
+
+
+def _check(img_emb: jax.Array, txt_emb: jax.Array, impl: str) -> None:
+  if impl not in _IMPLS:
+    raise ValueError(f"impl={impl!r} is not one of {_IMPLS}")
+  if img_emb.ndim != 2 or txt_emb.ndim != 2:
+    raise ValueError(
+        "img_emb and txt_emb must be [batch, dim]; got img_emb "
+        f"{tuple(img_emb.shape)} and txt_emb {tuple(txt_emb.shape)}")
+  if img_emb.shape != txt_emb.shape:
+    raise ValueError(
+        f"img_emb {tuple(img_emb.shape)} and txt_emb {tuple(txt_emb.shape)} "
+        "must have the same shape [batch, dim]")
+
+
+def _check_scalar(name: str, x) -> None:
+  if jnp.ndim(x) != 0:
+    raise ValueError(f"{name} must be a scalar; got shape {jnp.shape(x)}")
+
+
+def _logits(img_emb: jax.Array, txt_emb: jax.Array, scale) -> jax.Array:
+  """[n, d] x [n, d] -> [n, n] float32 logits scale * img_emb @ txt_emb.T."""
+  dots = jnp.einsum("id,jd->ij", img_emb, txt_emb,
+                    preferred_element_type=jnp.float32)
+  return jnp.asarray(scale, jnp.float32) * dots
+
+
+def clip_loss(img_emb: jax.Array, txt_emb: jax.Array, scale, *,
+              impl: str = "dense") -> jax.Array:
+  """Symmetric softmax (InfoNCE) loss of CLIP, normalised as open_clip does.
+
+  loss = (mean_i CE(logits[i, :], i) + mean_j CE(logits[:, j], j)) / 2,
+  logits = scale * img_emb @ txt_emb.T.
+
+  Args:
+    img_emb: [n, d] image embeddings (f32 or bf16).
+    txt_emb: [n, d] text embeddings; row i pairs with img_emb row i.
+    scale: scalar > 0, the logit multiplier (exp of the learned temperature).
+    impl: "dense" (the n x n logits in memory).
+
+  Returns:
+    float32 scalar.
+  """
+  _check(img_emb, txt_emb, impl)
+  _check_scalar("scale", scale)
+  logits = _logits(img_emb, txt_emb, scale)
+  diag = jnp.diagonal(logits)
+  i2t = jax.nn.logsumexp(logits, axis=1) - diag
+  t2i = jax.nn.logsumexp(logits, axis=0) - diag
+  return 0.5 * (jnp.mean(i2t) + jnp.mean(t2i))
+
+
+def siglip_loss(img_emb: jax.Array, txt_emb: jax.Array, scale, bias, *,
+                impl: str = "dense") -> jax.Array:
+  """Pairwise sigmoid loss of SigLIP, normalised as the paper and open_clip do.
+
+  loss = -sum_ij log sigmoid(z_ij * (scale * img_i . txt_j + bias)) / n,
+  z_ij = +1 if i == j else -1.
+
+  Args:
+    img_emb: [n, d] image embeddings (f32 or bf16).
+    txt_emb: [n, d] text embeddings; row i pairs with img_emb row i.
+    scale: scalar > 0, the logit multiplier (exp of the learned t').
+    bias: scalar logit bias (SigLIP init -10).
+    impl: "dense" (the n x n logits in memory).
+
+  Returns:
+    float32 scalar.
+  """
+  _check(img_emb, txt_emb, impl)
+  _check_scalar("scale", scale)
+  _check_scalar("bias", bias)
+  n = img_emb.shape[0]
+  logits = _logits(img_emb, txt_emb, scale) + jnp.asarray(bias, jnp.float32)
+  z = 2.0 * jnp.eye(n, dtype=jnp.float32) - 1.0
+  return -jnp.sum(jax.nn.log_sigmoid(z * logits)) / n

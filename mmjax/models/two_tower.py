@@ -1,0 +1,67 @@
+"""Image tower + text tower + projections: CLIP and SigLIP two-tower models."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mmjax.models import text as text_lib
+from mmjax.models import vit
+
+
+def _l2_normalize(x: jax.Array) -> jax.Array:
+  x = x.astype(jnp.float32)
+  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-12))
+
+
+class Model(nn.Module):
+  """(image [b, H, W, 3], tokens [b, L]) -> (zimg [b, e], ztxt [b, e], out).
+
+  zimg, ztxt are float32 and unit-norm (either is None when its input is).
+  out['scale'] = exp(t), the positive logit multiplier; out['bias'] = b for
+  SigLIP. Inits: CLIP t = log(1/0.07); SigLIP t = log 10, b = -10.
+  """
+  image: dict
+  text: dict
+  embed_dim: int
+  loss: str = "siglip"       # 'clip' | 'siglip': decides the t/b init and whether b exists
+  temperature_init: float | None = None   # the initial scale exp(t)
+  bias_init: float | None = None
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  def setup(self):
+    if self.loss not in ("clip", "siglip"):
+      raise ValueError(f"loss={self.loss!r}; expected 'clip' or 'siglip'")
+    self.img = vit.Model(**{"pool_type": "map", **self.image}, name="img")
+    self.txt = text_lib.Model(**self.text, name="txt")
+    proj = lambda n: nn.Dense(self.embed_dim, use_bias=False, dtype=self.dtype,
+                              param_dtype=self.param_dtype, name=n)
+    self.img_proj, self.txt_proj = proj("img_proj"), proj("txt_proj")
+    scale = self.temperature_init or (1 / 0.07 if self.loss == "clip" else 10.0)
+    self.t = self.param("t", nn.initializers.constant(math.log(scale)), (), jnp.float32)
+    if self.loss == "siglip":
+      b = -10.0 if self.bias_init is None else self.bias_init
+      self.b = self.param("b", nn.initializers.constant(b), (), jnp.float32)
+
+  def encode_image(self, image: jax.Array, *, train: bool = False) -> jax.Array:
+    """[b, H, W, 3] float -> [b, embed_dim] float32, unit norm."""
+    pooled, _ = self.img(image, train=train)
+    return _l2_normalize(self.img_proj(pooled))
+
+  def encode_text(self, tokens: jax.Array, *, train: bool = False) -> jax.Array:
+    """[b, L] int32 -> [b, embed_dim] float32, unit norm."""
+    pooled, _ = self.txt(tokens, train=train)
+    return _l2_normalize(self.txt_proj(pooled))
+
+  def __call__(self, image: jax.Array | None, text: jax.Array | None, *, train: bool = False):
+    zimg = None if image is None else self.encode_image(image, train=train)
+    ztxt = None if text is None else self.encode_text(text, train=train)
+    out = {"scale": jnp.exp(self.t)}
+    if self.loss == "siglip":
+      out["bias"] = self.b
+    return zimg, ztxt, out

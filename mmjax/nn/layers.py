@@ -1,0 +1,116 @@
+"""MLP block, pre-LN encoder stack, position embeddings, attention pooling."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmjax.nn.attention import MultiHeadAttention
+
+
+def _dense(features: int, dtype, param_dtype) -> nn.Dense:
+  return nn.Dense(features, dtype=dtype, param_dtype=param_dtype,
+                  kernel_init=nn.initializers.xavier_uniform(),
+                  bias_init=nn.initializers.normal(1e-6))
+
+
+class MlpBlock(nn.Module):
+  """Dense(mlp_dim) -> gelu -> Dense(width): [..., width] -> [..., width]."""
+  mlp_dim: int
+  dropout: float = 0.0
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    width = x.shape[-1]
+    x = nn.gelu(_dense(self.mlp_dim, self.dtype, self.param_dtype)(x))
+    x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    return _dense(width, self.dtype, self.param_dtype)(x)
+
+
+class EncoderBlock(nn.Module):
+  """Pre-LN transformer block: x + attn(LN(x)); x + mlp(LN(x))."""
+  num_heads: int
+  mlp_dim: int
+  dropout: float = 0.0
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+  attn_impl: str = "xla"
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None, is_causal: bool = False,
+               train: bool = False) -> jax.Array:
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    y = nn.LayerNorm(name="ln1", **kw)(x)
+    y = MultiHeadAttention(self.num_heads, attn_impl=self.attn_impl, name="attn", **kw)(
+        y, mask=mask, is_causal=is_causal)
+    x = x + nn.Dropout(self.dropout, deterministic=not train)(y)
+    y = nn.LayerNorm(name="ln2", **kw)(x)
+    y = MlpBlock(self.mlp_dim, self.dropout, name="mlp", **kw)(y, train=train)
+    return x + nn.Dropout(self.dropout, deterministic=not train)(y)
+
+
+class Encoder(nn.Module):
+  """`depth` EncoderBlocks then a final LayerNorm; [b, n, width] -> [b, n, width].
+
+  remat=True recomputes each block's activations in the backward pass
+  (memory of one block instead of all of them, ~1.3x the compute).
+  """
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  dropout: float = 0.0
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+  attn_impl: str = "xla"
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, mask: jax.Array | None = None, is_causal: bool = False,
+               train: bool = False) -> jax.Array:
+    block = nn.remat(EncoderBlock, static_argnums=(3, 4)) if self.remat else EncoderBlock
+    for i in range(self.depth):
+      x = block(self.num_heads, self.mlp_dim, self.dropout, self.dtype, self.param_dtype,
+                self.attn_impl, name=f"block{i}")(x, mask, is_causal, train)
+    return nn.LayerNorm(name="ln_final", dtype=self.dtype, param_dtype=self.param_dtype)(x)
+
+
+def posemb_sincos_2d(h: int, w: int, width: int, temperature: float = 10_000.0,
+                     dtype=jnp.float32) -> jax.Array:
+  """Fixed 2-D sine-cosine position embeddings, [1, h*w, width] (width % 4 == 0)."""
+  if width % 4:
+    raise ValueError(f"width {width} must be a multiple of 4 for sincos2d position embeddings")
+  y, x = np.mgrid[:h, :w]
+  omega = 1.0 / temperature ** (np.arange(width // 4) / (width // 4 - 1 or 1))
+  y = y.reshape(-1)[:, None] * omega[None]
+  x = x.reshape(-1)[:, None] * omega[None]
+  pe = np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1)
+  return jnp.asarray(pe[None], dtype)
+
+
+class MAPHead(nn.Module):
+  """Multihead attention pooling: a learned probe attends over the tokens.
+
+  [b, n, width] (+ optional key mask [b, n], True = real token) -> [b, width].
+  """
+  num_heads: int
+  mlp_dim: int | None = None
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+  attn_impl: str = "xla"
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    b, _, width = x.shape
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    probe = self.param("probe", nn.initializers.xavier_uniform(), (1, 1, width), self.param_dtype)
+    probe = jnp.broadcast_to(probe, (b, 1, width)).astype(x.dtype)
+    key_mask = None if mask is None else mask[:, None, None, :]
+    x = MultiHeadAttention(self.num_heads, attn_impl=self.attn_impl, name="attn", **kw)(
+        probe, x, mask=key_mask)
+    y = nn.LayerNorm(name="ln", **kw)(x)
+    x = x + MlpBlock(self.mlp_dim or 4 * width, name="mlp", **kw)(y)
+    return x[:, 0]

@@ -1,0 +1,1 @@
+"""Training: config, optimizer, train state and step, sharding, checkpoints, the loop."""

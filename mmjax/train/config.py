@@ -1,0 +1,116 @@
+"""The training config: every key with its default, and validation.
+
+Configs are ml_collections ConfigDicts (big_vision style). `defaults()` lists
+every key the trainer reads, so a misspelt key in a config file or on the
+command line fails at once instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import os
+
+import ml_collections
+from ml_collections.config_dict import placeholder
+
+# Override a variant's numbers; unset (None) takes the variant's.
+_TOWER_OVERRIDES = dict(width=placeholder(int), depth=placeholder(int),
+                        mlp_dim=placeholder(int), num_heads=placeholder(int))
+
+
+def defaults() -> ml_collections.ConfigDict:
+  """Every config key the trainer understands, with its default value."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.batch_size = 128          # global, over all devices and processes
+  c.total_steps = 1000
+  c.loss = "siglip"           # 'siglip' | 'clip'
+  c.log_every = 20
+  c.num_devices = -1          # -1: all; a smaller number uses the first N
+  c.mesh = ml_collections.ConfigDict(dict(data=-1))  # axis name -> size (-1: the rest)
+
+  c.data = ml_collections.ConfigDict(dict(
+      name="mmjax_digits",
+      data_dir=placeholder(str),         # None: $MMJAX_DATA_DIR or ~/.cache/mmjax/datasets
+      train_split="train",
+      eval_split="test",
+      image_key="image",
+      text_key="text",
+      label_key="label",
+      image_size=32,
+      text_len=16,
+      vocab_size=512,         # includes 256 byte-fallback pieces
+      tokenizer_path=placeholder(str),  # None: trained on the training captions, cached
+      augment=True,
+      crop_scale_min=0.6,
+      flip=False,             # flips turn a 2 into a mirrored 2: off for digits
+      num_workers=0,
+  ))
+
+  c.model = ml_collections.ConfigDict(dict(
+      embed_dim=128,
+      dtype="float32",        # compute dtype: 'float32' | 'bfloat16'
+      param_dtype="float32",
+      remat=False,
+      attn_impl="xla",
+      temperature_init=placeholder(float),  # None: CLIP 1/0.07, SigLIP 10
+      bias_init=placeholder(float),  # None: SigLIP -10
+      image=dict(variant="Ti/4", pool_type="map", posemb="sincos2d",
+                 patch_size=placeholder(int), **_TOWER_OVERRIDES),
+      text=dict(variant="Ti", pool_type="last", causal=False,
+                **_TOWER_OVERRIDES),
+  ))
+
+  c.optim = ml_collections.ConfigDict(dict(
+      lr=1e-3,
+      warmup_steps=100,
+      end_lr_fraction=0.01,
+      weight_decay=1e-4,      # decoupled (AdamW); never on norms, biases, t, b
+      b1=0.9,
+      b2=0.95,
+      grad_clip=1.0,          # global norm; 0 disables
+  ))
+
+  c.evaluate = ml_collections.ConfigDict(dict(
+      every=500,              # steps; 0: only at the end
+      batch_size=256,
+      templates=placeholder(tuple),  # None: the dataset's own, else ['a photo of a {}.']
+      retrieval_match="pair", # 'pair': text i goes with image i; 'label': same class
+  ))
+
+  c.checkpoint = ml_collections.ConfigDict(dict(every=250, keep=2))
+  return c
+
+
+def _check_keys(cfg, ref, prefix: str) -> None:
+  for key in cfg.keys():
+    if key not in ref:
+      raise ValueError(f"unknown config key {prefix}{key!r}; known: {sorted(ref.keys())}")
+    sub, ref_sub = cfg[key], ref[key]
+    if isinstance(ref_sub, (ml_collections.ConfigDict, dict)):
+      if not isinstance(sub, (ml_collections.ConfigDict, dict)):
+        raise ValueError(f"config.{prefix}{key} must be a dict; got {sub!r}")
+      _check_keys(sub, ref_sub, f"{prefix}{key}.")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the field for what can be checked before any data or compile."""
+  _check_keys(config, defaults(), "")
+  if config.loss not in ("siglip", "clip"):
+    raise ValueError(f"config.loss must be 'siglip' or 'clip'; got {config.loss!r}")
+  for key in ("batch_size", "total_steps", "log_every"):
+    if not isinstance(config[key], int) or config[key] <= 0:
+      raise ValueError(f"config.{key} must be a positive int; got {config[key]!r}")
+  for key in ("dtype", "param_dtype"):
+    if config.model[key] not in ("float32", "bfloat16"):
+      raise ValueError(f"config.model.{key} must be 'float32' or 'bfloat16'; "
+                       f"got {config.model[key]!r}")
+  if config.evaluate.retrieval_match not in ("pair", "label"):
+    raise ValueError("config.evaluate.retrieval_match must be 'pair' or 'label'; "
+                     f"got {config.evaluate.retrieval_match!r}")
+
+
+def data_dir(config: ml_collections.ConfigDict) -> str:
+  """Where TFDS datasets live: config.data.data_dir, $MMJAX_DATA_DIR or a user cache."""
+  return os.path.expanduser(
+      config.data.data_dir or os.environ.get("MMJAX_DATA_DIR")
+      or "~/.cache/mmjax/datasets")

@@ -1,0 +1,232 @@
+"""The training loop: config -> data -> sharded batches -> jit train step -> checkpoints, eval, logs.
+
+`train(config, workdir)` is the whole main job. Re-running it with the same
+workdir resumes from the latest checkpoint and reproduces the uninterrupted
+run's per-step losses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tqdm
+
+from mmjax import evaluate
+from mmjax.data import pipeline, tokenizer as tokenizer_lib
+from mmjax.models import two_tower, vit
+from mmjax.models import text as text_model
+from mmjax.train import checkpoint, config as config_lib, optimizer, sharding, state as state_lib
+from mmjax.train.metrics import MetricWriter, plot_curves
+
+DEFAULT_TEMPLATES = ("a photo of a {}.",)
+
+
+def build_model(config: ml_collections.ConfigDict, vocab_size: int) -> two_tower.Model:
+  """The two-tower model of config.model; variants are decoded here, so a bad one fails early."""
+  m = config.model
+  common = dict(dtype=getattr(jnp, m.dtype), param_dtype=getattr(jnp, m.param_dtype),
+                remat=m.remat, attn_impl=m.attn_impl)
+  image = {k: v for k, v in m.image.items() if v is not None}
+  text = {k: v for k, v in m.text.items() if v is not None}
+  try:
+    vit.decode_variant(image["variant"])
+  except ValueError as e:
+    raise ValueError(f"config.model.image.variant: {e}") from None
+  try:
+    text_model.decode_variant(text["variant"])
+  except ValueError as e:
+    raise ValueError(f"config.model.text.variant: {e}") from None
+  if "patch_size" in image:
+    image["patch_size"] = tuple(np.broadcast_to(image["patch_size"], 2).tolist())
+  return two_tower.Model(
+      image={**image, **common},
+      text={**text, **common, "vocab_size": vocab_size, "max_len": config.data.text_len},
+      embed_dim=m.embed_dim, loss=config.loss,
+      temperature_init=m.temperature_init, bias_init=m.bias_init,
+      dtype=common["dtype"], param_dtype=common["param_dtype"])
+
+
+def _zeroshot_setup(config, data_dir: str):
+  """(class_names, templates) for zero-shot, or None without a label feature."""
+  features = pipeline.dataset_features(config.data.name, data_dir=data_dir)
+  label = features.get(config.data.label_key) if config.data.label_key else None
+  names = getattr(label, "names", None)
+  if not names:
+    return None
+  templates = config.evaluate.templates
+  if templates is None:
+    templates = pipeline.default_templates(config.data.name) or DEFAULT_TEMPLATES
+  return list(names), list(templates)
+
+
+class Evaluator:
+  """Zero-shot top-1/top-5 and retrieval recall@1/5/10 on the eval split."""
+
+  def __init__(self, model, config, arrays: dict, tok, zeroshot):
+    self.arrays, self.tok, self.zeroshot = arrays, tok, zeroshot
+    self.batch_size, self.text_len = config.evaluate.batch_size, config.data.text_len
+    self.match = config.evaluate.retrieval_match
+    self._img = jax.jit(lambda p, x: model.apply({"params": p}, x, method="encode_image"))
+    self._txt = jax.jit(lambda p, t: model.apply({"params": p}, t, method="encode_text"))
+
+  def _batched(self, fn, params, x: np.ndarray) -> np.ndarray:
+    """Fixed-size batches (one compile); the last one padded with its first row."""
+    out, b = [], self.batch_size
+    for i in range(0, len(x), b):
+      chunk = x[i:i + b]
+      pad = b - len(chunk)
+      if pad:
+        chunk = np.concatenate([chunk, np.repeat(chunk[:1], pad, 0)])
+      out.append(np.asarray(fn(params, chunk))[:b - pad])
+    return np.concatenate(out)
+
+  def __call__(self, params) -> dict[str, float]:
+    a = self.arrays
+    img = self._batched(self._img, params, a["image"])
+    txt = self._batched(self._txt, params, a["text"])
+    results = {}
+    if self.zeroshot is not None and "label" in a:
+      names, templates = self.zeroshot
+      encode = lambda s: self._batched(self._txt, params, self.tok.encode(s, self.text_len))
+      cls = evaluate.class_embeddings(encode, names, templates)
+      acc = evaluate.zeroshot_accuracy(img, cls, a["label"])
+      results.update({f"zeroshot_{k}": v for k, v in acc.items()})
+    if self.match == "label":
+      ids = a["label"]
+      results.update(_prefixed(evaluate.retrieval_recall(img, txt, img_ids=ids, txt_ids=ids)))
+    else:
+      # Identical captions are one text: any of them is a correct answer.
+      _, ids = np.unique(a["text"], axis=0, return_inverse=True)
+      results.update(_prefixed(evaluate.retrieval_recall(img, txt, img_ids=ids, txt_ids=ids)))
+    return results
+
+
+def _prefixed(d: dict) -> dict:
+  return {f"retrieval_{k}": v for k, v in d.items()}
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *,
+          callbacks: Sequence[Callable[[int, dict], None]] = ()) -> dict:
+  """Trains, evaluates and checkpoints; returns the final results (also in workdir/results.json).
+
+  callbacks: each called as cb(step, metrics) after every step (metrics are
+  device arrays; converting them syncs).
+  """
+  t_start = time.time()
+  config_lib.validate(config)
+  mesh = sharding.make_mesh(config)
+  n_data = sharding.data_parallel_size(mesh)
+  if config.batch_size % n_data or config.batch_size % jax.process_count():
+    raise ValueError(f"config.batch_size={config.batch_size} must be divisible by the "
+                     f"{n_data} data-parallel devices and {jax.process_count()} processes")
+  ddir = config_lib.data_dir(config)
+  d = config.data
+  train_src = pipeline.get_source(d.name, d.train_split, data_dir=ddir,
+                                  image_key=d.image_key, text_key=d.text_key)
+  tok = tokenizer_lib.get_tokenizer(
+      name=d.name, data_dir=ddir, vocab_size=d.vocab_size, path=d.tokenizer_path,
+      train_texts_fn=lambda: pipeline.iter_texts(train_src, d.text_key))
+  model = build_model(config, tok.vocab_size)
+  tx, schedule = optimizer.make_optimizer(config.optim, config.total_steps)
+  eval_src = pipeline.get_source(d.name, d.eval_split, data_dir=ddir,
+                                 image_key=d.image_key, text_key=d.text_key)
+  eval_arrays = pipeline.make_eval_arrays(
+      eval_src, tokenizer=tok, image_size=d.image_size, text_len=d.text_len,
+      image_key=d.image_key, text_key=d.text_key, label_key=d.label_key)
+  evaluator = Evaluator(model, config, eval_arrays, tok, _zeroshot_setup(config, ddir))
+
+  # The state is created on the mesh directly (no host copy of the full state).
+  state_sharding = sharding.replicated(mesh)
+  batch_sharding = sharding.batch_sharding(mesh)
+  dummy_img = jnp.zeros((1, d.image_size, d.image_size, 3), jnp.float32)
+  dummy_txt = jnp.zeros((1, d.text_len), jnp.int32)
+  init = jax.jit(lambda rng: state_lib.init_state(model, tx, rng, dummy_img, dummy_txt),
+                 out_shardings=state_sharding)
+  rng = jax.random.PRNGKey(config.seed)
+  abstract = jax.eval_shape(init, rng)
+  abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=state_sharding), abstract)
+
+  os.makedirs(workdir, exist_ok=True)
+  ckpt = checkpoint.make_manager(workdir, every=config.checkpoint.every,
+                                 keep=config.checkpoint.keep)
+  data_iter = pipeline.make_train_iterator(
+      train_src, tokenizer=tok, global_batch_size=config.batch_size,
+      image_size=d.image_size, text_len=d.text_len, seed=config.seed,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      augment=d.augment, crop_scale_min=d.crop_scale_min, flip=d.flip,
+      image_key=d.image_key, text_key=d.text_key, num_workers=d.num_workers)
+  start = ckpt.latest_step()
+  if start is None:
+    state, start = init(rng), 0
+  else:
+    state, data_state = checkpoint.restore(ckpt, start, abstract)
+    data_iter.set_state(data_state)
+    print(f"mmjax: resumed from {workdir} at step {start}", flush=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json(indent=2))
+
+  step_fn = jax.jit(state_lib.make_train_step(model, tx, loss=config.loss, schedule=schedule),
+                    in_shardings=(state_sharding, batch_sharding),
+                    out_shardings=(state_sharding, None), donate_argnums=0)
+  writer = MetricWriter(workdir, resume_step=start)
+  bar = tqdm.tqdm(total=config.total_steps, initial=start, desc="train", unit="step",
+                  dynamic_ncols=True, mininterval=1.0)
+  t_first = None   # time after the first step of this run: compile excluded from speed
+  steps_timed = 0
+  t_log, n_log = time.time(), 0
+  last_saved = start
+  try:
+    for step in range(start + 1, config.total_steps + 1):
+      local = next(data_iter)
+      batch = {k: jax.make_array_from_process_local_data(batch_sharding, local[k])
+               for k in ("image", "text")}
+      state, metrics = step_fn(state, batch)
+      for cb in callbacks:
+        cb(step, metrics)
+      if t_first is None:
+        jax.block_until_ready(state)
+        t_first = t_log = time.time()
+      else:
+        steps_timed += 1
+      n_log += 1
+      if checkpoint.save(ckpt, step, state, data_iter.get_state()):
+        last_saved = step
+      if step % config.log_every == 0 or step == config.total_steps:
+        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        now = time.time()
+        m["examples_per_sec"] = n_log * config.batch_size / max(now - t_log, 1e-9)
+        t_log, n_log = now, 0
+        writer.write(step, m)
+        bar.set_postfix(loss=f"{m['loss']:.4f}", ex_s=f"{m['examples_per_sec']:.0f}")
+      bar.update(1)
+      if config.evaluate.every and step % config.evaluate.every == 0 and step != config.total_steps:
+        writer.write(step, evaluator(state.params))
+    bar.close()
+    train_time = time.time() - (t_first or time.time())
+    if last_saved != config.total_steps:
+      checkpoint.save(ckpt, config.total_steps, state, data_iter.get_state(), force=True)
+    final = evaluator(state.params)
+    ckpt.wait_until_finished()
+  finally:
+    ckpt.close()
+    if hasattr(data_iter, "close"):
+      data_iter.close()
+  writer.write(config.total_steps, final)
+  results = {**final, "steps": config.total_steps,
+             "examples_per_sec": steps_timed * config.batch_size / train_time if steps_timed else None,
+             "resumed_from_step": start, "wall_s": time.time() - t_start,
+             "devices": mesh.size, "loss": config.loss}
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+      json.dump(results, f, indent=2)
+    plot_curves(writer.path, os.path.join(workdir, "curves.png"))
+  writer.close()
+  return results
