@@ -8,7 +8,7 @@ Re-running with the same --workdir resumes from the latest checkpoint.
 
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 config_flags.DEFINE_config_file("config", None, "Path to a config file (.py).", lock_config=True)
@@ -31,6 +31,7 @@ def parse_flags(argv):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   from mmjax.train import loop  # after flag parsing: a bad flag fails fast
   try:
     loop.train(flags.FLAGS.config, flags.FLAGS.workdir)

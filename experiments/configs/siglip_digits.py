@@ -10,14 +10,13 @@ def get_config():
   c = defaults()
   c.loss = "siglip"
   c.batch_size = 128
-  c.total_steps = 1000
+  c.total_steps = 700
   c.data.name = "mmjax_digits"
-  c.model.image.variant = "Ti/4"
+  c.model.image.variant = "Ti/8"  # 16 patches of the 32x32 image
   c.model.image.depth = 4
   c.model.text.variant = "Ti"
   c.model.text.depth = 2
   c.model.embed_dim = 128
-  c.model.dtype = "bfloat16"
-  c.evaluate.every = 250
+  c.evaluate.every = 100
   c.evaluate.retrieval_match = "label"  # ten classes: a caption is right for every image of its digit
   return c
