@@ -24,12 +24,15 @@ def ref_attention(q, k, v, mask, w):
   return out, (dq, dk, dv)
 
 
-@pytest.mark.parametrize("b,lq,lk,h,d", [(2, 13, 13, 3, 8), (1, 7, 19, 2, 16), (3, 1, 5, 1, 4)])
-@pytest.mark.parametrize("causal,use_mask", [(False, False), (True, False), (False, True),
-                                             (True, True)])
+_MASKS = [(False, False), (True, False), (False, True), (True, True)]  # (causal, key padding)
+
+
+# Causal only for self-attention shapes (lq == lk).
+@pytest.mark.parametrize("b,lq,lk,h,d,causal,use_mask", [
+    (2, 13, 13, 3, 8, c, m) for c, m in _MASKS] + [
+    (1, 7, 19, 2, 16, False, m) for m in (False, True)] + [
+    (3, 1, 5, 1, 4, False, m) for m in (False, True)])
 def test_matches_float64_reference(b, lq, lk, h, d, causal, use_mask):
-  if causal and lq != lk:
-    pytest.skip("causal attention is defined here for self-attention (lq == lk)")
   rng = np.random.default_rng()
   q, k, v, w = (rng.normal(size=s) for s in [(b, lq, h, d), (b, lk, h, d), (b, lk, h, d),
                                               (b, lq, h, d)])

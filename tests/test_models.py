@@ -33,8 +33,8 @@ def test_unknown_variant_is_named(bad):
 
 
 def _init_apply(model, x, **kw):
-  params = model.init(jax.random.PRNGKey(0), x)
-  return params, model.apply(params, x, **kw)
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), x)
+  return params, jax.jit(lambda p, x: model.apply(p, x, **kw))(params, x)
 
 
 @pytest.mark.parametrize("pool", ["tok", "gap", "map", "none"])
@@ -59,8 +59,8 @@ def test_vit_remat_same_values_and_grads():
   plain, ckpt = vit.Model(**TINY, patch_size=(4, 4)), vit.Model(**TINY, patch_size=(4, 4), remat=True)
   params = plain.init(jax.random.PRNGKey(0), img)
   loss = lambda m: lambda p: jnp.sum(m.apply(p, img)[0] ** 2)
-  l1, g1 = jax.value_and_grad(loss(plain))(params)
-  l2, g2 = jax.value_and_grad(loss(ckpt))(params)  # same param tree
+  l1, g1 = jax.jit(jax.value_and_grad(loss(plain)))(params)
+  l2, g2 = jax.jit(jax.value_and_grad(loss(ckpt)))(params)  # same param tree
   np.testing.assert_allclose(l1, l2, rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), g1, g2)
 

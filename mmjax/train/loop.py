@@ -210,6 +210,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
       if config.evaluate.every and step % config.evaluate.every == 0 and step != config.total_steps:
         writer.write(step, evaluator(state.params))
     bar.close()
+    jax.block_until_ready(state)
     train_time = time.time() - (t_first or time.time())
     if last_saved != config.total_steps:
       checkpoint.save(ckpt, config.total_steps, state, data_iter.get_state(), force=True)
