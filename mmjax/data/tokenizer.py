@@ -53,8 +53,9 @@ class Tokenizer:
     if isinstance(texts, str):
       raise ValueError("texts must be a sequence of strings, not one string")
     out = np.full((len(texts), max_len), PAD, np.int32)
-    for i, ids in enumerate(self._sp.encode([t.lower() for t in texts])):
-      ids = ids[:max_len - 1] + [EOS]
+    for i, text in enumerate(texts):
+      # One string at a time: the list form starts a thread pool per call (~40x slower here).
+      ids = self._sp.encode(text.lower())[:max_len - 1] + [EOS]
       out[i, :len(ids)] = ids
     return out
 
