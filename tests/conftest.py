@@ -2,7 +2,11 @@
 
 import os
 
+import jax
 import pytest
+
+# Eight simulated CPU devices for the sharded tests; must precede any JAX op.
+jax.config.update("jax_num_cpu_devices", 8)
 
 
 @pytest.fixture(scope="session")
@@ -17,6 +21,7 @@ def tiny_config(data_dir: str, **overrides):
   from experiments.configs import siglip_digits
   c = siglip_digits.get_config()
   c.data.data_dir = data_dir
+  c.num_devices = 1
   c.batch_size = 16
   c.total_steps = 12
   c.log_every = 1

@@ -6,8 +6,12 @@ of the logits (already exponentiated: exp(t) of the model's learned t).
 Logits and the loss are computed in float32 whatever the embedding dtype:
 bf16 operands, f32 accumulation (the fast path on AMX/TPU/GPU alike).
 
-Later implementations (sharded, tiled, Pallas) are `impl=` values of these
-same functions, tested against impl="dense".
+Faster or sharded implementations are `impl=` values of these same functions,
+tested against impl="dense":
+  "dense": the n x n logits in memory, one device (or XLA's own partitioning).
+  "gather", "ring": per device, inside shard_map or pmap over `axis_name`, on
+    the local [n, d] shards of a global batch; they return the global batch's
+    loss. See mmjax/losses/distributed.py.
 """
 
 from __future__ import annotations
@@ -15,12 +19,17 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-_IMPLS = ("dense",)
+from mmjax.losses import distributed
+
+_IMPLS = ("dense", "gather", "ring")
 
 
-def _check(img_emb: jax.Array, txt_emb: jax.Array, impl: str) -> None:
+def _check(img_emb: jax.Array, txt_emb: jax.Array, impl: str, axis_name) -> None:
   if impl not in _IMPLS:
     raise ValueError(f"impl={impl!r} is not one of {_IMPLS}")
+  if (impl == "dense") != (axis_name is None):
+    raise ValueError(f"impl={impl!r} {'takes no' if impl == 'dense' else 'needs an'} axis_name "
+                     f"(got axis_name={axis_name!r}); sharded impls run inside shard_map/pmap")
   if img_emb.ndim != 2 or txt_emb.ndim != 2:
     raise ValueError(
         "img_emb and txt_emb must be [batch, dim]; got img_emb "
@@ -44,7 +53,7 @@ def _logits(img_emb: jax.Array, txt_emb: jax.Array, scale) -> jax.Array:
 
 
 def clip_loss(img_emb: jax.Array, txt_emb: jax.Array, scale, *,
-              impl: str = "dense") -> jax.Array:
+              impl: str = "dense", axis_name=None) -> jax.Array:
   """Symmetric softmax (InfoNCE) loss of CLIP, normalised as open_clip does.
 
   loss = (mean_i CE(logits[i, :], i) + mean_j CE(logits[:, j], j)) / 2,
@@ -54,13 +63,19 @@ def clip_loss(img_emb: jax.Array, txt_emb: jax.Array, scale, *,
     img_emb: [n, d] image embeddings (f32 or bf16).
     txt_emb: [n, d] text embeddings; row i pairs with img_emb row i.
     scale: scalar > 0, the logit multiplier (exp of the learned temperature).
-    impl: "dense" (the n x n logits in memory).
+    impl: "dense" | "gather" | "ring" (see the module docstring).
+    axis_name: the batch axis (or tuple of axes) for "gather" and "ring";
+      img_emb and txt_emb are then this device's [n, d] shards.
 
   Returns:
-    float32 scalar.
+    float32 scalar: the loss of the whole (global) batch.
   """
-  _check(img_emb, txt_emb, impl)
+  _check(img_emb, txt_emb, impl, axis_name)
   _check_scalar("scale", scale)
+  if impl == "gather":
+    return distributed.clip_gather(img_emb, txt_emb, scale, axis_name=axis_name)
+  if impl == "ring":
+    return distributed.clip_ring(img_emb, txt_emb, scale, axis_name=axis_name)
   logits = _logits(img_emb, txt_emb, scale)
   diag = jnp.diagonal(logits)
   i2t = jax.nn.logsumexp(logits, axis=1) - diag
@@ -69,7 +84,7 @@ def clip_loss(img_emb: jax.Array, txt_emb: jax.Array, scale, *,
 
 
 def siglip_loss(img_emb: jax.Array, txt_emb: jax.Array, scale, bias, *,
-                impl: str = "dense") -> jax.Array:
+                impl: str = "dense", axis_name=None) -> jax.Array:
   """Pairwise sigmoid loss of SigLIP, normalised as the paper and open_clip do.
 
   loss = -sum_ij log sigmoid(z_ij * (scale * img_i . txt_j + bias)) / n,
@@ -80,14 +95,20 @@ def siglip_loss(img_emb: jax.Array, txt_emb: jax.Array, scale, bias, *,
     txt_emb: [n, d] text embeddings; row i pairs with img_emb row i.
     scale: scalar > 0, the logit multiplier (exp of the learned t').
     bias: scalar logit bias (SigLIP init -10).
-    impl: "dense" (the n x n logits in memory).
+    impl: "dense" | "gather" | "ring" (see the module docstring).
+    axis_name: the batch axis (or tuple of axes) for "gather" and "ring";
+      img_emb and txt_emb are then this device's [n, d] shards.
 
   Returns:
-    float32 scalar.
+    float32 scalar: the loss of the whole (global) batch.
   """
-  _check(img_emb, txt_emb, impl)
+  _check(img_emb, txt_emb, impl, axis_name)
   _check_scalar("scale", scale)
   _check_scalar("bias", bias)
+  if impl == "gather":
+    return distributed.siglip_gather(img_emb, txt_emb, scale, bias, axis_name=axis_name)
+  if impl == "ring":
+    return distributed.siglip_ring(img_emb, txt_emb, scale, bias, axis_name=axis_name)
   n = img_emb.shape[0]
   logits = _logits(img_emb, txt_emb, scale) + jnp.asarray(bias, jnp.float32)
   z = 2.0 * jnp.eye(n, dtype=jnp.float32) - 1.0

@@ -1,0 +1,222 @@
+"""Contrastive losses over a batch sharded along a named axis (shard_map or pmap).
+
+Every function here runs per device on its local rows: img_emb, txt_emb are
+[n, d] shards of the global [N, d] batch, N = n * axis_size, and returns the
+loss of the *global* batch (the dense loss on the gathered embeddings), the
+same value on every device.
+
+  gather: all-gather the other tower's embeddings, with gradients through the
+    gather (open_clip's local_loss + gather_with_grad): n x N logits per device.
+  ring: text embeddings travel the ring by ppermute, one n x n block per step.
+    A custom VJP recomputes each block in the backward pass, so no step's
+    logits are kept; the backward is a second ring pass in which each
+    text-gradient accumulator travels with its chunk back to its owner.
+    CLIP's softmax keeps a running log-sum-exp per row (and per column, carried
+    with the text chunk), as in Inf-CL.
+
+Gradient conventions follow JAX's own collectives: under shard_map with
+check_vma=True the gradients are those of the global loss; under pmap (or
+check_vma=False) each device's gradient of its copy of the loss is axis_size
+times that, as for a psum'd loss, so the usual pmean of gradients is right.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Axis = str | tuple[str, ...]
+
+
+def _names(axis: Axis) -> tuple[str, ...]:
+  return axis if isinstance(axis, tuple) else (axis,)
+
+
+def _tracks_vma(x: jax.Array, axis: Axis) -> bool:
+  """True under shard_map(check_vma=True), where x varies over the batch axis."""
+  return set(_names(axis)) <= set(jax.typeof(x).manual_axis_type.varying)
+
+
+def _to_varying(x: jax.Array, axis: Axis) -> jax.Array:
+  missing = tuple(a for a in _names(axis) if a not in jax.typeof(x).manual_axis_type.varying)
+  return lax.pcast(x, missing, to="varying") if missing else x
+
+
+def _shift(x, axis: Axis, size: int):
+  """Sends each device's x to the next device on the ring (device i gets i-1's)."""
+  return lax.ppermute(x, axis, [(j, (j + 1) % size) for j in range(size)])
+
+
+def _dots(a, b):
+  return jnp.einsum("id,jd->ij", a, b, preferred_element_type=jnp.float32)
+
+
+# ---------------------------------------------------------------- gather
+
+def _global_positions(n: int, axis: Axis) -> jax.Array:
+  return lax.axis_index(axis) * n + jnp.arange(n)
+
+
+def clip_gather(img_emb, txt_emb, scale, *, axis_name: Axis):
+  n = img_emb.shape[0]
+  all_img = lax.all_gather(img_emb, axis_name, tiled=True)   # [N, d], grads flow back
+  all_txt = lax.all_gather(txt_emb, axis_name, tiled=True)
+  scale = jnp.asarray(scale, jnp.float32)
+  pos = _global_positions(n, axis_name)
+  i2t = scale * _dots(img_emb, all_txt)                       # [n, N]
+  t2i = scale * _dots(txt_emb, all_img)                       # [n, N]
+  ce = lambda z: jax.nn.logsumexp(z, axis=1) - jnp.take_along_axis(z, pos[:, None], 1)[:, 0]
+  total = lax.psum(jnp.sum(ce(i2t)) + jnp.sum(ce(t2i)), axis_name)
+  return 0.5 * total / (n * lax.axis_size(axis_name))
+
+
+def siglip_gather(img_emb, txt_emb, scale, bias, *, axis_name: Axis):
+  n = img_emb.shape[0]
+  all_txt = lax.all_gather(txt_emb, axis_name, tiled=True)
+  logits = jnp.asarray(scale, jnp.float32) * _dots(img_emb, all_txt) + jnp.asarray(bias, jnp.float32)
+  z = jnp.where(_global_positions(n, axis_name)[:, None] == jnp.arange(all_txt.shape[0]), 1.0, -1.0)
+  total = lax.psum(-jnp.sum(jax.nn.log_sigmoid(z * logits)), axis_name)
+  return total / (n * lax.axis_size(axis_name))
+
+
+# ---------------------------------------------------------------- siglip ring
+
+def _siglip_block(x, y, s, b, positive):
+  """Logits of one [n, n] block and its sigmoid-loss sum; positives on the diagonal if `positive`."""
+  logits = s * _dots(x, y) + b
+  z = jnp.where(positive, 2.0 * jnp.eye(x.shape[0], dtype=jnp.float32) - 1.0, -1.0)
+  return logits, -jnp.sum(jax.nn.log_sigmoid(z * logits))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _siglip_ring(x, y, s, b, axis):
+  return _siglip_ring_fwd(x, y, s, b, axis)[0]
+
+
+def _siglip_ring_fwd(x, y, s, b, axis):
+  size = lax.axis_size(axis)
+  _, total = _siglip_block(x, y, s, b, True)
+
+  def step(_, carry):
+    y_cur, total = carry
+    y_cur = _shift(y_cur, axis, size)
+    return y_cur, total + _siglip_block(x, y_cur, s, b, False)[1]
+
+  _, total = lax.fori_loop(1, size, step, (y, total))
+  loss = lax.psum(total, axis) / (x.shape[0] * size)
+  return loss, (x, y, s, b)
+
+
+def _siglip_ring_bwd(axis, res, g):
+  x, y, s, b = res
+  size, n = lax.axis_size(axis), x.shape[0]
+  if not _tracks_vma(x, axis):
+    g = lax.psum(g, axis)      # pmap semantics: every device's loss copy seeds 1
+  g = g / (n * size)
+
+  def block_grads(y_cur, positive):
+    logits, _ = _siglip_block(x, y_cur, s, b, positive)
+    target = jnp.where(positive, jnp.eye(n, dtype=jnp.float32), 0.0)
+    return g * (jax.nn.sigmoid(logits) - target)       # d loss / d logits, [n, n]
+
+  def accumulate(y_cur, positive, dx, acc, ds, db):
+    gl = block_grads(y_cur, positive)
+    dx = dx + s * jnp.einsum("ij,jd->id", gl, y_cur, preferred_element_type=jnp.float32)
+    acc = acc + s * jnp.einsum("ij,id->jd", gl, x, preferred_element_type=jnp.float32)
+    ds = ds + jnp.sum(gl * _dots(x, y_cur))
+    return dx, acc, ds, db + jnp.sum(gl)
+
+  zeros = lambda a: jnp.zeros(a.shape, jnp.float32)
+  dx, acc, ds, db = accumulate(y, True, zeros(x), zeros(y), zeros(s), zeros(b))
+
+  def step(_, carry):
+    y_cur, acc, dx, ds, db = carry
+    y_cur, acc = _shift(y_cur, axis, size), _shift(acc, axis, size)
+    dx, acc, ds, db = accumulate(y_cur, False, dx, acc, ds, db)
+    return y_cur, acc, dx, ds, db
+
+  _, acc, dx, ds, db = lax.fori_loop(1, size, step, (y, acc, dx, ds, db))
+  dy = _shift(acc, axis, size)   # the accumulator's last hop: home to its chunk's owner
+  return dx.astype(x.dtype), dy.astype(y.dtype), ds.astype(s.dtype), db.astype(b.dtype)
+
+
+_siglip_ring.defvjp(_siglip_ring_fwd, _siglip_ring_bwd)
+
+
+def siglip_ring(img_emb, txt_emb, scale, bias, *, axis_name: Axis):
+  s = _to_varying(jnp.asarray(scale, jnp.float32), axis_name)
+  b = _to_varying(jnp.asarray(bias, jnp.float32), axis_name)
+  return _siglip_ring(img_emb, txt_emb, s, b, axis_name)
+
+
+# ---------------------------------------------------------------- clip ring
+
+def _logaddexp_rows(lse, logits, axis):
+  return jnp.logaddexp(lse, jax.nn.logsumexp(logits, axis=axis))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _clip_ring(x, y, s, axis):
+  return _clip_ring_fwd(x, y, s, axis)[0]
+
+
+def _clip_ring_fwd(x, y, s, axis):
+  size, n = lax.axis_size(axis), x.shape[0]
+  logits = s * _dots(x, y)
+  row_lse = jax.nn.logsumexp(logits, axis=1)     # over texts, for my image rows
+  col_lse = jax.nn.logsumexp(logits, axis=0)     # over images, for the chunk I hold (travels with it)
+  diag = jnp.diagonal(logits)
+
+  def step(_, carry):
+    y_cur, col_cur, row_lse = carry
+    y_cur, col_cur = _shift(y_cur, axis, size), _shift(col_cur, axis, size)
+    logits = s * _dots(x, y_cur)
+    return y_cur, _logaddexp_rows(col_cur, logits, 0), _logaddexp_rows(row_lse, logits, 1)
+
+  _, col_cur, row_lse = lax.fori_loop(1, size, step, (y, col_lse, row_lse))
+  col_lse = _shift(col_cur, axis, size)           # home: column LSE of my own texts
+  local = jnp.sum(row_lse - diag) + jnp.sum(col_lse - diag)
+  loss = 0.5 * lax.psum(local, axis) / (n * size)
+  return loss, (x, y, s, row_lse, col_lse)
+
+
+def _clip_ring_bwd(axis, res, g):
+  x, y, s, row_lse, col_lse = res
+  size, n = lax.axis_size(axis), x.shape[0]
+  if not _tracks_vma(x, axis):
+    g = lax.psum(g, axis)
+  g = 0.5 * g / (n * size)
+
+  def accumulate(y_cur, col_cur, positive, dx, acc, ds):
+    dots = _dots(x, y_cur)
+    logits = s * dots
+    p_row = jnp.exp(logits - row_lse[:, None])
+    p_col = jnp.exp(logits - col_cur[None, :])
+    gl = g * (p_row + p_col - jnp.where(positive, 2.0 * jnp.eye(n, dtype=jnp.float32), 0.0))
+    dx = dx + s * jnp.einsum("ij,jd->id", gl, y_cur, preferred_element_type=jnp.float32)
+    acc = acc + s * jnp.einsum("ij,id->jd", gl, x, preferred_element_type=jnp.float32)
+    return dx, acc, ds + jnp.sum(gl * dots)
+
+  zeros = lambda a: jnp.zeros(a.shape, jnp.float32)
+  dx, acc, ds = accumulate(y, col_lse, True, zeros(x), zeros(y), zeros(s))
+
+  def step(_, carry):
+    y_cur, col_cur, acc, dx, ds = carry
+    y_cur, col_cur, acc = (_shift(a, axis, size) for a in (y_cur, col_cur, acc))
+    dx, acc, ds = accumulate(y_cur, col_cur, False, dx, acc, ds)
+    return y_cur, col_cur, acc, dx, ds
+
+  _, _, acc, dx, ds = lax.fori_loop(1, size, step, (y, col_lse, acc, dx, ds))
+  dy = _shift(acc, axis, size)
+  return dx.astype(x.dtype), dy.astype(y.dtype), ds.astype(s.dtype)
+
+
+_clip_ring.defvjp(_clip_ring_fwd, _clip_ring_bwd)
+
+
+def clip_ring(img_emb, txt_emb, scale, *, axis_name: Axis):
+  s = _to_varying(jnp.asarray(scale, jnp.float32), axis_name)
+  return _clip_ring(img_emb, txt_emb, s, axis_name)

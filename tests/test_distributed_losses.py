@@ -1,0 +1,117 @@
+"""Sharded losses (gather, ring) against the dense loss on the gathered batch, 8 CPU devices."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from mmjax.losses import clip_loss, siglip_loss
+
+LOSSES = {"clip": lambda x, y, s, b, **kw: clip_loss(x, y, s, **kw),
+          "siglip": lambda x, y, s, b, **kw: siglip_loss(x, y, s, b, **kw)}
+
+
+def _inputs(n, d, rng):
+  x, y = rng.normal(size=(2, n, d))
+  x /= np.linalg.norm(x, axis=1, keepdims=True)
+  y /= np.linalg.norm(y, axis=1, keepdims=True)
+  y = 0.3 * x + 0.7 * y   # related pairs, so the loss is not at chance
+  y /= np.linalg.norm(y, axis=1, keepdims=True)
+  # Moderate logits: a saturated softmax has gradients at f32 round-off level,
+  # where any two summation orders differ by more than rtol 1e-5.
+  return (jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32),
+          jnp.float32(rng.uniform(1, 10)), jnp.float32(rng.uniform(-5, 0)))
+
+
+def _dense(name, x, y, s, b):
+  return jax.value_and_grad(lambda *a: LOSSES[name](*a), argnums=(0, 1, 2, 3))(x, y, s, b)
+
+
+def _mesh(shape, names):
+  return jax.make_mesh(shape, names, axis_types=(jax.sharding.AxisType.Auto,) * len(names))
+
+
+def _sharded(name, impl, mesh, axis):
+  def local(x, y, s, b):
+    return LOSSES[name](x, y, s, b, impl=impl, axis_name=axis)
+  f = jax.shard_map(local, mesh=mesh, in_specs=(P(axis), P(axis), P(), P()), out_specs=P())
+  return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3)))
+
+
+def _assert_close(got, want, rtol=1e-5):
+  (gl, gg), (wl, wg) = got, want
+  np.testing.assert_allclose(gl, wl, rtol=rtol, atol=1e-6)
+  for name, a, b in zip(("d_img", "d_txt"), gg, wg):
+    np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * float(np.abs(b).max()), err_msg=name)
+  # d_scale and d_bias sum N^2 terms that largely cancel: compare them to the
+  # size of the loss, not to their own (near-zero) size.
+  for name, a, b in zip(("d_scale", "d_bias"), gg[2:], wg[2:]):
+    np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * 0.1 * float(wl), err_msg=name)
+
+
+@pytest.mark.parametrize("name", ["clip", "siglip"])
+@pytest.mark.parametrize("impl", ["gather", "ring"])
+@pytest.mark.parametrize("n", [8, 24, 56])
+def test_shard_map_matches_dense(name, impl, n):
+  rng = np.random.default_rng()
+  args = _inputs(n, 12, rng)
+  got = _sharded(name, impl, _mesh((8,), ("data",)), "data")(*args)
+  _assert_close(got, _dense(name, *args))
+
+
+@pytest.mark.parametrize("name", ["clip", "siglip"])
+@pytest.mark.parametrize("impl", ["gather", "ring"])
+def test_two_batch_axes(name, impl):
+  """The batch split over a ('data', 'fsdp') tuple of mesh axes."""
+  args = _inputs(40, 8, np.random.default_rng())
+  got = _sharded(name, impl, _mesh((2, 4), ("data", "fsdp")), ("data", "fsdp"))(*args)
+  _assert_close(got, _dense(name, *args))
+
+
+@pytest.mark.parametrize("name", ["clip", "siglip"])
+@pytest.mark.parametrize("impl", ["gather", "ring"])
+def test_pmap_gradients_follow_psum_convention(name, impl):
+  """Under pmap, as for any psum'd loss, each device's gradient of its copy of the
+  loss is 8x its share: embeddings' gradients are 8x the dense ones, and a user's
+  pmap step that pmeans replicated parameters' gradients gets the dense gradients."""
+  x, y, s, b = _inputs(32, 8, np.random.default_rng())
+
+  @functools.partial(jax.pmap, axis_name="batch", in_axes=(0, 0, None, None))
+  def step(x, y, s, b):
+    loss, grads = jax.value_and_grad(
+        lambda *a: LOSSES[name](*a, impl=impl, axis_name="batch"), argnums=(0, 1, 2, 3))(x, y, s, b)
+    dx, dy, ds, db = grads
+    return loss, dx, dy, jax.lax.pmean(ds, "batch"), jax.lax.pmean(db, "batch")
+
+  loss, dx, dy, ds, db = step(x.reshape(8, 4, -1), y.reshape(8, 4, -1), s, b)
+  want_loss, (wx, wy, ws, wb) = _dense(name, x, y, s, b)
+  np.testing.assert_allclose(loss, np.full(8, want_loss), rtol=1e-5)
+  np.testing.assert_allclose(dx.reshape(32, -1) / 8, wx, rtol=1e-5, atol=1e-5 * np.abs(wx).max())
+  np.testing.assert_allclose(dy.reshape(32, -1) / 8, wy, rtol=1e-5, atol=1e-5 * np.abs(wy).max())
+  # Replicated parameters (here scale, bias): pmean over devices gives the dense gradient.
+  np.testing.assert_allclose(ds[0], ws, rtol=1e-5, atol=1e-6 * float(want_loss))
+  np.testing.assert_allclose(db[0], wb, rtol=1e-5, atol=1e-6 * float(want_loss))
+
+
+@pytest.mark.parametrize("name", ["clip", "siglip"])
+def test_ring_memory_is_a_fraction_of_gather(name):
+  """Compiled per-device temporaries of loss + grad: the ring keeps n x n blocks, never n x N."""
+  n_local, d = 256, 16
+  args = _inputs(8 * n_local, d, np.random.default_rng())
+  mesh = _mesh((8,), ("data",))
+  temp = {impl: _sharded(name, impl, mesh, "data").lower(*args).compile()
+          .memory_analysis().temp_size_in_bytes for impl in ("gather", "ring")}
+  logits_bytes = n_local * 8 * n_local * 4
+  assert temp["gather"] >= logits_bytes, temp
+  assert temp["ring"] < temp["gather"] / 4, temp
+
+
+def test_impl_and_axis_name_must_agree():
+  x = jnp.zeros((4, 8))
+  with pytest.raises(ValueError, match="needs an axis_name"):
+    clip_loss(x, x, 1.0, impl="ring")
+  with pytest.raises(ValueError, match="takes no axis_name"):
+    siglip_loss(x, x, 1.0, 0.0, axis_name="data")
