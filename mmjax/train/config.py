@@ -26,7 +26,14 @@ def defaults() -> ml_collections.ConfigDict:
   c.loss = "siglip"           # 'siglip' | 'clip'
   c.log_every = 20
   c.num_devices = -1          # -1: all; a smaller number uses the first N
-  c.mesh = ml_collections.ConfigDict(dict(data=-1))  # axis name -> size (-1: the rest)
+  # Axis -> size, one -1 taking the rest. The batch is split over both; 'fsdp'
+  # also shards large params and optimizer moments.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+  c.sharding = ml_collections.ConfigDict(dict(
+      fsdp_min_size=2 ** 14,  # arrays with fewer elements stay replicated
+      rules=(),               # ((regex on the state path, 'fsdp' | 'replicate'), ...); default fsdp
+  ))
+  c.loss_impl = "dense"       # 'dense' | 'gather' | 'ring' (sharded over the batch axes)
 
   c.data = ml_collections.ConfigDict(dict(
       name="mmjax_digits",
@@ -95,6 +102,8 @@ def _check_keys(cfg, ref, prefix: str) -> None:
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the field for what can be checked before any data or compile."""
   _check_keys(config, defaults(), "")
+  if config.loss_impl not in ("dense", "gather", "ring"):
+    raise ValueError(f"config.loss_impl must be 'dense', 'gather' or 'ring'; got {config.loss_impl!r}")
   if config.loss not in ("siglip", "clip"):
     raise ValueError(f"config.loss must be 'siglip' or 'clip'; got {config.loss!r}")
   for key in ("batch_size", "total_steps", "log_every"):

@@ -125,7 +125,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   n_data = sharding.data_parallel_size(mesh)
   if config.batch_size % n_data or config.batch_size % jax.process_count():
     raise ValueError(f"config.batch_size={config.batch_size} must be divisible by the "
-                     f"{n_data} data-parallel devices and {jax.process_count()} processes")
+                     f"{n_data} devices of the batch axes and {jax.process_count()} processes")
   ddir = config_lib.data_dir(config)
   d = config.data
   train_src = pipeline.get_source(d.name, d.train_split, data_dir=ddir,
@@ -142,17 +142,16 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
       image_key=d.image_key, text_key=d.text_key, label_key=d.label_key)
   evaluator = Evaluator(model, config, eval_arrays, tok, _zeroshot_setup(config, ddir))
 
-  # The state is created on the mesh directly (no host copy of the full state).
-  state_sharding = sharding.replicated(mesh)
+  # The state is created on the mesh directly, already sharded (no host copy of the full state).
   batch_sharding = sharding.batch_sharding(mesh)
   dummy_img = jnp.zeros((1, d.image_size, d.image_size, 3), jnp.float32)
   dummy_txt = jnp.zeros((1, d.text_len), jnp.int32)
-  init = jax.jit(lambda rng: state_lib.init_state(model, tx, rng, dummy_img, dummy_txt),
-                 out_shardings=state_sharding)
+  init_fn = lambda rng: state_lib.init_state(model, tx, rng, dummy_img, dummy_txt)
   rng = jax.random.PRNGKey(config.seed)
-  abstract = jax.eval_shape(init, rng)
-  abstract = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=state_sharding), abstract)
+  state_sharding = sharding.state_shardings(jax.eval_shape(init_fn, rng), mesh, config.sharding)
+  init = jax.jit(init_fn, out_shardings=state_sharding)
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          jax.eval_shape(init_fn, rng), state_sharding)
 
   os.makedirs(workdir, exist_ok=True)
   ckpt = checkpoint.make_manager(workdir, every=config.checkpoint.every,
@@ -173,7 +172,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json(indent=2))
 
-  step_fn = jax.jit(state_lib.make_train_step(model, tx, loss=config.loss, schedule=schedule),
+  train_step = state_lib.make_train_step(
+      model, tx, loss=config.loss, schedule=schedule, loss_impl=config.loss_impl, mesh=mesh,
+      batch_axes=sharding.batch_axes(mesh))
+  step_fn = jax.jit(train_step,
                     in_shardings=(state_sharding, batch_sharding),
                     out_shardings=(state_sharding, None), donate_argnums=0)
   writer = MetricWriter(workdir, resume_step=start)

@@ -1,15 +1,24 @@
-"""Device mesh and shardings. One device is a mesh of one."""
+"""Device mesh, batch sharding and parameter partition rules (data parallel + FSDP).
+
+The mesh has named axes from config.mesh, e.g. {'data': -1} (pure data
+parallel) or {'data': 2, 'fsdp': 4}. The batch is split over every batch axis
+('data' and 'fsdp'); FSDP additionally shards each large array of the train
+state (params and optimizer moments) over 'fsdp' along its largest dimension
+that the axis divides. One device is a mesh of one.
+"""
 
 from __future__ import annotations
 
 import math
+import re
+from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-BATCH_AXES = ("data",)
+_BATCH_AXES = ("data", "fsdp")
 
 
 def make_mesh(config: ml_collections.ConfigDict) -> Mesh:
@@ -21,6 +30,9 @@ def make_mesh(config: ml_collections.ConfigDict) -> Mesh:
   names, sizes = list(config.mesh.keys()), list(config.mesh.values())
   if "data" not in names:
     raise ValueError(f"config.mesh must have a 'data' axis; got {dict(config.mesh)}")
+  unknown = set(names) - set(_BATCH_AXES)
+  if unknown:
+    raise ValueError(f"config.mesh: unknown axes {sorted(unknown)}; known: {_BATCH_AXES}")
   if sizes.count(-1) > 1:
     raise ValueError(f"config.mesh: at most one axis may be -1; got {dict(config.mesh)}")
   known = math.prod(s for s in sizes if s != -1)
@@ -31,13 +43,17 @@ def make_mesh(config: ml_collections.ConfigDict) -> Mesh:
   if math.prod(sizes) != n:
     raise ValueError(f"config.mesh {dict(config.mesh)} has {math.prod(sizes)} devices; {n} are used")
   grid = np.asarray(devices[:n]).reshape(sizes)
-  return Mesh(grid, tuple(names),
-              axis_types=(jax.sharding.AxisType.Auto,) * len(names))
+  return Mesh(grid, tuple(names), axis_types=(jax.sharding.AxisType.Auto,) * len(names))
+
+
+def batch_axes(mesh: Mesh) -> tuple[str, ...]:
+  """The mesh axes the batch is split over."""
+  return tuple(a for a in mesh.axis_names if a in _BATCH_AXES)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Leading (batch) dim split over the data axes."""
-  return NamedSharding(mesh, P(BATCH_AXES))
+  """Leading (batch) dim split over the batch axes."""
+  return NamedSharding(mesh, P(batch_axes(mesh)))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -45,4 +61,43 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def data_parallel_size(mesh: Mesh) -> int:
-  return math.prod(mesh.shape[a] for a in BATCH_AXES)
+  return math.prod(mesh.shape[a] for a in batch_axes(mesh))
+
+
+def fsdp_spec(shape: tuple[int, ...], fsdp_size: int, min_size: int) -> P:
+  """'fsdp' on the largest dimension it divides, for arrays of at least min_size elements."""
+  if fsdp_size <= 1 or math.prod(shape) < min_size:
+    return P()
+  for dim in sorted(range(len(shape)), key=lambda i: -shape[i]):
+    if shape[dim] % fsdp_size == 0:
+      return P(*[("fsdp" if i == dim else None) for i in range(len(shape))])
+  return P()
+
+
+def _path(keypath) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+                  for k in keypath)
+
+
+def state_shardings(abstract_state: Any, mesh: Mesh,
+                    sharding_config: ml_collections.ConfigDict) -> Any:
+  """A NamedSharding for every leaf of the train state.
+
+  sharding_config.rules: (regex, 'fsdp' | 'replicate') pairs matched against a
+  leaf's path ('params/img/encoder/block0/mlp/Dense_0/kernel', and the same
+  path inside the optimizer state); the first match wins; no match: 'fsdp'.
+  Arrays smaller than sharding_config.fsdp_min_size stay replicated.
+  """
+  fsdp = mesh.shape.get("fsdp", 1)
+  rules = [(re.compile(r), kind) for r, kind in sharding_config.rules]
+  for _, kind in rules:
+    if kind not in ("fsdp", "replicate"):
+      raise ValueError(f"config.sharding.rules: kind must be 'fsdp' or 'replicate'; got {kind!r}")
+
+  def leaf(keypath, x):
+    path = _path(keypath)
+    kind = next((k for r, k in rules if r.search(path)), "fsdp")
+    spec = fsdp_spec(tuple(x.shape), fsdp, sharding_config.fsdp_min_size) if kind == "fsdp" else P()
+    return NamedSharding(mesh, spec)
+
+  return jax.tree_util.tree_map_with_path(leaf, abstract_state)
