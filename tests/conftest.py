@@ -16,32 +16,4 @@ def data_dir(tmp_path_factory):
   return str(d)
 
 
-def tiny_config(data_dir: str, **overrides):
-  """A seconds-long config: mu-sized towers on the digits."""
-  from experiments.configs import siglip_digits
-  c = siglip_digits.get_config()
-  c.data.data_dir = data_dir
-  c.num_devices = 1
-  c.batch_size = 16
-  c.total_steps = 12
-  c.log_every = 1
-  c.optim.warmup_steps = 2
-  c.checkpoint.every = 4
-  c.evaluate.every = 0
-  c.evaluate.batch_size = 128
-  c.model.image.variant = "mu/8"
-  c.model.image.depth = None
-  c.model.text.variant = "mu"
-  c.model.text.depth = None
-  c.model.embed_dim = 16
-  c.model.dtype = "float32"
-  for k, v in overrides.items():
-    node = c
-    *path, last = k.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = v
-  return c
-
-
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")

@@ -10,7 +10,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from mmjax.train import sharding
-from tests.conftest import tiny_config
+from tests.configs import tiny_config
 
 
 def _losses(workdir):

@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from tests.conftest import tiny_config
+from tests.configs import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,7 +37,7 @@ def test_train_writes_results_metrics_plot(data_dir, tmp_path):
 _KILL_SCRIPT = textwrap.dedent("""
   import os, signal, sys
   sys.path.insert(0, {root!r})
-  from tests.conftest import tiny_config
+  from tests.configs import tiny_config
   from mmjax.train import loop
   def kill(step, metrics):
     if step == {kill_at}:

@@ -10,7 +10,7 @@ def get_config():
   c = defaults()
   c.loss = "siglip"
   c.batch_size = 128
-  c.total_steps = 700
+  c.total_steps = 600
   c.data.name = "mmjax_digits"
   c.model.image.variant = "Ti/8"  # 16 patches of the 32x32 image
   c.model.image.depth = 4

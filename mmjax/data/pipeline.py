@@ -149,8 +149,10 @@ def make_train_iterator(source, *, tokenizer, global_batch_size: int, image_size
                         process_count: int = 1, augment: bool = True,
                         crop_scale_min: float = 0.6, flip: bool = False,
                         image_key: str = "image", text_key: str = "text",
-                        label_key: str = "label", num_workers: int = 0):
-  """An endless, seeded, shuffled iterator over this process's shard, with get_state/set_state.
+                        label_key: str = "label", num_workers: int = 0,
+                        read_threads: int = 2):
+  """An endless, seeded, shuffled iterator over this process's share of each global batch,
+  with get_state/set_state.
 
   Restoring a saved state (`it.set_state(state)`) continues with exactly the
   batches the original iterator would have produced.
@@ -159,14 +161,20 @@ def make_train_iterator(source, *, tokenizer, global_batch_size: int, image_size
     raise ValueError(f"config.batch_size={global_batch_size} is not divisible by "
                      f"{process_count} processes")
   local = global_batch_size // process_count
-  shard = grain.MapDataset.source(source)[process_index::process_count]
-  if len(shard) < local:
-    raise ValueError(f"config.batch_size: {local} examples per process but the shard has "
-                     f"{len(shard)}")
+  if len(source) < global_batch_size:
+    raise ValueError(f"config.batch_size={global_batch_size} is larger than the dataset "
+                     f"({len(source)} examples)")
   prep = _Preprocess(tokenizer, image_size, text_len, augment, crop_scale_min, flip,
                      image_key, text_key, label_key)
-  ds = (shard.seed(seed).shuffle().repeat(None).random_map(prep)
-        .batch(local, drop_remainder=True).to_iter_dataset())
+  # Few reader threads: grain's default 16 fight XLA for the cores of a small host.
+  # One global shuffled stream, augmented by global position; process p takes every
+  # process_count-th element. Global batch t is then the same examples, with the same
+  # augmentations, whatever the number of processes.
+  ds = (grain.MapDataset.source(source).seed(seed).shuffle().repeat(None).random_map(prep)
+        [process_index::process_count]
+        .batch(local, drop_remainder=True)
+        .to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
+                                           prefetch_buffer_size=2 * local)))
   if num_workers > 0:
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
   return iter(ds)

@@ -33,6 +33,7 @@ def defaults() -> ml_collections.ConfigDict:
       fsdp_min_size=2 ** 14,  # arrays with fewer elements stay replicated
       rules=(),               # ((regex on the state path, 'fsdp' | 'replicate'), ...); default fsdp
   ))
+  c.accum_steps = 1           # > 1: contrastive gradient accumulation (GradCache), same gradients
   c.loss_impl = "dense"       # 'dense' | 'gather' | 'ring' (sharded over the batch axes)
 
   c.data = ml_collections.ConfigDict(dict(
@@ -85,6 +86,16 @@ def defaults() -> ml_collections.ConfigDict:
   ))
 
   c.checkpoint = ml_collections.ConfigDict(dict(every=250, keep=2))
+
+  # Multi-host: unset fields fall back to $MMJAX_COORDINATOR_ADDRESS,
+  # $MMJAX_NUM_PROCESSES, $MMJAX_PROCESS_ID; no coordinator = one process.
+  c.distributed = ml_collections.ConfigDict(dict(
+      coordinator_address=placeholder(str),
+      num_processes=placeholder(int),
+      process_id=placeholder(int),
+      initialization_timeout=300,
+      heartbeat_timeout=60,   # seconds before the others give up on a dead process
+  ))
   return c
 
 
@@ -106,7 +117,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.loss_impl must be 'dense', 'gather' or 'ring'; got {config.loss_impl!r}")
   if config.loss not in ("siglip", "clip"):
     raise ValueError(f"config.loss must be 'siglip' or 'clip'; got {config.loss!r}")
-  for key in ("batch_size", "total_steps", "log_every"):
+  for key in ("batch_size", "total_steps", "log_every", "accum_steps"):
     if not isinstance(config[key], int) or config[key] <= 0:
       raise ValueError(f"config.{key} must be a positive int; got {config[key]!r}")
   for key in ("dtype", "param_dtype"):

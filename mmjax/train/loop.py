@@ -17,12 +17,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tqdm
+from jax.experimental import multihost_utils
 
 from mmjax import evaluate
 from mmjax.data import pipeline, tokenizer as tokenizer_lib
 from mmjax.models import two_tower, vit
 from mmjax.models import text as text_model
-from mmjax.train import checkpoint, config as config_lib, optimizer, sharding, state as state_lib
+from mmjax.train import checkpoint, config as config_lib, distributed, optimizer, sharding
+from mmjax.train import state as state_lib
 from mmjax.train.metrics import MetricWriter, plot_curves
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
@@ -108,8 +110,28 @@ class Evaluator:
     return results
 
 
+def _data_state(data_iter) -> dict:
+  """Every process's input-pipeline position (each process reads its own shard)."""
+  return {"processes": distributed.gather_json(data_iter.get_state())}
+
+
 def _prefixed(d: dict) -> dict:
   return {f"retrieval_{k}": v for k, v in d.items()}
+
+
+def _prepare_data(config, ddir: str):
+  d = config.data
+  train_src = pipeline.get_source(d.name, d.train_split, data_dir=ddir,
+                                  image_key=d.image_key, text_key=d.text_key)
+  tok = tokenizer_lib.get_tokenizer(
+      name=d.name, data_dir=ddir, vocab_size=d.vocab_size, path=d.tokenizer_path,
+      train_texts_fn=lambda: pipeline.iter_texts(train_src, d.text_key))
+  return train_src, tok
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *,
@@ -121,18 +143,21 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   """
   t_start = time.time()
   config_lib.validate(config)
+  distributed.initialize(config)
   mesh = sharding.make_mesh(config)
   n_data = sharding.data_parallel_size(mesh)
-  if config.batch_size % n_data or config.batch_size % jax.process_count():
+  if config.batch_size % (n_data * config.accum_steps) or config.batch_size % jax.process_count():
     raise ValueError(f"config.batch_size={config.batch_size} must be divisible by the "
-                     f"{n_data} devices of the batch axes and {jax.process_count()} processes")
+                     f"{n_data} devices of the batch axes x config.accum_steps={config.accum_steps}, "
+                     f"and by {jax.process_count()} processes")
   ddir = config_lib.data_dir(config)
   d = config.data
-  train_src = pipeline.get_source(d.name, d.train_split, data_dir=ddir,
-                                  image_key=d.image_key, text_key=d.text_key)
-  tok = tokenizer_lib.get_tokenizer(
-      name=d.name, data_dir=ddir, vocab_size=d.vocab_size, path=d.tokenizer_path,
-      train_texts_fn=lambda: pipeline.iter_texts(train_src, d.text_key))
+  # Process 0 builds the dataset and tokenizer (first use only); the others then read them.
+  if jax.process_index() == 0:
+    train_src, tok = _prepare_data(config, ddir)
+  _sync("mmjax_data_ready")
+  if jax.process_index() != 0:
+    train_src, tok = _prepare_data(config, ddir)
   model = build_model(config, tok.vocab_size)
   tx, schedule = optimizer.make_optimizer(config.optim, config.total_steps)
   eval_src = pipeline.get_source(d.name, d.eval_split, data_dir=ddir,
@@ -167,20 +192,24 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     state, start = init(rng), 0
   else:
     state, data_state = checkpoint.restore(ckpt, start, abstract)
-    data_iter.set_state(data_state)
+    states = data_state["processes"]
+    if len(states) != jax.process_count():
+      raise ValueError(f"the checkpoint in {workdir} was written by {len(states)} processes; "
+                       f"this run has {jax.process_count()} (config.distributed)")
+    data_iter.set_state(states[jax.process_index()])
     print(f"mmjax: resumed from {workdir} at step {start}", flush=True)
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json(indent=2))
 
   train_step = state_lib.make_train_step(
       model, tx, loss=config.loss, schedule=schedule, loss_impl=config.loss_impl, mesh=mesh,
-      batch_axes=sharding.batch_axes(mesh))
+      batch_axes=sharding.batch_axes(mesh), accum_steps=config.accum_steps)
   step_fn = jax.jit(train_step,
                     in_shardings=(state_sharding, batch_sharding),
                     out_shardings=(state_sharding, None), donate_argnums=0)
   writer = MetricWriter(workdir, resume_step=start)
   bar = tqdm.tqdm(total=config.total_steps, initial=start, desc="train", unit="step",
-                  dynamic_ncols=True, mininterval=1.0)
+                  dynamic_ncols=True, mininterval=1.0, disable=jax.process_index() != 0)
   t_first = None   # time after the first step of this run: compile excluded from speed
   steps_timed = 0
   t_log, n_log = time.time(), 0
@@ -199,7 +228,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
       else:
         steps_timed += 1
       n_log += 1
-      if checkpoint.save(ckpt, step, state, data_iter.get_state()):
+      if ckpt.should_save(step):
+        checkpoint.save(ckpt, step, state, _data_state(data_iter))
         last_saved = step
       if step % config.log_every == 0 or step == config.total_steps:
         m = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -215,7 +245,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     jax.block_until_ready(state)
     train_time = time.time() - (t_first or time.time())
     if last_saved != config.total_steps:
-      checkpoint.save(ckpt, config.total_steps, state, data_iter.get_state(), force=True)
+      checkpoint.save(ckpt, config.total_steps, state, _data_state(data_iter), force=True)
     final = evaluator(state.params)
     ckpt.wait_until_finished()
   finally:

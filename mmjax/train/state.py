@@ -56,26 +56,81 @@ def contrastive_loss(loss: str, impl: str = "dense", *, mesh: Mesh | None = None
   return lambda zimg, ztxt, out: fn(zimg, ztxt, out["scale"], out.get("bias", jnp.zeros(())))
 
 
+def make_grad_fn(model, loss_of: Callable, *, accum_steps: int = 1) -> Callable:
+  """grad_fn(params, batch, rng) -> ((loss, out), grads) of the global-batch loss.
+
+  accum_steps = k > 1 is contrastive gradient accumulation (GradCache): the
+  batch is split into k micro-batches; all are embedded without keeping
+  activations, the loss and its gradient wrt the embeddings are computed on
+  the full batch, then each micro-batch's towers are re-run and the cached
+  embedding gradients backpropagated. The gradients equal the full-batch ones;
+  peak activation memory is that of one micro-batch. Micro-batch j takes rows
+  j, j+k, j+2k, ..., so each stays split over all devices of the batch axes.
+  """
+  if accum_steps < 1:
+    raise ValueError(f"config.accum_steps must be >= 1; got {accum_steps}")
+
+  def embed(params, image, text, rng):
+    zimg, ztxt, _ = model.apply({"params": params}, image, text, train=True,
+                                rngs={"dropout": rng})
+    return zimg, ztxt
+
+  def head_loss(zimg, ztxt, params):
+    _, _, out = model.apply({"params": params}, None, None)   # scale, bias from t, b
+    return loss_of(zimg, ztxt, out), out
+
+  if accum_steps == 1:
+    def full(params, batch, rng):
+      def loss_fn(p):
+        return head_loss(*embed(p, batch["image"], batch["text"], rng), p)
+      return jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return full
+
+  k = accum_steps
+
+  def accumulated(params, batch, rng):
+    b = batch["image"].shape[0]
+    if b % k:
+      raise ValueError(f"batch {b} is not divisible by config.accum_steps={k}")
+    split = lambda x: x.reshape(b // k, k, *x.shape[1:]).swapaxes(0, 1)    # [k, b/k, ...]
+    merge = lambda x: x.swapaxes(0, 1).reshape(b, *x.shape[2:])
+    micro = {key: split(batch[key]) for key in ("image", "text")}
+    rngs = jax.random.split(rng, k)
+    zimg, ztxt = jax.lax.map(
+        lambda a: embed(jax.lax.stop_gradient(params), a[0]["image"], a[0]["text"], a[1]),
+        (micro, rngs))
+    (value, out), (dzimg, dztxt, grads) = jax.value_and_grad(
+        lambda zi, zt, p: head_loss(merge(zi), merge(zt), p), argnums=(0, 1, 2),
+        has_aux=True)(zimg, ztxt, params)
+
+    def backprop(grads, xs):
+      mb, r, dzi, dzt = xs
+      _, vjp = jax.vjp(lambda p: embed(p, mb["image"], mb["text"], r), params)
+      return jax.tree.map(jnp.add, grads, vjp((dzi, dzt))[0]), None
+
+    grads, _ = jax.lax.scan(backprop, grads, (micro, rngs, dzimg, dztxt))
+    return (value, out), grads
+
+  return accumulated
+
+
 def make_train_step(model, tx: optax.GradientTransformation, *, loss: str,
                     schedule: Callable[[jax.Array], jax.Array], loss_impl: str = "dense",
-                    mesh: Mesh | None = None, batch_axes: tuple[str, ...] = ()):
+                    mesh: Mesh | None = None, batch_axes: tuple[str, ...] = (),
+                    accum_steps: int = 1):
   """Returns train_step(state, batch) -> (state, metrics), pure, ready for jit.
 
   batch: {'image': [B, H, W, 3] float32, 'text': [B, L] int32}, B the global
   batch, split over `batch_axes` of `mesh`. The loss is that of the whole
-  global batch whatever loss_impl computes it.
+  global batch whatever loss_impl computes it; accum_steps > 1 computes the
+  same gradients a micro-batch at a time (see make_grad_fn).
   """
-  loss_of = contrastive_loss(loss, loss_impl, mesh=mesh, axes=batch_axes)
-
-  def loss_fn(params, batch, rng):
-    zimg, ztxt, out = model.apply({"params": params}, batch["image"], batch["text"],
-                                  train=True, rngs={"dropout": rng})
-    return loss_of(zimg, ztxt, out), out
+  grad_fn = make_grad_fn(model, contrastive_loss(loss, loss_impl, mesh=mesh, axes=batch_axes),
+                         accum_steps=accum_steps)
 
   def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     rng = jax.random.fold_in(state.rng, state.step)
-    (value, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, batch, rng)
+    (value, out), grads = grad_fn(state.params, batch, rng)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": value, "lr": schedule(state.step), "scale": out["scale"],
