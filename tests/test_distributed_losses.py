@@ -52,8 +52,11 @@ def _assert_close(got, want, rtol=1e-5):
     np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * 0.1 * float(wl), err_msg=name)
 
 
-@pytest.mark.parametrize("name", ["clip", "siglip"])
-@pytest.mark.parametrize("impl", ["gather", "ring"])
+CASES = [("clip", "gather"), ("clip", "ring"), ("siglip", "gather"), ("siglip", "ring"),
+         ("siglip", "ring_bidir")]
+
+
+@pytest.mark.parametrize("name,impl", CASES)
 @pytest.mark.parametrize("n", [8, 24, 56])
 def test_shard_map_matches_dense(name, impl, n):
   rng = np.random.default_rng()
@@ -62,8 +65,16 @@ def test_shard_map_matches_dense(name, impl, n):
   _assert_close(got, _dense(name, *args))
 
 
-@pytest.mark.parametrize("name", ["clip", "siglip"])
-@pytest.mark.parametrize("impl", ["gather", "ring"])
+@pytest.mark.parametrize("name,impl", [c for c in CASES if "ring" in c[1]])
+@pytest.mark.parametrize("devices", [7, 2, 1])
+def test_rings_on_odd_and_small_meshes(name, impl, devices):
+  args = _inputs(3 * devices, 8, np.random.default_rng())
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:devices]), ("data",),
+                           axis_types=(jax.sharding.AxisType.Auto,))
+  _assert_close(_sharded(name, impl, mesh, "data")(*args), _dense(name, *args))
+
+
+@pytest.mark.parametrize("name,impl", CASES)
 def test_two_batch_axes(name, impl):
   """The batch split over a ('data', 'fsdp') tuple of mesh axes."""
   args = _inputs(40, 8, np.random.default_rng())
@@ -71,8 +82,7 @@ def test_two_batch_axes(name, impl):
   _assert_close(got, _dense(name, *args))
 
 
-@pytest.mark.parametrize("name", ["clip", "siglip"])
-@pytest.mark.parametrize("impl", ["gather", "ring"])
+@pytest.mark.parametrize("name,impl", CASES)
 def test_pmap_gradients_follow_psum_convention(name, impl):
   """Under pmap, as for any psum'd loss, each device's gradient of its copy of the
   loss is 8x its share: embeddings' gradients are 8x the dense ones, and a user's
@@ -115,3 +125,5 @@ def test_impl_and_axis_name_must_agree():
     clip_loss(x, x, 1.0, impl="ring")
   with pytest.raises(ValueError, match="takes no axis_name"):
     siglip_loss(x, x, 1.0, 0.0, axis_name="data")
+  with pytest.raises(ValueError, match="siglip_loss only"):
+    clip_loss(x, x, 1.0, impl="ring_bidir", axis_name="data")

@@ -9,9 +9,9 @@ bf16 operands, f32 accumulation (the fast path on AMX/TPU/GPU alike).
 Faster or sharded implementations are `impl=` values of these same functions,
 tested against impl="dense":
   "dense": the n x n logits in memory, one device (or XLA's own partitioning).
-  "gather", "ring": per device, inside shard_map or pmap over `axis_name`, on
-    the local [n, d] shards of a global batch; they return the global batch's
-    loss. See mmjax/losses/distributed.py.
+  "gather", "ring", "ring_bidir" (SigLIP only): per device, inside shard_map
+    or pmap over `axis_name`, on the local [n, d] shards of a global batch;
+    they return the global batch's loss. See mmjax/losses/distributed.py.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from mmjax.losses import distributed
 
-_IMPLS = ("dense", "gather", "ring")
+_IMPLS = ("dense", "gather", "ring", "ring_bidir")
 
 
 def _check(img_emb: jax.Array, txt_emb: jax.Array, impl: str, axis_name) -> None:
@@ -72,6 +72,8 @@ def clip_loss(img_emb: jax.Array, txt_emb: jax.Array, scale, *,
   """
   _check(img_emb, txt_emb, impl, axis_name)
   _check_scalar("scale", scale)
+  if impl == "ring_bidir":
+    raise ValueError("impl='ring_bidir' is implemented for siglip_loss only; use 'ring'")
   if impl == "gather":
     return distributed.clip_gather(img_emb, txt_emb, scale, axis_name=axis_name)
   if impl == "ring":
@@ -95,8 +97,8 @@ def siglip_loss(img_emb: jax.Array, txt_emb: jax.Array, scale, bias, *,
     txt_emb: [n, d] text embeddings; row i pairs with img_emb row i.
     scale: scalar > 0, the logit multiplier (exp of the learned t').
     bias: scalar logit bias (SigLIP init -10).
-    impl: "dense" | "gather" | "ring" (see the module docstring).
-    axis_name: the batch axis (or tuple of axes) for "gather" and "ring";
+    impl: "dense" | "gather" | "ring" | "ring_bidir" (see the module docstring).
+    axis_name: the batch axis (or tuple of axes) for the sharded impls;
       img_emb and txt_emb are then this device's [n, d] shards.
 
   Returns:
@@ -109,6 +111,8 @@ def siglip_loss(img_emb: jax.Array, txt_emb: jax.Array, scale, bias, *,
     return distributed.siglip_gather(img_emb, txt_emb, scale, bias, axis_name=axis_name)
   if impl == "ring":
     return distributed.siglip_ring(img_emb, txt_emb, scale, bias, axis_name=axis_name)
+  if impl == "ring_bidir":
+    return distributed.siglip_ring_bidir(img_emb, txt_emb, scale, bias, axis_name=axis_name)
   n = img_emb.shape[0]
   logits = _logits(img_emb, txt_emb, scale) + jnp.asarray(bias, jnp.float32)
   z = 2.0 * jnp.eye(n, dtype=jnp.float32) - 1.0

@@ -13,6 +13,7 @@ same value on every device.
     text-gradient accumulator travels with its chunk back to its owner.
     CLIP's softmax keeps a running log-sum-exp per row (and per column, carried
     with the text chunk), as in Inf-CL.
+  ring_bidir (SigLIP): the ring with chunks travelling both ways, size//2 steps.
 
 Gradient conventions follow JAX's own collectives: under shard_map with
 check_vma=True the gradients are those of the global loss; under pmap (or
@@ -45,9 +46,9 @@ def _to_varying(x: jax.Array, axis: Axis) -> jax.Array:
   return lax.pcast(x, missing, to="varying") if missing else x
 
 
-def _shift(x, axis: Axis, size: int):
-  """Sends each device's x to the next device on the ring (device i gets i-1's)."""
-  return lax.ppermute(x, axis, [(j, (j + 1) % size) for j in range(size)])
+def _shift(x, axis: Axis, size: int, offset: int = 1):
+  """Sends each device's x `offset` places along the ring (device i gets i-offset's)."""
+  return lax.ppermute(x, axis, [(j, (j + offset) % size) for j in range(size)])
 
 
 def _dots(a, b):
@@ -150,6 +151,86 @@ def siglip_ring(img_emb, txt_emb, scale, bias, *, axis_name: Axis):
   s = _to_varying(jnp.asarray(scale, jnp.float32), axis_name)
   b = _to_varying(jnp.asarray(bias, jnp.float32), axis_name)
   return _siglip_ring(img_emb, txt_emb, s, b, axis_name)
+
+
+# ---------------------------------------------------------------- siglip bidirectional ring
+# Text chunks travel both ways at once: after k steps a device holds the chunks
+# of i-k and i+k, so size-1 blocks take size//2 steps, each link busy both ways.
+# The backward runs the same two streams; each gradient accumulator then goes
+# home in one ppermute of the distance it travelled.
+
+def _bidir_steps(size: int) -> tuple[int, int]:
+  """Steps of the forward (+1) and backward (-1) streams; with an even size the
+  chunk opposite on the ring is taken once, by the forward stream."""
+  return size // 2, (size - 1) // 2
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _siglip_bidir(x, y, s, b, axis):
+  return _siglip_bidir_fwd(x, y, s, b, axis)[0]
+
+
+def _siglip_bidir_fwd(x, y, s, b, axis):
+  size = lax.axis_size(axis)
+  n_fwd, n_bwd = _bidir_steps(size)
+  total = _siglip_block(x, y, s, b, True)[1]
+
+  def step(_, carry):
+    y_f, y_b, total = carry
+    y_f, y_b = _shift(y_f, axis, size, 1), _shift(y_b, axis, size, -1)
+    total = total + _siglip_block(x, y_f, s, b, False)[1] + _siglip_block(x, y_b, s, b, False)[1]
+    return y_f, y_b, total
+
+  y_f, _, total = lax.fori_loop(0, n_bwd, step, (y, y, total))
+  if n_fwd > n_bwd:
+    total = total + _siglip_block(x, _shift(y_f, axis, size, 1), s, b, False)[1]
+  loss = lax.psum(total, axis) / (x.shape[0] * size)
+  return loss, (x, y, s, b)
+
+
+def _siglip_bidir_bwd(axis, res, g):
+  x, y, s, b = res
+  size, n = lax.axis_size(axis), x.shape[0]
+  n_fwd, n_bwd = _bidir_steps(size)
+  if not _tracks_vma(x, axis):
+    g = lax.psum(g, axis)
+  g = g / (n * size)
+
+  def accumulate(y_cur, positive, dx, acc, ds, db):
+    logits, _ = _siglip_block(x, y_cur, s, b, positive)
+    gl = g * (jax.nn.sigmoid(logits) - jnp.where(positive, jnp.eye(n, dtype=jnp.float32), 0.0))
+    dx = dx + s * jnp.einsum("ij,jd->id", gl, y_cur, preferred_element_type=jnp.float32)
+    acc = acc + s * jnp.einsum("ij,id->jd", gl, x, preferred_element_type=jnp.float32)
+    return dx, acc, ds + jnp.sum(gl * _dots(x, y_cur)), db + jnp.sum(gl)
+
+  zeros = lambda a: jnp.zeros(a.shape, jnp.float32)
+  dx, acc_f, ds, db = accumulate(y, True, zeros(x), zeros(y), zeros(s), zeros(b))
+
+  def step(_, carry):
+    y_f, y_b, acc_f, acc_b, dx, ds, db = carry
+    y_f, acc_f = _shift(y_f, axis, size, 1), _shift(acc_f, axis, size, 1)
+    y_b, acc_b = _shift(y_b, axis, size, -1), _shift(acc_b, axis, size, -1)
+    dx, acc_f, ds, db = accumulate(y_f, False, dx, acc_f, ds, db)
+    dx, acc_b, ds, db = accumulate(y_b, False, dx, acc_b, ds, db)
+    return y_f, y_b, acc_f, acc_b, dx, ds, db
+
+  carry = (y, y, acc_f, _to_varying(zeros(y), axis), dx, ds, db)
+  y_f, _, acc_f, acc_b, dx, ds, db = lax.fori_loop(0, n_bwd, step, carry)
+  if n_fwd > n_bwd:
+    y_f, acc_f = _shift(y_f, axis, size, 1), _shift(acc_f, axis, size, 1)
+    dx, acc_f, ds, db = accumulate(y_f, False, dx, acc_f, ds, db)
+  # Home: the forward stream's accumulator is n_fwd places ahead of its owner, the other n_bwd behind.
+  dy = _shift(acc_f, axis, size, -n_fwd) + _shift(acc_b, axis, size, n_bwd)
+  return dx.astype(x.dtype), dy.astype(y.dtype), ds.astype(s.dtype), db.astype(b.dtype)
+
+
+_siglip_bidir.defvjp(_siglip_bidir_fwd, _siglip_bidir_bwd)
+
+
+def siglip_ring_bidir(img_emb, txt_emb, scale, bias, *, axis_name: Axis):
+  s = _to_varying(jnp.asarray(scale, jnp.float32), axis_name)
+  b = _to_varying(jnp.asarray(bias, jnp.float32), axis_name)
+  return _siglip_bidir(img_emb, txt_emb, s, b, axis_name)
 
 
 # ---------------------------------------------------------------- clip ring

@@ -34,7 +34,7 @@ def defaults() -> ml_collections.ConfigDict:
       rules=(),               # ((regex on the state path, 'fsdp' | 'replicate'), ...); default fsdp
   ))
   c.accum_steps = 1           # > 1: contrastive gradient accumulation (GradCache), same gradients
-  c.loss_impl = "dense"       # 'dense' | 'gather' | 'ring' (sharded over the batch axes)
+  c.loss_impl = "dense"       # 'dense' | 'gather' | 'ring' | 'ring_bidir' (siglip); sharded ones split over the batch axes
 
   c.data = ml_collections.ConfigDict(dict(
       name="mmjax_digits",
@@ -113,8 +113,10 @@ def _check_keys(cfg, ref, prefix: str) -> None:
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the field for what can be checked before any data or compile."""
   _check_keys(config, defaults(), "")
-  if config.loss_impl not in ("dense", "gather", "ring"):
-    raise ValueError(f"config.loss_impl must be 'dense', 'gather' or 'ring'; got {config.loss_impl!r}")
+  impls = ("dense", "gather", "ring") + (("ring_bidir",) if config.loss == "siglip" else ())
+  if config.loss_impl not in impls:
+    raise ValueError(f"config.loss_impl must be one of {impls} for config.loss={config.loss!r}; "
+                     f"got {config.loss_impl!r}")
   if config.loss not in ("siglip", "clip"):
     raise ValueError(f"config.loss must be 'siglip' or 'clip'; got {config.loss!r}")
   for key in ("batch_size", "total_steps", "log_every", "accum_steps"):
