@@ -147,10 +147,20 @@ def _siglip_ring_bwd(axis, res, g):
 _siglip_ring.defvjp(_siglip_ring_fwd, _siglip_ring_bwd)
 
 
-def siglip_ring(img_emb, txt_emb, scale, bias, *, axis_name: Axis):
-  s = _to_varying(jnp.asarray(scale, jnp.float32), axis_name)
-  b = _to_varying(jnp.asarray(bias, jnp.float32), axis_name)
-  return _siglip_ring(img_emb, txt_emb, s, b, axis_name)
+def _siglip_entry(kernel):
+  """The public (img_emb, txt_emb, scale, bias, *, axis_name) form of a custom-VJP ring.
+
+  scale and bias enter the kernel as varying values: their per-device gradients
+  are then summed over devices by JAX's transpose of that cast.
+  """
+  def loss(img_emb, txt_emb, scale, bias, *, axis_name: Axis):
+    s = _to_varying(jnp.asarray(scale, jnp.float32), axis_name)
+    b = _to_varying(jnp.asarray(bias, jnp.float32), axis_name)
+    return kernel(img_emb, txt_emb, s, b, axis_name)
+  return loss
+
+
+siglip_ring = _siglip_entry(_siglip_ring)
 
 
 # ---------------------------------------------------------------- siglip bidirectional ring
@@ -227,10 +237,7 @@ def _siglip_bidir_bwd(axis, res, g):
 _siglip_bidir.defvjp(_siglip_bidir_fwd, _siglip_bidir_bwd)
 
 
-def siglip_ring_bidir(img_emb, txt_emb, scale, bias, *, axis_name: Axis):
-  s = _to_varying(jnp.asarray(scale, jnp.float32), axis_name)
-  b = _to_varying(jnp.asarray(bias, jnp.float32), axis_name)
-  return _siglip_bidir(img_emb, txt_emb, s, b, axis_name)
+siglip_ring_bidir = _siglip_entry(_siglip_bidir)
 
 
 # ---------------------------------------------------------------- clip ring
