@@ -1,7 +1,14 @@
 """The single dispatch point for every attention implementation in mmjax.
 
 Layout is [batch, seq, heads, head_dim], as in `jax.nn.dot_product_attention`.
-Later issues add impl='blockwise' and impl='pallas' here, nowhere else.
+  "xla": the scores in memory; the reference, fastest for short sequences.
+  "blockwise": pure-JAX online softmax over key/value blocks with a custom VJP
+    (mmjax/nn/blockwise.py); memory linear in the sequence; long sequences on CPU.
+  "pallas": mmjax.pallas.flash_attention (Mosaic on TPU, Triton on GPU,
+    interpret mode on CPU: correct but slow there).
+  "auto": "pallas" on TPU and GPU, "xla" otherwise.
+"blockwise" and "pallas" take key-padding masks ([b, 1, 1, kv_len]) only: the
+point of them is that no [q_len, kv_len] array exists.
 """
 
 from __future__ import annotations
@@ -12,7 +19,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-IMPLS = ("xla",)
+from mmjax.nn.blockwise import blockwise_attention
+from mmjax.pallas.flash_attention import flash_attention
+
+IMPLS = ("xla", "blockwise", "pallas", "auto")
 _MASKED = -1e30  # finite: a fully masked row gives a uniform softmax, not NaN
 
 
@@ -22,8 +32,9 @@ def _check(q, k, v, mask):
       raise ValueError(f"{name} must be [batch, seq, heads, head_dim]; got shape {x.shape}")
   if k.shape != v.shape:
     raise ValueError(f"k {k.shape} and v {v.shape} must have the same shape")
-  if (q.shape[0], q.shape[2], q.shape[3]) != (k.shape[0], k.shape[2], k.shape[3]):
-    raise ValueError(f"q {q.shape} and k {k.shape} must agree on batch, heads and head_dim")
+  if (q.shape[0], q.shape[3]) != (k.shape[0], k.shape[3]) or q.shape[2] % k.shape[2]:
+    raise ValueError(f"q {q.shape} and k {k.shape} must agree on batch and head_dim, and "
+                     "q's heads must be a multiple of k's (grouped-query attention)")
   if mask is not None:
     want = (q.shape[0], q.shape[2], q.shape[1], k.shape[1])
     try:
@@ -33,6 +44,18 @@ def _check(q, k, v, mask):
                        f"= {want}") from None
 
 
+def _key_padding_segments(mask, q, k, impl: str) -> dict:
+  """A key-padding mask -> segment ids (real keys 0, padded 1, queries 0)."""
+  if mask is None:
+    return {}
+  if mask.ndim != 4 or mask.shape[1] != 1 or mask.shape[2] != 1:
+    raise ValueError(f"impl={impl!r} takes a key-padding mask [batch, 1, 1, kv_len]; got mask "
+                     f"{mask.shape} (use impl='xla' for general masks)")
+  real = jnp.broadcast_to(mask[:, 0, 0, :], (k.shape[0], k.shape[1]))
+  return dict(q_segment_ids=jnp.zeros(q.shape[:2], jnp.int32),
+              kv_segment_ids=jnp.where(real, 0, 1).astype(jnp.int32))
+
+
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                           mask: jax.Array | None = None, is_causal: bool = False,
                           impl: str = "xla") -> jax.Array:
@@ -40,11 +63,14 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
 
   Args:
     q: [b, q_len, h, d].
-    k, v: [b, kv_len, h, d].
+    k, v: [b, kv_len, h_kv, d]; h a multiple of h_kv (grouped-query heads).
     mask: bool, broadcastable to [b, h, q_len, kv_len]; True = attend.
+      "blockwise" and "pallas" take key padding, [b or 1, 1, 1, kv_len], only.
     is_causal: also mask key positions after the query position.
-    impl: "xla": scores in float32 (operands in their own dtype, f32
-      accumulation), softmax in float32.
+    impl: "xla" | "blockwise" | "pallas" | "auto" (module docstring). All
+      compute scores and softmax in float32 (operands in their own dtype).
+      A query row that sees no key: "xla" averages all values uniformly,
+      "blockwise" and "pallas" return 0.
 
   Returns:
     [b, q_len, h, d] in q's dtype.
@@ -52,6 +78,14 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   if impl not in IMPLS:
     raise ValueError(f"impl={impl!r} is not one of {IMPLS}")
   _check(q, k, v, mask)
+  if impl == "auto":
+    impl = "pallas" if jax.default_backend() in ("tpu", "gpu") else "xla"
+  if impl in ("blockwise", "pallas"):
+    seg = _key_padding_segments(mask, q, k, impl)
+    fn = blockwise_attention if impl == "blockwise" else flash_attention
+    return fn(q, k, v, is_causal=is_causal, **seg)
+  if k.shape[2] != q.shape[2]:
+    k, v = (jnp.repeat(x, q.shape[2] // k.shape[2], axis=2) for x in (k, v))
   scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
   scores = scores * (q.shape[-1] ** -0.5)
   if is_causal:

@@ -59,7 +59,7 @@ def defaults() -> ml_collections.ConfigDict:
       dtype="float32",        # compute dtype: 'float32' | 'bfloat16'
       param_dtype="float32",
       remat=False,
-      attn_impl="xla",
+      attention_impl="xla",   # 'xla' | 'blockwise' | 'pallas' | 'auto' (mmjax.nn.attention)
       temperature_init=placeholder(float),  # None: CLIP 1/0.07, SigLIP 10
       bias_init=placeholder(float),  # None: SigLIP -10
       image=dict(variant="Ti/4", pool_type="map", posemb="sincos2d",
@@ -126,6 +126,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.model[key] not in ("float32", "bfloat16"):
       raise ValueError(f"config.model.{key} must be 'float32' or 'bfloat16'; "
                        f"got {config.model[key]!r}")
+  from mmjax.nn.attention import IMPLS as attention_impls
+  if config.model.attention_impl not in attention_impls:
+    raise ValueError(f"config.model.attention_impl must be one of {attention_impls}; "
+                     f"got {config.model.attention_impl!r}")
   if config.evaluate.retrieval_match not in ("pair", "label"):
     raise ValueError("config.evaluate.retrieval_match must be 'pair' or 'label'; "
                      f"got {config.evaluate.retrieval_match!r}")

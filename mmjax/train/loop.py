@@ -34,7 +34,7 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int) -> two_tower
   """The two-tower model of config.model; variants are decoded here, so a bad one fails early."""
   m = config.model
   common = dict(dtype=getattr(jnp, m.dtype), param_dtype=getattr(jnp, m.param_dtype),
-                remat=m.remat, attn_impl=m.attn_impl)
+                remat=m.remat, attn_impl=m.attention_impl)
   image = {k: v for k, v in m.image.items() if v is not None}
   text = {k: v for k, v in m.text.items() if v is not None}
   try:

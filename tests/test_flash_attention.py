@@ -1,0 +1,248 @@
+"""Flash attention (Pallas, interpret mode) and blockwise attention against float64 NumPy.
+
+Values and gradients of q, k, v; lengths that are not multiples of the blocks,
+causal, segment ids, grouped-query heads, head_dim 32..256, f32 and bf16. The
+Pallas interpreter fills outputs and scratch with NaN before a kernel runs
+(checked below), so an element a kernel forgets to write fails the comparison.
+Lowering for TPU (Mosaic) and GPU (Triton) is proven with jax.export.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import export
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from mmjax.nn.attention import dot_product_attention
+from mmjax.nn.blockwise import blockwise_attention
+from mmjax.pallas import flash_attention
+
+
+def ref_attention(q, k, v, w, visible):
+  """float64 out and (dq, dk, dv) of sum(out * w); visible: bool [b, lq, lk].
+
+  Grouped heads: query head h reads kv head h // g. Rows that see no key give 0.
+  """
+  g = q.shape[2] // k.shape[2]
+  ke, ve = np.repeat(k, g, axis=2), np.repeat(v, g, axis=2)
+  scale = q.shape[-1] ** -0.5
+  vis = visible[:, None]                                      # [b, 1, lq, lk]
+  s = np.where(vis, np.einsum("bqhd,bkhd->bhqk", q, ke) * scale, -np.inf)
+  m = np.max(s, -1, keepdims=True)
+  p = np.where(vis, np.exp(s - np.where(np.isfinite(m), m, 0)), 0.0)
+  p = p / np.maximum(p.sum(-1, keepdims=True), 1e-300)
+  out = np.einsum("bhqk,bkhd->bqhd", p, ve)
+  dp = np.einsum("bqhd,bkhd->bhqk", w, ve)
+  ds = p * (dp - (dp * p).sum(-1, keepdims=True))
+  dq = np.einsum("bhqk,bkhd->bqhd", ds, ke) * scale
+  fold = lambda x: x.reshape(x.shape[0], x.shape[1], k.shape[2], g, -1).sum(3)
+  dk = fold(np.einsum("bhqk,bqhd->bkhd", ds, q) * scale)
+  dv = fold(np.einsum("bhqk,bqhd->bkhd", p, w))
+  return out, (dq, dk, dv)
+
+
+def _visible(lq, lk, causal, q_seg, kv_seg):
+  vis = q_seg[:, :, None] == kv_seg[:, None, :]
+  if causal:
+    vis = vis & np.tril(np.ones((lq, lk), bool))[None]
+  return vis
+
+
+IMPLS = {
+    "blockwise": functools.partial(blockwise_attention, block_q=16, block_k=16),
+    "triton": functools.partial(flash_attention, backend="triton", block_q=16, block_k=16),
+    "mosaic_tpu": functools.partial(flash_attention, backend="mosaic_tpu", block_q=16,
+                                    block_k=128, interpret=pltpu.InterpretParams()),
+}
+
+# (batch, q_len, kv_len, q_heads, kv_heads, head_dim, causal, segments, dtype)
+CASES = [
+    (2, 37, 45, 4, 2, 32, False, False, "float32"),     # GQA, ragged lengths
+    (1, 70, 70, 2, 2, 64, True, False, "float32"),      # causal over several blocks
+    (2, 33, 150, 2, 1, 40, False, True, "float32"),     # segments, head_dim 40 (Triton pads)
+    (1, 150, 150, 4, 1, 128, True, True, "bfloat16"),   # multi-query, causal + segments, bf16
+    (1, 20, 20, 1, 1, 256, False, False, "float32"),
+]
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
+def test_matches_float64_reference(impl, case):
+  b, lq, lk, hq, hk, d, causal, segments, dtype = case
+  if impl == "mosaic_tpu" and (d, dtype) == (40, "float32"):
+    d = 48   # same case, a head_dim Mosaic also takes unpadded
+  rng = np.random.default_rng()
+  q, k, v, w = (rng.normal(size=s) for s in [(b, lq, hq, d), (b, lk, hk, d), (b, lk, hk, d),
+                                              (b, lq, hq, d)])
+  if segments:   # two or three segments per row, keys of segment 7 are padding
+    q_seg = np.sort(rng.integers(0, 2, size=(b, lq)), axis=1)
+    kv_seg = np.sort(rng.integers(0, 2, size=(b, lk)), axis=1)
+    kv_seg[:, -3:] = 7
+    kv_seg[:, 0], q_seg[:, 0] = 0, 0
+    kv_seg[:, 1], q_seg[:, -1] = 1, 1
+    seg = dict(q_segment_ids=jnp.asarray(q_seg), kv_segment_ids=jnp.asarray(kv_seg))
+  else:
+    q_seg, kv_seg, seg = np.zeros((b, lq), int), np.zeros((b, lk), int), {}
+  jdt = jnp.dtype(dtype)
+  args = [jnp.asarray(x, jdt) for x in (q, k, v)]
+  exact = [np.asarray(a.astype(jnp.float32), np.float64) for a in args]   # what the kernel sees
+  want, want_grads = ref_attention(*exact, w, _visible(lq, lk, causal, q_seg, kv_seg))
+
+  f = lambda q, k, v: IMPLS[impl](q, k, v, is_causal=causal, **seg)
+  out, vjp = jax.vjp(f, *args)
+  grads = vjp(jnp.asarray(w, jdt))
+  assert out.dtype == jdt and out.shape == (b, lq, hq, d)
+  tol = dict(rtol=2e-5, atol=2e-5) if dtype == "float32" else dict(rtol=0.05, atol=0.05)
+  np.testing.assert_allclose(np.asarray(out, np.float64), want, **tol)
+  for name, g, r in zip("qkv", grads, want_grads):
+    assert g.shape == r.shape, name
+    scale = 1.0 if dtype == "float32" else max(1.0, np.abs(r).max())
+    np.testing.assert_allclose(np.asarray(g, np.float64) / scale, r / scale,
+                               **(tol if dtype == "float32" else dict(rtol=0, atol=0.05)),
+                               err_msg=f"d{name}")
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_rows_that_see_no_key_give_zero_and_finite_grads(impl):
+  rng = np.random.default_rng()
+  q, k, v = (jnp.asarray(rng.normal(size=(1, 24, 2, 32)), jnp.float32) for _ in range(3))
+  q_seg = jnp.asarray(np.r_[np.zeros(20), np.full(4, 5)][None], jnp.int32)   # segment 5: no keys
+  kv_seg = jnp.zeros((1, 24), jnp.int32)
+  f = lambda q, k, v: IMPLS[impl](q, k, v, q_segment_ids=q_seg, kv_segment_ids=kv_seg)
+  out = f(q, k, v)
+  grads = jax.grad(lambda *a: jnp.sum(f(*a) ** 2), (0, 1, 2))(q, k, v)
+  np.testing.assert_array_equal(out[:, 20:], 0.0)
+  assert np.isfinite(out).all() and all(np.isfinite(g).all() for g in grads)
+  np.testing.assert_array_equal(grads[0][:, 20:], 0.0)
+
+
+def test_interpreter_poisons_unwritten_outputs():
+  """The premise of the NaN check: what a kernel does not write comes back NaN."""
+  def half(x_ref, o_ref):
+    o_ref[:4] = x_ref[:4]
+
+  for interpret in (True, pltpu.InterpretParams()):
+    out = pl.pallas_call(half, out_shape=jax.ShapeDtypeStruct((8, 128), jnp.float32),
+                         interpret=interpret)(jnp.ones((8, 128), jnp.float32))
+    assert np.isnan(out[4:]).all() and (out[:4] == 1).all()
+
+
+@pytest.mark.parametrize("impl", ["blockwise", "pallas"])
+def test_dispatch_with_key_padding_matches_xla(impl):
+  rng = np.random.default_rng()
+  q, k, v = (jnp.asarray(rng.normal(size=(3, 21, 2, 16)), jnp.float32) for _ in range(3))
+  mask = jnp.asarray(np.arange(21)[None, :] < rng.integers(1, 22, size=3)[:, None])[:, None, None]
+  w = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
+  attend = lambda impl: lambda q, k, v: dot_product_attention(
+      q, k, v, mask=mask, is_causal=True, impl=impl)
+  want, want_vjp = jax.vjp(attend("xla"), q, k, v)
+  got, got_vjp = jax.vjp(attend(impl), q, k, v)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  for g, r in zip(got_vjp(w), want_vjp(w)):
+    np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_arguments_are_named():
+  x = jnp.zeros((1, 8, 4, 32))
+  with pytest.raises(ValueError, match="multiple of k/v heads"):
+    flash_attention(x, jnp.zeros((1, 8, 3, 32)), jnp.zeros((1, 8, 3, 32)))
+  with pytest.raises(ValueError, match="block_q=48"):
+    flash_attention(x, x, x, block_q=48)
+  with pytest.raises(ValueError, match="block_k=64 must be a multiple of 128 on TPU"):
+    flash_attention(x, x, x, block_k=64, backend="mosaic_tpu")
+  with pytest.raises(ValueError, match="backend='cuda'"):
+    flash_attention(x, x, x, backend="cuda")
+  with pytest.raises(ValueError, match="kv_segment_ids"):
+    flash_attention(x, x, x, q_segment_ids=jnp.zeros((1, 8), jnp.int32))
+  with pytest.raises(ValueError, match="q_segment_ids .* must be"):
+    flash_attention(x, x, x, q_segment_ids=jnp.zeros((1, 7), jnp.int32),
+                    kv_segment_ids=jnp.zeros((1, 8), jnp.int32))
+  with pytest.raises(ValueError, match="key-padding mask"):
+    dot_product_attention(x, x, x, mask=jnp.ones((1, 1, 8, 8), bool), impl="blockwise")
+
+
+# ------------------------------------------------------------ lowering for accelerators
+
+_MARKERS = {"tpu": "tpu_custom_call", "cuda": "__gpu$xla.gpu.triton"}
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+@pytest.mark.parametrize("causal,segments,dtype", [(False, False, jnp.bfloat16),
+                                                   (True, True, jnp.float32)])
+def test_forward_and_gradient_lower_for_accelerators(platform, causal, segments, dtype):
+  """Export fwd + grad for the platform on this CPU: the Pallas lowering runs (block
+  shapes, ops) and the module holds the forward, dq and dk/dv kernels."""
+  backend = "mosaic_tpu" if platform == "tpu" else "triton"
+  b, lq, lk, hq, hk, d = 2, 300, 200, 8, 2, 64
+  seg = {}
+  if segments:
+    seg = dict(q_segment_ids=jnp.zeros((b, lq), jnp.int32),
+               kv_segment_ids=jnp.zeros((b, lk), jnp.int32))
+
+  def loss(q, k, v):
+    o = flash_attention(q, k, v, is_causal=causal, backend=backend, interpret=False, **seg)
+    return jnp.sum(o.astype(jnp.float32))
+
+  structs = [jax.ShapeDtypeStruct(s, dtype) for s in [(b, lq, hq, d), (b, lk, hk, d),
+                                                      (b, lk, hk, d)]]
+  marker = _MARKERS[platform]
+  checks = [] if platform == "tpu" else [export.DisabledSafetyCheck.custom_call(marker)]
+  exp = export.export(jax.jit(jax.value_and_grad(loss, (0, 1, 2))), platforms=[platform],
+                      disabled_checks=checks)(*structs)
+  module = exp.mlir_module()
+  assert module.count(marker) >= 3
+  for name in ("mmjax_flash_fwd", "mmjax_flash_dq", "mmjax_flash_dkv"):
+    assert name in module, name
+
+
+# ------------------------------------------------------------ in the models
+
+@pytest.mark.parametrize("impl", ["blockwise", "pallas"])
+def test_two_tower_first_step_matches_xla(impl):
+  """SigLIP loss and every parameter's gradient of a ViT + text tower (padded
+  captions, so key padding is exercised) with attn_impl=impl equal 'xla' in f32."""
+  from mmjax.models import two_tower
+  from mmjax.train.state import contrastive_loss, make_grad_fn
+
+  rng = np.random.default_rng()
+  tiny = dict(width=32, depth=2, mlp_dim=64, num_heads=2)
+  text = rng.integers(4, 50, size=(6, 9)).astype(np.int32)
+  text[np.arange(9)[None, :] >= rng.integers(2, 10, size=6)[:, None]] = 0   # padding
+  batch = {"image": jnp.asarray(rng.normal(size=(6, 32, 32, 3)), jnp.float32),
+           "text": jnp.asarray(text)}
+
+  def grads(attn_impl):
+    model = two_tower.Model(
+        image=dict(**tiny, patch_size=(8, 8), pool_type="map", attn_impl=attn_impl),
+        text=dict(**tiny, vocab_size=50, max_len=9, pool_type="last", attn_impl=attn_impl),
+        embed_dim=16, loss="siglip")
+    params = model.init(jax.random.PRNGKey(1), batch["image"][:1], batch["text"][:1])["params"]
+    fn = jax.jit(make_grad_fn(model, contrastive_loss("siglip")))
+    (loss, _), g = fn(params, batch, jax.random.PRNGKey(0))
+    return loss, g
+
+  want, want_g = grads("xla")
+  got, got_g = grads(impl)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  scale = max(float(np.abs(y).max()) for y in jax.tree.leaves(want_g))
+  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(got_g), jax.tree.leaves(want_g)):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6 * scale,
+                               err_msg=jax.tree_util.keystr(path))
+
+
+def test_config_chooses_the_attention_impl(tmp_path):
+  from mmjax.train.config import validate
+  from mmjax.train.loop import build_model
+  from tests.configs import tiny_config
+
+  config = tiny_config(str(tmp_path), **{"model.attention_impl": "blockwise"})
+  validate(config)
+  model = build_model(config, vocab_size=64)
+  assert model.image["attn_impl"] == model.text["attn_impl"] == "blockwise"
+  config.model.attention_impl = "flash9"
+  with pytest.raises(ValueError, match="config.model.attention_impl"):
+    validate(config)
