@@ -23,6 +23,8 @@ import subprocess
 import sys
 import time
 
+from benchmarks import emit
+
 IMPLS = ("xla", "blockwise", "tokamax")
 
 
@@ -107,10 +109,7 @@ def main():
         row = json.loads(lines[-1]) if lines else {"impl": impl, "seq": seq}
         row["error"] = f"exit {r.returncode}: " + (r.stderr.strip().splitlines() or [""])[-1][:300]
         line = json.dumps(row)
-      print(line, flush=True)
-      if a.out:
-        with open(a.out, "a") as f:
-          f.write(line + "\n")
+      emit(line, a.out)
 
 
 if __name__ == "__main__":

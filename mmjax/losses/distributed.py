@@ -15,6 +15,11 @@ same value on every device.
     with the text chunk), as in Inf-CL.
   ring_bidir (SigLIP): the ring with chunks travelling both ways, size//2 steps.
 
+How a ring step computes its n x n block is a `Blocks` value: "dense" (the
+block's logits in memory, n^2 floats per step), or "tiled" / "pallas" (tile by
+tile, mmjax/losses/tiled.py and mmjax/pallas/contrastive.py), which keep
+per-device memory at O(n * d + block^2) whatever n.
+
 Gradient conventions follow JAX's own collectives: under shard_map with
 check_vma=True the gradients are those of the global loss; under pmap (or
 check_vma=False) each device's gradient of its copy of the loss is axis_size
@@ -23,11 +28,15 @@ times that, as for a psum'd loss, so the usual pmean of gradients is right.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from mmjax.losses import tiled
+from mmjax.pallas import contrastive as pallas_contrastive
 
 Axis = str | tuple[str, ...]
 
@@ -83,52 +92,116 @@ def siglip_gather(img_emb, txt_emb, scale, bias, *, axis_name: Axis):
   return total / (n * lax.axis_size(axis_name))
 
 
+# ---------------------------------------------------------------- one ring step's block
+
+@dataclasses.dataclass(frozen=True)
+class Blocks:
+  """How each ring step computes its [n, n] block of logits s * x @ y.T.
+
+  impl: "dense" | "tiled" | "pallas". block: the tile side for "tiled" and
+  "pallas" (None: their default). platform, interpret: for "pallas", as in
+  mmjax.pallas.contrastive.config (None: from the default backend). `positive`
+  says the block holds the positive pairs on its diagonal (a device's own
+  chunk). Every method returns float32.
+  """
+  impl: str = "dense"
+  block: int | None = None
+  platform: str | None = None
+  interpret: bool | None = None
+
+  def __post_init__(self):
+    if self.impl not in ("dense", "tiled", "pallas"):
+      raise ValueError(f"Blocks.impl must be 'dense', 'tiled' or 'pallas'; got {self.impl!r}")
+
+  def _kw(self):
+    if self.impl == "tiled":
+      return dict(block=self.block or tiled.DEFAULT_BLOCK)
+    return dict(cfg=pallas_contrastive.config(self.block, platform=self.platform,
+                                              interpret=self.interpret))
+
+  def _module(self):
+    return tiled if self.impl == "tiled" else pallas_contrastive
+
+  def siglip_sum(self, x, y, s, b, positive: bool):
+    """sum_ij -log sigmoid(z_ij * logit_ij), z = +1 on a positive diagonal, else -1."""
+    if self.impl == "dense":
+      logits = s * _dots(x, y) + b
+      z = jnp.where(positive, 2.0 * jnp.eye(x.shape[0], dtype=jnp.float32) - 1.0, -1.0)
+      return -jnp.sum(jax.nn.log_sigmoid(z * logits))
+    return self._module().siglip_block_sum(x, y, s, b, positive=positive, **self._kw())
+
+  def siglip_grads(self, x, y, s, b, g, positive: bool):
+    """(dx, dy, ds, db) of g * siglip_sum."""
+    if self.impl == "dense":
+      dots = _dots(x, y)
+      target = jnp.where(positive, jnp.eye(x.shape[0], dtype=jnp.float32), 0.0)
+      gl = g * (jax.nn.sigmoid(s * dots + b) - target)      # d / d logits, [n, n]
+      return (s * jnp.einsum("ij,jd->id", gl, y, preferred_element_type=jnp.float32),
+              s * jnp.einsum("ij,id->jd", gl, x, preferred_element_type=jnp.float32),
+              jnp.sum(gl * dots), jnp.sum(gl))
+    return self._module().siglip_block_grads(x, y, s, b, g, positive=positive, with_loss=False,
+                                             **self._kw())
+
+  def clip_lse(self, x, y, s):
+    """(row_lse [n], col_lse [n]) of the block's logits."""
+    if self.impl == "dense":
+      logits = s * _dots(x, y)
+      return jax.nn.logsumexp(logits, axis=1), jax.nn.logsumexp(logits, axis=0)
+    return self._module().clip_block_lse(x, y, s, **self._kw())
+
+  def clip_grads(self, x, y, s, row_lse, col_lse, g, positive: bool):
+    """(dx, dy, ds) for G = g * (exp(z - row_lse) + exp(z - col_lse) - 2 I[positive])."""
+    if self.impl == "dense":
+      dots = _dots(x, y)
+      logits = s * dots
+      p = jnp.exp(logits - row_lse[:, None]) + jnp.exp(logits - col_lse[None, :])
+      gl = g * (p - jnp.where(positive, 2.0 * jnp.eye(x.shape[0], dtype=jnp.float32), 0.0))
+      return (s * jnp.einsum("ij,jd->id", gl, y, preferred_element_type=jnp.float32),
+              s * jnp.einsum("ij,id->jd", gl, x, preferred_element_type=jnp.float32),
+              jnp.sum(gl * dots))
+    return self._module().clip_block_grads(x, y, s, row_lse, col_lse, g, positive=positive,
+                                           **self._kw())
+
+
+DENSE = Blocks()
+
+
+def _diag_logits(x, y, s):
+  return s * jnp.einsum("id,id->i", x, y, preferred_element_type=jnp.float32)
+
+
 # ---------------------------------------------------------------- siglip ring
 
-def _siglip_block(x, y, s, b, positive):
-  """Logits of one [n, n] block and its sigmoid-loss sum; positives on the diagonal if `positive`."""
-  logits = s * _dots(x, y) + b
-  z = jnp.where(positive, 2.0 * jnp.eye(x.shape[0], dtype=jnp.float32) - 1.0, -1.0)
-  return logits, -jnp.sum(jax.nn.log_sigmoid(z * logits))
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _siglip_ring(x, y, s, b, axis, blocks):
+  return _siglip_ring_fwd(x, y, s, b, axis, blocks)[0]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _siglip_ring(x, y, s, b, axis):
-  return _siglip_ring_fwd(x, y, s, b, axis)[0]
-
-
-def _siglip_ring_fwd(x, y, s, b, axis):
+def _siglip_ring_fwd(x, y, s, b, axis, blocks):
   size = lax.axis_size(axis)
-  _, total = _siglip_block(x, y, s, b, True)
+  total = blocks.siglip_sum(x, y, s, b, True)
 
   def step(_, carry):
     y_cur, total = carry
     y_cur = _shift(y_cur, axis, size)
-    return y_cur, total + _siglip_block(x, y_cur, s, b, False)[1]
+    return y_cur, total + blocks.siglip_sum(x, y_cur, s, b, False)
 
   _, total = lax.fori_loop(1, size, step, (y, total))
   loss = lax.psum(total, axis) / (x.shape[0] * size)
   return loss, (x, y, s, b)
 
 
-def _siglip_ring_bwd(axis, res, g):
+def _siglip_ring_bwd(axis, blocks, res, g):
   x, y, s, b = res
   size, n = lax.axis_size(axis), x.shape[0]
   if not _tracks_vma(x, axis):
     g = lax.psum(g, axis)      # pmap semantics: every device's loss copy seeds 1
   g = g / (n * size)
 
-  def block_grads(y_cur, positive):
-    logits, _ = _siglip_block(x, y_cur, s, b, positive)
-    target = jnp.where(positive, jnp.eye(n, dtype=jnp.float32), 0.0)
-    return g * (jax.nn.sigmoid(logits) - target)       # d loss / d logits, [n, n]
-
   def accumulate(y_cur, positive, dx, acc, ds, db):
-    gl = block_grads(y_cur, positive)
-    dx = dx + s * jnp.einsum("ij,jd->id", gl, y_cur, preferred_element_type=jnp.float32)
-    acc = acc + s * jnp.einsum("ij,id->jd", gl, x, preferred_element_type=jnp.float32)
-    ds = ds + jnp.sum(gl * _dots(x, y_cur))
-    return dx, acc, ds, db + jnp.sum(gl)
+    gx, gy, gs, gb = blocks.siglip_grads(x, y_cur, s, b, g, positive)
+    return dx + gx, acc + gy, ds + gs, db + gb
 
   zeros = lambda a: jnp.zeros(a.shape, jnp.float32)
   dx, acc, ds, db = accumulate(y, True, zeros(x), zeros(y), zeros(s), zeros(b))
@@ -148,15 +221,15 @@ _siglip_ring.defvjp(_siglip_ring_fwd, _siglip_ring_bwd)
 
 
 def _siglip_entry(kernel):
-  """The public (img_emb, txt_emb, scale, bias, *, axis_name) form of a custom-VJP ring.
+  """The public (img_emb, txt_emb, scale, bias, *, axis_name, blocks) form of a custom-VJP ring.
 
   scale and bias enter the kernel as varying values: their per-device gradients
   are then summed over devices by JAX's transpose of that cast.
   """
-  def loss(img_emb, txt_emb, scale, bias, *, axis_name: Axis):
+  def loss(img_emb, txt_emb, scale, bias, *, axis_name: Axis, blocks: Blocks = DENSE):
     s = _to_varying(jnp.asarray(scale, jnp.float32), axis_name)
     b = _to_varying(jnp.asarray(bias, jnp.float32), axis_name)
-    return kernel(img_emb, txt_emb, s, b, axis_name)
+    return kernel(img_emb, txt_emb, s, b, axis_name, blocks)
   return loss
 
 
@@ -175,30 +248,30 @@ def _bidir_steps(size: int) -> tuple[int, int]:
   return size // 2, (size - 1) // 2
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _siglip_bidir(x, y, s, b, axis):
-  return _siglip_bidir_fwd(x, y, s, b, axis)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _siglip_bidir(x, y, s, b, axis, blocks):
+  return _siglip_bidir_fwd(x, y, s, b, axis, blocks)[0]
 
 
-def _siglip_bidir_fwd(x, y, s, b, axis):
+def _siglip_bidir_fwd(x, y, s, b, axis, blocks):
   size = lax.axis_size(axis)
   n_fwd, n_bwd = _bidir_steps(size)
-  total = _siglip_block(x, y, s, b, True)[1]
+  total = blocks.siglip_sum(x, y, s, b, True)
 
   def step(_, carry):
     y_f, y_b, total = carry
     y_f, y_b = _shift(y_f, axis, size, 1), _shift(y_b, axis, size, -1)
-    total = total + _siglip_block(x, y_f, s, b, False)[1] + _siglip_block(x, y_b, s, b, False)[1]
+    total = total + blocks.siglip_sum(x, y_f, s, b, False) + blocks.siglip_sum(x, y_b, s, b, False)
     return y_f, y_b, total
 
   y_f, _, total = lax.fori_loop(0, n_bwd, step, (y, y, total))
   if n_fwd > n_bwd:
-    total = total + _siglip_block(x, _shift(y_f, axis, size, 1), s, b, False)[1]
+    total = total + blocks.siglip_sum(x, _shift(y_f, axis, size, 1), s, b, False)
   loss = lax.psum(total, axis) / (x.shape[0] * size)
   return loss, (x, y, s, b)
 
 
-def _siglip_bidir_bwd(axis, res, g):
+def _siglip_bidir_bwd(axis, blocks, res, g):
   x, y, s, b = res
   size, n = lax.axis_size(axis), x.shape[0]
   n_fwd, n_bwd = _bidir_steps(size)
@@ -207,11 +280,8 @@ def _siglip_bidir_bwd(axis, res, g):
   g = g / (n * size)
 
   def accumulate(y_cur, positive, dx, acc, ds, db):
-    logits, _ = _siglip_block(x, y_cur, s, b, positive)
-    gl = g * (jax.nn.sigmoid(logits) - jnp.where(positive, jnp.eye(n, dtype=jnp.float32), 0.0))
-    dx = dx + s * jnp.einsum("ij,jd->id", gl, y_cur, preferred_element_type=jnp.float32)
-    acc = acc + s * jnp.einsum("ij,id->jd", gl, x, preferred_element_type=jnp.float32)
-    return dx, acc, ds + jnp.sum(gl * _dots(x, y_cur)), db + jnp.sum(gl)
+    gx, gy, gs, gb = blocks.siglip_grads(x, y_cur, s, b, g, positive)
+    return dx + gx, acc + gy, ds + gs, db + gb
 
   zeros = lambda a: jnp.zeros(a.shape, jnp.float32)
   dx, acc_f, ds, db = accumulate(y, True, zeros(x), zeros(y), zeros(s), zeros(b))
@@ -242,27 +312,22 @@ siglip_ring_bidir = _siglip_entry(_siglip_bidir)
 
 # ---------------------------------------------------------------- clip ring
 
-def _logaddexp_rows(lse, logits, axis):
-  return jnp.logaddexp(lse, jax.nn.logsumexp(logits, axis=axis))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _clip_ring(x, y, s, axis, blocks):
+  return _clip_ring_fwd(x, y, s, axis, blocks)[0]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _clip_ring(x, y, s, axis):
-  return _clip_ring_fwd(x, y, s, axis)[0]
-
-
-def _clip_ring_fwd(x, y, s, axis):
+def _clip_ring_fwd(x, y, s, axis, blocks):
   size, n = lax.axis_size(axis), x.shape[0]
-  logits = s * _dots(x, y)
-  row_lse = jax.nn.logsumexp(logits, axis=1)     # over texts, for my image rows
-  col_lse = jax.nn.logsumexp(logits, axis=0)     # over images, for the chunk I hold (travels with it)
-  diag = jnp.diagonal(logits)
+  # Over texts for my image rows; over images for the chunk I hold (travels with it).
+  row_lse, col_lse = blocks.clip_lse(x, y, s)
+  diag = _diag_logits(x, y, s)
 
   def step(_, carry):
     y_cur, col_cur, row_lse = carry
     y_cur, col_cur = _shift(y_cur, axis, size), _shift(col_cur, axis, size)
-    logits = s * _dots(x, y_cur)
-    return y_cur, _logaddexp_rows(col_cur, logits, 0), _logaddexp_rows(row_lse, logits, 1)
+    block_row, block_col = blocks.clip_lse(x, y_cur, s)
+    return y_cur, jnp.logaddexp(col_cur, block_col), jnp.logaddexp(row_lse, block_row)
 
   _, col_cur, row_lse = lax.fori_loop(1, size, step, (y, col_lse, row_lse))
   col_lse = _shift(col_cur, axis, size)           # home: column LSE of my own texts
@@ -271,7 +336,7 @@ def _clip_ring_fwd(x, y, s, axis):
   return loss, (x, y, s, row_lse, col_lse)
 
 
-def _clip_ring_bwd(axis, res, g):
+def _clip_ring_bwd(axis, blocks, res, g):
   x, y, s, row_lse, col_lse = res
   size, n = lax.axis_size(axis), x.shape[0]
   if not _tracks_vma(x, axis):
@@ -279,14 +344,8 @@ def _clip_ring_bwd(axis, res, g):
   g = 0.5 * g / (n * size)
 
   def accumulate(y_cur, col_cur, positive, dx, acc, ds):
-    dots = _dots(x, y_cur)
-    logits = s * dots
-    p_row = jnp.exp(logits - row_lse[:, None])
-    p_col = jnp.exp(logits - col_cur[None, :])
-    gl = g * (p_row + p_col - jnp.where(positive, 2.0 * jnp.eye(n, dtype=jnp.float32), 0.0))
-    dx = dx + s * jnp.einsum("ij,jd->id", gl, y_cur, preferred_element_type=jnp.float32)
-    acc = acc + s * jnp.einsum("ij,id->jd", gl, x, preferred_element_type=jnp.float32)
-    return dx, acc, ds + jnp.sum(gl * dots)
+    gx, gy, gs = blocks.clip_grads(x, y_cur, s, row_lse, col_cur, g, positive)
+    return dx + gx, acc + gy, ds + gs
 
   zeros = lambda a: jnp.zeros(a.shape, jnp.float32)
   dx, acc, ds = accumulate(y, col_lse, True, zeros(x), zeros(y), zeros(s))
@@ -305,6 +364,6 @@ def _clip_ring_bwd(axis, res, g):
 _clip_ring.defvjp(_clip_ring_fwd, _clip_ring_bwd)
 
 
-def clip_ring(img_emb, txt_emb, scale, *, axis_name: Axis):
+def clip_ring(img_emb, txt_emb, scale, *, axis_name: Axis, blocks: Blocks = DENSE):
   s = _to_varying(jnp.asarray(scale, jnp.float32), axis_name)
-  return _clip_ring(img_emb, txt_emb, s, axis_name)
+  return _clip_ring(img_emb, txt_emb, s, axis_name, blocks)

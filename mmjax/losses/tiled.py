@@ -1,0 +1,359 @@
+"""Tiled CLIP and SigLIP losses: the [n, n] logits are never in memory.
+
+The logits s * x @ y.T of an [n, d] x [n, d] pair are made one [t, t] tile at a
+time (t <= block) inside two nested lax.fori_loops, reduced on the spot and
+dropped. Custom VJPs keep O(n) residuals and recompute tiles as needed, so
+loss + grad needs O(n * d + block^2) memory for any batch n.
+
+  CLIP (softmax): the forward keeps a running max and sum per row (image to
+    text) and per column (text to image), i.e. the two log-sum-exps; the
+    backward recomputes each tile, dL/dz = (softmax_row + softmax_col - 2 I) / 2n,
+    and accumulates dx = s G y, dy = s G^T x, ds = sum(G * x.y). Four tile
+    matmuls per tile (forward 1, backward 3) against the dense path's three.
+  SigLIP (sigmoid): every tile's loss and gradient are local, so under
+    differentiation the forward pass computes the gradients too and keeps them
+    (O(n * d)) as residuals; the backward only scales them. Three tile matmuls,
+    as many as the dense path.
+
+A batch that is not a multiple of the tile is padded inside and the padded
+rows and columns are masked. Tiles are [t, t] with t = ceil(n / ceil(n / block))
+rounded up to a multiple of 8 (so padding is small); one tile when n <= block.
+Operands stay in the embedding dtype (bf16 in, f32 accumulation); everything
+else is f32 and the embedding gradients come back in the embedding dtype.
+
+The block functions (`clip_block_lse`, `clip_block_grads`, `siglip_block_sum`,
+`siglip_block_grads`) are also what each step of the tiled ring in
+mmjax/losses/distributed.py calls on its n x n block.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+DEFAULT_BLOCK = 1024
+
+# Padded logits: exp() of it is 0 against any real logit, and it keeps a fully
+# padded row's running max finite (no inf - inf).
+_MASKED = -1e30
+
+
+def tiling(n: int, block: int) -> tuple[int, int]:
+  """(t, nb): tile size and tiles per side for a batch of n, tiles of at most block."""
+  if not isinstance(block, int) or isinstance(block, bool) or block < 1:
+    raise ValueError(f"block must be a positive int; got block={block!r}")
+  if n <= block:
+    return n, 1
+  nb = -(-n // block)
+  t = -(-n // nb)
+  t = min(block, -(-t // 8) * 8)
+  return t, -(-n // t)
+
+
+def _blocks(x: jax.Array, t: int, nb: int) -> jax.Array:
+  """[n, d] -> [nb, t, d], zero rows padded at the end."""
+  n, d = x.shape
+  if nb * t != n:
+    x = jnp.pad(x, ((0, nb * t - n), (0, 0)))
+  return x.reshape(nb, t, d)
+
+
+def _vec_blocks(v: jax.Array, t: int, nb: int) -> jax.Array:
+  """[n] -> [nb, t], zeros padded."""
+  return jnp.pad(v, (0, nb * t - v.shape[0])).reshape(nb, t)
+
+
+def _vary_like(tree, *refs):
+  """tree's arrays made to vary over every manual mesh axis one of refs varies
+  over, so that loop carries keep their type under shard_map(check_vma=True)."""
+  axes = frozenset().union(*(jax.typeof(r).manual_axis_type.varying for r in refs))
+
+  def cast(v):
+    missing = tuple(sorted(axes - jax.typeof(v).manual_axis_type.varying))
+    return lax.pcast(v, missing, to="varying") if missing else v
+  return jax.tree.map(cast, tree)
+
+
+def _dots(a, b):
+  """[t, d] x [u, d] -> [t, u] float32."""
+  return jnp.einsum("id,jd->ij", a, b, preferred_element_type=jnp.float32)
+
+
+def _valid(i, j, t: int, n: int):
+  """[t, t] bool: the tile (i, j) entries that are real (not padding)."""
+  rows = i * t + lax.broadcasted_iota(jnp.int32, (t, t), 0)
+  cols = j * t + lax.broadcasted_iota(jnp.int32, (t, t), 1)
+  return (rows < n) & (cols < n)
+
+
+def _diagonal(i, j, t: int):
+  """[t, t] bool: the tile (i, j) entries on the block's diagonal (positive pairs)."""
+  eye = lax.broadcasted_iota(jnp.int32, (t, t), 0) == lax.broadcasted_iota(jnp.int32, (t, t), 1)
+  return eye & (i == j)
+
+
+def _accumulate_grads(tile_grad, x, y, t: int, nb: int, extra_init, refs):
+  """Loops over tiles; tile_grad(i, j, x_i, y_j) -> (G [t, t] f32, dots-like extras).
+
+  Returns dx [nb*t, d], dy [nb*t, d] (float32, before the factor s) and the
+  summed extras. G is d(objective)/d(logits) of the tile; dx_i += G y_j,
+  dy_j += G^T x_i, with G cast to the operand dtype (bf16 in, f32 accumulation).
+  """
+  d = x.shape[-1]
+  zeros_t = _vary_like(jnp.zeros((t, d), jnp.float32), *refs)
+
+  def row(i, carry):
+    dx, dy, extra = carry
+    x_i = x[i]
+
+    def col(j, carry):
+      dx_i, dy, extra = carry
+      y_j = y[j]
+      g, e = tile_grad(i, j, x_i, y_j)
+      gc = g.astype(x.dtype)
+      dx_i = dx_i + jnp.einsum("ij,jd->id", gc, y_j, preferred_element_type=jnp.float32)
+      dy_j = jnp.einsum("ij,id->jd", gc, x_i, preferred_element_type=jnp.float32)
+      dy = lax.dynamic_update_index_in_dim(dy, dy[j] + dy_j, j, 0)
+      return dx_i, dy, jax.tree.map(jnp.add, extra, e)
+
+    dx_i, dy, extra = lax.fori_loop(0, nb, col, (zeros_t, dy, extra))
+    return lax.dynamic_update_index_in_dim(dx, dx_i, i, 0), dy, extra
+
+  zeros = jnp.zeros((nb, t, d), jnp.float32)
+  init = _vary_like((zeros, zeros, extra_init), *refs)
+  dx, dy, extra = lax.fori_loop(0, nb, row, init)
+  return dx.reshape(nb * t, d), dy.reshape(nb * t, d), extra
+
+
+# ---------------------------------------------------------------- CLIP blocks
+
+def clip_block_lse(x: jax.Array, y: jax.Array, s: jax.Array, *,
+                   block: int = DEFAULT_BLOCK) -> tuple[jax.Array, jax.Array]:
+  """Row and column log-sum-exp of the logits s * x @ y.T, tile by tile.
+
+  Args:
+    x, y: [n, d] float (f32 or bf16).
+    s: float32 scalar, the logit scale.
+    block: largest tile side.
+
+  Returns:
+    (row_lse [n], col_lse [n]) float32.
+  """
+  n = x.shape[0]
+  t, nb = tiling(n, block)
+  padded = nb * t != n
+  xb, yb = _blocks(x, t, nb), _blocks(y, t, nb)
+  neg_inf = _vary_like(jnp.full((nb, t), -jnp.inf, jnp.float32), x, y, s)
+  zeros = _vary_like(jnp.zeros((nb, t), jnp.float32), x, y, s)
+
+  def row(i, carry):
+    row_lse, m_col, l_col = carry
+    x_i = xb[i]
+
+    def col(j, carry):
+      m_row, l_row, m_col, l_col = carry
+      z = s * _dots(x_i, yb[j])
+      if padded:
+        z = jnp.where(_valid(i, j, t, n), z, _MASKED)
+      m_new = jnp.maximum(m_row, jnp.max(z, axis=1))
+      l_row = l_row * jnp.exp(m_row - m_new) + jnp.sum(jnp.exp(z - m_new[:, None]), axis=1)
+      mc, lc = m_col[j], l_col[j]
+      mc_new = jnp.maximum(mc, jnp.max(z, axis=0))
+      lc = lc * jnp.exp(mc - mc_new) + jnp.sum(jnp.exp(z - mc_new[None, :]), axis=0)
+      m_col = lax.dynamic_update_index_in_dim(m_col, mc_new, j, 0)
+      l_col = lax.dynamic_update_index_in_dim(l_col, lc, j, 0)
+      return m_new, l_row, m_col, l_col
+
+    init = (neg_inf[0], zeros[0], m_col, l_col)
+    m_row, l_row, m_col, l_col = lax.fori_loop(0, nb, col, init)
+    row_lse = lax.dynamic_update_index_in_dim(row_lse, m_row + jnp.log(l_row), i, 0)
+    return row_lse, m_col, l_col
+
+  row_lse, m_col, l_col = lax.fori_loop(0, nb, row, (zeros, neg_inf, zeros))
+  col_lse = m_col + jnp.log(l_col)
+  return row_lse.reshape(-1)[:n], col_lse.reshape(-1)[:n]
+
+
+def clip_block_grads(x: jax.Array, y: jax.Array, s: jax.Array, row_lse: jax.Array,
+                     col_lse: jax.Array, g: jax.Array, *, positive: bool,
+                     block: int = DEFAULT_BLOCK):
+  """Gradients wrt x, y, s of g * (sum(row_lse) + sum(col_lse) - 2 * trace(logits)),
+  the trace only if `positive` (the block holds the positive pairs on its diagonal).
+
+  Per tile G = g * (exp(z - row_lse) + exp(z - col_lse) - 2 I), z = s * x_i . y_j.
+
+  Args:
+    x, y: [n, d] float; s, g: float32 scalars.
+    row_lse, col_lse: [n] float32, the log-sum-exps the softmaxes normalise by
+      (for a ring step: of the whole global row / column, not just this block).
+
+  Returns:
+    (dx [n, d], dy [n, d], ds []) float32.
+  """
+  n = x.shape[0]
+  t, nb = tiling(n, block)
+  padded = nb * t != n
+  rl, cl = _vec_blocks(row_lse, t, nb), _vec_blocks(col_lse, t, nb)
+
+  def tile_grad(i, j, x_i, y_j):
+    dots = _dots(x_i, y_j)
+    z = s * dots
+    p = jnp.exp(z - rl[i][:, None]) + jnp.exp(z - cl[j][None, :])
+    if positive:
+      p = jnp.where(_diagonal(i, j, t), p - 2.0, p)
+    if padded:
+      p = jnp.where(_valid(i, j, t, n), p, 0.0)
+    p = g * p
+    return p, jnp.sum(p * dots)
+
+  dx, dy, ds = _accumulate_grads(tile_grad, _blocks(x, t, nb), _blocks(y, t, nb), t, nb,
+                                 jnp.zeros((), jnp.float32), (x, y, s, row_lse, col_lse, g))
+  return s * dx[:n], s * dy[:n], ds
+
+
+# ---------------------------------------------------------------- SigLIP blocks
+
+def _siglip_terms(z, positive_mask, with_loss: bool):
+  """Per-entry loss -log sigmoid(+-z) (0 unless with_loss) and its derivative
+  wrt z, one exp shared."""
+  u = jnp.where(positive_mask, z, -z) if positive_mask is not None else -z
+  e = jnp.exp(-jnp.abs(u))
+  # softplus(-u) = -log sigmoid(u)
+  loss = jnp.maximum(-u, 0.0) + jnp.log1p(e) if with_loss else jnp.zeros((), jnp.float32)
+  dloss_du = -jnp.where(u >= 0, e, 1.0) / (1.0 + e)   # -sigmoid(-u)
+  return loss, (jnp.where(positive_mask, dloss_du, -dloss_du)
+                if positive_mask is not None else -dloss_du)
+
+
+def siglip_block_sum(x: jax.Array, y: jax.Array, s: jax.Array, b: jax.Array, *,
+                     positive: bool, block: int = DEFAULT_BLOCK) -> jax.Array:
+  """sum_ij -log sigmoid(z_ij * (s * x_i . y_j + b)), z = +1 on the diagonal
+  if `positive`, else -1 everywhere. x, y: [n, d] float; s, b: f32 scalars.
+  Returns a float32 scalar."""
+  n = x.shape[0]
+  t, nb = tiling(n, block)
+  padded = nb * t != n
+  xb, yb = _blocks(x, t, nb), _blocks(y, t, nb)
+
+  def row(i, total):
+    x_i = xb[i]
+
+    def col(j, total):
+      z = s * _dots(x_i, yb[j]) + b
+      if positive:
+        loss = jnp.where(_diagonal(i, j, t), jax.nn.softplus(-z), jax.nn.softplus(z))
+      else:
+        loss = jax.nn.softplus(z)
+      if padded:
+        loss = jnp.where(_valid(i, j, t, n), loss, 0.0)
+      return total + jnp.sum(loss)
+
+    return lax.fori_loop(0, nb, col, total)
+
+  return lax.fori_loop(0, nb, row, _vary_like(jnp.zeros((), jnp.float32), x, y, s, b))
+
+
+def siglip_block_grads(x: jax.Array, y: jax.Array, s: jax.Array, b: jax.Array, g: jax.Array, *,
+                       positive: bool, with_loss: bool = False, block: int = DEFAULT_BLOCK):
+  """Gradients wrt x, y, s, b of g * siglip_block_sum(...), and (if `with_loss`)
+  that value too, in the same pass.
+
+  Returns:
+    ([total [],] dx [n, d], dy [n, d], ds [], db []) float32, total = g * sum.
+  """
+  n = x.shape[0]
+  t, nb = tiling(n, block)
+  padded = nb * t != n
+
+  def tile_grad(i, j, x_i, y_j):
+    dots = _dots(x_i, y_j)
+    loss, dz = _siglip_terms(s * dots + b, _diagonal(i, j, t) if positive else None,
+                             with_loss)
+    if padded:
+      valid = _valid(i, j, t, n)
+      dz = jnp.where(valid, dz, 0.0)
+      loss = jnp.where(valid, loss, 0.0) if with_loss else loss
+    dz = g * dz
+    return dz, (jnp.sum(loss), jnp.sum(dz * dots), jnp.sum(dz))
+
+  zero = jnp.zeros((), jnp.float32)
+  dx, dy, (total, ds, db) = _accumulate_grads(
+      tile_grad, _blocks(x, t, nb), _blocks(y, t, nb), t, nb, (zero, zero, zero), (x, y, s, b, g))
+  grads = s * dx[:n], s * dy[:n], ds, db
+  return (g * total,) + grads if with_loss else grads
+
+
+# ---------------------------------------------------------------- losses (one device)
+
+def _diag_logits(x, y, s):
+  return s * jnp.einsum("id,id->i", x, y, preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _clip_tiled(x, y, s, block):
+  return _clip_tiled_fwd(x, y, s, block)[0]
+
+
+def _clip_tiled_fwd(x, y, s, block):
+  row_lse, col_lse = clip_block_lse(x, y, s, block=block)
+  diag = _diag_logits(x, y, s)
+  loss = 0.5 * (jnp.sum(row_lse - diag) + jnp.sum(col_lse - diag)) / x.shape[0]
+  return loss, (x, y, s, row_lse, col_lse)
+
+
+def _clip_tiled_bwd(block, res, g):
+  x, y, s, row_lse, col_lse = res
+  dx, dy, ds = clip_block_grads(x, y, s, row_lse, col_lse, 0.5 * g / x.shape[0],
+                                positive=True, block=block)
+  return dx.astype(x.dtype), dy.astype(y.dtype), ds.astype(s.dtype)
+
+
+_clip_tiled.defvjp(_clip_tiled_fwd, _clip_tiled_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _siglip_tiled(x, y, s, b, block):
+  return siglip_block_sum(x, y, s, b, positive=True, block=block) / x.shape[0]
+
+
+def _siglip_tiled_fwd(x, y, s, b, block):
+  # The gradients cost one pass with the loss; keep them (O(n d)) instead of
+  # recomputing every tile in the backward.
+  # Kept in the embedding dtype: the cotangent g is almost always 1.
+  loss, dx, dy, ds, db = siglip_block_grads(x, y, s, b, jnp.float32(1.0 / x.shape[0]),
+                                            positive=True, with_loss=True, block=block)
+  return loss, (dx.astype(x.dtype), dy.astype(y.dtype), ds, db)
+
+
+def _siglip_tiled_bwd(block, res, g):
+  dx, dy, ds, db = res
+  return (g * dx).astype(dx.dtype), (g * dy).astype(dy.dtype), g * ds, g * db
+
+
+_siglip_tiled.defvjp(_siglip_tiled_fwd, _siglip_tiled_bwd)
+
+
+def clip_loss(img_emb: jax.Array, txt_emb: jax.Array, scale, *,
+              block: int = DEFAULT_BLOCK) -> jax.Array:
+  """CLIP loss of mmjax.losses.clip_loss(impl="dense"), tile by tile.
+
+  img_emb, txt_emb: [n, d] float; scale: scalar. Returns a float32 scalar.
+  """
+  img_emb, txt_emb = jnp.asarray(img_emb), jnp.asarray(txt_emb)
+  tiling(img_emb.shape[0], block)   # validates block
+  return _clip_tiled(img_emb, txt_emb, jnp.asarray(scale, jnp.float32), block)
+
+
+def siglip_loss(img_emb: jax.Array, txt_emb: jax.Array, scale, bias, *,
+                block: int = DEFAULT_BLOCK) -> jax.Array:
+  """SigLIP loss of mmjax.losses.siglip_loss(impl="dense"), tile by tile.
+
+  img_emb, txt_emb: [n, d] float; scale, bias: scalars. Returns a float32 scalar.
+  """
+  img_emb, txt_emb = jnp.asarray(img_emb), jnp.asarray(txt_emb)
+  tiling(img_emb.shape[0], block)
+  return _siglip_tiled(img_emb, txt_emb, jnp.asarray(scale, jnp.float32),
+                       jnp.asarray(bias, jnp.float32), block)

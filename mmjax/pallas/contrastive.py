@@ -1,0 +1,429 @@
+"""CLIP (softmax) and SigLIP (sigmoid) losses as Pallas kernels, joined by custom VJPs.
+
+The same algorithm as mmjax/losses/tiled.py: [t, t] tiles of the logits
+s * x @ y.T are made in the kernel and never written out; residuals are O(n).
+
+Every kernel is a row reduction: for each row tile A_i of one tower it runs
+over the column tiles B_j of the other, z = s * A_i B_j^T, and accumulates
+per-row values (a running max and sum; a row of the gradient). Column
+quantities are the same kernel on the transposed problem (A = y, B = x):
+
+  CLIP forward: row max & sum -> row log-sum-exp, twice (rows, then columns).
+  CLIP backward: G = exp(z - lse_row) + exp(z - lse_col) - 2 I, dA = s G B,
+    twice (dx, then dy on the transposed tiles).
+  SigLIP: per-row sums of -log sigmoid(+-z), and under differentiation dA
+    (with per-row sums for d scale, d bias) in the same kernel, twice.
+So a tile is made twice per pass (no atomics, no cross-program accumulation).
+
+Two kernel shapes for the two backends:
+  "tpu" (Mosaic): a (row tiles, column tiles) grid, the column axis
+    "arbitrary"; accumulators live in the output blocks, resident across it.
+    Tiles are a multiple of 128 (the lane width) unless one tile covers the
+    batch; the embedding dim is zero-padded to a multiple of 128.
+  "gpu" (Triton): a grid of row tiles; each program loops over the column
+    tiles of the other tower, read from the whole array. Tiles and the padded
+    dim are powers of 2 (Triton's rule for loaded blocks); not tuned.
+On CPU the kernels run in interpret mode (`interpret=None` picks it there)
+with the "tpu" grid, and any tile multiple of 8.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as pltriton
+
+PLATFORMS = ("tpu", "gpu")
+DEFAULT_BLOCK = {"tpu": 512, "gpu": 64}
+_MASKED = -1e30   # padded logits: finite, so a fully padded row's max stays finite
+
+
+def _round_up(a: int, b: int) -> int:
+  return -(-a // b) * b
+
+
+def _next_pow2(a: int) -> int:
+  return 1 << max(0, a - 1).bit_length()
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Static kernel settings: the platform whose kernel shape is used, whether
+  to interpret, and the largest tile side."""
+  platform: str
+  interpret: bool
+  block: int
+
+  def tiling(self, n: int, d: int) -> tuple[int, int, int]:
+    """(t, nb, dp): tile side, tiles per side, padded embedding dim."""
+    block = self.block
+    if self.platform == "gpu":
+      t = max(16, min(_next_pow2(n), 1 << (block.bit_length() - 1)))
+      return t, -(-n // t), max(16, _next_pow2(d))
+    dp = _round_up(d, 128)
+    if n <= block:
+      return _round_up(n, 8), 1, dp
+    if self.interpret:
+      t = max(8, block // 8 * 8)
+    else:
+      t = max(128, block // 128 * 128)
+    return t, -(-n // t), dp
+
+
+def config(block: int | None = None, *, platform: str | None = None,
+           interpret: bool | None = None) -> Config:
+  """Fills in the defaults: the platform from the default backend ("gpu" on a
+  GPU, else "tpu"), interpret mode on CPU, the platform's default block."""
+  if platform is None:
+    platform = "gpu" if jax.default_backend() == "gpu" else "tpu"
+  if platform not in PLATFORMS:
+    raise ValueError(f"platform must be one of {PLATFORMS}; got platform={platform!r}")
+  if interpret is None:
+    interpret = jax.default_backend() == "cpu"
+  if block is None:
+    block = DEFAULT_BLOCK[platform]
+  if not isinstance(block, int) or isinstance(block, bool) or block < 1:
+    raise ValueError(f"block must be a positive int; got block={block!r}")
+  return Config(platform, bool(interpret), block)
+
+
+# ---------------------------------------------------------------- the row-reduction driver
+
+def _vary_alike(tree):
+  """tree's arrays cast to vary over the union of the manual mesh axes they vary over."""
+  leaves = jax.tree.leaves(tree)
+  axes = frozenset().union(*(jax.typeof(v).manual_axis_type.varying for v in leaves))
+
+  def cast(v):
+    missing = tuple(sorted(axes - jax.typeof(v).manual_axis_type.varying))
+    return lax.pcast(v, missing, to="varying") if missing else v
+  return jax.tree.map(cast, tree)
+
+
+def _dot_nt(a, b):
+  """[t, d] x [u, d] -> [t, u] float32."""
+  return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _dot_nn(g, b):
+  """[t, u] x [u, d] -> [t, d] float32, g cast to b's dtype (bf16 in, f32 accumulation)."""
+  return lax.dot_general(g.astype(b.dtype), b, (((1,), (0,)), ((), ())),
+                         preferred_element_type=jnp.float32)
+
+
+def _masks(i, j, t: int, n: int):
+  """[t, t] bools of tile (i, j): real entries (not padding), and the diagonal."""
+  r = lax.broadcasted_iota(jnp.int32, (t, t), 0)
+  c = lax.broadcasted_iota(jnp.int32, (t, t), 1)
+  valid = (i * t + r < n) & (j * t + c < n)
+  return valid, (r == c) & (i == j)
+
+
+# A tile update: (i, j, scalars, a [t, dp], b [t, dp], row_vecs [[t, 1]...],
+# col_vecs [[1, t]...], carry) -> carry, carry a tuple of [t, w] float32.
+TileUpdate = Callable
+
+
+def _row_reduce(update: TileUpdate, inits: tuple[tuple[int, float], ...], scalars, a, b,
+                row_vecs, col_vecs, *, t: int, nb: int, cfg: Config):
+  """Runs `update` over all tiles (i, j), i over A's row tiles, j over B's.
+
+  inits: (width w, initial value) per accumulator; the accumulators of row
+  tile i after the last j are the outputs, [nb * t, w] each. scalars: [k]
+  float32. a, b: [nb * t, dp]; row_vecs: [nb * t, 1] arrays read per row
+  tile; col_vecs: [1, nb * t] arrays read per column tile.
+  """
+  dp = a.shape[1]
+  k = scalars.shape[0]
+  nr, nc = len(row_vecs), len(col_vecs)
+  # Under shard_map(check_vma=True) the outputs vary over the mesh axes any input varies over.
+  scalars, a, b, row_vecs, col_vecs = _vary_alike((scalars, a, b, row_vecs, col_vecs))
+  mat = jax.typeof(a).manual_axis_type
+  out_shape = [jax.ShapeDtypeStruct((nb * t, w), jnp.float32, manual_axis_type=mat)
+               for w, _ in inits]
+
+  def split(refs):
+    return refs[:nr], refs[nr:nr + nc], refs[nr + nc:]
+
+  if cfg.platform == "tpu":
+    def kernel(p_ref, a_ref, b_ref, *refs):
+      rv, cv, outs = split(refs)
+      i, j = pl.program_id(0), pl.program_id(1)
+
+      @pl.when(j == 0)
+      def _():
+        for o, (w, v) in zip(outs, inits):
+          o[...] = jnp.full((t, w), v, jnp.float32)
+
+      sc = [p_ref[q] for q in range(k)]
+      carry = update(i, j, sc, a_ref[...], b_ref[...], [r[...] for r in rv],
+                     [r[...] for r in cv], tuple(o[...] for o in outs))
+      for o, c in zip(outs, carry):
+        o[...] = c
+
+    in_specs = ([pl.BlockSpec(memory_space=pltpu.SMEM),
+                 pl.BlockSpec((t, dp), lambda i, j: (i, 0)),
+                 pl.BlockSpec((t, dp), lambda i, j: (j, 0))]
+                + [pl.BlockSpec((t, 1), lambda i, j: (i, 0))] * nr
+                + [pl.BlockSpec((1, t), lambda i, j: (0, j))] * nc)
+    out_specs = [pl.BlockSpec((t, w), lambda i, j: (i, 0)) for w, _ in inits]
+    grid = (nb, nb)
+    params = pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary"))
+  else:
+    def kernel(p_ref, a_ref, b_ref, *refs):
+      rv, cv, outs = split(refs)
+      i = pl.program_id(0)
+      sc = [p_ref[q] for q in range(k)]
+      a_i, rows = a_ref[...], [r[...] for r in rv]
+
+      def step(j, carry):
+        b_j = b_ref[pl.ds(j * t, t), :]
+        cols = [r[:, pl.ds(j * t, t)] for r in cv]
+        return update(i, j, sc, a_i, b_j, rows, cols, carry)
+
+      init = tuple(jnp.full((t, w), v, jnp.float32) for w, v in inits)
+      for o, c in zip(outs, lax.fori_loop(0, nb, step, init)):
+        o[...] = c
+
+    kp = _next_pow2(k)
+    scalars = jnp.pad(scalars, (0, kp - k))
+    in_specs = ([pl.BlockSpec((kp,), lambda i: (0,)),
+                 pl.BlockSpec((t, dp), lambda i: (i, 0)),
+                 pl.BlockSpec((nb * t, dp), lambda i: (0, 0))]
+                + [pl.BlockSpec((t, 1), lambda i: (i, 0))] * nr
+                + [pl.BlockSpec((1, nb * t), lambda i: (0, 0))] * nc)
+    out_specs = [pl.BlockSpec((t, w), lambda i: (i, 0)) for w, _ in inits]
+    grid = (nb,)
+    params = pltriton.CompilerParams(num_warps=4, num_stages=2)
+
+  return pl.pallas_call(kernel, out_shape=out_shape, grid=grid, in_specs=in_specs,
+                        out_specs=out_specs, compiler_params=params,
+                        interpret=cfg.interpret)(scalars, a, b, *row_vecs, *col_vecs)
+
+
+def _pad(x, rows: int, cols: int):
+  return jnp.pad(x, ((0, rows - x.shape[0]), (0, cols - x.shape[1])))
+
+
+def _prepare(x, y, cfg: Config):
+  n, d = x.shape
+  t, nb, dp = cfg.tiling(n, d)
+  return _pad(x, nb * t, dp), _pad(y, nb * t, dp), t, nb
+
+
+def _row(v, size):
+  """[n] -> [1, size] (zero-padded)."""
+  return jnp.pad(v, (0, size - v.shape[0]))[None, :]
+
+
+def _col(v, size):
+  """[n] -> [size, 1] (zero-padded)."""
+  return jnp.pad(v, (0, size - v.shape[0]))[:, None]
+
+
+# ---------------------------------------------------------------- CLIP
+
+def _lse_update(n, t, padded):
+  def update(i, j, sc, a, b, rows, cols, carry):
+    m, l = carry
+    z = sc[0] * _dot_nt(a, b)
+    if padded:
+      z = jnp.where(_masks(i, j, t, n)[0], z, _MASKED)
+    m_new = jnp.maximum(m, jnp.max(z, axis=1, keepdims=True))
+    l = l * jnp.exp(m - m_new) + jnp.sum(jnp.exp(z - m_new), axis=1, keepdims=True)
+    return m_new, l
+  return update
+
+
+def _clip_grad_update(n, t, padded, positive, want_ds):
+  def update(i, j, sc, a, b, rows, cols, carry):
+    s, g = sc
+    dots = _dot_nt(a, b)
+    z = s * dots
+    p = jnp.exp(z - rows[0]) + jnp.exp(z - cols[0])
+    valid, diag = _masks(i, j, t, n)
+    if positive:
+      p = jnp.where(diag, p - 2.0, p)
+    if padded:
+      p = jnp.where(valid, p, 0.0)
+    p = g * p
+    da = carry[0] + _dot_nn(p, b)
+    if not want_ds:
+      return (da,)
+    return da, carry[1] + jnp.sum(p * dots, axis=1, keepdims=True)
+  return update
+
+
+def _lse(a, b, s, n, t, nb, cfg):
+  m, l = _row_reduce(_lse_update(n, t, nb * t != n), ((1, -jnp.inf), (1, 0.0)),
+                     jnp.stack([s]), a, b, [], [], t=t, nb=nb, cfg=cfg)
+  return (m + jnp.log(l))[:n, 0]
+
+
+def clip_block_lse(x, y, s, *, cfg: Config):
+  """Row and column log-sum-exp of the logits s * x @ y.T.
+
+  x, y: [n, d] float; s: float32 scalar. Returns (row_lse [n], col_lse [n]) float32.
+  """
+  n = x.shape[0]
+  xp, yp, t, nb = _prepare(x, y, cfg)
+  return _lse(xp, yp, s, n, t, nb, cfg), _lse(yp, xp, s, n, t, nb, cfg)
+
+
+def clip_block_grads(x, y, s, row_lse, col_lse, g, *, positive: bool, cfg: Config):
+  """Gradients wrt x, y, s of g * (sum(row_lse) + sum(col_lse) - 2 * trace(logits)),
+  the trace only if `positive`; see mmjax.losses.tiled.clip_block_grads.
+
+  Returns (dx [n, d], dy [n, d], ds []) float32.
+  """
+  n, d = x.shape
+  xp, yp, t, nb = _prepare(x, y, cfg)
+  size, padded = nb * t, nb * t != n
+  sc = jnp.stack([s, jnp.asarray(g, jnp.float32)])
+  dp = xp.shape[1]
+  dx, ds = _row_reduce(_clip_grad_update(n, t, padded, positive, True), ((dp, 0.0), (1, 0.0)),
+                       sc, xp, yp, [_col(row_lse, size)], [_row(col_lse, size)],
+                       t=t, nb=nb, cfg=cfg)
+  (dy,) = _row_reduce(_clip_grad_update(n, t, padded, positive, False), ((dp, 0.0),),
+                      sc, yp, xp, [_col(col_lse, size)], [_row(row_lse, size)],
+                      t=t, nb=nb, cfg=cfg)
+  return s * dx[:n, :d], s * dy[:n, :d], jnp.sum(ds)
+
+
+# ---------------------------------------------------------------- SigLIP
+
+def _siglip_update(n, t, padded, positive, want_loss, want_grads, want_sums):
+  """Accumulators, in order: loss [t, 1] if want_loss; dA [t, dp] if want_grads;
+  then (d scale, d bias) per row [t, 1] each if want_sums."""
+  def update(i, j, sc, a, b, rows, cols, carry):
+    s, bias, g = sc
+    dots = _dot_nt(a, b)
+    z = s * dots + bias
+    valid, diag = _masks(i, j, t, n)
+    u = jnp.where(diag, z, -z) if positive else -z     # the sign-corrected logit
+    e = jnp.exp(-jnp.abs(u))
+    out, carry = [], list(carry)
+    if want_loss:
+      loss = jnp.maximum(-u, 0.0) + jnp.log1p(e)        # -log sigmoid(u)
+      if padded:
+        loss = jnp.where(valid, loss, 0.0)
+      out.append(carry.pop(0) + jnp.sum(loss, axis=1, keepdims=True))
+    if want_grads:
+      dloss_du = -jnp.where(u >= 0, e, 1.0) / (1.0 + e)  # -sigmoid(-u)
+      dz = jnp.where(diag, dloss_du, -dloss_du) if positive else -dloss_du
+      if padded:
+        dz = jnp.where(valid, dz, 0.0)
+      dz = g * dz
+      out.append(carry.pop(0) + _dot_nn(dz, b))
+      if want_sums:
+        out.append(carry.pop(0) + jnp.sum(dz * dots, axis=1, keepdims=True))
+        out.append(carry.pop(0) + jnp.sum(dz, axis=1, keepdims=True))
+    return tuple(out)
+  return update
+
+
+def siglip_block_sum(x, y, s, b, *, positive: bool, cfg: Config):
+  """sum_ij -log sigmoid(z_ij * (s * x_i . y_j + b)), z = +1 on the diagonal if
+  `positive`, else -1. x, y: [n, d] float; s, b: f32 scalars. Returns f32 []."""
+  n = x.shape[0]
+  xp, yp, t, nb = _prepare(x, y, cfg)
+  (loss,) = _row_reduce(_siglip_update(n, t, nb * t != n, positive, True, False, False),
+                        ((1, 0.0),), jnp.stack([s, b, jnp.float32(1.0)]), xp, yp, [], [],
+                        t=t, nb=nb, cfg=cfg)
+  return jnp.sum(loss)
+
+
+def siglip_block_grads(x, y, s, b, g, *, positive: bool, with_loss: bool, cfg: Config):
+  """Gradients wrt x, y, s, b of g * siglip_block_sum(...), and that value if
+  `with_loss`. Returns ([total,] dx [n, d], dy [n, d], ds [], db []) float32."""
+  n, d = x.shape
+  xp, yp, t, nb = _prepare(x, y, cfg)
+  padded, dp = nb * t != n, xp.shape[1]
+  sc = jnp.stack([s, b, jnp.asarray(g, jnp.float32)])
+  inits = ((1, 0.0),) * with_loss + ((dp, 0.0), (1, 0.0), (1, 0.0))
+  outs = _row_reduce(_siglip_update(n, t, padded, positive, with_loss, True, True),
+                     inits, sc, xp, yp, [], [], t=t, nb=nb, cfg=cfg)
+  (dy,) = _row_reduce(_siglip_update(n, t, padded, positive, False, True, False),
+                      ((dp, 0.0),), sc, yp, xp, [], [], t=t, nb=nb, cfg=cfg)
+  dx, ds, db = outs[-3:]
+  grads = (s * dx[:n, :d], s * dy[:n, :d], jnp.sum(ds), jnp.sum(db))
+  return ((g * jnp.sum(outs[0]),) + grads) if with_loss else grads
+
+
+# ---------------------------------------------------------------- losses (one device)
+
+def _diag_logits(x, y, s):
+  return s * jnp.einsum("id,id->i", x, y, preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _clip(x, y, s, cfg):
+  return _clip_fwd(x, y, s, cfg)[0]
+
+
+def _clip_fwd(x, y, s, cfg):
+  row_lse, col_lse = clip_block_lse(x, y, s, cfg=cfg)
+  diag = _diag_logits(x, y, s)
+  loss = 0.5 * (jnp.sum(row_lse - diag) + jnp.sum(col_lse - diag)) / x.shape[0]
+  return loss, (x, y, s, row_lse, col_lse)
+
+
+def _clip_bwd(cfg, res, g):
+  x, y, s, row_lse, col_lse = res
+  dx, dy, ds = clip_block_grads(x, y, s, row_lse, col_lse, 0.5 * g / x.shape[0],
+                                positive=True, cfg=cfg)
+  return dx.astype(x.dtype), dy.astype(y.dtype), ds.astype(s.dtype)
+
+
+_clip.defvjp(_clip_fwd, _clip_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _siglip(x, y, s, b, cfg):
+  return siglip_block_sum(x, y, s, b, positive=True, cfg=cfg) / x.shape[0]
+
+
+def _siglip_fwd(x, y, s, b, cfg):
+  loss, dx, dy, ds, db = siglip_block_grads(x, y, s, b, jnp.float32(1.0 / x.shape[0]),
+                                            positive=True, with_loss=True, cfg=cfg)
+  return loss, (dx.astype(x.dtype), dy.astype(y.dtype), ds, db)
+
+
+def _siglip_bwd(cfg, res, g):
+  dx, dy, ds, db = res
+  return (g * dx).astype(dx.dtype), (g * dy).astype(dy.dtype), g * ds, g * db
+
+
+_siglip.defvjp(_siglip_fwd, _siglip_bwd)
+
+
+def clip_loss(img_emb: jax.Array, txt_emb: jax.Array, scale, *, block: int | None = None,
+              platform: str | None = None, interpret: bool | None = None) -> jax.Array:
+  """CLIP loss of mmjax.losses.clip_loss(impl="dense") by Pallas kernels.
+
+  img_emb, txt_emb: [n, d] float; scale: scalar. block: largest tile side
+  (default per platform); platform: "tpu" | "gpu" kernel shape (default: the
+  default backend's); interpret: None = interpret mode on CPU.
+  Returns a float32 scalar.
+  """
+  cfg = config(block, platform=platform, interpret=interpret)
+  return _clip(jnp.asarray(img_emb), jnp.asarray(txt_emb), jnp.asarray(scale, jnp.float32), cfg)
+
+
+def siglip_loss(img_emb: jax.Array, txt_emb: jax.Array, scale, bias, *, block: int | None = None,
+                platform: str | None = None, interpret: bool | None = None) -> jax.Array:
+  """SigLIP loss of mmjax.losses.siglip_loss(impl="dense") by Pallas kernels.
+
+  img_emb, txt_emb: [n, d] float; scale, bias: scalars; other arguments as
+  for `clip_loss`. Returns a float32 scalar.
+  """
+  cfg = config(block, platform=platform, interpret=interpret)
+  return _siglip(jnp.asarray(img_emb), jnp.asarray(txt_emb), jnp.asarray(scale, jnp.float32),
+                 jnp.asarray(bias, jnp.float32), cfg)

@@ -1,0 +1,229 @@
+"""impl='tiled' and impl='pallas' against impl='dense' and the float64 reference, values and
+gradients; the Pallas kernels' TPU and GPU lowering; the tiled ring on 8 CPU devices."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import export
+from jax.sharding import PartitionSpec as P
+
+from mmjax.losses import clip_loss, distributed, siglip_loss, tiled
+from mmjax.pallas import contrastive as pallas_contrastive
+from tests.test_distributed_losses import LOSSES, _dense, _inputs, _mesh
+from tests.test_losses import _as, _normed, ref_clip, ref_siglip
+
+REFS = {"clip": lambda x, y, s, b: ref_clip(x, y, s),
+        "siglip": lambda x, y, s, b: ref_siglip(x, y, s, b)}
+
+
+def _assert_close(got, want, rtol=1e-5, floor=0.0):
+  """Values and gradients to rtol; embedding gradients with an atol of rtol times their
+  largest entry, d_scale and d_bias (sums of n^2 largely cancelling terms) with an atol of
+  rtol * 0.1 * loss. `floor` is added to every atol: with n = 1 CLIP's loss and gradients
+  are 0, and the tiled ones round-off (the LSE and the gradient recompute the logit, the
+  Pallas column LSE from y @ x.T)."""
+  (gl, gg), (wl, wg) = got, want
+  np.testing.assert_allclose(gl, wl, rtol=rtol, atol=1e-6)
+  for name, a, b in zip(("d_img", "d_txt"), gg, wg):
+    np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * float(np.abs(b).max()) + floor,
+                               err_msg=name)
+  for name, a, b in zip(("d_scale", "d_bias"), gg[2:], wg[2:]):
+    np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * 0.1 * float(wl) + floor,
+                               err_msg=name)
+
+
+def _grad(name, impl, dtype=jnp.float32, **kw):
+  def f(x, y, s, b):
+    return LOSSES[name](x.astype(dtype), y.astype(dtype), s, b, impl=impl, **kw)
+  return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3)))
+
+
+def _assert_matches_float64(name, got, args, gtol):
+  x, y, s, b = (np.asarray(a, np.float64) for a in args)
+  (loss, grads), (ref_loss, ref_grads) = got, REFS[name](x, y, float(s), float(b))
+  np.testing.assert_allclose(loss, ref_loss, rtol=2e-5, atol=2e-5)
+  for g, r in zip(grads, ref_grads):
+    np.testing.assert_allclose(np.asarray(g, np.float64), r, rtol=gtol,
+                               atol=gtol * max(1.0, np.abs(r).max()))
+
+
+@pytest.mark.parametrize("name", ["clip", "siglip"])
+@pytest.mark.parametrize("n,d", [(1, 24), (37, 24), (130, 72)])
+def test_tiled_matches_dense_and_float64(name, n, d):
+  """Batches that are not a multiple of the block (padded, masked), dims not of 128."""
+  args = _inputs(n, d, np.random.default_rng())
+  got = _grad(name, "tiled", block=32)(*args)
+  _assert_close(got, _dense(name, *args), floor=1e-6 * float(args[2]) if n == 1 else 0.0)
+  _assert_matches_float64(name, got, args, gtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["clip", "siglip"])
+def test_tiled_saturated_logits_match_float64(name):
+  """Unrelated pairs at CLIP's learned scale (up to 100) and SigLIP's init bias range."""
+  rng = np.random.default_rng()
+  x, y = _normed(rng, 130, 72), _normed(rng, 130, 72)
+  s = float(np.exp(rng.uniform(0, np.log(100 if name == "clip" else 20))))
+  b = float(rng.uniform(-10, 2))
+  args = (jnp.float32(x), jnp.float32(y), jnp.float32(s), jnp.float32(b))
+  got = _grad(name, "tiled", block=32)(*args)
+  _assert_matches_float64(name, got, args, gtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["clip", "siglip"])
+def test_tiled_bfloat16(name):
+  rng = np.random.default_rng()
+  x, y, s, b = _inputs(130, 72, rng)
+  x, x64 = _as(x, jnp.bfloat16)
+  y, y64 = _as(y, jnp.bfloat16)
+  got = _grad(name, "tiled", jnp.bfloat16, block=32)(x, y, s, b)
+  want = _grad(name, "dense", jnp.bfloat16)(x, y, s, b)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+  for a, w in zip(got[1], want[1]):
+    a, w = np.asarray(a, np.float32), np.asarray(w, np.float32)
+    np.testing.assert_allclose(a, w, rtol=2e-2, atol=1e-2 * np.abs(w).max())
+  assert got[1][0].dtype == jnp.bfloat16 and got[1][1].dtype == jnp.bfloat16
+  _assert_matches_float64(name, got, (x64, y64, s, b), gtol=1e-2)
+
+
+def test_tiled_loss_without_grad_matches():
+  """The primal (no custom-VJP forward) path of both losses."""
+  x, y, s, b = _inputs(37, 24, np.random.default_rng())
+  for name in ("clip", "siglip"):
+    got = LOSSES[name](x, y, s, b, impl="tiled", block=16)
+    np.testing.assert_allclose(got, LOSSES[name](x, y, s, b), rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["clip", "siglip"])
+def test_tiled_memory_is_not_quadratic(name):
+  """Compiled temporaries of loss + grad at n = 2048: no [n, n] array, only tiles."""
+  n, d, block = 2048, 16, 128
+  args = _inputs(n, d, np.random.default_rng())
+  temp = {impl: _grad(name, impl, **kw).lower(*args).compile().memory_analysis().temp_size_in_bytes
+          for impl, kw in (("dense", {}), ("tiled", {"block": block}))}
+  assert temp["dense"] >= n * n * 4, temp
+  assert temp["tiled"] < n * n * 4 / 8, temp
+
+
+# ---------------------------------------------------------------- Pallas (interpret mode on CPU)
+
+def _pallas_grad(name, dtype=jnp.float32, **kw):
+  def f(x, y, s, b):
+    x, y = x.astype(dtype), y.astype(dtype)
+    if name == "clip":
+      return pallas_contrastive.clip_loss(x, y, s, **kw)
+    return pallas_contrastive.siglip_loss(x, y, s, b, **kw)
+  return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3)))
+
+
+@pytest.mark.parametrize("platform", ["tpu", "gpu"])
+@pytest.mark.parametrize("name", ["clip", "siglip"])
+@pytest.mark.parametrize("n", [1, 37])
+def test_pallas_interpret_matches_dense_and_float64(platform, name, n):
+  """Both kernel shapes (TPU grid, Triton loop) in interpret mode; 37 rows in tiles of 16."""
+  args = _inputs(n, 24, np.random.default_rng())
+  got = _pallas_grad(name, block=16, platform=platform, interpret=True)(*args)
+  _assert_close(got, _dense(name, *args), floor=1e-6 * float(args[2]) if n == 1 else 0.0)
+  _assert_matches_float64(name, got, args, gtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["clip", "siglip"])
+def test_pallas_public_impl_bfloat16(name):
+  """impl='pallas' through the public loss (interpret mode picked on CPU), bf16 embeddings."""
+  x, y, s, b = _inputs(37, 24, np.random.default_rng())
+  got = _grad(name, "pallas", jnp.bfloat16, block=16)(x, y, s, b)
+  want = _grad(name, "dense", jnp.bfloat16)(x, y, s, b)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+  for a, w in zip(got[1], want[1]):
+    a, w = np.asarray(a, np.float32), np.asarray(w, np.float32)
+    np.testing.assert_allclose(a, w, rtol=2e-2, atol=1e-2 * np.abs(w).max())
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("name", ["clip", "siglip"])
+@pytest.mark.parametrize("platform,target,call", [
+    ("tpu", "tpu", "tpu_custom_call"), ("gpu", "cuda", "__gpu$xla.gpu.triton")])
+@pytest.mark.parametrize("n", [300, 40])
+def test_pallas_lowers_for_accelerators(platform, target, call, name, dtype, n):
+  """Mosaic (TPU) and Triton (GPU) lowering of loss + grad, checked by jax.export on CPU:
+  300 rows in padded tiles of 128 (TPU) / 64 (GPU), and 40 rows in one tile; dim 72."""
+  structs = ((jax.ShapeDtypeStruct((n, 72), dtype),) * 2
+             + (jax.ShapeDtypeStruct((), jnp.float32),) * 2)
+  step = _pallas_grad(name, block=128 if platform == "tpu" else 64, platform=platform,
+                      interpret=False)
+  exp = export.export(step, platforms=[target], disabled_checks=[
+      export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*structs)
+  # Forward and backward kernels: clip 2 + 2 calls, siglip 2 (the forward keeps the gradients).
+  assert exp.mlir_module().count(call) == (4 if name == "clip" else 2)
+
+
+# ---------------------------------------------------------------- the tiled ring
+
+def _ring(name, impl, mesh, check_vma=True, **kw):
+  def local(x, y, s, b):
+    return LOSSES[name](x, y, s, b, impl=impl, axis_name="data", **kw)
+  f = jax.shard_map(local, mesh=mesh, in_specs=(P("data"), P("data"), P(), P()),
+                    out_specs=P(), check_vma=check_vma)
+  return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3)))
+
+
+@pytest.mark.parametrize("name", ["clip", "siglip"])
+@pytest.mark.parametrize("impl", ["tiled", "pallas"])
+def test_ring_of_tiled_blocks_matches_dense(name, impl):
+  """8 devices x 13 rows, each ring step's block in tiles of 8. JAX's Pallas interpreter
+  fails under check_vma=True (a dynamic_slice vma check), so the pallas ring runs without."""
+  args = _inputs(8 * 13, 12, np.random.default_rng())
+  ring = _ring(name, impl, _mesh((8,), ("data",)), check_vma=impl == "tiled", block=8)
+  _assert_close(ring(*args), _dense(name, *args))
+
+
+@pytest.mark.parametrize("name", ["clip", "siglip"])
+def test_ring_of_tiled_blocks_memory_is_not_quadratic_in_the_local_batch(name):
+  """Compiled per-device temporaries of loss + grad, 8 x 1024 rows: the dense ring keeps
+  [1024, 1024] blocks, the tiled ring [128, 128] tiles."""
+  n_local, block = 1024, 128
+  args = _inputs(8 * n_local, 16, np.random.default_rng())
+  mesh = _mesh((8,), ("data",))
+  temp = {impl: _ring(name, impl, mesh, **kw).lower(*args).compile().memory_analysis()
+          .temp_size_in_bytes for impl, kw in (("ring", {}), ("tiled", {"block": block}))}
+  assert temp["ring"] >= n_local * n_local * 4, temp
+  assert temp["tiled"] < n_local * n_local * 4 / 8, temp
+
+
+def test_ring_of_pallas_blocks_lowers_for_tpu_under_check_vma():
+  """The vma-typed outputs of the kernels: the pallas ring lowers under check_vma=True."""
+  mesh = jax.sharding.AbstractMesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  blocks = distributed.Blocks("pallas", 128, platform="tpu", interpret=False)
+
+  def local(x, y, s, b):
+    return distributed.siglip_ring(x, y, s, b, axis_name="data", blocks=blocks)
+
+  f = jax.shard_map(local, mesh=mesh, in_specs=(P("data"), P("data"), P(), P()), out_specs=P())
+  structs = ((jax.ShapeDtypeStruct((8 * 256, 72), jnp.float32),) * 2
+             + (jax.ShapeDtypeStruct((), jnp.float32),) * 2)
+  exp = export.export(jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3))),
+                      platforms=["tpu"])(*structs)
+  assert "tpu_custom_call" in exp.mlir_module()
+
+
+# ---------------------------------------------------------------- arguments
+
+def test_block_errors_name_the_argument():
+  x = jnp.zeros((4, 8))
+  with pytest.raises(ValueError, match="block must be a positive int"):
+    clip_loss(x, x, 1.0, impl="tiled", block=0)
+  with pytest.raises(ValueError, match="block must be a positive int"):
+    siglip_loss(x, x, 1.0, 0.0, impl="pallas", block=-8)
+  with pytest.raises(ValueError, match="block is for impl='tiled' or 'pallas' only"):
+    clip_loss(x, x, 1.0, block=16)
+  with pytest.raises(ValueError, match="block must be a positive int"):
+    tiled.clip_loss(x, x, 1.0, block=2.5)
+  with pytest.raises(ValueError, match="platform must be one of"):
+    pallas_contrastive.clip_loss(x, x, 1.0, platform="cuda")
+
+
+def test_tiling_covers_the_batch_with_little_padding():
+  for n in (1, 7, 32, 33, 37, 130, 1000, 8192, 8193):
+    for block in (8, 32, 1024):
+      t, nb = tiled.tiling(n, block)
+      assert t <= block and nb * t >= n > (nb - 1) * t
