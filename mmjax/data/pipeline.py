@@ -125,20 +125,25 @@ class _Preprocess:
   """Example -> {'image', 'text'[, 'label']}; a module-level class so grain workers can pickle it."""
 
   def __init__(self, tokenizer, image_size, text_len, augment, crop_scale_min, flip,
-               image_key, text_key, label_key):
+               image_key, text_key, label_key, views=1):
     self.__dict__.update(locals())
     del self.__dict__["self"]
 
-  def __call__(self, ex: dict, rng: np.random.Generator) -> dict:
-    image = _rgb(np.asarray(ex[self.image_key]))
+  def _view(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     if self.augment:
       image = random_resized_crop(image, self.image_size, rng, scale=(self.crop_scale_min, 1.0))
     else:
       image = resize(image, self.image_size)
     if self.flip and rng.random() < 0.5:
       image = image[:, ::-1]
-    out = {"image": _to_float(image),
+    return _to_float(image)
+
+  def __call__(self, ex: dict, rng: np.random.Generator) -> dict:
+    image = _rgb(np.asarray(ex[self.image_key]))
+    out = {"image": self._view(image, rng),
            "text": self.tokenizer.encode([_decode_text(ex[self.text_key])], self.text_len)[0]}
+    if self.views == 2:
+      out["image2"] = self._view(image, rng)
     if self.label_key and self.label_key in ex:
       out["label"] = np.int32(ex[self.label_key])
     return out
@@ -150,9 +155,11 @@ def make_train_iterator(source, *, tokenizer, global_batch_size: int, image_size
                         crop_scale_min: float = 0.6, flip: bool = False,
                         image_key: str = "image", text_key: str = "text",
                         label_key: str = "label", num_workers: int = 0,
-                        read_threads: int = 2):
+                        read_threads: int = 2, views: int = 1):
   """An endless, seeded, shuffled iterator over this process's share of each global batch,
   with get_state/set_state.
+
+  views=2 adds 'image2', a second independent augmentation of each image (MoCo).
 
   Restoring a saved state (`it.set_state(state)`) continues with exactly the
   batches the original iterator would have produced.
@@ -164,8 +171,10 @@ def make_train_iterator(source, *, tokenizer, global_batch_size: int, image_size
   if len(source) < global_batch_size:
     raise ValueError(f"config.batch_size={global_batch_size} is larger than the dataset "
                      f"({len(source)} examples)")
+  if views not in (1, 2):
+    raise ValueError(f"views={views} must be 1 or 2")
   prep = _Preprocess(tokenizer, image_size, text_len, augment, crop_scale_min, flip,
-                     image_key, text_key, label_key)
+                     image_key, text_key, label_key, views)
   # Few reader threads: grain's default 16 fight XLA for the cores of a small host.
   # One global shuffled stream, augmented by global position; process p takes every
   # process_count-th element. Global batch t is then the same examples, with the same

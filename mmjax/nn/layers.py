@@ -10,6 +10,15 @@ import numpy as np
 from mmjax.nn.attention import MultiHeadAttention
 
 
+# MLP nonlinearities. 'gelu' is the tanh approximation (big_vision's default);
+# open_clip uses the erf form ('gelu_exact') or, for OpenAI's weights, 'quick_gelu'.
+ACTIVATIONS = {
+    "gelu": nn.gelu,
+    "gelu_exact": lambda x: nn.gelu(x, approximate=False),
+    "quick_gelu": lambda x: x * nn.sigmoid(1.702 * x),
+}
+
+
 def _dense(features: int, dtype, param_dtype) -> nn.Dense:
   return nn.Dense(features, dtype=dtype, param_dtype=param_dtype,
                   kernel_init=nn.initializers.xavier_uniform(),
@@ -17,16 +26,19 @@ def _dense(features: int, dtype, param_dtype) -> nn.Dense:
 
 
 class MlpBlock(nn.Module):
-  """Dense(mlp_dim) -> gelu -> Dense(width): [..., width] -> [..., width]."""
+  """Dense(mlp_dim) -> act -> Dense(width): [..., width] -> [..., width]."""
   mlp_dim: int
   dropout: float = 0.0
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+  act: str = "gelu"   # a key of ACTIVATIONS
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    if self.act not in ACTIVATIONS:
+      raise ValueError(f"act={self.act!r}; expected one of {sorted(ACTIVATIONS)}")
     width = x.shape[-1]
-    x = nn.gelu(_dense(self.mlp_dim, self.dtype, self.param_dtype)(x))
+    x = ACTIVATIONS[self.act](_dense(self.mlp_dim, self.dtype, self.param_dtype)(x))
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     return _dense(width, self.dtype, self.param_dtype)(x)
 
@@ -39,17 +51,19 @@ class EncoderBlock(nn.Module):
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
   attn_impl: str = "xla"
+  act: str = "gelu"
+  ln_eps: float = 1e-6   # torch's LayerNorm (open_clip) uses 1e-5
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None, is_causal: bool = False,
                train: bool = False) -> jax.Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    y = nn.LayerNorm(name="ln1", **kw)(x)
+    y = nn.LayerNorm(epsilon=self.ln_eps, name="ln1", **kw)(x)
     y = MultiHeadAttention(self.num_heads, attn_impl=self.attn_impl, name="attn", **kw)(
         y, mask=mask, is_causal=is_causal)
     x = x + nn.Dropout(self.dropout, deterministic=not train)(y)
-    y = nn.LayerNorm(name="ln2", **kw)(x)
-    y = MlpBlock(self.mlp_dim, self.dropout, name="mlp", **kw)(y, train=train)
+    y = nn.LayerNorm(epsilon=self.ln_eps, name="ln2", **kw)(x)
+    y = MlpBlock(self.mlp_dim, self.dropout, act=self.act, name="mlp", **kw)(y, train=train)
     return x + nn.Dropout(self.dropout, deterministic=not train)(y)
 
 
@@ -67,6 +81,8 @@ class Encoder(nn.Module):
   param_dtype: jnp.dtype = jnp.float32
   attn_impl: str = "xla"
   remat: bool = False
+  act: str = "gelu"
+  ln_eps: float = 1e-6
 
   @nn.compact
   def __call__(self, x: jax.Array, *, mask: jax.Array | None = None, is_causal: bool = False,
@@ -74,8 +90,9 @@ class Encoder(nn.Module):
     block = nn.remat(EncoderBlock, static_argnums=(3, 4)) if self.remat else EncoderBlock
     for i in range(self.depth):
       x = block(self.num_heads, self.mlp_dim, self.dropout, self.dtype, self.param_dtype,
-                self.attn_impl, name=f"block{i}")(x, mask, is_causal, train)
-    return nn.LayerNorm(name="ln_final", dtype=self.dtype, param_dtype=self.param_dtype)(x)
+                self.attn_impl, self.act, self.ln_eps, name=f"block{i}")(x, mask, is_causal, train)
+    return nn.LayerNorm(epsilon=self.ln_eps, name="ln_final", dtype=self.dtype,
+                        param_dtype=self.param_dtype)(x)
 
 
 def posemb_sincos_2d(h: int, w: int, width: int, temperature: float = 10_000.0,

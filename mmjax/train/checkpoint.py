@@ -11,6 +11,7 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 
@@ -42,3 +43,20 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any
 def abstract_like(tree: Any) -> Any:
   """ShapeDtypeStructs (with shardings) of a pytree of arrays or abstract values."""
   return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+def load_params(workdir: str, step: int | None = None) -> tuple[dict, int]:
+  """The params tree (numpy) of another run's checkpoint: the newest, or `step`.
+
+  For initialising from a pretrained run (config.init_from); reads the state
+  item without a target, so the other run's model need not be built.
+  """
+  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  if not os.path.isdir(directory):
+    raise ValueError(f"config.init_from.workdir={workdir!r} has no checkpoints/ directory")
+  with ocp.CheckpointManager(directory) as manager:
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      raise ValueError(f"config.init_from.workdir={workdir!r} has no checkpoint")
+    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  return jax.tree.map(np.asarray, state["state"]["params"]), step

@@ -23,7 +23,13 @@ def defaults() -> ml_collections.ConfigDict:
   c.seed = 0
   c.batch_size = 128          # global, over all devices and processes
   c.total_steps = 1000
-  c.loss = "siglip"           # 'siglip' | 'clip'
+  c.loss = "siglip"           # 'siglip' | 'clip' (two towers) | 'mae' | 'moco' (image only)
+  # LiT: regexes over parameter paths ('img/encoder/block0/attn/query/kernel') that
+  # stay as initialised: no gradient computed, no optimizer state, e.g. ('img/.*',).
+  c.frozen = ()
+  # Start the subtree params[prefix] from another run's newest checkpoint (the
+  # same architecture there): e.g. a LiT image tower from an MAE run's 'img'.
+  c.init_from = ml_collections.ConfigDict(dict(workdir=placeholder(str), prefix="img"))
   c.log_every = 20
   c.num_devices = -1          # -1: all; a smaller number uses the first N
   # Axis -> size, one -1 taking the rest. The batch is split over both; 'fsdp'
@@ -63,9 +69,15 @@ def defaults() -> ml_collections.ConfigDict:
       temperature_init=placeholder(float),  # None: CLIP 1/0.07, SigLIP 10
       bias_init=placeholder(float),  # None: SigLIP -10
       image=dict(variant="Ti/4", pool_type="map", posemb="sincos2d",
-                 patch_size=placeholder(int), **_TOWER_OVERRIDES),
+                 patch_size=placeholder(int),
+                 patch_dropout=0.0,   # FLIP: share of patch tokens dropped at train time
+                 **_TOWER_OVERRIDES),
       text=dict(variant="Ti", pool_type="last", causal=False,
                 **_TOWER_OVERRIDES),
+      mae=dict(mask_ratio=0.75, decoder_width=128, decoder_depth=2, decoder_heads=4,
+               decoder_mlp_dim=512, norm_pix_loss=True),
+      moco=dict(hidden=512, out_dim=128, temperature=0.2,
+                momentum=0.99),   # EMA momentum at step 0, rising to 1 (cosine)
   ))
 
   c.optim = ml_collections.ConfigDict(dict(
@@ -83,6 +95,11 @@ def defaults() -> ml_collections.ConfigDict:
       batch_size=256,
       templates=placeholder(tuple),  # None: the dataset's own, else ['a photo of a {}.']
       retrieval_match="pair", # 'pair': text i goes with image i; 'label': same class
+      probes=True,            # linear probe + kNN on image features (needs data.label_key)
+      probe_train_examples=10_000,  # the probe's train set: the first N of data.train_split
+      knn_k=20,
+      probe_shots=(10,),      # also few-shot linear probes: k labelled examples per class
+      at_init=False,          # also evaluate the initial params (init_* in results.json)
   ))
 
   c.checkpoint = ml_collections.ConfigDict(dict(every=250, keep=2))
@@ -113,12 +130,18 @@ def _check_keys(cfg, ref, prefix: str) -> None:
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the field for what can be checked before any data or compile."""
   _check_keys(config, defaults(), "")
+  losses = ("siglip", "clip", "mae", "moco")
+  if config.loss not in losses:
+    raise ValueError(f"config.loss must be one of {losses}; got {config.loss!r}")
   impls = ("dense", "gather", "ring") + (("ring_bidir",) if config.loss == "siglip" else ())
+  if config.loss in ("mae", "moco"):
+    impls = ("dense",)
+    if config.accum_steps != 1:
+      raise ValueError(f"config.accum_steps must be 1 for config.loss={config.loss!r} "
+                       "(GradCache is for the contrastive losses)")
   if config.loss_impl not in impls:
     raise ValueError(f"config.loss_impl must be one of {impls} for config.loss={config.loss!r}; "
                      f"got {config.loss_impl!r}")
-  if config.loss not in ("siglip", "clip"):
-    raise ValueError(f"config.loss must be 'siglip' or 'clip'; got {config.loss!r}")
   for key in ("batch_size", "total_steps", "log_every", "accum_steps"):
     if not isinstance(config[key], int) or config[key] <= 0:
       raise ValueError(f"config.{key} must be a positive int; got {config[key]!r}")

@@ -21,38 +21,15 @@ from jax.experimental import multihost_utils
 
 from mmjax import evaluate
 from mmjax.data import pipeline, tokenizer as tokenizer_lib
-from mmjax.models import two_tower, vit
-from mmjax.models import text as text_model
-from mmjax.train import checkpoint, config as config_lib, distributed, optimizer, sharding
+from mmjax.train import checkpoint, config as config_lib, distributed, objectives, optimizer
+from mmjax.train import sharding
 from mmjax.train import state as state_lib
 from mmjax.train.metrics import MetricWriter, plot_curves
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 
 
-def build_model(config: ml_collections.ConfigDict, vocab_size: int) -> two_tower.Model:
-  """The two-tower model of config.model; variants are decoded here, so a bad one fails early."""
-  m = config.model
-  common = dict(dtype=getattr(jnp, m.dtype), param_dtype=getattr(jnp, m.param_dtype),
-                remat=m.remat, attn_impl=m.attention_impl)
-  image = {k: v for k, v in m.image.items() if v is not None}
-  text = {k: v for k, v in m.text.items() if v is not None}
-  try:
-    vit.decode_variant(image["variant"])
-  except ValueError as e:
-    raise ValueError(f"config.model.image.variant: {e}") from None
-  try:
-    text_model.decode_variant(text["variant"])
-  except ValueError as e:
-    raise ValueError(f"config.model.text.variant: {e}") from None
-  if "patch_size" in image:
-    image["patch_size"] = tuple(np.broadcast_to(image["patch_size"], 2).tolist())
-  return two_tower.Model(
-      image={**image, **common},
-      text={**text, **common, "vocab_size": vocab_size, "max_len": config.data.text_len},
-      embed_dim=m.embed_dim, loss=config.loss,
-      temperature_init=m.temperature_init, bias_init=m.bias_init,
-      dtype=common["dtype"], param_dtype=common["param_dtype"])
+build_model = objectives.build_two_tower
 
 
 def _zeroshot_setup(config, data_dir: str):
@@ -69,14 +46,23 @@ def _zeroshot_setup(config, data_dir: str):
 
 
 class Evaluator:
-  """Zero-shot top-1/top-5 and retrieval recall@1/5/10 on the eval split."""
+  """Zero-shot top-1/top-5 and retrieval recall@1/5/10 on the eval split (contrastive
+  runs), and a linear probe and kNN on frozen image features (any run).
 
-  def __init__(self, model, config, arrays: dict, tok, zeroshot):
-    self.arrays, self.tok, self.zeroshot = arrays, tok, zeroshot
+  probe_arrays: the probe's train split in memory ({'image', 'label'}), or None.
+  """
+
+  def __init__(self, objective, config, arrays: dict, tok, zeroshot, probe_arrays=None):
+    self.arrays, self.tok, self.zeroshot, self.probe = arrays, tok, zeroshot, probe_arrays
     self.batch_size, self.text_len = config.evaluate.batch_size, config.data.text_len
     self.match = config.evaluate.retrieval_match
-    self._img = jax.jit(lambda p, x: model.apply({"params": p}, x, method="encode_image"))
-    self._txt = jax.jit(lambda p, t: model.apply({"params": p}, t, method="encode_text"))
+    self.knn_k, self.probe_shots = config.evaluate.knn_k, tuple(config.evaluate.probe_shots)
+    self.contrastive = isinstance(objective, objectives.Contrastive)
+    self._features = jax.jit(objective.features)
+    if self.contrastive:
+      model = objective.model
+      self._img = jax.jit(lambda p, x: model.apply({"params": p}, x, method="encode_image"))
+      self._txt = jax.jit(lambda p, t: model.apply({"params": p}, t, method="encode_text"))
 
   def _batched(self, fn, params, x: np.ndarray) -> np.ndarray:
     """Fixed-size batches (one compile); the last one padded with its first row."""
@@ -89,11 +75,26 @@ class Evaluator:
       out.append(np.asarray(fn(params, chunk))[:b - pad])
     return np.concatenate(out)
 
+  def probes(self, params) -> dict[str, float]:
+    """linear_probe_top1 and knn_top1: train on the probe split, test on the eval split."""
+    if self.probe is None or "label" not in self.arrays:
+      return {}
+    train_x = self._batched(self._features, params, self.probe["image"])
+    test_x = self._batched(self._features, params, self.arrays["image"])
+    args = (train_x, self.probe["label"], test_x, self.arrays["label"])
+    out = {"linear_probe_top1": evaluate.linear_probe_accuracy(*args),
+           "knn_top1": evaluate.knn_accuracy(*args, k=self.knn_k)}
+    for k in self.probe_shots:
+      out[f"linear_probe_{k}shot_top1"] = evaluate.linear_probe_accuracy(*args, shots=k)
+    return out
+
   def __call__(self, params) -> dict[str, float]:
+    results = self.probes(params)
+    if not self.contrastive:
+      return results
     a = self.arrays
     img = self._batched(self._img, params, a["image"])
     txt = self._batched(self._txt, params, a["text"])
-    results = {}
     if self.zeroshot is not None and "label" in a:
       names, templates = self.zeroshot
       encode = lambda s: self._batched(self._txt, params, self.tok.encode(s, self.text_len))
@@ -129,6 +130,45 @@ def _prepare_data(config, ddir: str):
   return train_src, tok
 
 
+def _first(source, n: int):
+  """The first n records of a random-access source (all if it has fewer)."""
+  class Head:
+    def __len__(self):
+      return min(n, len(source))
+
+    def __getitem__(self, i):
+      return source[i]
+  return Head()
+
+
+def _init_from(state, init_from, state_sharding, objective):
+  """Replaces the params under init_from.prefix with those of another run's checkpoint."""
+  loaded, step = checkpoint.load_params(init_from.workdir)
+  prefix = init_from.prefix
+  if prefix not in state.params or prefix not in loaded:
+    raise ValueError(f"config.init_from.prefix={prefix!r} must be a top-level params key of both "
+                     f"runs; this run has {sorted(state.params)}, {init_from.workdir!r} has "
+                     f"{sorted(loaded)}")
+  want = jax.tree_util.tree_leaves_with_path(state.params[prefix])
+  got = dict(jax.tree_util.tree_leaves_with_path(loaded[prefix]))
+  for path, leaf in want:
+    if path not in got or got[path].shape != leaf.shape:
+      raise ValueError(
+          f"config.init_from: {prefix}{jax.tree_util.keystr(path)} is {leaf.shape} here but "
+          f"{getattr(got.get(path), 'shape', 'missing')} in {init_from.workdir!r} (step {step}); "
+          "the towers must have the same architecture")
+  sub = jax.tree.map(lambda x, y: np.asarray(y, x.dtype), state.params[prefix],
+                     jax.tree.unflatten(jax.tree.structure(state.params[prefix]),
+                                        [got[p] for p, _ in want]))
+  params = {**state.params, prefix: sub}
+  params = jax.device_put(params, state_sharding.params)
+  ema = state.ema
+  if ema is not None:
+    ema = jax.device_put(objective.ema_init(params), state_sharding.ema)
+  print(f"mmjax: {prefix!r} initialised from {init_from.workdir} (step {step})", flush=True)
+  return state.replace(params=params, ema=ema)
+
+
 def _sync(name: str) -> None:
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(name)
@@ -158,20 +198,29 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   _sync("mmjax_data_ready")
   if jax.process_index() != 0:
     train_src, tok = _prepare_data(config, ddir)
-  model = build_model(config, tok.vocab_size)
-  tx, schedule = optimizer.make_optimizer(config.optim, config.total_steps)
+  freeze = None
+  if config.frozen:   # LiT: no backward pass through, and no optimizer state for, these
+    freeze = lambda p: state_lib.freezer(optimizer.frozen_labels(p, config.frozen))(p)
+  objective = objectives.make(config, tok.vocab_size, mesh=mesh,
+                              batch_axes=sharding.batch_axes(mesh), freeze=freeze)
+  tx, schedule = optimizer.make_optimizer(config.optim, config.total_steps,
+                                          frozen=config.frozen)
   eval_src = pipeline.get_source(d.name, d.eval_split, data_dir=ddir,
                                  image_key=d.image_key, text_key=d.text_key)
-  eval_arrays = pipeline.make_eval_arrays(
-      eval_src, tokenizer=tok, image_size=d.image_size, text_len=d.text_len,
+  arrays = lambda src: pipeline.make_eval_arrays(
+      src, tokenizer=tok, image_size=d.image_size, text_len=d.text_len,
       image_key=d.image_key, text_key=d.text_key, label_key=d.label_key)
-  evaluator = Evaluator(model, config, eval_arrays, tok, _zeroshot_setup(config, ddir))
+  probe_arrays = None
+  if config.evaluate.probes and d.label_key:
+    probe_arrays = arrays(_first(train_src, config.evaluate.probe_train_examples))
+  zeroshot = _zeroshot_setup(config, ddir) if config.loss in objectives.CONTRASTIVE else None
+  evaluator = Evaluator(objective, config, arrays(eval_src), tok, zeroshot, probe_arrays)
 
   # The state is created on the mesh directly, already sharded (no host copy of the full state).
   batch_sharding = sharding.batch_sharding(mesh)
-  dummy_img = jnp.zeros((1, d.image_size, d.image_size, 3), jnp.float32)
-  dummy_txt = jnp.zeros((1, d.text_len), jnp.int32)
-  init_fn = lambda rng: state_lib.init_state(model, tx, rng, dummy_img, dummy_txt)
+  dummy = {"image": jnp.zeros((1, d.image_size, d.image_size, 3), jnp.float32),
+           "text": jnp.zeros((1, d.text_len), jnp.int32)}
+  init_fn = lambda rng: state_lib.init_state(objective, tx, rng, dummy)
   rng = jax.random.PRNGKey(config.seed)
   state_sharding = sharding.state_shardings(jax.eval_shape(init_fn, rng), mesh, config.sharding)
   init = jax.jit(init_fn, out_shardings=state_sharding)
@@ -186,10 +235,16 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
       image_size=d.image_size, text_len=d.text_len, seed=config.seed,
       process_index=jax.process_index(), process_count=jax.process_count(),
       augment=d.augment, crop_scale_min=d.crop_scale_min, flip=d.flip,
-      image_key=d.image_key, text_key=d.text_key, num_workers=d.num_workers)
+      image_key=d.image_key, text_key=d.text_key, num_workers=d.num_workers,
+      views=2 if "image2" in objective.batch_keys else 1)
   start = ckpt.latest_step()
+  init_results = {}
   if start is None:
     state, start = init(rng), 0
+    if config.init_from.workdir:
+      state = _init_from(state, config.init_from, state_sharding, objective)
+    if config.evaluate.at_init:   # the baseline the trained numbers are compared with
+      init_results = evaluator(state.params)
   else:
     state, data_state = checkpoint.restore(ckpt, start, abstract)
     states = data_state["processes"]
@@ -201,13 +256,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json(indent=2))
 
-  train_step = state_lib.make_train_step(
-      model, tx, loss=config.loss, schedule=schedule, loss_impl=config.loss_impl, mesh=mesh,
-      batch_axes=sharding.batch_axes(mesh), accum_steps=config.accum_steps)
+  train_step = state_lib.make_train_step(objective, tx, schedule=schedule)
   step_fn = jax.jit(train_step,
                     in_shardings=(state_sharding, batch_sharding),
                     out_shardings=(state_sharding, None), donate_argnums=0)
   writer = MetricWriter(workdir, resume_step=start)
+  if init_results:
+    writer.write(0, init_results)
   bar = tqdm.tqdm(total=config.total_steps, initial=start, desc="train", unit="step",
                   dynamic_ncols=True, mininterval=1.0, disable=jax.process_index() != 0)
   t_first = None   # time after the first step of this run: compile excluded from speed
@@ -218,7 +273,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     for step in range(start + 1, config.total_steps + 1):
       local = next(data_iter)
       batch = {k: jax.make_array_from_process_local_data(batch_sharding, local[k])
-               for k in ("image", "text")}
+               for k in objective.batch_keys}
       state, metrics = step_fn(state, batch)
       for cb in callbacks:
         cb(step, metrics)
@@ -253,7 +308,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     if hasattr(data_iter, "close"):
       data_iter.close()
   writer.write(config.total_steps, final)
-  results = {**final, "steps": config.total_steps,
+  results = {**final, **{f"init_{k}": v for k, v in init_results.items()},
+             "steps": config.total_steps,
              "examples_per_sec": steps_timed * config.batch_size / train_time if steps_timed else None,
              "resumed_from_step": start, "wall_s": time.time() - t_start,
              "devices": mesh.size, "loss": config.loss}

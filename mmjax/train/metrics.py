@@ -54,10 +54,14 @@ def plot_curves(metrics_path: str, png_path: str) -> None:
   import matplotlib.pyplot as plt
 
   rows = read_metrics(metrics_path)
+  evals = sorted({k for r in rows for k in r
+                  if k.startswith(("zeroshot_top1", "retrieval_", "linear_probe", "knn"))
+                  and k.endswith(("top1", "_r1"))})
   panels = [("loss", ["loss"]), ("learning rate", ["lr"]), ("logit scale / bias", ["scale", "bias"]),
-            ("eval", sorted({k for r in rows for k in r
-                             if k.startswith(("zeroshot_top1", "retrieval_")) and k.endswith(("top1", "_r1"))}))]
-  fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
+            ("eval", evals)]
+  panels = [(t, keys) for t, keys in panels if any(k in r for r in rows for k in keys)]
+  fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+  axes = axes[0]
   for ax, (title, keys) in zip(axes, panels):
     for k in keys:
       pts = [(r["step"], r[k]) for r in rows if k in r]

@@ -1,6 +1,9 @@
-"""AdamW with warmup + cosine decay, global-norm clipping, and a weight-decay mask."""
+"""AdamW with warmup + cosine decay, global-norm clipping, a weight-decay mask, and frozen params."""
 
 from __future__ import annotations
+
+import re
+from typing import Sequence
 
 import jax
 import ml_collections
@@ -13,9 +16,40 @@ def decay_mask(params):
   return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int
-                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """Returns (tx, lr_schedule) from config.optim."""
+def param_path(path) -> str:
+  """'img/encoder/block0/attn/query/kernel' for a jax tree path."""
+  return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
+def frozen_labels(params, patterns: Sequence[str]):
+  """'frozen' for each leaf whose path fully matches one of `patterns` (regexes), else 'train'."""
+  compiled = []
+  for p in patterns:
+    try:
+      compiled.append(re.compile(p))
+    except re.error as e:
+      raise ValueError(f"config.frozen: {p!r} is not a regex ({e})") from None
+  labels = jax.tree_util.tree_map_with_path(
+      lambda path, _: "frozen" if any(c.fullmatch(param_path(path)) for c in compiled)
+      else "train", params)
+  unused = [p for p, c in zip(patterns, compiled)
+            if not any(c.fullmatch(param_path(path)) for path, _ in
+                       jax.tree_util.tree_leaves_with_path(params))]
+  if unused:
+    raise ValueError(f"config.frozen: {unused} match no parameter (paths look like "
+                     f"{param_path(jax.tree_util.tree_leaves_with_path(params)[0][0])!r})")
+  return labels
+
+
+def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int, *,
+                   frozen: Sequence[str] = ()) -> tuple[optax.GradientTransformation,
+                                                        optax.Schedule]:
+  """Returns (tx, lr_schedule) from config.optim.
+
+  frozen: regexes over parameter paths (config.frozen, e.g. ['img/.*'] for
+  LiT). Those parameters get zero updates and no optimizer state at all
+  (optax.multi_transform with set_to_zero); the clip norm counts the rest.
+  """
   if not 0 <= optim.warmup_steps < total_steps:
     raise ValueError(f"config.optim.warmup_steps ({optim.warmup_steps}) must be in "
                      f"[0, config.total_steps={total_steps})")
@@ -27,4 +61,9 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int
     parts.append(optax.clip_by_global_norm(optim.grad_clip))
   parts.append(optax.adamw(schedule, b1=optim.b1, b2=optim.b2,
                            weight_decay=optim.weight_decay, mask=decay_mask))
-  return optax.chain(*parts), schedule
+  tx = optax.chain(*parts)
+  if frozen:
+    patterns = list(frozen)
+    tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()},
+                               lambda params: frozen_labels(params, patterns))
+  return tx, schedule

@@ -19,15 +19,24 @@ class TrainState:
   params: Any
   opt_state: Any
   rng: jax.Array        # raw uint32[2] key; step keys are fold_in(rng, step)
+  ema: Any = None       # momentum-encoder params (MoCo), else None
 
 
-def init_state(model, tx: optax.GradientTransformation, rng: jax.Array,
-               image: jax.Array, text: jax.Array) -> TrainState:
-  """Initialises params from dummy inputs image [b, H, W, 3], text [b, L] (shapes only matter)."""
+def init_state(objective, tx: optax.GradientTransformation, rng: jax.Array,
+               batch: dict) -> TrainState:
+  """Initialises params from a dummy batch (shapes only matter); see mmjax.train.objectives."""
   init_rng, rng = jax.random.split(rng)
-  params = model.init(init_rng, image, text)["params"]
+  params = objective.init(init_rng, batch)
+  ema = objective.ema_init(params) if hasattr(objective, "ema_init") else None
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    opt_state=tx.init(params), rng=rng)
+                    opt_state=tx.init(params), rng=rng, ema=ema)
+
+
+def freezer(labels) -> Callable[[Any], Any]:
+  """params -> params with stop_gradient on the leaves labelled 'frozen' (see
+  optimizer.frozen_labels), so no backward pass runs through a locked tower."""
+  return lambda params: jax.tree.map(
+      lambda label, p: jax.lax.stop_gradient(p) if label == "frozen" else p, labels, params)
 
 
 def contrastive_loss(loss: str, impl: str = "dense", *, mesh: Mesh | None = None,
@@ -56,7 +65,8 @@ def contrastive_loss(loss: str, impl: str = "dense", *, mesh: Mesh | None = None
   return lambda zimg, ztxt, out: fn(zimg, ztxt, out["scale"], out.get("bias", jnp.zeros(())))
 
 
-def make_grad_fn(model, loss_of: Callable, *, accum_steps: int = 1) -> Callable:
+def make_grad_fn(model, loss_of: Callable, *, accum_steps: int = 1,
+                 freeze: Callable[[Any], Any] | None = None) -> Callable:
   """grad_fn(params, batch, rng) -> ((loss, out), grads) of the global-batch loss.
 
   accum_steps = k > 1 is contrastive gradient accumulation (GradCache): the
@@ -69,9 +79,10 @@ def make_grad_fn(model, loss_of: Callable, *, accum_steps: int = 1) -> Callable:
   """
   if accum_steps < 1:
     raise ValueError(f"config.accum_steps must be >= 1; got {accum_steps}")
+  freeze = freeze or (lambda p: p)
 
   def embed(params, image, text, rng):
-    zimg, ztxt, _ = model.apply({"params": params}, image, text, train=True,
+    zimg, ztxt, _ = model.apply({"params": freeze(params)}, image, text, train=True,
                                 rngs={"dropout": rng})
     return zimg, ztxt
 
@@ -114,29 +125,25 @@ def make_grad_fn(model, loss_of: Callable, *, accum_steps: int = 1) -> Callable:
   return accumulated
 
 
-def make_train_step(model, tx: optax.GradientTransformation, *, loss: str,
-                    schedule: Callable[[jax.Array], jax.Array], loss_impl: str = "dense",
-                    mesh: Mesh | None = None, batch_axes: tuple[str, ...] = (),
-                    accum_steps: int = 1):
+def make_train_step(objective, tx: optax.GradientTransformation, *,
+                    schedule: Callable[[jax.Array], jax.Array]):
   """Returns train_step(state, batch) -> (state, metrics), pure, ready for jit.
 
-  batch: {'image': [B, H, W, 3] float32, 'text': [B, L] int32}, B the global
-  batch, split over `batch_axes` of `mesh`. The loss is that of the whole
-  global batch whatever loss_impl computes it; accum_steps > 1 computes the
-  same gradients a micro-batch at a time (see make_grad_fn).
+  batch: the objective's batch_keys, e.g. {'image': [B, H, W, 3] float32,
+  'text': [B, L] int32}, B the global batch (split over the mesh's batch axes).
+  The objective computes the loss and gradients (mmjax.train.objectives); the
+  optimizer step, the momentum-encoder update and the metrics are common.
   """
-  grad_fn = make_grad_fn(model, contrastive_loss(loss, loss_impl, mesh=mesh, axes=batch_axes),
-                         accum_steps=accum_steps)
-
   def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     rng = jax.random.fold_in(state.rng, state.step)
-    (value, out), grads = grad_fn(state.params, batch, rng)
+    (value, aux), grads = objective.grad_fn(state.params, state.ema, batch, rng)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": value, "lr": schedule(state.step), "scale": out["scale"],
-               "grad_norm": optax.tree.norm(grads)}
-    if "bias" in out:
-      metrics["bias"] = out["bias"]
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    ema = state.ema
+    if ema is not None:
+      ema = objective.ema_update(ema, params, state.step)
+    metrics = {"loss": value, "lr": schedule(state.step), "grad_norm": optax.tree.norm(grads),
+               **aux}
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema), metrics
 
   return train_step

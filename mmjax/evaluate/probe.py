@@ -1,0 +1,82 @@
+"""Frozen-feature evaluators for any image tower: linear probe and k-nearest neighbours."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _check(train_x, train_y, test_x, test_y) -> None:
+  if train_x.ndim != 2 or test_x.ndim != 2 or train_x.shape[1] != test_x.shape[1]:
+    raise ValueError(f"train_x {train_x.shape} and test_x {test_x.shape} must be [n, d] "
+                     "with the same d")
+  if train_y.shape != (len(train_x),) or test_y.shape != (len(test_x),):
+    raise ValueError(f"train_y {train_y.shape} / test_y {test_y.shape} must be one label per "
+                     f"row of train_x {train_x.shape} / test_x {test_x.shape}")
+
+
+def few_shot_indices(labels: np.ndarray, shots: int, seed: int = 0) -> np.ndarray:
+  """Indices of `shots` examples per class (all of a class that has fewer), seeded."""
+  rng = np.random.default_rng(seed)
+  idx = [rng.permutation(np.flatnonzero(labels == c))[:shots] for c in np.unique(labels)]
+  return np.sort(np.concatenate(idx))
+
+
+def linear_probe_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
+                          test_y: np.ndarray, *, shots: int | None = None, l2: float = 1e-3,
+                          max_iter: int = 1000) -> float:
+  """Top-1 of a multinomial logistic regression fit on frozen features.
+
+  Features are standardised with the train split's mean and std; the fit is
+  scikit-learn's L-BFGS with L2 penalty `l2` (per example, as in C = 1/(n l2)).
+  shots=k fits on k examples per class only (big_vision's few-shot linear
+  probes): on easy data the full-data probe saturates even for random features.
+
+  Args:
+    train_x: [n, d] features, train_y: [n] int labels; test_x [m, d], test_y [m].
+
+  Returns:
+    accuracy on the test split, in [0, 1].
+  """
+  from sklearn.linear_model import LogisticRegression
+
+  train_x, test_x = np.asarray(train_x, np.float64), np.asarray(test_x, np.float64)
+  train_y, test_y = np.asarray(train_y), np.asarray(test_y)
+  _check(train_x, train_y, test_x, test_y)
+  if shots is not None:
+    if shots < 1:
+      raise ValueError(f"shots must be >= 1; got {shots}")
+    keep = few_shot_indices(train_y, shots)
+    train_x, train_y = train_x[keep], train_y[keep]
+  mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+  clf = LogisticRegression(C=1.0 / (len(train_x) * l2), max_iter=max_iter)
+  clf.fit((train_x - mean) / std, train_y)
+  return float(np.mean(clf.predict((test_x - mean) / std) == test_y))
+
+
+def knn_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
+                 test_y: np.ndarray, *, k: int = 20, temperature: float = 0.07) -> float:
+  """Top-1 of a weighted k-NN vote on cosine similarity (InstDisc / DINO recipe).
+
+  Each test row's k most similar train rows vote for their label with weight
+  exp(similarity / temperature).
+
+  Args:
+    train_x: [n, d], train_y: [n] int labels; test_x [m, d], test_y [m].
+
+  Returns:
+    accuracy on the test split, in [0, 1].
+  """
+  train_x, test_x = np.asarray(train_x, np.float32), np.asarray(test_x, np.float32)
+  train_y, test_y = np.asarray(train_y), np.asarray(test_y)
+  _check(train_x, train_y, test_x, test_y)
+  if k < 1:
+    raise ValueError(f"k must be >= 1; got {k}")
+  unit = lambda x: x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+  sim = unit(test_x) @ unit(train_x).T                       # [m, n]
+  k = min(k, len(train_x))
+  top = np.argpartition(-sim, k - 1, axis=1)[:, :k]          # [m, k]
+  weights = np.exp(np.take_along_axis(sim, top, 1) / temperature)
+  n_cls = int(max(train_y.max(), test_y.max())) + 1
+  votes = np.zeros((len(test_x), n_cls))
+  np.add.at(votes, (np.arange(len(test_x))[:, None], train_y[top]), weights)
+  return float(np.mean(votes.argmax(1) == test_y))

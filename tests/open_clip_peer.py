@@ -1,0 +1,27 @@
+"""open_clip as a peer for parity tests; the caller's tests skip (with the reason) without it."""
+
+import sys
+import types
+
+import pytest
+
+
+def import_open_clip():
+  """open_clip, or pytest.skip when torch / open_clip are not installed."""
+  pytest.importorskip("torch", reason="open_clip parity needs torch: pip install -e '.[test]'")
+  try:
+    import torchvision  # noqa: F401
+  except ImportError:
+    pass   # then open_clip's import below fails and skips
+  except RuntimeError as e:
+    # A CPU torch next to a torchvision built for another torch fails with "operator
+    # torchvision::nms does not exist" while registering kernels for torchvision's own
+    # ops; open_clip uses none of them, so skip those registrations.
+    if "does not exist" not in str(e):
+      raise
+    for name in [k for k in sys.modules if k == "torchvision" or k.startswith("torchvision.")]:
+      del sys.modules[name]
+    for name in ("torchvision._meta_registrations", "torchvision._autograd_registrations"):
+      sys.modules[name] = types.ModuleType(name)
+  return pytest.importorskip("open_clip", reason="the parity tests need open-clip-torch: "
+                             "pip install -e '.[test]'")

@@ -1,0 +1,188 @@
+"""open_clip <-> mmjax: embeddings of converted random open_clip models, exact round trips,
+files, errors."""
+
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mmjax import convert
+from mmjax.models import text, two_tower, vit
+from tests.open_clip_peer import import_open_clip
+
+open_clip = import_open_clip()
+import torch  # noqa: E402  (after the skip above)
+
+
+def random_open_clip(name: str):
+  """open_clip's random init, with every vector (LayerNorms, biases, class token,
+  logit scale) moved off its init, so that a swapped or dropped one shows up."""
+  model = open_clip.create_model(name, pretrained=None).eval()
+  with torch.no_grad():
+    for p in model.parameters():
+      if p.ndim <= 1:
+        p.add_(0.2 * torch.randn_like(p))
+  return model
+
+
+def random_tokens(rng, n: int, context: int = 77) -> np.ndarray:
+  """SOT, random ids (some 0, which is '!' and not padding), EOT, zeros; one row full length."""
+  tokens = np.zeros((n, context), np.int64)
+  lengths = np.r_[context, rng.integers(3, context, size=n - 1)]
+  for row, length in zip(tokens, lengths):
+    row[0], row[length - 1] = 49406, 49407
+    row[1:length - 1] = rng.integers(0, 49406, size=length - 2)
+    row[rng.integers(1, length - 1, size=2)] = 0
+  return tokens
+
+
+@pytest.fixture(scope="module")
+def b32():
+  return random_open_clip("ViT-B-32")
+
+
+def features(config, params, images_nchw: np.ndarray, tokens: np.ndarray):
+  """Projected, unnormalised image and text features [n, embed_dim] and the logit scale."""
+  model = two_tower.Model(**config)
+  params = jax.device_put(params)
+  project = lambda tower: lambda m, x: getattr(m, f"{tower}_proj")(getattr(m, tower)(x)[0])
+  img = jax.jit(lambda p, x: model.apply({"params": p}, x, method=project("img")))
+  txt = jax.jit(lambda p, t: model.apply({"params": p}, t, method=project("txt")))
+  zimg = img(params, jnp.asarray(images_nchw.transpose(0, 2, 3, 1)))
+  ztxt = txt(params, jnp.asarray(tokens, jnp.int32))
+  return np.asarray(zimg), np.asarray(ztxt), float(np.exp(params["t"]))
+
+
+def assert_close(got, want, what):
+  """Within 1e-5 of the largest |want| (elementwise rtol alone fails on near-zero entries).
+
+  Measured: ~1e-6 in f32. 1e-5, not 1e-4: the tanh GELU in place of the erf
+  one comes out at ~1e-4 and must fail.
+  """
+  err = np.abs(got - want).max() / np.abs(want).max()
+  assert err < 1e-5, f"{what}: max |mmjax - open_clip| / max |open_clip| = {err:.2e}"
+
+
+@pytest.mark.parametrize("name,n_images", [("ViT-B-32", 2), ("ViT-B-32-quickgelu", 2),
+                                           ("ViT-B-16", 2), ("ViT-L-14", 1)])
+def test_embeddings_match_open_clip(name, n_images, b32):
+  oc = b32 if name == "ViT-B-32" else random_open_clip(name)
+  size = convert.get_spec(name).image_size
+  rng = np.random.default_rng()
+  images = rng.normal(size=(n_images, 3, size, size)).astype(np.float32)
+  tokens = random_tokens(rng, 2)
+  config, params = convert.from_open_clip(oc.state_dict(), name)
+  zimg, ztxt, scale = features(config, params, images, tokens)
+  with torch.no_grad():
+    want_img = oc.encode_image(torch.from_numpy(images)).numpy()
+    want_txt = oc.encode_text(torch.from_numpy(tokens)).numpy()
+    want_scale = oc.logit_scale.exp().item()
+  assert zimg.shape == want_img.shape and ztxt.shape == want_txt.shape
+  assert_close(zimg, want_img, f"{name} image features")
+  assert_close(ztxt, want_txt, f"{name} text features")
+  np.testing.assert_allclose(scale, want_scale, rtol=1e-6)
+
+
+def test_round_trips_are_exact(b32):
+  """mmjax -> open_clip (strict load) -> mmjax, and open_clip -> mmjax -> open_clip, bitwise."""
+  config = convert.open_clip_config("ViT-B-32")
+  model = two_tower.Model(**config)
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3)),
+                          jnp.zeros((1, 77), jnp.int32))["params"]
+  rng = np.random.default_rng()
+  params = jax.tree.map(lambda s: rng.standard_normal(s.shape, np.float32), shapes)
+
+  sd = convert.to_open_clip(config, params, as_torch=True)
+  oc = open_clip.create_model("ViT-B-32", pretrained=None)
+  oc.load_state_dict(sd)   # strict: every key present, none extra, shapes checked
+  config2, params2 = convert.from_open_clip(oc.state_dict(), "ViT-B-32")
+  assert config2 == config
+  assert jax.tree.structure(params2) == jax.tree.structure(params)
+  jax.tree.map(np.testing.assert_array_equal, params2, params)
+
+  want = {k: v.numpy() for k, v in b32.state_dict().items()}
+  back = convert.to_open_clip(*convert.from_open_clip(want, "ViT-B-32"))
+  assert back.keys() == want.keys()
+  for k, v in want.items():
+    assert back[k].dtype == np.float32 and back[k].flags.c_contiguous, k
+    np.testing.assert_array_equal(back[k], v, err_msg=k)
+
+
+def test_reads_files(b32, tmp_path):
+  """.safetensors, and a .pt training checkpoint ({'state_dict'} with DDP's 'module.' prefix)."""
+  from safetensors.torch import save_file
+  sd = b32.state_dict()
+  _, want = convert.from_open_clip(sd, "ViT-B-32")
+  save_file(sd, tmp_path / "model.safetensors")
+  torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in sd.items()}},
+             tmp_path / "epoch_3.pt")
+  for path in (tmp_path / "model.safetensors", str(tmp_path / "epoch_3.pt")):
+    _, got = convert.from_open_clip(path, "ViT-B-32")
+    jax.tree.map(np.testing.assert_array_equal, got, want)
+
+
+def test_bad_inputs_are_named(b32):
+  sd = {k: v.numpy() for k, v in b32.state_dict().items()}
+  with pytest.raises(ValueError, match=r"model_name='ViT-B-33'.*supported: \[.*'ViT-B-32'"):
+    convert.from_open_clip(sd, "ViT-B-33")
+  with pytest.raises(ValueError, match=r"missing keys: \['visual.ln_pre.weight'\]"):
+    convert.from_open_clip({k: v for k, v in sd.items() if k != "visual.ln_pre.weight"}, "ViT-B-32")
+  with pytest.raises(ValueError, match=r"unexpected keys: \['visual.attn_pool.probe'\]"):
+    convert.from_open_clip({**sd, "visual.attn_pool.probe": np.zeros(3)}, "ViT-B-32")
+  with pytest.raises(ValueError, match=r"wrong shapes: \['visual.conv1.weight: \(768, 3, 32, 32\) "
+                                       r"\(want \(768, 3, 16, 16\)\)'"):
+    convert.from_open_clip(sd, "ViT-B-16")
+  with pytest.raises(ValueError, match="is not a file"):
+    convert.from_open_clip("/nonexistent/model.safetensors", "ViT-B-32")
+
+  config, params = convert.from_open_clip(sd, "ViT-B-32")
+  siglip = dict(config, loss="siglip")
+  with pytest.raises(ValueError, match=r"config\['loss'\]='siglip'"):
+    convert.to_open_clip(siglip, params)
+  mapped = dict(config, image=dict(config["image"], pool_type="map"))
+  with pytest.raises(ValueError, match=r"config\['image'\]\['pool_type'\]='map'"):
+    convert.to_open_clip(mapped, params)
+  mixed = dict(config, text=dict(config["text"], act="quick_gelu"))
+  with pytest.raises(ValueError, match="both 'gelu_exact'"):
+    convert.to_open_clip(mixed, params)
+  with pytest.raises(ValueError, match=r"params lack \['img/ln_pre/scale'"):
+    convert.to_open_clip(config, {**params, "img": {k: v for k, v in params["img"].items()
+                                                     if k != "ln_pre"}})
+
+
+def test_table_matches_open_clip_configs():
+  for name, spec in convert.OPEN_CLIP_MODELS.items():
+    c = open_clip.get_model_config(name)
+    v, t = c["vision_cfg"], c["text_cfg"]
+    plain = {"image_size", "layers", "width", "patch_size", "head_width", "mlp_ratio"}
+    assert set(v) <= plain, name
+    assert set(t) <= {"context_length", "vocab_size", "width", "heads", "layers"}, name
+    got = (spec.embed_dim, spec.image_size, spec.patch_size, spec.vision_width,
+           spec.vision_layers, spec.vision_heads, spec.vision_mlp, spec.text_width,
+           spec.text_layers, spec.text_heads, spec.quick_gelu, spec.context_length,
+           spec.vocab_size)
+    want = (c["embed_dim"], v["image_size"], v["patch_size"], v["width"], v["layers"],
+            v["width"] // v.get("head_width", 64), int(v["width"] * v.get("mlp_ratio", 4.0)),
+            t["width"], t["layers"], t["heads"], c.get("quick_gelu", False),
+            t["context_length"], t["vocab_size"])
+    assert got == want, name
+
+
+def test_clip_layout_options_are_checked():
+  init = lambda model: jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))
+  with pytest.raises(ValueError, match="posemb_cls=True needs posemb='learn' and pool_type='tok'"):
+    init(vit.Model(variant="mu/8", posemb_cls=True, pool_type="map", posemb="learn"))
+  with pytest.raises(ValueError, match="act='relu'"):
+    init(vit.Model(variant="mu/8", act="relu"))
+  txt = text.Model(vocab_size=8, max_len=4, variant="mu", pool_type="eos", pad_id=None)
+  with pytest.raises(ValueError, match="pad_id=None is not allowed"):
+    jax.eval_shape(txt.init, jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))
+
+
+def test_mmjax_does_not_import_torch():
+  code = ("import sys, mmjax.convert, mmjax.data.clip_tokenizer, mmjax.models.two_tower; "
+          "assert 'torch' not in sys.modules, 'torch imported'")
+  subprocess.run([sys.executable, "-c", code], check=True)
