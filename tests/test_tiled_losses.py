@@ -8,8 +8,7 @@ import pytest
 from jax import export
 from jax.sharding import PartitionSpec as P
 
-from mmjax.losses import clip_loss, distributed, siglip_loss, tiled
-from mmjax.pallas import contrastive as pallas_contrastive
+from mmjax.losses import blocks, clip_loss, distributed, siglip_loss, tiled
 from tests.test_distributed_losses import LOSSES, _dense, _inputs, _mesh
 from tests.test_losses import _as, _normed, ref_clip, ref_siglip
 
@@ -95,6 +94,21 @@ def test_tiled_loss_without_grad_matches():
 
 
 @pytest.mark.parametrize("name", ["clip", "siglip"])
+def test_one_device_custom_vjp_with_dense_blocks_matches_dense(name):
+  """The shared one-device custom VJP (mmjax/losses/blocks.py) run on dense blocks,
+  the SigLIP forward computing loss and gradients in one pass, equals autodiff of the
+  dense loss."""
+  args = _inputs(37, 24, np.random.default_rng())
+
+  def f(x, y, s, b):
+    if name == "clip":
+      return blocks.clip_loss(x, y, s, blocks=blocks.DENSE)
+    return blocks.siglip_loss(x, y, s, b, blocks=blocks.DENSE)
+  got = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3)))(*args)
+  _assert_close(got, _dense(name, *args))
+
+
+@pytest.mark.parametrize("name", ["clip", "siglip"])
 def test_tiled_memory_is_not_quadratic(name):
   """Compiled temporaries of loss + grad at n = 2048: no [n, n] array, only tiles."""
   n, d, block = 2048, 16, 128
@@ -108,11 +122,14 @@ def test_tiled_memory_is_not_quadratic(name):
 # ---------------------------------------------------------------- Pallas (interpret mode on CPU)
 
 def _pallas_grad(name, dtype=jnp.float32, **kw):
+  """Loss + grad by the Pallas kernels; kw: Blocks' block, platform, interpret."""
+  pallas = blocks.Blocks("pallas", **kw)
+
   def f(x, y, s, b):
     x, y = x.astype(dtype), y.astype(dtype)
     if name == "clip":
-      return pallas_contrastive.clip_loss(x, y, s, **kw)
-    return pallas_contrastive.siglip_loss(x, y, s, b, **kw)
+      return blocks.clip_loss(x, y, s, blocks=pallas)
+    return blocks.siglip_loss(x, y, s, b, blocks=pallas)
   return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3)))
 
 
@@ -193,10 +210,10 @@ def test_ring_of_tiled_blocks_memory_is_not_quadratic_in_the_local_batch(name):
 def test_ring_of_pallas_blocks_lowers_for_tpu_under_check_vma():
   """The vma-typed outputs of the kernels: the pallas ring lowers under check_vma=True."""
   mesh = jax.sharding.AbstractMesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-  blocks = distributed.Blocks("pallas", 128, platform="tpu", interpret=False)
+  pallas = blocks.Blocks("pallas", 128, platform="tpu", interpret=False)
 
   def local(x, y, s, b):
-    return distributed.siglip_ring(x, y, s, b, axis_name="data", blocks=blocks)
+    return distributed.siglip_ring(x, y, s, b, axis_name="data", blocks=pallas)
 
   f = jax.shard_map(local, mesh=mesh, in_specs=(P("data"), P("data"), P(), P()), out_specs=P())
   structs = ((jax.ShapeDtypeStruct((8 * 256, 72), jnp.float32),) * 2
@@ -217,9 +234,11 @@ def test_block_errors_name_the_argument():
   with pytest.raises(ValueError, match="block is for impl='tiled' or 'pallas' only"):
     clip_loss(x, x, 1.0, block=16)
   with pytest.raises(ValueError, match="block must be a positive int"):
-    tiled.clip_loss(x, x, 1.0, block=2.5)
+    blocks.Blocks("tiled", block=2.5)
   with pytest.raises(ValueError, match="platform must be one of"):
-    pallas_contrastive.clip_loss(x, x, 1.0, platform="cuda")
+    blocks.Blocks("pallas", platform="cuda")
+  with pytest.raises(ValueError, match="Blocks.impl must be one of"):
+    blocks.Blocks("ring")
 
 
 def test_tiling_covers_the_batch_with_little_padding():

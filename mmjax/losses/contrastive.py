@@ -10,7 +10,8 @@ Faster or sharded implementations are `impl=` values of these same functions,
 tested against impl="dense":
   "dense": the n x n logits in memory, one device (or XLA's own partitioning).
   "tiled": the logits tile by tile in XLA loops, never all in memory; custom
-    VJPs recompute tiles. O(n * d + block^2) memory. mmjax/losses/tiled.py.
+    VJPs recompute tiles. O(n * d + block^2) memory. mmjax/losses/tiled.py
+    (the custom VJPs, shared with "pallas": mmjax/losses/blocks.py).
   "pallas": the same as Pallas kernels (Mosaic on TPU, Triton on GPU,
     interpret mode on CPU). mmjax/pallas/contrastive.py.
   "gather", "ring", "ring_bidir" (SigLIP only): per device, inside shard_map
@@ -31,8 +32,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from mmjax.losses import distributed, tiled
-from mmjax.pallas import contrastive as pallas_contrastive
+from mmjax.losses import blocks as blocks_lib, distributed
 
 _IMPLS = ("dense", "tiled", "pallas", "gather", "ring", "ring_bidir")
 _SHARDED = ("gather", "ring", "ring_bidir")
@@ -47,12 +47,9 @@ def _check(img_emb: jax.Array, txt_emb: jax.Array, impl: str, axis_name, block) 
   if impl in _SHARDED and axis_name is None:
     raise ValueError(f"impl={impl!r} needs an axis_name (got axis_name=None); "
                      "sharded impls run inside shard_map/pmap")
-  if block is not None:
-    if impl not in ("tiled", "pallas"):
-      raise ValueError(f"block is for impl='tiled' or 'pallas' only; got impl={impl!r}, "
-                       f"block={block!r}")
-    if not isinstance(block, int) or isinstance(block, bool) or block < 1:
-      raise ValueError(f"block must be a positive int; got block={block!r}")
+  if block is not None and impl not in ("tiled", "pallas"):
+    raise ValueError(f"block is for impl='tiled' or 'pallas' only; got impl={impl!r}, "
+                     f"block={block!r}")
   if img_emb.ndim != 2 or txt_emb.ndim != 2:
     raise ValueError(
         "img_emb and txt_emb must be [batch, dim]; got img_emb "
@@ -102,13 +99,13 @@ def clip_loss(img_emb: jax.Array, txt_emb: jax.Array, scale, *,
     raise ValueError("impl='ring_bidir' is implemented for siglip_loss only; use 'ring'")
   if impl == "gather":
     return distributed.clip_gather(img_emb, txt_emb, scale, axis_name=axis_name)
-  if impl == "ring" or (impl in ("tiled", "pallas") and axis_name is not None):
-    blocks = distributed.Blocks(impl, block) if impl != "ring" else distributed.DENSE
-    return distributed.clip_ring(img_emb, txt_emb, scale, axis_name=axis_name, blocks=blocks)
-  if impl == "tiled":
-    return tiled.clip_loss(img_emb, txt_emb, scale, block=block or tiled.DEFAULT_BLOCK)
-  if impl == "pallas":
-    return pallas_contrastive.clip_loss(img_emb, txt_emb, scale, block=block)
+  if impl == "ring":
+    return distributed.clip_ring(img_emb, txt_emb, scale, axis_name=axis_name)
+  if impl in ("tiled", "pallas"):
+    blocks = blocks_lib.Blocks(impl, block)
+    if axis_name is not None:
+      return distributed.clip_ring(img_emb, txt_emb, scale, axis_name=axis_name, blocks=blocks)
+    return blocks_lib.clip_loss(img_emb, txt_emb, scale, blocks=blocks)
   logits = _logits(img_emb, txt_emb, scale)
   return 0.5 * (jnp.mean(_row_cross_entropy(logits)) + jnp.mean(_row_cross_entropy(logits.T)))
 
@@ -160,16 +157,16 @@ def siglip_loss(img_emb: jax.Array, txt_emb: jax.Array, scale, bias, *,
   _check_scalar("bias", bias)
   if impl == "gather":
     return distributed.siglip_gather(img_emb, txt_emb, scale, bias, axis_name=axis_name)
-  if impl == "ring" or (impl in ("tiled", "pallas") and axis_name is not None):
-    blocks = distributed.Blocks(impl, block) if impl != "ring" else distributed.DENSE
-    return distributed.siglip_ring(img_emb, txt_emb, scale, bias, axis_name=axis_name,
-                                   blocks=blocks)
+  if impl == "ring":
+    return distributed.siglip_ring(img_emb, txt_emb, scale, bias, axis_name=axis_name)
   if impl == "ring_bidir":
     return distributed.siglip_ring_bidir(img_emb, txt_emb, scale, bias, axis_name=axis_name)
-  if impl == "tiled":
-    return tiled.siglip_loss(img_emb, txt_emb, scale, bias, block=block or tiled.DEFAULT_BLOCK)
-  if impl == "pallas":
-    return pallas_contrastive.siglip_loss(img_emb, txt_emb, scale, bias, block=block)
+  if impl in ("tiled", "pallas"):
+    blocks = blocks_lib.Blocks(impl, block)
+    if axis_name is not None:
+      return distributed.siglip_ring(img_emb, txt_emb, scale, bias, axis_name=axis_name,
+                                     blocks=blocks)
+    return blocks_lib.siglip_loss(img_emb, txt_emb, scale, bias, blocks=blocks)
   n = img_emb.shape[0]
   logits = _logits(img_emb, txt_emb, scale) + jnp.asarray(bias, jnp.float32)
   z = 2.0 * jnp.eye(n, dtype=jnp.float32) - 1.0

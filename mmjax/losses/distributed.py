@@ -15,10 +15,11 @@ same value on every device.
     with the text chunk), as in Inf-CL.
   ring_bidir (SigLIP): the ring with chunks travelling both ways, size//2 steps.
 
-How a ring step computes its n x n block is a `Blocks` value: "dense" (the
-block's logits in memory, n^2 floats per step), or "tiled" / "pallas" (tile by
-tile, mmjax/losses/tiled.py and mmjax/pallas/contrastive.py), which keep
-per-device memory at O(n * d + block^2) whatever n.
+How a ring step computes its n x n block is a `Blocks` value
+(mmjax/losses/blocks.py): "dense" (the block's logits in memory, n^2 floats
+per step), or "tiled" / "pallas" (tile by tile, mmjax/losses/tiled.py and
+mmjax/pallas/contrastive.py), which keep per-device memory at
+O(n * d + block^2) whatever n.
 
 Gradient conventions follow JAX's own collectives: under shard_map with
 check_vma=True the gradients are those of the global loss; under pmap (or
@@ -28,15 +29,13 @@ times that, as for a psum'd loss, so the usual pmean of gradients is right.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from mmjax.losses import tiled
-from mmjax.pallas import contrastive as pallas_contrastive
+from mmjax.losses.blocks import DENSE, Blocks, diag_logits
 
 Axis = str | tuple[str, ...]
 
@@ -90,84 +89,6 @@ def siglip_gather(img_emb, txt_emb, scale, bias, *, axis_name: Axis):
   z = jnp.where(_global_positions(n, axis_name)[:, None] == jnp.arange(all_txt.shape[0]), 1.0, -1.0)
   total = lax.psum(-jnp.sum(jax.nn.log_sigmoid(z * logits)), axis_name)
   return total / (n * lax.axis_size(axis_name))
-
-
-# ---------------------------------------------------------------- one ring step's block
-
-@dataclasses.dataclass(frozen=True)
-class Blocks:
-  """How each ring step computes its [n, n] block of logits s * x @ y.T.
-
-  impl: "dense" | "tiled" | "pallas". block: the tile side for "tiled" and
-  "pallas" (None: their default). platform, interpret: for "pallas", as in
-  mmjax.pallas.contrastive.config (None: from the default backend). `positive`
-  says the block holds the positive pairs on its diagonal (a device's own
-  chunk). Every method returns float32.
-  """
-  impl: str = "dense"
-  block: int | None = None
-  platform: str | None = None
-  interpret: bool | None = None
-
-  def __post_init__(self):
-    if self.impl not in ("dense", "tiled", "pallas"):
-      raise ValueError(f"Blocks.impl must be 'dense', 'tiled' or 'pallas'; got {self.impl!r}")
-
-  def _kw(self):
-    if self.impl == "tiled":
-      return dict(block=self.block or tiled.DEFAULT_BLOCK)
-    return dict(cfg=pallas_contrastive.config(self.block, platform=self.platform,
-                                              interpret=self.interpret))
-
-  def _module(self):
-    return tiled if self.impl == "tiled" else pallas_contrastive
-
-  def siglip_sum(self, x, y, s, b, positive: bool):
-    """sum_ij -log sigmoid(z_ij * logit_ij), z = +1 on a positive diagonal, else -1."""
-    if self.impl == "dense":
-      logits = s * _dots(x, y) + b
-      z = jnp.where(positive, 2.0 * jnp.eye(x.shape[0], dtype=jnp.float32) - 1.0, -1.0)
-      return -jnp.sum(jax.nn.log_sigmoid(z * logits))
-    return self._module().siglip_block_sum(x, y, s, b, positive=positive, **self._kw())
-
-  def siglip_grads(self, x, y, s, b, g, positive: bool):
-    """(dx, dy, ds, db) of g * siglip_sum."""
-    if self.impl == "dense":
-      dots = _dots(x, y)
-      target = jnp.where(positive, jnp.eye(x.shape[0], dtype=jnp.float32), 0.0)
-      gl = g * (jax.nn.sigmoid(s * dots + b) - target)      # d / d logits, [n, n]
-      return (s * jnp.einsum("ij,jd->id", gl, y, preferred_element_type=jnp.float32),
-              s * jnp.einsum("ij,id->jd", gl, x, preferred_element_type=jnp.float32),
-              jnp.sum(gl * dots), jnp.sum(gl))
-    return self._module().siglip_block_grads(x, y, s, b, g, positive=positive, with_loss=False,
-                                             **self._kw())
-
-  def clip_lse(self, x, y, s):
-    """(row_lse [n], col_lse [n]) of the block's logits."""
-    if self.impl == "dense":
-      logits = s * _dots(x, y)
-      return jax.nn.logsumexp(logits, axis=1), jax.nn.logsumexp(logits, axis=0)
-    return self._module().clip_block_lse(x, y, s, **self._kw())
-
-  def clip_grads(self, x, y, s, row_lse, col_lse, g, positive: bool):
-    """(dx, dy, ds) for G = g * (exp(z - row_lse) + exp(z - col_lse) - 2 I[positive])."""
-    if self.impl == "dense":
-      dots = _dots(x, y)
-      logits = s * dots
-      p = jnp.exp(logits - row_lse[:, None]) + jnp.exp(logits - col_lse[None, :])
-      gl = g * (p - jnp.where(positive, 2.0 * jnp.eye(x.shape[0], dtype=jnp.float32), 0.0))
-      return (s * jnp.einsum("ij,jd->id", gl, y, preferred_element_type=jnp.float32),
-              s * jnp.einsum("ij,id->jd", gl, x, preferred_element_type=jnp.float32),
-              jnp.sum(gl * dots))
-    return self._module().clip_block_grads(x, y, s, row_lse, col_lse, g, positive=positive,
-                                           **self._kw())
-
-
-DENSE = Blocks()
-
-
-def _diag_logits(x, y, s):
-  return s * jnp.einsum("id,id->i", x, y, preferred_element_type=jnp.float32)
 
 
 # ---------------------------------------------------------------- siglip ring
@@ -321,7 +242,7 @@ def _clip_ring_fwd(x, y, s, axis, blocks):
   size, n = lax.axis_size(axis), x.shape[0]
   # Over texts for my image rows; over images for the chunk I hold (travels with it).
   row_lse, col_lse = blocks.clip_lse(x, y, s)
-  diag = _diag_logits(x, y, s)
+  diag = diag_logits(x, y, s)
 
   def step(_, carry):
     y_cur, col_cur, row_lse = carry

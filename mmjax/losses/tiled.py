@@ -21,14 +21,13 @@ rounded up to a multiple of 8 (so padding is small); one tile when n <= block.
 Operands stay in the embedding dtype (bf16 in, f32 accumulation); everything
 else is f32 and the embedding gradients come back in the embedding dtype.
 
-The block functions (`clip_block_lse`, `clip_block_grads`, `siglip_block_sum`,
-`siglip_block_grads`) are also what each step of the tiled ring in
-mmjax/losses/distributed.py calls on its n x n block.
+These are block functions (`clip_block_lse`, `clip_block_grads`,
+`siglip_block_sum`, `siglip_block_grads`); mmjax/losses/blocks.py joins them
+into the one-device losses (custom VJPs) and each step of the tiled ring in
+mmjax/losses/distributed.py calls them on its n x n block.
 """
 
 from __future__ import annotations
-
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -284,76 +283,3 @@ def siglip_block_grads(x: jax.Array, y: jax.Array, s: jax.Array, b: jax.Array, g
       tile_grad, _blocks(x, t, nb), _blocks(y, t, nb), t, nb, (zero, zero, zero), (x, y, s, b, g))
   grads = s * dx[:n], s * dy[:n], ds, db
   return (g * total,) + grads if with_loss else grads
-
-
-# ---------------------------------------------------------------- losses (one device)
-
-def _diag_logits(x, y, s):
-  return s * jnp.einsum("id,id->i", x, y, preferred_element_type=jnp.float32)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _clip_tiled(x, y, s, block):
-  return _clip_tiled_fwd(x, y, s, block)[0]
-
-
-def _clip_tiled_fwd(x, y, s, block):
-  row_lse, col_lse = clip_block_lse(x, y, s, block=block)
-  diag = _diag_logits(x, y, s)
-  loss = 0.5 * (jnp.sum(row_lse - diag) + jnp.sum(col_lse - diag)) / x.shape[0]
-  return loss, (x, y, s, row_lse, col_lse)
-
-
-def _clip_tiled_bwd(block, res, g):
-  x, y, s, row_lse, col_lse = res
-  dx, dy, ds = clip_block_grads(x, y, s, row_lse, col_lse, 0.5 * g / x.shape[0],
-                                positive=True, block=block)
-  return dx.astype(x.dtype), dy.astype(y.dtype), ds.astype(s.dtype)
-
-
-_clip_tiled.defvjp(_clip_tiled_fwd, _clip_tiled_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _siglip_tiled(x, y, s, b, block):
-  return siglip_block_sum(x, y, s, b, positive=True, block=block) / x.shape[0]
-
-
-def _siglip_tiled_fwd(x, y, s, b, block):
-  # The gradients cost one pass with the loss; keep them (O(n d)) instead of
-  # recomputing every tile in the backward.
-  # Kept in the embedding dtype: the cotangent g is almost always 1.
-  loss, dx, dy, ds, db = siglip_block_grads(x, y, s, b, jnp.float32(1.0 / x.shape[0]),
-                                            positive=True, with_loss=True, block=block)
-  return loss, (dx.astype(x.dtype), dy.astype(y.dtype), ds, db)
-
-
-def _siglip_tiled_bwd(block, res, g):
-  dx, dy, ds, db = res
-  return (g * dx).astype(dx.dtype), (g * dy).astype(dy.dtype), g * ds, g * db
-
-
-_siglip_tiled.defvjp(_siglip_tiled_fwd, _siglip_tiled_bwd)
-
-
-def clip_loss(img_emb: jax.Array, txt_emb: jax.Array, scale, *,
-              block: int = DEFAULT_BLOCK) -> jax.Array:
-  """CLIP loss of mmjax.losses.clip_loss(impl="dense"), tile by tile.
-
-  img_emb, txt_emb: [n, d] float; scale: scalar. Returns a float32 scalar.
-  """
-  img_emb, txt_emb = jnp.asarray(img_emb), jnp.asarray(txt_emb)
-  tiling(img_emb.shape[0], block)   # validates block
-  return _clip_tiled(img_emb, txt_emb, jnp.asarray(scale, jnp.float32), block)
-
-
-def siglip_loss(img_emb: jax.Array, txt_emb: jax.Array, scale, bias, *,
-                block: int = DEFAULT_BLOCK) -> jax.Array:
-  """SigLIP loss of mmjax.losses.siglip_loss(impl="dense"), tile by tile.
-
-  img_emb, txt_emb: [n, d] float; scale, bias: scalars. Returns a float32 scalar.
-  """
-  img_emb, txt_emb = jnp.asarray(img_emb), jnp.asarray(txt_emb)
-  tiling(img_emb.shape[0], block)
-  return _siglip_tiled(img_emb, txt_emb, jnp.asarray(scale, jnp.float32),
-                       jnp.asarray(bias, jnp.float32), block)

@@ -1,4 +1,7 @@
-"""CLIP (softmax) and SigLIP (sigmoid) losses as Pallas kernels, joined by custom VJPs.
+"""CLIP (softmax) and SigLIP (sigmoid) loss blocks as Pallas kernels.
+
+mmjax/losses/blocks.py joins them into losses with custom VJPs:
+`mmjax.losses.clip_loss(..., impl="pallas")` and `siglip_loss(..., impl="pallas")`.
 
 The same algorithm as mmjax/losses/tiled.py: [t, t] tiles of the logits
 s * x @ y.T are made in the kernel and never written out; residuals are O(n).
@@ -30,7 +33,6 @@ with the "tpu" grid, and any tile multiple of 8.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable
 
 import jax
@@ -355,75 +357,3 @@ def siglip_block_grads(x, y, s, b, g, *, positive: bool, with_loss: bool, cfg: C
   dx, ds, db = outs[-3:]
   grads = (s * dx[:n, :d], s * dy[:n, :d], jnp.sum(ds), jnp.sum(db))
   return ((g * jnp.sum(outs[0]),) + grads) if with_loss else grads
-
-
-# ---------------------------------------------------------------- losses (one device)
-
-def _diag_logits(x, y, s):
-  return s * jnp.einsum("id,id->i", x, y, preferred_element_type=jnp.float32)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _clip(x, y, s, cfg):
-  return _clip_fwd(x, y, s, cfg)[0]
-
-
-def _clip_fwd(x, y, s, cfg):
-  row_lse, col_lse = clip_block_lse(x, y, s, cfg=cfg)
-  diag = _diag_logits(x, y, s)
-  loss = 0.5 * (jnp.sum(row_lse - diag) + jnp.sum(col_lse - diag)) / x.shape[0]
-  return loss, (x, y, s, row_lse, col_lse)
-
-
-def _clip_bwd(cfg, res, g):
-  x, y, s, row_lse, col_lse = res
-  dx, dy, ds = clip_block_grads(x, y, s, row_lse, col_lse, 0.5 * g / x.shape[0],
-                                positive=True, cfg=cfg)
-  return dx.astype(x.dtype), dy.astype(y.dtype), ds.astype(s.dtype)
-
-
-_clip.defvjp(_clip_fwd, _clip_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _siglip(x, y, s, b, cfg):
-  return siglip_block_sum(x, y, s, b, positive=True, cfg=cfg) / x.shape[0]
-
-
-def _siglip_fwd(x, y, s, b, cfg):
-  loss, dx, dy, ds, db = siglip_block_grads(x, y, s, b, jnp.float32(1.0 / x.shape[0]),
-                                            positive=True, with_loss=True, cfg=cfg)
-  return loss, (dx.astype(x.dtype), dy.astype(y.dtype), ds, db)
-
-
-def _siglip_bwd(cfg, res, g):
-  dx, dy, ds, db = res
-  return (g * dx).astype(dx.dtype), (g * dy).astype(dy.dtype), g * ds, g * db
-
-
-_siglip.defvjp(_siglip_fwd, _siglip_bwd)
-
-
-def clip_loss(img_emb: jax.Array, txt_emb: jax.Array, scale, *, block: int | None = None,
-              platform: str | None = None, interpret: bool | None = None) -> jax.Array:
-  """CLIP loss of mmjax.losses.clip_loss(impl="dense") by Pallas kernels.
-
-  img_emb, txt_emb: [n, d] float; scale: scalar. block: largest tile side
-  (default per platform); platform: "tpu" | "gpu" kernel shape (default: the
-  default backend's); interpret: None = interpret mode on CPU.
-  Returns a float32 scalar.
-  """
-  cfg = config(block, platform=platform, interpret=interpret)
-  return _clip(jnp.asarray(img_emb), jnp.asarray(txt_emb), jnp.asarray(scale, jnp.float32), cfg)
-
-
-def siglip_loss(img_emb: jax.Array, txt_emb: jax.Array, scale, bias, *, block: int | None = None,
-                platform: str | None = None, interpret: bool | None = None) -> jax.Array:
-  """SigLIP loss of mmjax.losses.siglip_loss(impl="dense") by Pallas kernels.
-
-  img_emb, txt_emb: [n, d] float; scale, bias: scalars; other arguments as
-  for `clip_loss`. Returns a float32 scalar.
-  """
-  cfg = config(block, platform=platform, interpret=interpret)
-  return _siglip(jnp.asarray(img_emb), jnp.asarray(txt_emb), jnp.asarray(scale, jnp.float32),
-                 jnp.asarray(bias, jnp.float32), cfg)
