@@ -88,6 +88,29 @@ def test_tokenizer_round_trip_eos_padding_truncation(tok):
     tok.encode("one string", 8)
 
 
+def test_every_digits_caption_and_prompt_fits_the_default_text_len(tok):
+  """A caption longer than data.text_len loses its last words, here the digit."""
+  from mmjax.data.digits import CAPTION_TEMPLATES, CLASS_NAMES, ZEROSHOT_TEMPLATES
+  from mmjax.train.config import defaults
+  text_len = defaults().data.text_len
+  texts = [t.format(w=w, n=n) for t in CAPTION_TEMPLATES for n, w in enumerate(CLASS_NAMES)]
+  texts += [t.format(w) for t in ZEROSHOT_TEMPLATES for w in CLASS_NAMES]
+  lengths = {t: tok.num_tokens(t) for t in texts}
+  assert max(lengths.values()) <= text_len, max(lengths.items(), key=lambda kv: kv[1])
+  for t in texts[:5]:
+    assert int((tok.encode([t], 64)[0] != PAD).sum()) == lengths[t]
+
+
+def test_truncated_captions_are_reported(tok, capsys, data_dir):
+  from mmjax.train import loop
+  from tests.configs import tiny_config
+  config = tiny_config(data_dir, **{"data.text_len": 3})
+  source = [{"text": b"a handwritten seven"}, {"text": b"one"}]
+  loop._warn_truncation(source, tok, config)
+  assert "1 of the first 2 training captions are longer than config.data.text_len=3" in (
+      capsys.readouterr().out)
+
+
 def test_tokenizer_is_deterministic_and_cached(tok, tmp_path, data_dir):
   texts = [f"caption number {i} of a handwritten digit" for i in range(50)]
   a, b = Tokenizer.train(texts, vocab_size=300), Tokenizer.train(texts, vocab_size=300)
@@ -95,7 +118,7 @@ def test_tokenizer_is_deterministic_and_cached(tok, tmp_path, data_dir):
   a.save(str(tmp_path / "t.model"))
   c = Tokenizer.from_file(str(tmp_path / "t.model"))
   np.testing.assert_array_equal(a.encode(texts, 12), c.encode(texts, 12))
-  assert os.path.exists(os.path.join(data_dir, "mmjax_digits", "tokenizer-v512.model"))
+  assert os.path.exists(os.path.join(data_dir, "mmjax_digits", "tokenizer-bpe-v512.model"))
   with pytest.raises(ValueError, match="tokenizer_path"):
     get_tokenizer(name="x", data_dir=data_dir, vocab_size=512, train_texts_fn=list,
                   path=str(tmp_path / "missing.model"))

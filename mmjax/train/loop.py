@@ -7,6 +7,7 @@ run's per-step losses.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import time
@@ -127,7 +128,20 @@ def _prepare_data(config, ddir: str):
   tok = tokenizer_lib.get_tokenizer(
       name=d.name, data_dir=ddir, vocab_size=d.vocab_size, path=d.tokenizer_path,
       train_texts_fn=lambda: pipeline.iter_texts(train_src, d.text_key))
+  if jax.process_index() == 0:
+    _warn_truncation(train_src, tok, config)
   return train_src, tok
+
+
+def _warn_truncation(train_src, tok, config, sample: int = 2000) -> None:
+  """Warns when training captions do not fit config.data.text_len (EOS included):
+  their ends, often the words that matter, would be cut off."""
+  d = config.data
+  texts = list(itertools.islice(pipeline.iter_texts(train_src, d.text_key), sample))
+  long = sum(tok.num_tokens(t) > d.text_len for t in texts)
+  if long:
+    print(f"mmjax: warning: {long} of the first {len(texts)} training captions are longer than "
+          f"config.data.text_len={d.text_len} tokens and will be truncated", flush=True)
 
 
 def _first(source, n: int):
