@@ -1,6 +1,6 @@
 """FLIP: train-step time against the patch-dropout rate, and the zero-shot accuracy it reaches.
 
-  python -m benchmarks.flip [--config experiments/configs/siglip_digits.py] [--rates 0 0.5]
+  python -m benchmarks.flip [--config experiments/configs/flip_digits.py | defaults] [--rates 0 0.5]
       [--steps 30] [--train] [--out benchmarks/results/flip_cpu.jsonl]
 
 For each rate r (config.model.image.patch_dropout) one JSON object: the median
@@ -21,16 +21,25 @@ import numpy as np
 
 from benchmarks import emit
 
+from mmjax.models import vit
 from mmjax.train import config as config_lib, objectives, optimizer, sharding
 from mmjax.train import state as state_lib
 
 
 def _load(path: str):
+  """A config file's get_config(), or for 'defaults' the library's default config
+  (mmjax.train.config.defaults(): Ti/4 image and Ti text towers, 12 layers each)."""
+  if path == "defaults":
+    return config_lib.defaults()
   import importlib.util
   spec = importlib.util.spec_from_file_location("cfg", path)
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   return mod.get_config()
+
+
+def _depth(tower) -> int:
+  return tower.depth or vit.decode_variant(tower.variant)["depth"]
 
 
 def step_time(config, steps: int, vocab_size: int = 512) -> float:
@@ -60,7 +69,8 @@ def step_time(config, steps: int, vocab_size: int = 512) -> float:
 
 def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--config", default="experiments/configs/siglip_digits.py")
+  p.add_argument("--config", default="experiments/configs/flip_digits.py",
+                 help="a config file, or 'defaults' for the library's default model")
   p.add_argument("--rates", type=float, nargs="+", default=[0.0, 0.5])
   p.add_argument("--steps", type=int, default=30)
   p.add_argument("--train", action="store_true", help="also train each rate to the end")
@@ -75,7 +85,8 @@ def main():
     t = step_time(config, a.steps)
     base = base or t
     row = {"config": os.path.basename(a.config), "patch_dropout": r,
-           "image_variant": config.model.image.variant, "batch": config.batch_size,
+           "image_variant": config.model.image.variant, "image_depth": _depth(config.model.image),
+           "text_depth": _depth(config.model.text), "batch": config.batch_size,
            "step_s": t, "step_time_vs_first": t / base, "backend": jax.default_backend()}
     if a.train:
       from mmjax.train import loop

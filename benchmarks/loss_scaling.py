@@ -28,6 +28,8 @@ import subprocess
 import sys
 import time
 
+from benchmarks import emit
+
 IMPLS = ("dense", "tiled", "open_clip")
 # Run a point only if it needs at most this fraction of MemAvailable.
 _FREE_FRACTION = 0.7
@@ -247,11 +249,9 @@ def main():
                                "error": r.stderr.strip().splitlines()[-1:]})
           else:
             line = r.stdout.strip().splitlines()[-1]
-        print(line, flush=True)
         if a.out:
           RESULTS.mkdir(exist_ok=True)
-          with open(JSONL, "a") as f:
-            f.write(line + "\n")
+        emit(line, str(JSONL) if a.out else None)
 
 
 if __name__ == "__main__":
