@@ -59,7 +59,7 @@ def test_lit_from_an_mae_run_end_to_end(data_dir, tmp_path):
   from mmjax.train import loop
   from tests.configs import tiny_config
 
-  image = {"model.image.pool_type": "gap", "model.image.variant": "mu/8"}
+  image = {"model.image.pool_type": "gap", "model.image.variant": "mu/8", "model.image.depth": 2}
   mae_dir, lit_dir = str(tmp_path / "mae"), str(tmp_path / "lit")
   loop.train(tiny_config(data_dir, loss="mae", total_steps=4, **image), mae_dir)
   cfg = tiny_config(data_dir, total_steps=4, frozen=("img/.*",), **image,
@@ -75,6 +75,10 @@ def test_lit_from_an_mae_run_end_to_end(data_dir, tmp_path):
   bad.model.image.variant = "mu/4"
   with pytest.raises(ValueError, match="config.init_from: img.* the towers must have"):
     loop.train(bad, str(tmp_path / "bad"))
+  shallower = tiny_config(data_dir, total_steps=4, **{**image, "model.image.depth": 1,
+                                                      "init_from.workdir": mae_dir})
+  with pytest.raises(ValueError, match="has img parameters this run lacks.*block1"):
+    loop.train(shallower, str(tmp_path / "shallower"))
 
 
 # ------------------------------------------------------------ FLIP

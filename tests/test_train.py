@@ -19,6 +19,18 @@ def _losses(workdir):
   return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
+def test_config_fields_are_independent():
+  """Each tower's overrides, and each defaults() call, own their values (ml_collections
+  placeholders are shared references: one object in two fields is one value)."""
+  from mmjax.train.config import defaults
+  from experiments.configs import siglip_digits
+  c = siglip_digits.get_config()
+  assert (c.model.image.depth, c.model.text.depth) == (4, 2)
+  c.model.image.width = 96
+  assert c.model.text.width is None
+  assert defaults().model.image.depth is None and defaults().model.image.width is None
+
+
 def test_train_writes_results_metrics_plot(data_dir, tmp_path):
   from mmjax.train import loop
   results = loop.train(tiny_config(data_dir), str(tmp_path))

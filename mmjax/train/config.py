@@ -12,9 +12,16 @@ import os
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-# Override a variant's numbers; unset (None) takes the variant's.
-_TOWER_OVERRIDES = dict(width=placeholder(int), depth=placeholder(int),
-                        mlp_dim=placeholder(int), num_heads=placeholder(int))
+
+def _tower_overrides() -> dict:
+  """Override a variant's numbers; unset (None) takes the variant's.
+
+  New placeholders on every call: a placeholder is an ml_collections
+  FieldReference, and fields holding the same one are one value (setting
+  image.depth would set text.depth too, in every config of the process).
+  """
+  return dict(width=placeholder(int), depth=placeholder(int), mlp_dim=placeholder(int),
+              num_heads=placeholder(int))
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -71,9 +78,9 @@ def defaults() -> ml_collections.ConfigDict:
       image=dict(variant="Ti/4", pool_type="map", posemb="sincos2d",
                  patch_size=placeholder(int),
                  patch_dropout=0.0,   # FLIP: share of patch tokens dropped at train time
-                 **_TOWER_OVERRIDES),
+                 **_tower_overrides()),
       text=dict(variant="Ti", pool_type="last", causal=False,
-                **_TOWER_OVERRIDES),
+                **_tower_overrides()),
       mae=dict(mask_ratio=0.75, decoder_width=128, decoder_depth=2, decoder_heads=4,
                decoder_mlp_dim=512, norm_pix_loss=True),
       moco=dict(hidden=512, out_dim=128, temperature=0.2,

@@ -171,6 +171,12 @@ def _init_from(state, init_from, state_sharding, objective):
           f"config.init_from: {prefix}{jax.tree_util.keystr(path)} is {leaf.shape} here but "
           f"{getattr(got.get(path), 'shape', 'missing')} in {init_from.workdir!r} (step {step}); "
           "the towers must have the same architecture")
+  extra = sorted(jax.tree_util.keystr(p) for p in set(got) - {p for p, _ in want})
+  if extra:   # e.g. a deeper tower there: taking its first blocks would be a silent mistake
+    raise ValueError(
+        f"config.init_from: {init_from.workdir!r} (step {step}) has {prefix} parameters this "
+        f"run lacks, e.g. {prefix}{extra[0]} ({len(extra)} in all); the towers must have the "
+        "same architecture")
   sub = jax.tree.map(lambda x, y: np.asarray(y, x.dtype), state.params[prefix],
                      jax.tree.unflatten(jax.tree.structure(state.params[prefix]),
                                         [got[p] for p, _ in want]))
