@@ -40,11 +40,6 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any
   return r["state"], r["data"]
 
 
-def abstract_like(tree: Any) -> Any:
-  """ShapeDtypeStructs (with shardings) of a pytree of arrays or abstract values."""
-  return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
-
-
 def load_params(workdir: str, step: int | None = None) -> tuple[dict, int]:
   """The params tree (numpy) of another run's checkpoint: the newest, or `step`.
 
