@@ -1,7 +1,7 @@
 """Peak memory and time of contrastive loss + grad against batch size, one device.
 
   python -m benchmarks.loss_scaling [--batch 4096 ... 131072] [--dim 512] [--impl dense tiled open_clip]
-  python -m benchmarks.loss_scaling --out      # also append to benchmarks/results/loss_scaling_cpu.jsonl
+  python -m benchmarks.loss_scaling --out [PATH]   # also append to PATH (default benchmarks/results/loss_scaling_cpu.jsonl)
   python -m benchmarks.loss_scaling --plot     # that file -> benchmarks/results/loss_scaling_cpu.png
 
 Each point runs in a fresh subprocess and prints one JSON object: the process's
@@ -216,7 +216,8 @@ def main():
   p.add_argument("--repeats", type=int, default=3, help="timed runs per point, at most")
   p.add_argument("--budget_s", type=float, default=60.0,
                  help="stop repeating once the timed runs took this long")
-  p.add_argument("--out", action="store_true", help=f"append results to {JSONL}")
+  p.add_argument("--out", nargs="?", const=str(JSONL), default=None, metavar="PATH",
+                 help=f"also append each JSON line to PATH (bare --out: {JSONL})")
   p.add_argument("--plot", action="store_true", help=f"plot {JSONL} to its .png and exit")
   p.add_argument("--point", action="store_true", help=argparse.SUPPRESS)
   a = p.parse_args()
@@ -250,8 +251,8 @@ def main():
           else:
             line = r.stdout.strip().splitlines()[-1]
         if a.out:
-          RESULTS.mkdir(exist_ok=True)
-        emit(line, str(JSONL) if a.out else None)
+          pathlib.Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        emit(line, a.out)
 
 
 if __name__ == "__main__":

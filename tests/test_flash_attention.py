@@ -142,8 +142,12 @@ def test_dispatch_with_key_padding_matches_xla(impl):
   want, want_vjp = jax.vjp(attend("xla"), q, k, v)
   got, got_vjp = jax.vjp(attend(impl), q, k, v)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
-  for g, r in zip(got_vjp(w), want_vjp(w)):
-    np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
+  # Gradients are sums of terms that cancel (row 0 sees one key, so its dq is exactly 0
+  # in XLA and round-off elsewhere): atol relative to the largest entry. Over 40 seeds
+  # the worst excess over rtol was 1.2e-6 * max|grad| (pallas), 4.5e-7 (blockwise).
+  for name, g, r in zip("qkv", got_vjp(w), want_vjp(w)):
+    np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5 * float(np.abs(r).max()),
+                               err_msg=f"d{name}")
 
 
 def test_bad_arguments_are_named():
