@@ -18,12 +18,9 @@ import jax.numpy as jnp
 
 from mmjax.losses import tiled
 from mmjax.pallas import contrastive as pallas_contrastive
+from mmjax.pallas.contrastive import dot_nt
 
 IMPLS = ("dense", "tiled", "pallas")
-
-
-def _dots(a, b):
-  return jnp.einsum("id,jd->ij", a, b, preferred_element_type=jnp.float32)
 
 
 def diag_logits(x, y, s):
@@ -66,7 +63,7 @@ class Blocks:
   def siglip_sum(self, x, y, s, b, positive: bool):
     """sum_ij -log sigmoid(z_ij * logit_ij), z = +1 on a positive diagonal, else -1."""
     if self.impl == "dense":
-      logits = s * _dots(x, y) + b
+      logits = s * dot_nt(x, y) + b
       z = jnp.where(positive, 2.0 * jnp.eye(x.shape[0], dtype=jnp.float32) - 1.0, -1.0)
       return -jnp.sum(jax.nn.log_sigmoid(z * logits))
     return self._module().siglip_block_sum(x, y, s, b, positive=positive, **self._kw())
@@ -74,7 +71,7 @@ class Blocks:
   def siglip_grads(self, x, y, s, b, g, positive: bool, with_loss: bool = False):
     """([g * siglip_sum,] dx, dy, ds, db) of g * siglip_sum, in one pass."""
     if self.impl == "dense":
-      dots = _dots(x, y)
+      dots = dot_nt(x, y)
       logits = s * dots + b
       target = jnp.where(positive, jnp.eye(x.shape[0], dtype=jnp.float32), 0.0)
       gl = g * (jax.nn.sigmoid(logits) - target)      # d / d logits, [n, n]
@@ -90,14 +87,14 @@ class Blocks:
   def clip_lse(self, x, y, s):
     """(row_lse [n], col_lse [n]) of the block's logits."""
     if self.impl == "dense":
-      logits = s * _dots(x, y)
+      logits = s * dot_nt(x, y)
       return jax.nn.logsumexp(logits, axis=1), jax.nn.logsumexp(logits, axis=0)
     return self._module().clip_block_lse(x, y, s, **self._kw())
 
   def clip_grads(self, x, y, s, row_lse, col_lse, g, positive: bool):
     """(dx, dy, ds) for G = g * (exp(z - row_lse) + exp(z - col_lse) - 2 I[positive])."""
     if self.impl == "dense":
-      dots = _dots(x, y)
+      dots = dot_nt(x, y)
       logits = s * dots
       p = jnp.exp(logits - row_lse[:, None]) + jnp.exp(logits - col_lse[None, :])
       gl = g * (p - jnp.where(positive, 2.0 * jnp.eye(x.shape[0], dtype=jnp.float32), 0.0))

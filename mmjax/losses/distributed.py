@@ -36,6 +36,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from mmjax.losses.blocks import DENSE, Blocks, diag_logits
+from mmjax.pallas.contrastive import dot_nt
 
 Axis = str | tuple[str, ...]
 
@@ -59,10 +60,6 @@ def _shift(x, axis: Axis, size: int, offset: int = 1):
   return lax.ppermute(x, axis, [(j, (j + offset) % size) for j in range(size)])
 
 
-def _dots(a, b):
-  return jnp.einsum("id,jd->ij", a, b, preferred_element_type=jnp.float32)
-
-
 # ---------------------------------------------------------------- gather
 
 def _global_positions(n: int, axis: Axis) -> jax.Array:
@@ -75,8 +72,8 @@ def clip_gather(img_emb, txt_emb, scale, *, axis_name: Axis):
   all_txt = lax.all_gather(txt_emb, axis_name, tiled=True)
   scale = jnp.asarray(scale, jnp.float32)
   pos = _global_positions(n, axis_name)
-  i2t = scale * _dots(img_emb, all_txt)                       # [n, N]
-  t2i = scale * _dots(txt_emb, all_img)                       # [n, N]
+  i2t = scale * dot_nt(img_emb, all_txt)                       # [n, N]
+  t2i = scale * dot_nt(txt_emb, all_img)                       # [n, N]
   ce = lambda z: jax.nn.logsumexp(z, axis=1) - jnp.take_along_axis(z, pos[:, None], 1)[:, 0]
   total = lax.psum(jnp.sum(ce(i2t)) + jnp.sum(ce(t2i)), axis_name)
   return 0.5 * total / (n * lax.axis_size(axis_name))
@@ -85,7 +82,7 @@ def clip_gather(img_emb, txt_emb, scale, *, axis_name: Axis):
 def siglip_gather(img_emb, txt_emb, scale, bias, *, axis_name: Axis):
   n = img_emb.shape[0]
   all_txt = lax.all_gather(txt_emb, axis_name, tiled=True)
-  logits = jnp.asarray(scale, jnp.float32) * _dots(img_emb, all_txt) + jnp.asarray(bias, jnp.float32)
+  logits = jnp.asarray(scale, jnp.float32) * dot_nt(img_emb, all_txt) + jnp.asarray(bias, jnp.float32)
   z = jnp.where(_global_positions(n, axis_name)[:, None] == jnp.arange(all_txt.shape[0]), 1.0, -1.0)
   total = lax.psum(-jnp.sum(jax.nn.log_sigmoid(z * logits)), axis_name)
   return total / (n * lax.axis_size(axis_name))

@@ -33,11 +33,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-DEFAULT_BLOCK = 1024
+# The elementwise tile math is the Pallas kernels' own: the same algorithm.
+from mmjax.pallas.contrastive import MASKED, dot_nt, siglip_terms, tile_masks, vary_like
 
-# Padded logits: exp() of it is 0 against any real logit, and it keeps a fully
-# padded row's running max finite (no inf - inf).
-_MASKED = -1e30
+DEFAULT_BLOCK = 1024
 
 
 def tiling(n: int, block: int) -> tuple[int, int]:
@@ -65,35 +64,6 @@ def _vec_blocks(v: jax.Array, t: int, nb: int) -> jax.Array:
   return jnp.pad(v, (0, nb * t - v.shape[0])).reshape(nb, t)
 
 
-def _vary_like(tree, *refs):
-  """tree's arrays made to vary over every manual mesh axis one of refs varies
-  over, so that loop carries keep their type under shard_map(check_vma=True)."""
-  axes = frozenset().union(*(jax.typeof(r).manual_axis_type.varying for r in refs))
-
-  def cast(v):
-    missing = tuple(sorted(axes - jax.typeof(v).manual_axis_type.varying))
-    return lax.pcast(v, missing, to="varying") if missing else v
-  return jax.tree.map(cast, tree)
-
-
-def _dots(a, b):
-  """[t, d] x [u, d] -> [t, u] float32."""
-  return jnp.einsum("id,jd->ij", a, b, preferred_element_type=jnp.float32)
-
-
-def _valid(i, j, t: int, n: int):
-  """[t, t] bool: the tile (i, j) entries that are real (not padding)."""
-  rows = i * t + lax.broadcasted_iota(jnp.int32, (t, t), 0)
-  cols = j * t + lax.broadcasted_iota(jnp.int32, (t, t), 1)
-  return (rows < n) & (cols < n)
-
-
-def _diagonal(i, j, t: int):
-  """[t, t] bool: the tile (i, j) entries on the block's diagonal (positive pairs)."""
-  eye = lax.broadcasted_iota(jnp.int32, (t, t), 0) == lax.broadcasted_iota(jnp.int32, (t, t), 1)
-  return eye & (i == j)
-
-
 def _accumulate_grads(tile_grad, x, y, t: int, nb: int, extra_init, refs):
   """Loops over tiles; tile_grad(i, j, x_i, y_j) -> (G [t, t] f32, dots-like extras).
 
@@ -102,7 +72,7 @@ def _accumulate_grads(tile_grad, x, y, t: int, nb: int, extra_init, refs):
   dy_j += G^T x_i, with G cast to the operand dtype (bf16 in, f32 accumulation).
   """
   d = x.shape[-1]
-  zeros_t = _vary_like(jnp.zeros((t, d), jnp.float32), *refs)
+  zeros_t = vary_like(jnp.zeros((t, d), jnp.float32), *refs)
 
   def row(i, carry):
     dx, dy, extra = carry
@@ -122,7 +92,7 @@ def _accumulate_grads(tile_grad, x, y, t: int, nb: int, extra_init, refs):
     return lax.dynamic_update_index_in_dim(dx, dx_i, i, 0), dy, extra
 
   zeros = jnp.zeros((nb, t, d), jnp.float32)
-  init = _vary_like((zeros, zeros, extra_init), *refs)
+  init = vary_like((zeros, zeros, extra_init), *refs)
   dx, dy, extra = lax.fori_loop(0, nb, row, init)
   return dx.reshape(nb * t, d), dy.reshape(nb * t, d), extra
 
@@ -145,8 +115,8 @@ def clip_block_lse(x: jax.Array, y: jax.Array, s: jax.Array, *,
   t, nb = tiling(n, block)
   padded = nb * t != n
   xb, yb = _blocks(x, t, nb), _blocks(y, t, nb)
-  neg_inf = _vary_like(jnp.full((nb, t), -jnp.inf, jnp.float32), x, y, s)
-  zeros = _vary_like(jnp.zeros((nb, t), jnp.float32), x, y, s)
+  neg_inf = vary_like(jnp.full((nb, t), -jnp.inf, jnp.float32), x, y, s)
+  zeros = vary_like(jnp.zeros((nb, t), jnp.float32), x, y, s)
 
   def row(i, carry):
     row_lse, m_col, l_col = carry
@@ -154,9 +124,9 @@ def clip_block_lse(x: jax.Array, y: jax.Array, s: jax.Array, *,
 
     def col(j, carry):
       m_row, l_row, m_col, l_col = carry
-      z = s * _dots(x_i, yb[j])
+      z = s * dot_nt(x_i, yb[j])
       if padded:
-        z = jnp.where(_valid(i, j, t, n), z, _MASKED)
+        z = jnp.where(tile_masks(i, j, t, n)[0], z, MASKED)
       m_new = jnp.maximum(m_row, jnp.max(z, axis=1))
       l_row = l_row * jnp.exp(m_row - m_new) + jnp.sum(jnp.exp(z - m_new[:, None]), axis=1)
       mc, lc = m_col[j], l_col[j]
@@ -198,13 +168,14 @@ def clip_block_grads(x: jax.Array, y: jax.Array, s: jax.Array, row_lse: jax.Arra
   rl, cl = _vec_blocks(row_lse, t, nb), _vec_blocks(col_lse, t, nb)
 
   def tile_grad(i, j, x_i, y_j):
-    dots = _dots(x_i, y_j)
+    dots = dot_nt(x_i, y_j)
     z = s * dots
     p = jnp.exp(z - rl[i][:, None]) + jnp.exp(z - cl[j][None, :])
+    valid, diag = tile_masks(i, j, t, n)
     if positive:
-      p = jnp.where(_diagonal(i, j, t), p - 2.0, p)
+      p = jnp.where(diag, p - 2.0, p)
     if padded:
-      p = jnp.where(_valid(i, j, t, n), p, 0.0)
+      p = jnp.where(valid, p, 0.0)
     p = g * p
     return p, jnp.sum(p * dots)
 
@@ -214,18 +185,6 @@ def clip_block_grads(x: jax.Array, y: jax.Array, s: jax.Array, row_lse: jax.Arra
 
 
 # ---------------------------------------------------------------- SigLIP blocks
-
-def _siglip_terms(z, positive_mask, with_loss: bool):
-  """Per-entry loss -log sigmoid(+-z) (0 unless with_loss) and its derivative
-  wrt z, one exp shared."""
-  u = jnp.where(positive_mask, z, -z) if positive_mask is not None else -z
-  e = jnp.exp(-jnp.abs(u))
-  # softplus(-u) = -log sigmoid(u)
-  loss = jnp.maximum(-u, 0.0) + jnp.log1p(e) if with_loss else jnp.zeros((), jnp.float32)
-  dloss_du = -jnp.where(u >= 0, e, 1.0) / (1.0 + e)   # -sigmoid(-u)
-  return loss, (jnp.where(positive_mask, dloss_du, -dloss_du)
-                if positive_mask is not None else -dloss_du)
-
 
 def siglip_block_sum(x: jax.Array, y: jax.Array, s: jax.Array, b: jax.Array, *,
                      positive: bool, block: int = DEFAULT_BLOCK) -> jax.Array:
@@ -241,18 +200,16 @@ def siglip_block_sum(x: jax.Array, y: jax.Array, s: jax.Array, b: jax.Array, *,
     x_i = xb[i]
 
     def col(j, total):
-      z = s * _dots(x_i, yb[j]) + b
-      if positive:
-        loss = jnp.where(_diagonal(i, j, t), jax.nn.softplus(-z), jax.nn.softplus(z))
-      else:
-        loss = jax.nn.softplus(z)
+      z = s * dot_nt(x_i, yb[j]) + b
+      valid, diag = tile_masks(i, j, t, n)
+      loss, _ = siglip_terms(z, diag if positive else None, with_loss=True, with_grad=False)
       if padded:
-        loss = jnp.where(_valid(i, j, t, n), loss, 0.0)
+        loss = jnp.where(valid, loss, 0.0)
       return total + jnp.sum(loss)
 
     return lax.fori_loop(0, nb, col, total)
 
-  return lax.fori_loop(0, nb, row, _vary_like(jnp.zeros((), jnp.float32), x, y, s, b))
+  return lax.fori_loop(0, nb, row, vary_like(jnp.zeros((), jnp.float32), x, y, s, b))
 
 
 def siglip_block_grads(x: jax.Array, y: jax.Array, s: jax.Array, b: jax.Array, g: jax.Array, *,
@@ -268,15 +225,15 @@ def siglip_block_grads(x: jax.Array, y: jax.Array, s: jax.Array, b: jax.Array, g
   padded = nb * t != n
 
   def tile_grad(i, j, x_i, y_j):
-    dots = _dots(x_i, y_j)
-    loss, dz = _siglip_terms(s * dots + b, _diagonal(i, j, t) if positive else None,
-                             with_loss)
+    dots = dot_nt(x_i, y_j)
+    valid, diag = tile_masks(i, j, t, n)
+    loss, dz = siglip_terms(s * dots + b, diag if positive else None, with_loss=with_loss,
+                            with_grad=True)
     if padded:
-      valid = _valid(i, j, t, n)
       dz = jnp.where(valid, dz, 0.0)
-      loss = jnp.where(valid, loss, 0.0) if with_loss else loss
     dz = g * dz
-    return dz, (jnp.sum(loss), jnp.sum(dz * dots), jnp.sum(dz))
+    total = jnp.sum(jnp.where(valid, loss, 0.0) if padded else loss) if with_loss else 0.0
+    return dz, (total, jnp.sum(dz * dots), jnp.sum(dz))
 
   zero = jnp.zeros((), jnp.float32)
   dx, dy, (total, ds, db) = _accumulate_grads(

@@ -3,8 +3,9 @@
 mmjax/losses/blocks.py joins them into losses with custom VJPs:
 `mmjax.losses.clip_loss(..., impl="pallas")` and `siglip_loss(..., impl="pallas")`.
 
-The same algorithm as mmjax/losses/tiled.py: [t, t] tiles of the logits
-s * x @ y.T are made in the kernel and never written out; residuals are O(n).
+The same algorithm as mmjax/losses/tiled.py, whose XLA loops share this
+module's elementwise tile math (masks, the sigmoid terms): [t, t] tiles of the
+logits s * x @ y.T are made in the kernel and never written out; residuals are O(n).
 
 Every kernel is a row reduction: for each row tile A_i of one tower it runs
 over the column tiles B_j of the other, z = s * A_i B_j^T, and accumulates
@@ -44,7 +45,6 @@ from jax.experimental.pallas import triton as pltriton
 
 PLATFORMS = ("tpu", "gpu")
 DEFAULT_BLOCK = {"tpu": 512, "gpu": 64}
-_MASKED = -1e30   # padded logits: finite, so a fully padded row's max stays finite
 
 
 def _round_up(a: int, b: int) -> int:
@@ -96,12 +96,19 @@ def config(block: int | None = None, *, platform: str | None = None,
   return Config(platform, bool(interpret), block)
 
 
-# ---------------------------------------------------------------- the row-reduction driver
+# ---------------------------------------------------------------- tile math
+# Shared with the XLA loops of mmjax/losses/tiled.py (and dot_nt with the dense
+# blocks): the same algorithm, written once; every function runs in a kernel too.
 
-def _vary_alike(tree):
-  """tree's arrays cast to vary over the union of the manual mesh axes they vary over."""
-  leaves = jax.tree.leaves(tree)
-  axes = frozenset().union(*(jax.typeof(v).manual_axis_type.varying for v in leaves))
+MASKED = -1e30   # padded logits: finite, so a fully padded row's max stays finite
+
+
+def vary_like(tree, *refs):
+  """tree's arrays cast to vary over every manual mesh axis that one of refs
+  (default: tree's own arrays) varies over, so outputs and loop carries keep
+  their type under shard_map(check_vma=True)."""
+  refs = refs or tuple(jax.tree.leaves(tree))
+  axes = frozenset().union(*(jax.typeof(r).manual_axis_type.varying for r in refs))
 
   def cast(v):
     missing = tuple(sorted(axes - jax.typeof(v).manual_axis_type.varying))
@@ -109,7 +116,7 @@ def _vary_alike(tree):
   return jax.tree.map(cast, tree)
 
 
-def _dot_nt(a, b):
+def dot_nt(a, b):
   """[t, d] x [u, d] -> [t, u] float32."""
   return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
 
@@ -120,13 +127,30 @@ def _dot_nn(g, b):
                          preferred_element_type=jnp.float32)
 
 
-def _masks(i, j, t: int, n: int):
-  """[t, t] bools of tile (i, j): real entries (not padding), and the diagonal."""
+def tile_masks(i, j, t: int, n: int):
+  """[t, t] bools of tile (i, j) of an [n, n] block in [t, t] tiles: the real
+  entries (not padding), and the block's diagonal (the positive pairs)."""
   r = lax.broadcasted_iota(jnp.int32, (t, t), 0)
   c = lax.broadcasted_iota(jnp.int32, (t, t), 1)
   valid = (i * t + r < n) & (j * t + c < n)
   return valid, (r == c) & (i == j)
 
+
+def siglip_terms(z, diag, *, with_loss: bool, with_grad: bool):
+  """Per entry of the logits z: -log sigmoid(u) and its derivative wrt z, one
+  exp shared; u = z on the positive diagonal `diag` ([t, t] bool, or None for
+  a block of negatives only), -z elsewhere. Each is None unless asked for."""
+  u = -z if diag is None else jnp.where(diag, z, -z)
+  e = jnp.exp(-jnp.abs(u))
+  loss = jnp.maximum(-u, 0.0) + jnp.log1p(e) if with_loss else None   # softplus(-u)
+  dz = None
+  if with_grad:
+    dloss_du = -jnp.where(u >= 0, e, 1.0) / (1.0 + e)                  # -sigmoid(-u)
+    dz = -dloss_du if diag is None else jnp.where(diag, dloss_du, -dloss_du)
+  return loss, dz
+
+
+# ---------------------------------------------------------------- the row-reduction driver
 
 # A tile update: (i, j, scalars, a [t, dp], b [t, dp], row_vecs [[t, 1]...],
 # col_vecs [[1, t]...], carry) -> carry, carry a tuple of [t, w] float32.
@@ -146,7 +170,7 @@ def _row_reduce(update: TileUpdate, inits: tuple[tuple[int, float], ...], scalar
   k = scalars.shape[0]
   nr, nc = len(row_vecs), len(col_vecs)
   # Under shard_map(check_vma=True) the outputs vary over the mesh axes any input varies over.
-  scalars, a, b, row_vecs, col_vecs = _vary_alike((scalars, a, b, row_vecs, col_vecs))
+  scalars, a, b, row_vecs, col_vecs = vary_like((scalars, a, b, row_vecs, col_vecs))
   mat = jax.typeof(a).manual_axis_type
   out_shape = [jax.ShapeDtypeStruct((nb * t, w), jnp.float32, manual_axis_type=mat)
                for w, _ in inits]
@@ -235,9 +259,9 @@ def _col(v, size):
 def _lse_update(n, t, padded):
   def update(i, j, sc, a, b, rows, cols, carry):
     m, l = carry
-    z = sc[0] * _dot_nt(a, b)
+    z = sc[0] * dot_nt(a, b)
     if padded:
-      z = jnp.where(_masks(i, j, t, n)[0], z, _MASKED)
+      z = jnp.where(tile_masks(i, j, t, n)[0], z, MASKED)
     m_new = jnp.maximum(m, jnp.max(z, axis=1, keepdims=True))
     l = l * jnp.exp(m - m_new) + jnp.sum(jnp.exp(z - m_new), axis=1, keepdims=True)
     return m_new, l
@@ -247,10 +271,10 @@ def _lse_update(n, t, padded):
 def _clip_grad_update(n, t, padded, positive, want_ds):
   def update(i, j, sc, a, b, rows, cols, carry):
     s, g = sc
-    dots = _dot_nt(a, b)
+    dots = dot_nt(a, b)
     z = s * dots
     p = jnp.exp(z - rows[0]) + jnp.exp(z - cols[0])
-    valid, diag = _masks(i, j, t, n)
+    valid, diag = tile_masks(i, j, t, n)
     if positive:
       p = jnp.where(diag, p - 2.0, p)
     if padded:
@@ -306,20 +330,17 @@ def _siglip_update(n, t, padded, positive, want_loss, want_grads, want_sums):
   then (d scale, d bias) per row [t, 1] each if want_sums."""
   def update(i, j, sc, a, b, rows, cols, carry):
     s, bias, g = sc
-    dots = _dot_nt(a, b)
+    dots = dot_nt(a, b)
     z = s * dots + bias
-    valid, diag = _masks(i, j, t, n)
-    u = jnp.where(diag, z, -z) if positive else -z     # the sign-corrected logit
-    e = jnp.exp(-jnp.abs(u))
+    valid, diag = tile_masks(i, j, t, n)
+    loss, dz = siglip_terms(z, diag if positive else None, with_loss=want_loss,
+                            with_grad=want_grads)
     out, carry = [], list(carry)
     if want_loss:
-      loss = jnp.maximum(-u, 0.0) + jnp.log1p(e)        # -log sigmoid(u)
       if padded:
         loss = jnp.where(valid, loss, 0.0)
       out.append(carry.pop(0) + jnp.sum(loss, axis=1, keepdims=True))
     if want_grads:
-      dloss_du = -jnp.where(u >= 0, e, 1.0) / (1.0 + e)  # -sigmoid(-u)
-      dz = jnp.where(diag, dloss_du, -dloss_du) if positive else -dloss_du
       if padded:
         dz = jnp.where(valid, dz, 0.0)
       dz = g * dz

@@ -12,6 +12,9 @@ import os
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+CONTRASTIVE = ("siglip", "clip")           # two towers, image-text pairs
+LOSSES = CONTRASTIVE + ("mae", "moco")     # config.loss: each an objective in objectives.py
+
 
 def _tower_overrides() -> dict:
   """Override a variant's numbers; unset (None) takes the variant's.
@@ -137,11 +140,10 @@ def _check_keys(cfg, ref, prefix: str) -> None:
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the field for what can be checked before any data or compile."""
   _check_keys(config, defaults(), "")
-  losses = ("siglip", "clip", "mae", "moco")
-  if config.loss not in losses:
-    raise ValueError(f"config.loss must be one of {losses}; got {config.loss!r}")
+  if config.loss not in LOSSES:
+    raise ValueError(f"config.loss must be one of {LOSSES}; got {config.loss!r}")
   impls = ("dense", "gather", "ring") + (("ring_bidir",) if config.loss == "siglip" else ())
-  if config.loss in ("mae", "moco"):
+  if config.loss not in CONTRASTIVE:
     impls = ("dense",)
     if config.accum_steps != 1:
       raise ValueError(f"config.accum_steps must be 1 for config.loss={config.loss!r} "

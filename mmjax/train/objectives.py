@@ -24,9 +24,7 @@ from mmjax.losses import infonce_loss
 from mmjax.models import mae, moco, two_tower, vit
 from mmjax.models import text as text_model
 from mmjax.train import state as state_lib
-
-CONTRASTIVE = ("siglip", "clip")
-LOSSES = CONTRASTIVE + ("mae", "moco")
+from mmjax.train.config import CONTRASTIVE, LOSSES
 
 
 def _tower_config(config: ml_collections.ConfigDict, tower: str) -> dict:
