@@ -7,7 +7,8 @@ prints one JSON object: the compiled per-device memory (XLA memory analysis:
 temporaries, arguments, outputs), the process's peak RSS (all devices of the
 process together), and the median time of a jit-compiled loss + grad (wrt both
 embeddings, scale and bias). The global batch is split over the devices;
-impl="dense" leaves the partitioning of the dense loss to XLA.
+impl="global" leaves the partitioning of the dense loss to XLA (blocks="dense"
+everywhere; the JSON's "dense" rows before the impl/blocks split are this impl).
 """
 
 import argparse
@@ -18,7 +19,7 @@ import subprocess
 import sys
 import time
 
-IMPLS = ("dense", "gather", "ring")
+IMPLS = ("global", "gather", "ring")
 
 
 def point(loss: str, impl: str, batch: int, dim: int, devices: int, repeats: int) -> dict:
@@ -36,7 +37,7 @@ def point(loss: str, impl: str, batch: int, dim: int, devices: int, repeats: int
     kw = dict(impl=impl, axis_name=axis_name)
     return clip_loss(x, y, s, **kw) if loss == "clip" else siglip_loss(x, y, s, b, **kw)
 
-  if impl == "dense":
+  if impl == "global":
     fn = local
   else:
     fn = jax.shard_map(lambda *a: local(*a, axis_name="data"), mesh=mesh,

@@ -8,7 +8,7 @@ Each point runs in a fresh subprocess and prints one JSON object: the process's
 peak RSS above its baseline (the RSS once the float32 embeddings exist, before
 compiling; the kernel's peak counter is reset there, /proc/self/clear_refs) and
 the median wall time of the compiled loss + grad (wrt both embeddings, scale and
-bias; compile time separate). impl "dense" and "tiled" are mmjax's; "open_clip"
+bias; compile time separate). impl "dense" and "tiled" are mmjax's blocks= values; "open_clip"
 is the peer, open_clip.loss.ClipLoss / SigLipLoss on torch CPU (torch and
 open_clip are not mmjax dependencies: `pip install torch open-clip-torch`).
 A dense point that would need more than 70% of the memory available is
@@ -95,7 +95,8 @@ def point_jax(loss: str, impl: str, batch: int, dim: int, block, repeats: int, b
 
   from mmjax.losses import clip_loss, siglip_loss, tiled
 
-  kw = dict(impl=impl) | (dict(block=block) if impl == "tiled" and block else {})
+  # impl here names the blocks (the batch is on one device: impl="global").
+  kw = dict(blocks=impl) | (dict(block=block) if impl == "tiled" and block else {})
 
   def f(x, y, s, b):
     return clip_loss(x, y, s, **kw) if loss == "clip" else siglip_loss(x, y, s, b, **kw)

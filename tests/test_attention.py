@@ -6,22 +6,7 @@ import numpy as np
 import pytest
 
 from mmjax.nn.attention import MultiHeadAttention, dot_product_attention
-
-
-def ref_attention(q, k, v, mask, w):
-  """float64 out and (dq, dk, dv) of sum(out * w); layout [b, n, h, d]."""
-  scale = q.shape[-1] ** -0.5
-  s = np.einsum("bqhd,bkhd->bhqk", q, k) * scale
-  s = np.where(mask, s, -1e30)
-  p = np.exp(s - s.max(-1, keepdims=True))
-  p /= p.sum(-1, keepdims=True)
-  out = np.einsum("bhqk,bkhd->bqhd", p, v)
-  dp = np.einsum("bqhd,bkhd->bhqk", w, v)
-  ds = p * (dp - (dp * p).sum(-1, keepdims=True))
-  dq = np.einsum("bhqk,bkhd->bqhd", ds, k) * scale
-  dk = np.einsum("bhqk,bqhd->bkhd", ds, q) * scale
-  dv = np.einsum("bhqk,bqhd->bkhd", p, w)
-  return out, (dq, dk, dv)
+from tests.reference import ref_attention
 
 
 _MASKS = [(False, False), (True, False), (False, True), (True, True)]  # (causal, key padding)
@@ -32,8 +17,7 @@ _MASKS = [(False, False), (True, False), (False, True), (True, True)]  # (causal
     (2, 13, 13, 3, 8, c, m) for c, m in _MASKS] + [
     (1, 7, 19, 2, 16, False, m) for m in (False, True)] + [
     (3, 1, 5, 1, 4, False, m) for m in (False, True)])
-def test_matches_float64_reference(b, lq, lk, h, d, causal, use_mask):
-  rng = np.random.default_rng()
+def test_matches_float64_reference(b, lq, lk, h, d, causal, use_mask, rng):
   q, k, v, w = (rng.normal(size=s) for s in [(b, lq, h, d), (b, lk, h, d), (b, lk, h, d),
                                               (b, lq, h, d)])
   mask = np.ones((b, 1, lq, lk), bool)
@@ -42,7 +26,7 @@ def test_matches_float64_reference(b, lq, lk, h, d, causal, use_mask):
     mask = (np.arange(lk)[None, :] < lengths[:, None])[:, None, None, :]
     mask = np.broadcast_to(mask, (b, 1, lq, lk))
   full = mask & (np.tril(np.ones((lq, lk), bool)) if causal else True)
-  ref_out, ref_grads = ref_attention(q, k, v, full, w)
+  ref_out, ref_grads = ref_attention(q, k, v, w, full[:, 0])
 
   f = lambda q, k, v: dot_product_attention(q, k, v, mask=jnp.asarray(mask) if use_mask else None,
                                             is_causal=causal)
@@ -54,8 +38,7 @@ def test_matches_float64_reference(b, lq, lk, h, d, causal, use_mask):
     np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
 
 
-def test_bf16_operands_close_to_f32():
-  rng = np.random.default_rng()
+def test_bf16_operands_close_to_f32(rng):
   q, k, v = (jnp.asarray(rng.normal(size=(2, 11, 2, 16)), jnp.float32) for _ in range(3))
   ref = dot_product_attention(q, k, v)
   out = dot_product_attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)))
@@ -84,8 +67,7 @@ def test_bad_inputs_name_the_argument():
     dot_product_attention(x, x, x, impl="flash9")
 
 
-def test_module_matches_function_on_its_projections():
-  rng = np.random.default_rng()
+def test_module_matches_function_on_its_projections(rng):
   x = jnp.asarray(rng.normal(size=(2, 9, 12)), jnp.float32)
   mha = MultiHeadAttention(num_heads=3)
   params = mha.init(jax.random.PRNGKey(0), x)["params"]

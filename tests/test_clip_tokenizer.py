@@ -30,11 +30,11 @@ def random_texts(rng, n: int) -> list[str]:
   return ["".join(rng.choice(pool, size=rng.integers(0, 150))) for _ in range(n)]
 
 
-def test_same_ids_as_open_clip(tok):
+def test_same_ids_as_open_clip(tok, rng):
   from tests.open_clip_peer import import_open_clip
   open_clip = import_open_clip()
   ref = open_clip.get_tokenizer("ViT-B-32")
-  texts = FIXED + random_texts(np.random.default_rng(), 400)
+  texts = FIXED + random_texts(rng, 400)
   got, want = tok.encode(texts), ref(texts).numpy()
   assert got.shape == want.shape == (len(texts), 77) and got.dtype == np.int32
   for text, g, w in zip(texts, got, want):

@@ -124,9 +124,20 @@ def test_tokenizer_is_deterministic_and_cached(tok, tmp_path, data_dir):
                   path=str(tmp_path / "missing.model"))
 
 
+def data_config(**fields):
+  """config.data with fields overridden (the pipeline takes config.data whole)."""
+  from mmjax.train.config import defaults
+  d = defaults().data
+  d.update(fields)
+  return d
+
+
 def _iterator(src, tok, **kw):
-  args = dict(tokenizer=tok, global_batch_size=8, image_size=32, text_len=12, seed=3)
-  return pipeline.make_train_iterator(src, **{**args, **kw})
+  """kw: config.data fields and make_train_iterator's own arguments."""
+  fields = {"image_size": 32, "text_len": 12}
+  fields.update({k: kw.pop(k) for k in list(kw) if k in data_config()})
+  args = dict(tokenizer=tok, global_batch_size=8, seed=3)
+  return pipeline.make_train_iterator(src, data_config(**fields), **{**args, **kw})
 
 
 def test_pipeline_batches(sources, tok):
@@ -182,8 +193,7 @@ def test_pipeline_errors(sources, tok, data_dir):
     pipeline.get_source("not_a_dataset", "train", data_dir=data_dir)
 
 
-def _make_folder(tmp_path, n=6, fmt="csv"):
-  rng = np.random.default_rng()
+def _make_folder(tmp_path, rng, n=6, fmt="csv"):
   rows = []
   for i in range(n):
     Image.fromarray(rng.integers(0, 255, (20 + i, 30, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
@@ -201,8 +211,8 @@ def _make_folder(tmp_path, n=6, fmt="csv"):
 
 
 @pytest.mark.parametrize("fmt", ["csv", "jsonl"])
-def test_image_folder_builder(tmp_path, fmt):
-  path, rows = _make_folder(tmp_path, fmt=fmt)
+def test_image_folder_builder(tmp_path, fmt, rng):
+  path, rows = _make_folder(tmp_path, rng, fmt=fmt)
   ddir = str(tmp_path / "tfds")
   name = image_folder.build_image_text_folder(path, data_dir=ddir, name=f"my_{fmt}",
                                               image_size=16, test_fraction=0.34)
@@ -213,8 +223,8 @@ def test_image_folder_builder(tmp_path, fmt):
   assert srcs["train"][0]["image"].shape == (16, 16, 3)
 
 
-def test_image_folder_bad_inputs(tmp_path):
-  path, _ = _make_folder(tmp_path)
+def test_image_folder_bad_inputs(tmp_path, rng):
+  path, _ = _make_folder(tmp_path, rng)
   ddir = str(tmp_path / "tfds")
   with pytest.raises(ValueError, match="missing.csv"):
     image_folder.build_image_text_folder(str(tmp_path / "missing.csv"), data_dir=ddir)

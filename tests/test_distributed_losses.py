@@ -9,29 +9,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from mmjax.losses import clip_loss, siglip_loss
-
-LOSSES = {"clip": lambda x, y, s, b, **kw: clip_loss(x, y, s, **kw),
-          "siglip": lambda x, y, s, b, **kw: siglip_loss(x, y, s, b, **kw)}
-
-
-def _inputs(n, d, rng):
-  x, y = rng.normal(size=(2, n, d))
-  x /= np.linalg.norm(x, axis=1, keepdims=True)
-  y /= np.linalg.norm(y, axis=1, keepdims=True)
-  y = 0.3 * x + 0.7 * y   # related pairs, so the loss is not at chance
-  y /= np.linalg.norm(y, axis=1, keepdims=True)
-  # Moderate logits: a saturated softmax has gradients at f32 round-off level,
-  # where any two summation orders differ by more than rtol 1e-5.
-  return (jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32),
-          jnp.float32(rng.uniform(1, 10)), jnp.float32(rng.uniform(-5, 0)))
-
-
-def _dense(name, x, y, s, b):
-  return jax.value_and_grad(lambda *a: LOSSES[name](*a), argnums=(0, 1, 2, 3))(x, y, s, b)
-
-
-def _mesh(shape, names):
-  return jax.make_mesh(shape, names, axis_types=(jax.sharding.AxisType.Auto,) * len(names))
+from tests.reference import LOSSES, dense, inputs, make_mesh
 
 
 def _sharded(name, impl, mesh, axis):
@@ -58,36 +36,35 @@ CASES = [("clip", "gather"), ("clip", "ring"), ("siglip", "gather"), ("siglip", 
 
 @pytest.mark.parametrize("name,impl", CASES)
 @pytest.mark.parametrize("n", [8, 24, 56])
-def test_shard_map_matches_dense(name, impl, n):
-  rng = np.random.default_rng()
-  args = _inputs(n, 12, rng)
-  got = _sharded(name, impl, _mesh((8,), ("data",)), "data")(*args)
-  _assert_close(got, _dense(name, *args))
+def test_shard_map_matches_dense(name, impl, n, rng):
+  args = inputs(n, 12, rng)
+  got = _sharded(name, impl, make_mesh((8,), ("data",)), "data")(*args)
+  _assert_close(got, dense(name, *args))
 
 
 @pytest.mark.parametrize("name,impl", [c for c in CASES if "ring" in c[1]])
 @pytest.mark.parametrize("devices", [7, 2, 1])
-def test_rings_on_odd_and_small_meshes(name, impl, devices):
-  args = _inputs(3 * devices, 8, np.random.default_rng())
+def test_rings_on_odd_and_small_meshes(name, impl, devices, rng):
+  args = inputs(3 * devices, 8, rng)
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:devices]), ("data",),
                            axis_types=(jax.sharding.AxisType.Auto,))
-  _assert_close(_sharded(name, impl, mesh, "data")(*args), _dense(name, *args))
+  _assert_close(_sharded(name, impl, mesh, "data")(*args), dense(name, *args))
 
 
 @pytest.mark.parametrize("name,impl", CASES)
-def test_two_batch_axes(name, impl):
+def test_two_batch_axes(name, impl, rng):
   """The batch split over a ('data', 'fsdp') tuple of mesh axes."""
-  args = _inputs(40, 8, np.random.default_rng())
-  got = _sharded(name, impl, _mesh((2, 4), ("data", "fsdp")), ("data", "fsdp"))(*args)
-  _assert_close(got, _dense(name, *args))
+  args = inputs(40, 8, rng)
+  got = _sharded(name, impl, make_mesh((2, 4), ("data", "fsdp")), ("data", "fsdp"))(*args)
+  _assert_close(got, dense(name, *args))
 
 
 @pytest.mark.parametrize("name,impl", CASES)
-def test_pmap_gradients_follow_psum_convention(name, impl):
+def test_pmap_gradients_follow_psum_convention(name, impl, rng):
   """Under pmap, as for any psum'd loss, each device's gradient of its copy of the
   loss is 8x its share: embeddings' gradients are 8x the dense ones, and a user's
   pmap step that pmeans replicated parameters' gradients gets the dense gradients."""
-  x, y, s, b = _inputs(32, 8, np.random.default_rng())
+  x, y, s, b = inputs(32, 8, rng)
 
   @functools.partial(jax.pmap, axis_name="batch", in_axes=(0, 0, None, None))
   def step(x, y, s, b):
@@ -97,7 +74,7 @@ def test_pmap_gradients_follow_psum_convention(name, impl):
     return loss, dx, dy, jax.lax.pmean(ds, "batch"), jax.lax.pmean(db, "batch")
 
   loss, dx, dy, ds, db = step(x.reshape(8, 4, -1), y.reshape(8, 4, -1), s, b)
-  want_loss, (wx, wy, ws, wb) = _dense(name, x, y, s, b)
+  want_loss, (wx, wy, ws, wb) = dense(name, x, y, s, b)
   np.testing.assert_allclose(loss, np.full(8, want_loss), rtol=1e-5)
   np.testing.assert_allclose(dx.reshape(32, -1) / 8, wx, rtol=1e-5, atol=1e-5 * np.abs(wx).max())
   np.testing.assert_allclose(dy.reshape(32, -1) / 8, wy, rtol=1e-5, atol=1e-5 * np.abs(wy).max())
@@ -107,11 +84,11 @@ def test_pmap_gradients_follow_psum_convention(name, impl):
 
 
 @pytest.mark.parametrize("name", ["clip", "siglip"])
-def test_ring_memory_is_a_fraction_of_gather(name):
+def test_ring_memory_is_a_fraction_of_gather(name, rng):
   """Compiled per-device temporaries of loss + grad: the ring keeps n x n blocks, never n x N."""
   n_local, d = 256, 16
-  args = _inputs(8 * n_local, d, np.random.default_rng())
-  mesh = _mesh((8,), ("data",))
+  args = inputs(8 * n_local, d, rng)
+  mesh = make_mesh((8,), ("data",))
   temp = {impl: _sharded(name, impl, mesh, "data").lower(*args).compile()
           .memory_analysis().temp_size_in_bytes for impl in ("gather", "ring")}
   logits_bytes = n_local * 8 * n_local * 4

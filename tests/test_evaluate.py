@@ -11,8 +11,7 @@ def _unit(rng, *shape):
   return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
-def test_class_embeddings_average_templates_then_renormalise():
-  rng = np.random.default_rng()
+def test_class_embeddings_average_templates_then_renormalise(rng):
   table = {}
 
   def encode(strings):
@@ -29,8 +28,7 @@ def test_class_embeddings_average_templates_then_renormalise():
     class_embeddings(encode, names, ["no slot"])
 
 
-def test_zeroshot_accuracy_matches_loop():
-  rng = np.random.default_rng()
+def test_zeroshot_accuracy_matches_loop(rng):
   img, cls = _unit(rng, 50, 8), _unit(rng, 7, 8)
   labels = rng.integers(0, 7, size=50)
   acc = zeroshot_accuracy(img, cls, labels, ks=(1, 3))
@@ -41,8 +39,7 @@ def test_zeroshot_accuracy_matches_loop():
   assert perfect["top1"] == 1.0
 
 
-def test_retrieval_recall_matches_loop():
-  rng = np.random.default_rng()
+def test_retrieval_recall_matches_loop(rng):
   n = 40
   img, txt = _unit(rng, n, 8), _unit(rng, n, 8)
   txt[:20] = img[:20] + 0.3 * _unit(rng, 20, 8)  # half the pairs findable
@@ -56,8 +53,7 @@ def test_retrieval_recall_matches_loop():
   assert 0.4 <= r["i2t_r1"] < 1.0
 
 
-def test_retrieval_with_label_ids_counts_any_same_class_text():
-  rng = np.random.default_rng()
+def test_retrieval_with_label_ids_counts_any_same_class_text(rng):
   labels = rng.integers(0, 4, size=30)
   centers = _unit(rng, 4, 8)
   img = centers[labels] + 0.01 * rng.normal(size=(30, 8))

@@ -20,29 +20,7 @@ from jax.experimental.pallas import tpu as pltpu
 from mmjax.nn.attention import dot_product_attention
 from mmjax.nn.blockwise import blockwise_attention
 from mmjax.pallas import flash_attention
-
-
-def ref_attention(q, k, v, w, visible):
-  """float64 out and (dq, dk, dv) of sum(out * w); visible: bool [b, lq, lk].
-
-  Grouped heads: query head h reads kv head h // g. Rows that see no key give 0.
-  """
-  g = q.shape[2] // k.shape[2]
-  ke, ve = np.repeat(k, g, axis=2), np.repeat(v, g, axis=2)
-  scale = q.shape[-1] ** -0.5
-  vis = visible[:, None]                                      # [b, 1, lq, lk]
-  s = np.where(vis, np.einsum("bqhd,bkhd->bhqk", q, ke) * scale, -np.inf)
-  m = np.max(s, -1, keepdims=True)
-  p = np.where(vis, np.exp(s - np.where(np.isfinite(m), m, 0)), 0.0)
-  p = p / np.maximum(p.sum(-1, keepdims=True), 1e-300)
-  out = np.einsum("bhqk,bkhd->bqhd", p, ve)
-  dp = np.einsum("bqhd,bkhd->bhqk", w, ve)
-  ds = p * (dp - (dp * p).sum(-1, keepdims=True))
-  dq = np.einsum("bhqk,bkhd->bqhd", ds, ke) * scale
-  fold = lambda x: x.reshape(x.shape[0], x.shape[1], k.shape[2], g, -1).sum(3)
-  dk = fold(np.einsum("bhqk,bqhd->bkhd", ds, q) * scale)
-  dv = fold(np.einsum("bhqk,bqhd->bkhd", p, w))
-  return out, (dq, dk, dv)
+from tests.reference import ref_attention
 
 
 def _visible(lq, lk, causal, q_seg, kv_seg):
@@ -54,8 +32,8 @@ def _visible(lq, lk, causal, q_seg, kv_seg):
 
 IMPLS = {
     "blockwise": functools.partial(blockwise_attention, block_q=16, block_k=16),
-    "triton": functools.partial(flash_attention, backend="triton", block_q=16, block_k=16),
-    "mosaic_tpu": functools.partial(flash_attention, backend="mosaic_tpu", block_q=16,
+    "gpu": functools.partial(flash_attention, platform="gpu", block_q=16, block_k=16),
+    "tpu": functools.partial(flash_attention, platform="tpu", block_q=16,
                                     block_k=128, interpret=pltpu.InterpretParams()),
 }
 
@@ -71,11 +49,10 @@ CASES = [
 
 @pytest.mark.parametrize("impl", list(IMPLS))
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
-def test_matches_float64_reference(impl, case):
+def test_matches_float64_reference(impl, case, rng):
   b, lq, lk, hq, hk, d, causal, segments, dtype = case
-  if impl == "mosaic_tpu" and (d, dtype) == (40, "float32"):
+  if impl == "tpu" and (d, dtype) == (40, "float32"):
     d = 48   # same case, a head_dim Mosaic also takes unpadded
-  rng = np.random.default_rng()
   q, k, v, w = (rng.normal(size=s) for s in [(b, lq, hq, d), (b, lk, hk, d), (b, lk, hk, d),
                                               (b, lq, hq, d)])
   if segments:   # two or three segments per row, keys of segment 7 are padding
@@ -107,8 +84,7 @@ def test_matches_float64_reference(impl, case):
 
 
 @pytest.mark.parametrize("impl", list(IMPLS))
-def test_rows_that_see_no_key_give_zero_and_finite_grads(impl):
-  rng = np.random.default_rng()
+def test_rows_that_see_no_key_give_zero_and_finite_grads(impl, rng):
   q, k, v = (jnp.asarray(rng.normal(size=(1, 24, 2, 32)), jnp.float32) for _ in range(3))
   q_seg = jnp.asarray(np.r_[np.zeros(20), np.full(4, 5)][None], jnp.int32)   # segment 5: no keys
   kv_seg = jnp.zeros((1, 24), jnp.int32)
@@ -132,8 +108,7 @@ def test_interpreter_poisons_unwritten_outputs():
 
 
 @pytest.mark.parametrize("impl", ["blockwise", "pallas"])
-def test_dispatch_with_key_padding_matches_xla(impl):
-  rng = np.random.default_rng()
+def test_dispatch_with_key_padding_matches_xla(impl, rng):
   q, k, v = (jnp.asarray(rng.normal(size=(3, 21, 2, 16)), jnp.float32) for _ in range(3))
   mask = jnp.asarray(np.arange(21)[None, :] < rng.integers(1, 22, size=3)[:, None])[:, None, None]
   w = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
@@ -157,9 +132,9 @@ def test_bad_arguments_are_named():
   with pytest.raises(ValueError, match="block_q=48"):
     flash_attention(x, x, x, block_q=48)
   with pytest.raises(ValueError, match="block_k=64 must be a multiple of 128 on TPU"):
-    flash_attention(x, x, x, block_k=64, backend="mosaic_tpu")
-  with pytest.raises(ValueError, match="backend='cuda'"):
-    flash_attention(x, x, x, backend="cuda")
+    flash_attention(x, x, x, block_k=64, platform="tpu")
+  with pytest.raises(ValueError, match="platform='cuda'"):
+    flash_attention(x, x, x, platform="cuda")
   with pytest.raises(ValueError, match="kv_segment_ids"):
     flash_attention(x, x, x, q_segment_ids=jnp.zeros((1, 8), jnp.int32))
   with pytest.raises(ValueError, match="q_segment_ids .* must be"):
@@ -180,7 +155,7 @@ _MARKERS = {"tpu": "tpu_custom_call", "cuda": "__gpu$xla.gpu.triton"}
 def test_forward_and_gradient_lower_for_accelerators(platform, causal, segments, dtype):
   """Export fwd + grad for the platform on this CPU: the Pallas lowering runs (block
   shapes, ops) and the module holds the forward, dq and dk/dv kernels."""
-  backend = "mosaic_tpu" if platform == "tpu" else "triton"
+  layout = "tpu" if platform == "tpu" else "gpu"
   b, lq, lk, hq, hk, d = 2, 300, 200, 8, 2, 64
   seg = {}
   if segments:
@@ -188,7 +163,7 @@ def test_forward_and_gradient_lower_for_accelerators(platform, causal, segments,
                kv_segment_ids=jnp.zeros((b, lk), jnp.int32))
 
   def loss(q, k, v):
-    o = flash_attention(q, k, v, is_causal=causal, backend=backend, interpret=False, **seg)
+    o = flash_attention(q, k, v, is_causal=causal, platform=layout, interpret=False, **seg)
     return jnp.sum(o.astype(jnp.float32))
 
   structs = [jax.ShapeDtypeStruct(s, dtype) for s in [(b, lq, hq, d), (b, lk, hk, d),
@@ -206,23 +181,22 @@ def test_forward_and_gradient_lower_for_accelerators(platform, causal, segments,
 # ------------------------------------------------------------ in the models
 
 @pytest.mark.parametrize("impl", ["blockwise", "pallas"])
-def test_two_tower_first_step_matches_xla(impl):
+def test_two_tower_first_step_matches_xla(impl, rng):
   """SigLIP loss and every parameter's gradient of a ViT + text tower (padded
-  captions, so key padding is exercised) with attn_impl=impl equal 'xla' in f32."""
+  captions, so key padding is exercised) with attention_impl=impl equal 'xla' in f32."""
   from mmjax.models import two_tower
-  from mmjax.train.state import contrastive_loss, make_grad_fn
+  from mmjax.train.objectives import contrastive_loss, make_grad_fn
 
-  rng = np.random.default_rng()
   tiny = dict(width=32, depth=2, mlp_dim=64, num_heads=2)
   text = rng.integers(4, 50, size=(6, 9)).astype(np.int32)
   text[np.arange(9)[None, :] >= rng.integers(2, 10, size=6)[:, None]] = 0   # padding
   batch = {"image": jnp.asarray(rng.normal(size=(6, 32, 32, 3)), jnp.float32),
            "text": jnp.asarray(text)}
 
-  def grads(attn_impl):
+  def grads(attention_impl):
     model = two_tower.Model(
-        image=dict(**tiny, patch_size=(8, 8), pool_type="map", attn_impl=attn_impl),
-        text=dict(**tiny, vocab_size=50, max_len=9, pool_type="last", attn_impl=attn_impl),
+        image=dict(**tiny, patch_size=(8, 8), pool_type="map", attention_impl=attention_impl),
+        text=dict(**tiny, vocab_size=50, max_len=9, pool_type="last", attention_impl=attention_impl),
         embed_dim=16, loss="siglip")
     params = model.init(jax.random.PRNGKey(1), batch["image"][:1], batch["text"][:1])["params"]
     fn = jax.jit(make_grad_fn(model, contrastive_loss("siglip")))
@@ -240,13 +214,13 @@ def test_two_tower_first_step_matches_xla(impl):
 
 def test_config_chooses_the_attention_impl(tmp_path):
   from mmjax.train.config import validate
-  from mmjax.train.loop import build_model
+  from mmjax.train.objectives import build_two_tower
   from tests.configs import tiny_config
 
   config = tiny_config(str(tmp_path), **{"model.attention_impl": "blockwise"})
   validate(config)
-  model = build_model(config, vocab_size=64)
-  assert model.image["attn_impl"] == model.text["attn_impl"] == "blockwise"
+  model = build_two_tower(config, vocab_size=64)
+  assert model.image["attention_impl"] == model.text["attention_impl"] == "blockwise"
   config.model.attention_impl = "flash9"
   with pytest.raises(ValueError, match="config.model.attention_impl"):
     validate(config)

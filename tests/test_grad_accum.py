@@ -7,7 +7,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mmjax.models import two_tower
-from mmjax.train.state import contrastive_loss, make_grad_fn
+from mmjax.train.objectives import contrastive_loss, make_grad_fn
 
 TINY = dict(width=32, depth=1, mlp_dim=64, num_heads=2)
 
@@ -35,8 +35,7 @@ def _assert_tree_close(a, b, rtol=1e-5):
 
 @pytest.mark.parametrize("loss", ["clip", "siglip"])
 @pytest.mark.parametrize("k", [2, 3])
-def test_accumulated_equals_full_batch(loss, k):
-  rng = np.random.default_rng()
+def test_accumulated_equals_full_batch(loss, k, rng):
   model, params, batch = _setup(loss, 12, rng)
   loss_of = contrastive_loss(loss)
   key = jax.random.PRNGKey(0)
@@ -47,8 +46,7 @@ def test_accumulated_equals_full_batch(loss, k):
   assert float(np.abs(got_g["t"])) > 0   # the temperature's gradient is there too
 
 
-def test_accumulated_sharded_ring_equals_single_device():
-  rng = np.random.default_rng()
+def test_accumulated_sharded_ring_equals_single_device(rng):
   model, params, batch = _setup("siglip", 32, rng)
   key = jax.random.PRNGKey(0)
   (want, _), want_g = jax.jit(make_grad_fn(model, contrastive_loss("siglip")))(params, batch, key)

@@ -39,8 +39,8 @@ def _init_apply(model, x, **kw):
 
 @pytest.mark.parametrize("pool", ["tok", "gap", "map", "none"])
 @pytest.mark.parametrize("posemb", ["learn", "sincos2d"])
-def test_vit_shapes(pool, posemb):
-  img = jnp.asarray(np.random.default_rng().normal(size=(3, 20, 12, 3)), jnp.float32)
+def test_vit_shapes(pool, posemb, rng):
+  img = jnp.asarray(rng.normal(size=(3, 20, 12, 3)), jnp.float32)
   model = vit.Model(**TINY, patch_size=(4, 4), pool_type=pool, posemb=posemb)
   _, (pooled, out) = _init_apply(model, img)
   n = 5 * 3 + (pool == "tok")
@@ -54,8 +54,8 @@ def test_vit_rejects_bad_image_size():
     vit.Model(variant="mu/8").init(jax.random.PRNGKey(0), jnp.zeros((1, 20, 20, 3)))
 
 
-def test_vit_remat_same_values_and_grads():
-  img = jnp.asarray(np.random.default_rng().normal(size=(2, 16, 16, 3)), jnp.float32)
+def test_vit_remat_same_values_and_grads(rng):
+  img = jnp.asarray(rng.normal(size=(2, 16, 16, 3)), jnp.float32)
   plain, ckpt = vit.Model(**TINY, patch_size=(4, 4)), vit.Model(**TINY, patch_size=(4, 4), remat=True)
   params = plain.init(jax.random.PRNGKey(0), img)
   loss = lambda m: lambda p: jnp.sum(m.apply(p, img)[0] ** 2)
@@ -65,8 +65,8 @@ def test_vit_remat_same_values_and_grads():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), g1, g2)
 
 
-def test_vit_bf16_compute_close_to_f32():
-  img = jnp.asarray(np.random.default_rng().normal(size=(2, 16, 16, 3)), jnp.float32)
+def test_vit_bf16_compute_close_to_f32(rng):
+  img = jnp.asarray(rng.normal(size=(2, 16, 16, 3)), jnp.float32)
   f32 = vit.Model(**TINY, patch_size=(4, 4))
   params = f32.init(jax.random.PRNGKey(0), img)
   ref = f32.apply(params, img)[0]
@@ -84,8 +84,7 @@ def _tokens(rng, b, length, vocab, lengths):
   return jnp.asarray(t)
 
 
-def test_text_causal_positions_ignore_later_tokens():
-  rng = np.random.default_rng()
+def test_text_causal_positions_ignore_later_tokens(rng):
   tok = _tokens(rng, 2, 11, 50, [11, 11])
   model = text.Model(vocab_size=50, max_len=11, causal=True, pool_type="eos", **TINY)
   params, (_, out) = _init_apply(model, tok)
@@ -101,8 +100,7 @@ def test_text_causal_positions_ignore_later_tokens():
 
 @pytest.mark.parametrize("pool", ["eos", "map"])
 @pytest.mark.parametrize("causal", [True, False])
-def test_text_padding_does_not_change_pooled(pool, causal):
-  rng = np.random.default_rng()
+def test_text_padding_does_not_change_pooled(pool, causal, rng):
   short = _tokens(rng, 3, 9, 60, [3, 9, 5])
   longer = jnp.concatenate([short, jnp.zeros((3, 4), jnp.int32)], axis=1)  # more padding
   model = text.Model(vocab_size=60, max_len=13, causal=causal, pool_type=pool, **TINY)
@@ -115,8 +113,7 @@ def test_text_padding_does_not_change_pooled(pool, causal):
 
 
 @pytest.mark.parametrize("pool", ["last", "first"])
-def test_text_position_pooling(pool):
-  rng = np.random.default_rng()
+def test_text_position_pooling(pool, rng):
   tok = _tokens(rng, 2, 7, 30, [4, 7])
   model = text.Model(vocab_size=30, max_len=7, pool_type=pool, **TINY)
   _, (pooled, out) = _init_apply(model, tok)
@@ -129,8 +126,7 @@ def test_text_rejects_too_long():
 
 
 @pytest.mark.parametrize("loss,scale,bias", [("clip", 1 / 0.07, None), ("siglip", 10.0, -10.0)])
-def test_two_tower_init_and_embeddings(loss, scale, bias):
-  rng = np.random.default_rng()
+def test_two_tower_init_and_embeddings(loss, scale, bias, rng):
   img = jnp.asarray(rng.normal(size=(3, 16, 16, 3)), jnp.float32)
   tok = _tokens(rng, 3, 8, 40, [8, 2, 5])
   model = two_tower.Model(image=dict(**TINY, patch_size=(8, 8)),

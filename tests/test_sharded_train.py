@@ -34,12 +34,13 @@ def test_mesh_errors_name_the_field():
     sharding.make_mesh(c)
 
 
-@pytest.mark.parametrize("loss,impl", [("siglip", "ring"), ("clip", "gather")])
-def test_fsdp_training_matches_one_device(data_dir, tmp_path, loss, impl):
+@pytest.mark.parametrize("loss,impl,kind", [("siglip", "ring", "dense"), ("clip", "gather", "dense"),
+                                            ("clip", "ring", "tiled")])
+def test_fsdp_training_matches_one_device(data_dir, tmp_path, loss, impl, kind):
   from mmjax.train import loop
   steps = dict(total_steps=6, **{"checkpoint.every": 3})
   ref = loop.train(tiny_config(data_dir, loss=loss, **steps), str(tmp_path / "one"))
-  cfg = tiny_config(data_dir, loss=loss, loss_impl=impl, num_devices=8, **steps)
+  cfg = tiny_config(data_dir, loss=loss, loss_impl=impl, loss_blocks=kind, num_devices=8, **steps)
   cfg.mesh = ml_collections.ConfigDict(dict(data=2, fsdp=4))
   cfg.sharding.fsdp_min_size = 256
   got = loop.train(cfg, str(tmp_path / "eight"))

@@ -1,5 +1,6 @@
-"""impl='tiled' and impl='pallas' against impl='dense' and the float64 reference, values and
-gradients; the Pallas kernels' TPU and GPU lowering; the tiled ring on 8 CPU devices."""
+"""blocks='tiled' and blocks='pallas' against the dense loss and the float64 reference, values
+and gradients; the Pallas kernels' TPU and GPU lowering; rings of tiled blocks on 8 CPU
+devices; every impl x blocks combination either runs or names its argument."""
 
 import jax
 import jax.numpy as jnp
@@ -8,9 +9,8 @@ import pytest
 from jax import export
 from jax.sharding import PartitionSpec as P
 
-from mmjax.losses import blocks, clip_loss, distributed, siglip_loss, tiled
-from tests.test_distributed_losses import LOSSES, _dense, _inputs, _mesh
-from tests.test_losses import _as, _normed, ref_clip, ref_siglip
+from mmjax.losses import BLOCKS, IMPLS, blocks, clip_loss, distributed, siglip_loss, tiled
+from tests.reference import LOSSES, as_dtype, dense, inputs, make_mesh, normed, ref_clip, ref_siglip
 
 REFS = {"clip": lambda x, y, s, b: ref_clip(x, y, s),
         "siglip": lambda x, y, s, b: ref_siglip(x, y, s, b)}
@@ -32,9 +32,9 @@ def _assert_close(got, want, rtol=1e-5, floor=0.0):
                                err_msg=name)
 
 
-def _grad(name, impl, dtype=jnp.float32, **kw):
+def _grad(name, kind, dtype=jnp.float32, **kw):
   def f(x, y, s, b):
-    return LOSSES[name](x.astype(dtype), y.astype(dtype), s, b, impl=impl, **kw)
+    return LOSSES[name](x.astype(dtype), y.astype(dtype), s, b, blocks=kind, **kw)
   return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3)))
 
 
@@ -49,19 +49,18 @@ def _assert_matches_float64(name, got, args, gtol):
 
 @pytest.mark.parametrize("name", ["clip", "siglip"])
 @pytest.mark.parametrize("n,d", [(1, 24), (37, 24), (130, 72)])
-def test_tiled_matches_dense_and_float64(name, n, d):
+def test_tiled_matches_dense_and_float64(name, n, d, rng):
   """Batches that are not a multiple of the block (padded, masked), dims not of 128."""
-  args = _inputs(n, d, np.random.default_rng())
+  args = inputs(n, d, rng)
   got = _grad(name, "tiled", block=32)(*args)
-  _assert_close(got, _dense(name, *args), floor=1e-6 * float(args[2]) if n == 1 else 0.0)
+  _assert_close(got, dense(name, *args), floor=1e-6 * float(args[2]) if n == 1 else 0.0)
   _assert_matches_float64(name, got, args, gtol=1e-4)
 
 
 @pytest.mark.parametrize("name", ["clip", "siglip"])
-def test_tiled_saturated_logits_match_float64(name):
+def test_tiled_saturated_logits_match_float64(name, rng):
   """Unrelated pairs at CLIP's learned scale (up to 100) and SigLIP's init bias range."""
-  rng = np.random.default_rng()
-  x, y = _normed(rng, 130, 72), _normed(rng, 130, 72)
+  x, y = normed(rng, 130, 72), normed(rng, 130, 72)
   s = float(np.exp(rng.uniform(0, np.log(100 if name == "clip" else 20))))
   b = float(rng.uniform(-10, 2))
   args = (jnp.float32(x), jnp.float32(y), jnp.float32(s), jnp.float32(b))
@@ -71,13 +70,12 @@ def test_tiled_saturated_logits_match_float64(name):
 
 @pytest.mark.parametrize("name", ["clip", "siglip"])
 @pytest.mark.parametrize("impl,n,block", [("tiled", 130, 32), ("pallas", 37, 16)])
-def test_bfloat16_embeddings(name, impl, n, block):
+def test_bfloat16_embeddings(name, impl, n, block, rng):
   """bf16 operands through the public loss (Pallas in interpret mode on CPU): close to the dense
   bf16 loss and to float64, gradients back in bf16."""
-  rng = np.random.default_rng()
-  x, y, s, b = _inputs(n, 72, rng)
-  x, x64 = _as(x, jnp.bfloat16)
-  y, y64 = _as(y, jnp.bfloat16)
+  x, y, s, b = inputs(n, 72, rng)
+  x, x64 = as_dtype(x, jnp.bfloat16)
+  y, y64 = as_dtype(y, jnp.bfloat16)
   got = _grad(name, impl, jnp.bfloat16, block=block)(x, y, s, b)
   want = _grad(name, "dense", jnp.bfloat16)(x, y, s, b)
   np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
@@ -88,34 +86,34 @@ def test_bfloat16_embeddings(name, impl, n, block):
   _assert_matches_float64(name, got, (x64, y64, s, b), gtol=1e-2)
 
 
-def test_tiled_loss_without_grad_matches():
+def test_tiled_loss_without_grad_matches(rng):
   """The primal (no custom-VJP forward) path of both losses."""
-  x, y, s, b = _inputs(37, 24, np.random.default_rng())
+  x, y, s, b = inputs(37, 24, rng)
   for name in ("clip", "siglip"):
-    got = LOSSES[name](x, y, s, b, impl="tiled", block=16)
+    got = LOSSES[name](x, y, s, b, blocks="tiled", block=16)
     np.testing.assert_allclose(got, LOSSES[name](x, y, s, b), rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["clip", "siglip"])
-def test_one_device_custom_vjp_with_dense_blocks_matches_dense(name):
+def test_one_device_custom_vjp_with_dense_blocks_matches_dense(name, rng):
   """The shared one-device custom VJP (mmjax/losses/blocks.py) run on dense blocks,
   the SigLIP forward computing loss and gradients in one pass, equals autodiff of the
   dense loss."""
-  args = _inputs(37, 24, np.random.default_rng())
+  args = inputs(37, 24, rng)
 
   def f(x, y, s, b):
     if name == "clip":
       return blocks.clip_loss(x, y, s, blocks=blocks.DENSE)
     return blocks.siglip_loss(x, y, s, b, blocks=blocks.DENSE)
   got = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3)))(*args)
-  _assert_close(got, _dense(name, *args))
+  _assert_close(got, dense(name, *args))
 
 
 @pytest.mark.parametrize("name", ["clip", "siglip"])
-def test_tiled_memory_is_not_quadratic(name):
+def test_tiled_memory_is_not_quadratic(name, rng):
   """Compiled temporaries of loss + grad at n = 2048: no [n, n] array, only tiles."""
   n, d, block = 2048, 16, 128
-  args = _inputs(n, d, np.random.default_rng())
+  args = inputs(n, d, rng)
   temp = {impl: _grad(name, impl, **kw).lower(*args).compile().memory_analysis().temp_size_in_bytes
           for impl, kw in (("dense", {}), ("tiled", {"block": block}))}
   assert temp["dense"] >= n * n * 4, temp
@@ -139,11 +137,11 @@ def _pallas_grad(name, dtype=jnp.float32, **kw):
 @pytest.mark.parametrize("platform", ["tpu", "gpu"])
 @pytest.mark.parametrize("name", ["clip", "siglip"])
 @pytest.mark.parametrize("n", [1, 37])
-def test_pallas_interpret_matches_dense_and_float64(platform, name, n):
+def test_pallas_interpret_matches_dense_and_float64(platform, name, n, rng):
   """Both kernel shapes (TPU grid, Triton loop) in interpret mode; 37 rows in tiles of 16."""
-  args = _inputs(n, 24, np.random.default_rng())
+  args = inputs(n, 24, rng)
   got = _pallas_grad(name, block=16, platform=platform, interpret=True)(*args)
-  _assert_close(got, _dense(name, *args), floor=1e-6 * float(args[2]) if n == 1 else 0.0)
+  _assert_close(got, dense(name, *args), floor=1e-6 * float(args[2]) if n == 1 else 0.0)
   _assert_matches_float64(name, got, args, gtol=1e-4)
 
 
@@ -167,34 +165,62 @@ def test_pallas_lowers_for_accelerators(platform, target, call, name, dtype, n):
 
 # ---------------------------------------------------------------- the tiled ring
 
-def _ring(name, impl, mesh, check_vma=True, **kw):
+def _ring(name, impl, kind, mesh, check_vma=True, **kw):
   def local(x, y, s, b):
-    return LOSSES[name](x, y, s, b, impl=impl, axis_name="data", **kw)
+    return LOSSES[name](x, y, s, b, impl=impl, blocks=kind, axis_name="data", **kw)
   f = jax.shard_map(local, mesh=mesh, in_specs=(P("data"), P("data"), P(), P()),
                     out_specs=P(), check_vma=check_vma)
   return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3)))
 
 
-@pytest.mark.parametrize("name", ["clip", "siglip"])
-@pytest.mark.parametrize("impl", ["tiled", "pallas"])
-def test_ring_of_tiled_blocks_matches_dense(name, impl):
+@pytest.mark.parametrize("name,impl", [("clip", "ring"), ("siglip", "ring"),
+                                       ("siglip", "ring_bidir")])
+@pytest.mark.parametrize("kind", ["tiled", "pallas"])
+def test_ring_of_tiled_blocks_matches_dense(name, impl, kind, rng):
   """8 devices x 13 rows, each ring step's block in tiles of 8. JAX's Pallas interpreter
   fails under check_vma=True (a dynamic_slice vma check), so the pallas ring runs without."""
-  args = _inputs(8 * 13, 12, np.random.default_rng())
-  ring = _ring(name, impl, _mesh((8,), ("data",)), check_vma=impl == "tiled", block=8)
-  _assert_close(ring(*args), _dense(name, *args))
+  args = inputs(8 * 13, 12, rng)
+  ring = _ring(name, impl, kind, make_mesh((8,), ("data",)), check_vma=kind == "tiled", block=8)
+  _assert_close(ring(*args), dense(name, *args))
+
+
+def _unsupported(name, impl, kind) -> bool:
+  return (name, impl) == ("clip", "ring_bidir") or (impl == "gather" and kind != "dense")
+
+
+# Supported pallas combinations run in the tests above (the interpreter is slow); every
+# other combination runs here.
+COMBINATIONS = [(n, i, k) for n in LOSSES for i in IMPLS for k in BLOCKS
+                if k != "pallas" or _unsupported(n, i, k)]
+
+
+@pytest.mark.parametrize("name,impl,kind", COMBINATIONS)
+def test_every_impl_and_blocks_combination_runs_or_names_its_argument(name, impl, kind, rng):
+  """4 devices x 5 rows: the dense loss's value and gradients, or one ValueError naming
+  impl or blocks."""
+  args = inputs(4 * 5, 8, rng)
+  kw = {"block": 8} if kind != "dense" else {}
+  if impl == "global":
+    f = _grad(name, kind, impl=impl, **kw)
+  else:
+    f = _ring(name, impl, kind, make_mesh((4,), ("data",)), check_vma=kind != "pallas", **kw)
+  if _unsupported(name, impl, kind):
+    with pytest.raises(ValueError, match="^(impl='ring_bidir'|blocks=)"):
+      f(*args)
+  else:
+    _assert_close(f(*args), dense(name, *args))
 
 
 @pytest.mark.parametrize("name", ["clip", "siglip"])
-def test_ring_of_tiled_blocks_memory_is_not_quadratic_in_the_local_batch(name):
+def test_ring_of_tiled_blocks_memory_is_not_quadratic_in_the_local_batch(name, rng):
   """Compiled per-device temporaries of loss + grad, 8 x 1024 rows: the dense ring keeps
   [1024, 1024] blocks, the tiled ring [128, 128] tiles."""
   n_local, block = 1024, 128
-  args = _inputs(8 * n_local, 16, np.random.default_rng())
-  mesh = _mesh((8,), ("data",))
-  temp = {impl: _ring(name, impl, mesh, **kw).lower(*args).compile().memory_analysis()
-          .temp_size_in_bytes for impl, kw in (("ring", {}), ("tiled", {"block": block}))}
-  assert temp["ring"] >= n_local * n_local * 4, temp
+  args = inputs(8 * n_local, 16, rng)
+  mesh = make_mesh((8,), ("data",))
+  temp = {kind: _ring(name, "ring", kind, mesh, **kw).lower(*args).compile().memory_analysis()
+          .temp_size_in_bytes for kind, kw in (("dense", {}), ("tiled", {"block": block}))}
+  assert temp["dense"] >= n_local * n_local * 4, temp
   assert temp["tiled"] < n_local * n_local * 4 / 8, temp
 
 
@@ -219,16 +245,20 @@ def test_ring_of_pallas_blocks_lowers_for_tpu_under_check_vma():
 def test_block_errors_name_the_argument():
   x = jnp.zeros((4, 8))
   with pytest.raises(ValueError, match="block must be a positive int"):
-    clip_loss(x, x, 1.0, impl="tiled", block=0)
+    clip_loss(x, x, 1.0, blocks="tiled", block=0)
   with pytest.raises(ValueError, match="block must be a positive int"):
-    siglip_loss(x, x, 1.0, 0.0, impl="pallas", block=-8)
-  with pytest.raises(ValueError, match="block is for impl='tiled' or 'pallas' only"):
+    siglip_loss(x, x, 1.0, 0.0, blocks="pallas", block=-8)
+  with pytest.raises(ValueError, match="block=16 is for blocks='tiled' or 'pallas' only"):
     clip_loss(x, x, 1.0, block=16)
+  with pytest.raises(ValueError, match="blocks='ring' is not one of"):
+    clip_loss(x, x, 1.0, blocks="ring")
+  with pytest.raises(ValueError, match="impl='tiled' is not one of"):
+    clip_loss(x, x, 1.0, impl="tiled")
   with pytest.raises(ValueError, match="block must be a positive int"):
     blocks.Blocks("tiled", block=2.5)
   with pytest.raises(ValueError, match="platform must be one of"):
     blocks.Blocks("pallas", platform="cuda")
-  with pytest.raises(ValueError, match="Blocks.impl must be one of"):
+  with pytest.raises(ValueError, match="blocks='ring' is not one of"):
     blocks.Blocks("ring")
 
 

@@ -93,6 +93,9 @@ def _launch(data_dir, workdir, *overrides, env=None):
      "config.batch_size"),
     (["--config.nonexistent_key=3"], None, "nonexistent_key"),
     (["--config.model.image.depthh=3"], None, "depthh"),
+    (["--config.model.image.pool_type=max"], None, "config.model.image.pool_type"),
+    (["--config.loss_blocks=sparse"], None, "config.loss_blocks"),
+    (["--config.loss_impl=gather", "--config.loss_blocks=tiled"], None, "config.loss_blocks"),
 ])
 def test_bad_config_fails_fast_with_one_line(data_dir, tmp_path, overrides, env, field):
   proc = _launch(data_dir, str(tmp_path), *overrides, env=env)
@@ -101,3 +104,26 @@ def test_bad_config_fails_fast_with_one_line(data_dir, tmp_path, overrides, env,
   assert field in last, proc.stderr[-3000:]
   assert "Traceback" not in proc.stderr
   assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_tiled_loss_blocks_train_like_dense(data_dir, tmp_path):
+  """--config.loss_blocks=tiled (and pallas, in the interpreter) in the trainer: the same
+  per-step losses as the dense blocks."""
+  from mmjax.train import loop
+  steps = dict(total_steps=4, **{"checkpoint.every": 4, "evaluate.probes": False})
+  losses = {}
+  for kind in ("dense", "tiled", "pallas"):
+    loop.train(tiny_config(data_dir, loss_blocks=kind, **steps), str(tmp_path / kind))
+    losses[kind] = _losses(tmp_path / kind)
+  assert len(losses["dense"]) == 4
+  for kind in ("tiled", "pallas"):
+    assert losses[kind] == pytest.approx(losses["dense"], rel=1e-5), kind
+
+
+def test_losses_nn_and_models_do_not_import_pallas():
+  """Pallas loads where a Pallas impl is chosen, not on import (nor with the trainer)."""
+  code = ("import sys, mmjax.losses, mmjax.nn.attention, mmjax.nn.layers, mmjax.models.two_tower, "
+          "mmjax.models.mae, mmjax.models.moco, mmjax.train.loop; "
+          "bad = [m for m in sys.modules if m.startswith(('jax.experimental.pallas', "
+          "'mmjax.pallas'))]; assert not bad, bad")
+  subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

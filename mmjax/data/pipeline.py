@@ -54,31 +54,56 @@ def _prepared_dir(name: str, data_dir: str) -> str:
   return os.path.join(root, versions[-1])
 
 
-def dataset_features(name: str, *, data_dir: str) -> dict:
-  """The dataset's top-level features, {key: tfds feature}, without reading data."""
-  return dict(_builder(name, data_dir).info.features)
-
-
-def get_source(name: str, split: str, *, data_dir: str, image_key: str = "image",
-               text_key: str = "text"):
-  """A random-access source of one split; builds the embedded default on first use.
+class Dataset:
+  """A prepared TFDS dataset, opened once: its features, its splits as
+  random-access sources, its zero-shot class names and prompt templates.
 
   Raises ValueError naming config.data.image_key / text_key when the dataset
   lacks an image or text feature under that key.
   """
-  builder = _builder(name, data_dir)
-  features = dict(builder.info.features)
-  for field, key, kind in (("image_key", image_key, tfds.features.Image),
-                           ("text_key", text_key, tfds.features.Text)):
-    if not isinstance(features.get(key), kind):
-      raise ValueError(f"config.data.{field}={key!r}: dataset {name!r} has no {kind.__name__} "
-                       f"feature {key!r}; its features: {sorted(features)}")
-  if split not in builder.info.splits:
-    raise ValueError(f"dataset {name!r} has no split {split!r}; splits: {list(builder.info.splits)}")
-  if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
-    raise ValueError(f"config.data.name={name!r} is stored as {builder.info.file_format}; "
-                     "mmjax reads array_record (TFRecord needs TensorFlow)")
-  return builder.as_data_source(split=split)
+
+  def __init__(self, name: str, *, data_dir: str, image_key: str = "image",
+               text_key: str = "text"):
+    self.name = name
+    self.builder = _builder(name, data_dir)
+    self.features = dict(self.builder.info.features)
+    for field, key, kind in (("image_key", image_key, tfds.features.Image),
+                             ("text_key", text_key, tfds.features.Text)):
+      if not isinstance(self.features.get(key), kind):
+        raise ValueError(f"config.data.{field}={key!r}: dataset {name!r} has no "
+                         f"{kind.__name__} feature {key!r}; its features: {sorted(self.features)}")
+    if self.builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
+      raise ValueError(f"config.data.name={name!r} is stored as {self.builder.info.file_format}; "
+                       "mmjax reads array_record (TFRecord needs TensorFlow)")
+
+  def source(self, split: str):
+    """A random-access source of one split (records: dicts of numpy)."""
+    if split not in self.builder.info.splits:
+      raise ValueError(f"dataset {self.name!r} has no split {split!r}; "
+                       f"splits: {list(self.builder.info.splits)}")
+    return self.builder.as_data_source(split=split)
+
+  def class_names(self, label_key: str | None) -> list[str] | None:
+    """The names of the ClassLabel feature label_key, or None without one."""
+    label = self.features.get(label_key) if label_key else None
+    names = getattr(label, "names", None)
+    return list(names) if names else None
+
+  @property
+  def templates(self) -> list[str] | None:
+    """The zero-shot prompt templates the dataset ships, if any."""
+    return default_templates(self.name)
+
+
+def open_dataset(data, data_dir: str) -> Dataset:
+  """The dataset of config.data (its name, image_key, text_key), opened once."""
+  return Dataset(data.name, data_dir=data_dir, image_key=data.image_key, text_key=data.text_key)
+
+
+def get_source(name: str, split: str, *, data_dir: str, image_key: str = "image",
+               text_key: str = "text"):
+  """One split of a dataset as a random-access source; builds the embedded default on first use."""
+  return Dataset(name, data_dir=data_dir, image_key=image_key, text_key=text_key).source(split)
 
 
 def iter_texts(source, text_key: str = "text") -> Iterator[str]:
@@ -149,17 +174,15 @@ class _Preprocess:
     return out
 
 
-def make_train_iterator(source, *, tokenizer, global_batch_size: int, image_size: int,
-                        text_len: int, seed: int, process_index: int = 0,
-                        process_count: int = 1, augment: bool = True,
-                        crop_scale_min: float = 0.6, flip: bool = False,
-                        image_key: str = "image", text_key: str = "text",
-                        label_key: str = "label", num_workers: int = 0,
-                        read_threads: int = 2, views: int = 1):
+def make_train_iterator(source, data, *, tokenizer, global_batch_size: int, seed: int,
+                        process_index: int = 0, process_count: int = 1, views: int = 1,
+                        read_threads: int = 2):
   """An endless, seeded, shuffled iterator over this process's share of each global batch,
   with get_state/set_state.
 
-  views=2 adds 'image2', a second independent augmentation of each image (MoCo).
+  data: config.data (image_size, text_len, augment, crop_scale_min, flip,
+  image_key, text_key, label_key, num_workers). views=2 adds 'image2', a
+  second independent augmentation of each image (MoCo).
 
   Restoring a saved state (`it.set_state(state)`) continues with exactly the
   batches the original iterator would have produced.
@@ -173,8 +196,9 @@ def make_train_iterator(source, *, tokenizer, global_batch_size: int, image_size
                      f"({len(source)} examples)")
   if views not in (1, 2):
     raise ValueError(f"views={views} must be 1 or 2")
-  prep = _Preprocess(tokenizer, image_size, text_len, augment, crop_scale_min, flip,
-                     image_key, text_key, label_key, views)
+  prep = _Preprocess(tokenizer, data.image_size, data.text_len, data.augment,
+                     data.crop_scale_min, data.flip, data.image_key, data.text_key,
+                     data.label_key, views)
   # Few reader threads: grain's default 16 fight XLA for the cores of a small host.
   # One global shuffled stream, augmented by global position; process p takes every
   # process_count-th element. Global batch t is then the same examples, with the same
@@ -184,16 +208,19 @@ def make_train_iterator(source, *, tokenizer, global_batch_size: int, image_size
         .batch(local, drop_remainder=True)
         .to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
                                            prefetch_buffer_size=2 * local)))
-  if num_workers > 0:
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+  if data.num_workers > 0:
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.num_workers))
   return iter(ds)
 
 
-def make_eval_arrays(source, *, tokenizer, image_size: int, text_len: int,
-                     image_key: str = "image", text_key: str = "text",
-                     label_key: str | None = "label") -> dict[str, np.ndarray]:
-  """The whole (small) eval split in memory, no augmentation:
-  'image' float32 [n, S, S, 3], 'text' int32 [n, L], 'label' int32 [n] if present."""
+def make_eval_arrays(source, data, *, tokenizer) -> dict[str, np.ndarray]:
+  """The whole (small) split in memory, no augmentation: 'image' float32
+  [n, S, S, 3], 'text' int32 [n, L], 'label' int32 [n] if present.
+
+  data: config.data (image_size, text_len, image_key, text_key, label_key).
+  """
+  image_size, text_len = data.image_size, data.text_len
+  image_key, text_key, label_key = data.image_key, data.text_key, data.label_key
   images, texts, labels = [], [], []
   for i in range(len(source)):
     ex = source[i]

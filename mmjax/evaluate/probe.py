@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from mmjax.numerics import l2_normalize
+
 
 def _check(train_x, train_y, test_x, test_y) -> None:
   if train_x.ndim != 2 or test_x.ndim != 2 or train_x.shape[1] != test_x.shape[1]:
@@ -71,8 +73,7 @@ def knn_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
   _check(train_x, train_y, test_x, test_y)
   if k < 1:
     raise ValueError(f"k must be >= 1; got {k}")
-  unit = lambda x: x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-  sim = unit(test_x) @ unit(train_x).T                       # [m, n]
+  sim = l2_normalize(np.asarray(test_x)) @ l2_normalize(np.asarray(train_x)).T   # [m, n]
   k = min(k, len(train_x))
   top = np.argpartition(-sim, k - 1, axis=1)[:, :k]          # [m, k]
   weights = np.exp(np.take_along_axis(sim, top, 1) / temperature)

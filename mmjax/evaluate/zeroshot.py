@@ -6,9 +6,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-
-def _normalize(x: np.ndarray) -> np.ndarray:
-  return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+from mmjax.numerics import l2_normalize
 
 
 def class_embeddings(encode_text: Callable[[Sequence[str]], np.ndarray],
@@ -31,8 +29,8 @@ def class_embeddings(encode_text: Callable[[Sequence[str]], np.ndarray],
     raise ValueError(f"templates must be non-empty, each with exactly one '{{}}'; bad: {bad}")
   prompts = [t.format(c) for c in class_names for t in templates]
   emb = np.asarray(encode_text(prompts), np.float32)
-  emb = _normalize(emb).reshape(len(class_names), len(templates), -1).mean(1)
-  return _normalize(emb)
+  emb = l2_normalize(emb).reshape(len(class_names), len(templates), -1).mean(1)
+  return l2_normalize(emb)
 
 
 def zeroshot_accuracy(img_emb: np.ndarray, class_emb: np.ndarray,

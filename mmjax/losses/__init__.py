@@ -1,5 +1,11 @@
-"""Contrastive losses as pure functions: `f(img_emb, txt_emb, scale[, bias]) -> scalar`."""
+"""Contrastive losses as pure functions: `f(img_emb, txt_emb, scale[, bias]) -> scalar`.
 
-from mmjax.losses.contrastive import clip_loss, infonce_loss, siglip_loss
+`impl` (how the batch is distributed) and `blocks` (how each block of logits
+is computed) are two arguments of clip_loss / siglip_loss; IMPLS and BLOCKS
+name their values (config validation reuses them).
+"""
 
-__all__ = ["clip_loss", "infonce_loss", "siglip_loss"]
+from mmjax.losses.blocks import BLOCKS, Blocks
+from mmjax.losses.contrastive import IMPLS, clip_loss, infonce_loss, siglip_loss
+
+__all__ = ["BLOCKS", "Blocks", "IMPLS", "clip_loss", "infonce_loss", "siglip_loss"]

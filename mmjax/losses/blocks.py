@@ -1,11 +1,12 @@
 """How an [n, n] block of logits s * x @ y.T is computed, and the one-device losses built on it.
 
-A `Blocks` value picks the implementation: "dense" (the block's logits in
+A `Blocks` value picks the implementation (the `blocks=` argument of
+mmjax.losses.clip_loss / siglip_loss): "dense" (the block's logits in
 memory), "tiled" (XLA loops over tiles, mmjax/losses/tiled.py) or "pallas"
-(kernels, mmjax/pallas/contrastive.py). Each ring step of
-mmjax/losses/distributed.py computes one block with it; a one-device loss is
-the single block that holds the positive pairs on its diagonal, and its custom
-VJP below is written once for every implementation.
+(kernels, mmjax/pallas/contrastive.py, imported only when chosen). Each ring
+step of mmjax/losses/distributed.py computes one block with it; a one-device
+loss is the single block that holds the positive pairs on its diagonal, and
+its custom VJP below is written once for every implementation.
 """
 
 from __future__ import annotations
@@ -17,15 +18,19 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.losses import tiled
-from mmjax.pallas import contrastive as pallas_contrastive
-from mmjax.pallas.contrastive import dot_nt
+from mmjax.losses.tiles import clip_grad_tile, dot_nn, dot_nt, dot_tn
 
-IMPLS = ("dense", "tiled", "pallas")
+BLOCKS = ("dense", "tiled", "pallas")
 
 
 def diag_logits(x, y, s):
   """[n]: s * x_i . y_i, the positive pairs' logits, float32."""
   return s * jnp.einsum("id,id->i", x, y, preferred_element_type=jnp.float32)
+
+
+def _eye(n: int, positive: bool):
+  """The block's positive pairs: its diagonal if `positive`, else none. [n, n] bool."""
+  return jnp.eye(n, dtype=bool) & positive
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,9 +49,12 @@ class Blocks:
   interpret: bool | None = None
 
   def __post_init__(self):
-    if self.impl not in IMPLS:
-      raise ValueError(f"Blocks.impl must be one of {IMPLS}; got {self.impl!r}")
+    if self.impl not in BLOCKS:
+      raise ValueError(f"blocks={self.impl!r} is not one of {BLOCKS}")
     if self.block is not None:
+      if self.impl == "dense":
+        raise ValueError(f"block={self.block!r} is for blocks='tiled' or 'pallas' only; "
+                         "got blocks='dense'")
       tiled.tiling(1, self.block)   # validates block
     if self.impl == "pallas":
       self._kw()                     # validates platform
@@ -54,17 +62,21 @@ class Blocks:
   def _kw(self):
     if self.impl == "tiled":
       return dict(block=self.block or tiled.DEFAULT_BLOCK)
+    from mmjax.pallas import contrastive as pallas_contrastive
     return dict(cfg=pallas_contrastive.config(self.block, platform=self.platform,
                                               interpret=self.interpret))
 
   def _module(self):
-    return tiled if self.impl == "tiled" else pallas_contrastive
+    if self.impl == "tiled":
+      return tiled
+    from mmjax.pallas import contrastive as pallas_contrastive
+    return pallas_contrastive
 
   def siglip_sum(self, x, y, s, b, positive: bool):
     """sum_ij -log sigmoid(z_ij * logit_ij), z = +1 on a positive diagonal, else -1."""
     if self.impl == "dense":
       logits = s * dot_nt(x, y) + b
-      z = jnp.where(positive, 2.0 * jnp.eye(x.shape[0], dtype=jnp.float32) - 1.0, -1.0)
+      z = jnp.where(_eye(x.shape[0], positive), 1.0, -1.0)
       return -jnp.sum(jax.nn.log_sigmoid(z * logits))
     return self._module().siglip_block_sum(x, y, s, b, positive=positive, **self._kw())
 
@@ -73,11 +85,9 @@ class Blocks:
     if self.impl == "dense":
       dots = dot_nt(x, y)
       logits = s * dots + b
-      target = jnp.where(positive, jnp.eye(x.shape[0], dtype=jnp.float32), 0.0)
+      target = _eye(x.shape[0], positive).astype(jnp.float32)
       gl = g * (jax.nn.sigmoid(logits) - target)      # d / d logits, [n, n]
-      grads = (s * jnp.einsum("ij,jd->id", gl, y, preferred_element_type=jnp.float32),
-               s * jnp.einsum("ij,id->jd", gl, x, preferred_element_type=jnp.float32),
-               jnp.sum(gl * dots), jnp.sum(gl))
+      grads = s * dot_nn(gl, y), s * dot_tn(gl, x), jnp.sum(gl * dots), jnp.sum(gl)
       if not with_loss:
         return grads
       return (-g * jnp.sum(jax.nn.log_sigmoid((2.0 * target - 1.0) * logits)),) + grads
@@ -95,12 +105,9 @@ class Blocks:
     """(dx, dy, ds) for G = g * (exp(z - row_lse) + exp(z - col_lse) - 2 I[positive])."""
     if self.impl == "dense":
       dots = dot_nt(x, y)
-      logits = s * dots
-      p = jnp.exp(logits - row_lse[:, None]) + jnp.exp(logits - col_lse[None, :])
-      gl = g * (p - jnp.where(positive, 2.0 * jnp.eye(x.shape[0], dtype=jnp.float32), 0.0))
-      return (s * jnp.einsum("ij,jd->id", gl, y, preferred_element_type=jnp.float32),
-              s * jnp.einsum("ij,id->jd", gl, x, preferred_element_type=jnp.float32),
-              jnp.sum(gl * dots))
+      gl = clip_grad_tile(s * dots, row_lse[:, None], col_lse[None, :], g,
+                          (None, _eye(x.shape[0], True)), positive=positive, padded=False)
+      return s * dot_nn(gl, y), s * dot_tn(gl, x), jnp.sum(gl * dots)
     return self._module().clip_block_grads(x, y, s, row_lse, col_lse, g, positive=positive,
                                            **self._kw())
 

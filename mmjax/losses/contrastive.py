@@ -6,25 +6,31 @@ of the logits (already exponentiated: exp(t) of the model's learned t).
 Logits and the loss are computed in float32 whatever the embedding dtype:
 bf16 operands, f32 accumulation (the fast path on AMX/TPU/GPU alike).
 
-Faster or sharded implementations are `impl=` values of these same functions,
-tested against impl="dense":
-  "dense": the n x n logits in memory, one device (or XLA's own partitioning).
-  "tiled": the logits tile by tile in XLA loops, never all in memory; custom
-    VJPs recompute tiles. O(n * d + block^2) memory. mmjax/losses/tiled.py
-    (the custom VJPs, shared with "pallas": mmjax/losses/blocks.py).
-  "pallas": the same as Pallas kernels (Mosaic on TPU, Triton on GPU,
-    interpret mode on CPU). mmjax/pallas/contrastive.py.
+Two independent choices, each an argument, every value tested against the
+default (impl="global", blocks="dense") and float64 NumPy:
+
+impl: how the global batch is distributed.
+  "global": one program sees the whole batch (one device, or XLA partitions
+    it over a mesh).
   "gather", "ring", "ring_bidir" (SigLIP only): per device, inside shard_map
     or pmap over `axis_name`, on the local [n, d] shards of a global batch;
     they return the global batch's loss. See mmjax/losses/distributed.py.
+blocks: how each [n, n] block of logits is computed (mmjax/losses/blocks.py).
+  "dense": the block's logits in memory.
+  "tiled": tile by tile in XLA loops, never all in memory; custom VJPs
+    recompute tiles. O(n * d + block^2) memory. mmjax/losses/tiled.py.
+  "pallas": the same as Pallas kernels (Mosaic on TPU, Triton on GPU,
+    interpret mode on CPU). mmjax/pallas/contrastive.py, imported only here.
+  A `Blocks` value instead of a name also picks the Pallas platform and
+  interpret mode.
 
-"tiled" and "pallas" also take an `axis_name`: they are then the ring
-(impl="ring") whose every step computes its n x n block tile by tile with that
-impl, so per-device memory is O(n * d + block^2) however large the local and
-global batches are. One knob, `block` (the largest tile side), belongs to these
-two impls only; impl="ring" keeps its dense n x n blocks, fastest while they
-fit. (The pallas ring lowers for TPU under shard_map(check_vma=True), but JAX's
-Pallas interpreter fails there, so on CPU run it with check_vma=False.)
+With impl="global" the batch is one block; each ring step computes one n x n
+block (the local batch against one travelling text chunk), so "ring" with
+tiled blocks keeps per-device memory at O(n * d + block^2) however large the
+local and global batches are. "gather" makes the [n, N] logits by design and
+takes dense blocks only. `block` (the largest tile side) belongs to tiled and
+pallas blocks. (The pallas ring lowers for TPU under shard_map(check_vma=True),
+but JAX's Pallas interpreter fails there, so on CPU run it with check_vma=False.)
 """
 
 from __future__ import annotations
@@ -33,23 +39,32 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.losses import blocks as blocks_lib, distributed
+from mmjax.losses.blocks import BLOCKS, Blocks
 
-_IMPLS = ("dense", "tiled", "pallas", "gather", "ring", "ring_bidir")
+IMPLS = ("global", "gather", "ring", "ring_bidir")
 _SHARDED = ("gather", "ring", "ring_bidir")
 
 
-def _check(img_emb: jax.Array, txt_emb: jax.Array, impl: str, axis_name, block) -> None:
-  if impl not in _IMPLS:
-    raise ValueError(f"impl={impl!r} is not one of {_IMPLS}")
-  if impl == "dense" and axis_name is not None:
-    raise ValueError(f"impl='dense' takes no axis_name (got axis_name={axis_name!r}); "
-                     "sharded impls run inside shard_map/pmap")
+def _dispatch(img_emb, txt_emb, impl: str, axis_name, blocks, block) -> Blocks:
+  """Checks the arguments; returns the Blocks value."""
+  if impl not in IMPLS:
+    raise ValueError(f"impl={impl!r} is not one of {IMPLS}")
+  if impl == "global" and axis_name is not None:
+    raise ValueError(f"impl='global' takes no axis_name (got axis_name={axis_name!r}); "
+                     f"the sharded impls {_SHARDED} run inside shard_map/pmap")
   if impl in _SHARDED and axis_name is None:
     raise ValueError(f"impl={impl!r} needs an axis_name (got axis_name=None); "
                      "sharded impls run inside shard_map/pmap")
-  if block is not None and impl not in ("tiled", "pallas"):
-    raise ValueError(f"block is for impl='tiled' or 'pallas' only; got impl={impl!r}, "
-                     f"block={block!r}")
+  if isinstance(blocks, Blocks):
+    if block is not None:
+      raise ValueError(f"block={block!r} goes into the Blocks value when blocks= is one")
+  elif blocks in BLOCKS:
+    blocks = Blocks(blocks, block)
+  else:
+    raise ValueError(f"blocks={blocks!r} is not one of {BLOCKS} (or a Blocks value)")
+  if impl == "gather" and blocks.impl != "dense":
+    raise ValueError(f"blocks={blocks.impl!r} does not apply to impl='gather', which makes "
+                     "the [n, N] logits by design; use impl='ring' for tiled blocks")
   if img_emb.ndim != 2 or txt_emb.ndim != 2:
     raise ValueError(
         "img_emb and txt_emb must be [batch, dim]; got img_emb "
@@ -58,6 +73,7 @@ def _check(img_emb: jax.Array, txt_emb: jax.Array, impl: str, axis_name, block) 
     raise ValueError(
         f"img_emb {tuple(img_emb.shape)} and txt_emb {tuple(txt_emb.shape)} "
         "must have the same shape [batch, dim]")
+  return blocks
 
 
 def _check_scalar(name: str, x) -> None:
@@ -72,8 +88,9 @@ def _logits(img_emb: jax.Array, txt_emb: jax.Array, scale) -> jax.Array:
   return jnp.asarray(scale, jnp.float32) * dots
 
 
-def clip_loss(img_emb: jax.Array, txt_emb: jax.Array, scale, *,
-              impl: str = "dense", axis_name=None, block: int | None = None) -> jax.Array:
+def clip_loss(img_emb: jax.Array, txt_emb: jax.Array, scale, *, impl: str = "global",
+              blocks: str | Blocks = "dense", axis_name=None,
+              block: int | None = None) -> jax.Array:
   """Symmetric softmax (InfoNCE) loss of CLIP, normalised as open_clip does.
 
   loss = (mean_i CE(logits[i, :], i) + mean_j CE(logits[:, j], j)) / 2,
@@ -83,28 +100,26 @@ def clip_loss(img_emb: jax.Array, txt_emb: jax.Array, scale, *,
     img_emb: [n, d] image embeddings (f32 or bf16).
     txt_emb: [n, d] text embeddings; row i pairs with img_emb row i.
     scale: scalar > 0, the logit multiplier (exp of the learned temperature).
-    impl: "dense" | "tiled" | "pallas" | "gather" | "ring" (see the module docstring).
-    axis_name: the batch axis (or tuple of axes) for "gather" and "ring", and
-      optionally "tiled" and "pallas" (the ring with tiled blocks); img_emb
+    impl: "global" | "gather" | "ring": how the batch is distributed (module docstring).
+    blocks: "dense" | "tiled" | "pallas" (or a Blocks value): how each block
+      of logits is computed.
+    axis_name: the batch axis (or tuple of axes) of the sharded impls; img_emb
       and txt_emb are then this device's [n, d] shards.
-    block: the largest tile side for "tiled" and "pallas" (None: their
+    block: the largest tile side of tiled and pallas blocks (None: their
       defaults, 1024 for "tiled", 512 on TPU and 64 on GPU for "pallas").
 
   Returns:
     float32 scalar: the loss of the whole (global) batch.
   """
-  _check(img_emb, txt_emb, impl, axis_name, block)
+  blocks = _dispatch(img_emb, txt_emb, impl, axis_name, blocks, block)
   _check_scalar("scale", scale)
   if impl == "ring_bidir":
-    raise ValueError("impl='ring_bidir' is implemented for siglip_loss only; use 'ring'")
+    raise ValueError("impl='ring_bidir' is implemented for siglip_loss only; use impl='ring'")
   if impl == "gather":
     return distributed.clip_gather(img_emb, txt_emb, scale, axis_name=axis_name)
   if impl == "ring":
-    return distributed.clip_ring(img_emb, txt_emb, scale, axis_name=axis_name)
-  if impl in ("tiled", "pallas"):
-    blocks = blocks_lib.Blocks(impl, block)
-    if axis_name is not None:
-      return distributed.clip_ring(img_emb, txt_emb, scale, axis_name=axis_name, blocks=blocks)
+    return distributed.clip_ring(img_emb, txt_emb, scale, axis_name=axis_name, blocks=blocks)
+  if blocks.impl != "dense":
     return blocks_lib.clip_loss(img_emb, txt_emb, scale, blocks=blocks)
   logits = _logits(img_emb, txt_emb, scale)
   return 0.5 * (jnp.mean(_row_cross_entropy(logits)) + jnp.mean(_row_cross_entropy(logits.T)))
@@ -125,13 +140,14 @@ def infonce_loss(query: jax.Array, key: jax.Array, scale) -> jax.Array:
   Returns:
     float32 scalar.
   """
-  _check(query, key, "dense", None, None)
+  _dispatch(query, key, "global", None, "dense", None)
   _check_scalar("scale", scale)
   return jnp.mean(_row_cross_entropy(_logits(query, key, scale)))
 
 
-def siglip_loss(img_emb: jax.Array, txt_emb: jax.Array, scale, bias, *,
-                impl: str = "dense", axis_name=None, block: int | None = None) -> jax.Array:
+def siglip_loss(img_emb: jax.Array, txt_emb: jax.Array, scale, bias, *, impl: str = "global",
+                blocks: str | Blocks = "dense", axis_name=None,
+                block: int | None = None) -> jax.Array:
   """Pairwise sigmoid loss of SigLIP, normalised as the paper and open_clip do.
 
   loss = -sum_ij log sigmoid(z_ij * (scale * img_i . txt_j + bias)) / n,
@@ -142,30 +158,26 @@ def siglip_loss(img_emb: jax.Array, txt_emb: jax.Array, scale, bias, *,
     txt_emb: [n, d] text embeddings; row i pairs with img_emb row i.
     scale: scalar > 0, the logit multiplier (exp of the learned t').
     bias: scalar logit bias (SigLIP init -10).
-    impl: "dense" | "tiled" | "pallas" | "gather" | "ring" | "ring_bidir"
-      (see the module docstring).
-    axis_name: the batch axis (or tuple of axes) for the sharded impls, and
-      optionally "tiled" and "pallas" (the ring with tiled blocks); img_emb
+    impl: "global" | "gather" | "ring" | "ring_bidir": how the batch is
+      distributed (module docstring).
+    blocks: "dense" | "tiled" | "pallas" (or a Blocks value): how each block
+      of logits is computed.
+    axis_name: the batch axis (or tuple of axes) of the sharded impls; img_emb
       and txt_emb are then this device's [n, d] shards.
-    block: the largest tile side for "tiled" and "pallas" (None: their defaults).
+    block: the largest tile side of tiled and pallas blocks (None: their defaults).
 
   Returns:
     float32 scalar: the loss of the whole (global) batch.
   """
-  _check(img_emb, txt_emb, impl, axis_name, block)
+  blocks = _dispatch(img_emb, txt_emb, impl, axis_name, blocks, block)
   _check_scalar("scale", scale)
   _check_scalar("bias", bias)
   if impl == "gather":
     return distributed.siglip_gather(img_emb, txt_emb, scale, bias, axis_name=axis_name)
-  if impl == "ring":
-    return distributed.siglip_ring(img_emb, txt_emb, scale, bias, axis_name=axis_name)
-  if impl == "ring_bidir":
-    return distributed.siglip_ring_bidir(img_emb, txt_emb, scale, bias, axis_name=axis_name)
-  if impl in ("tiled", "pallas"):
-    blocks = blocks_lib.Blocks(impl, block)
-    if axis_name is not None:
-      return distributed.siglip_ring(img_emb, txt_emb, scale, bias, axis_name=axis_name,
-                                     blocks=blocks)
+  if impl in ("ring", "ring_bidir"):
+    ring = distributed.siglip_ring if impl == "ring" else distributed.siglip_ring_bidir
+    return ring(img_emb, txt_emb, scale, bias, axis_name=axis_name, blocks=blocks)
+  if blocks.impl != "dense":
     return blocks_lib.siglip_loss(img_emb, txt_emb, scale, bias, blocks=blocks)
   n = img_emb.shape[0]
   logits = _logits(img_emb, txt_emb, scale) + jnp.asarray(bias, jnp.float32)

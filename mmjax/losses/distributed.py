@@ -36,7 +36,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from mmjax.losses.blocks import DENSE, Blocks, diag_logits
-from mmjax.pallas.contrastive import dot_nt
+from mmjax.losses.tiles import dot_nt
+from mmjax.numerics import vary_over
 
 Axis = str | tuple[str, ...]
 
@@ -51,8 +52,7 @@ def _tracks_vma(x: jax.Array, axis: Axis) -> bool:
 
 
 def _to_varying(x: jax.Array, axis: Axis) -> jax.Array:
-  missing = tuple(a for a in _names(axis) if a not in jax.typeof(x).manual_axis_type.varying)
-  return lax.pcast(x, missing, to="varying") if missing else x
+  return vary_over(x, _names(axis))
 
 
 def _shift(x, axis: Axis, size: int, offset: int = 1):
@@ -90,6 +90,13 @@ def siglip_gather(img_emb, txt_emb, scale, bias, *, axis_name: Axis):
 
 # ---------------------------------------------------------------- siglip ring
 
+def _siglip_accumulate(blocks, x, s, b, g, y_cur, positive, dx, acc, ds, db):
+  """Adds one block's gradients: dx and ds, db to this device's sums, dy to the
+  accumulator `acc` that travels with the text chunk y_cur."""
+  gx, gy, gs, gb = blocks.siglip_grads(x, y_cur, s, b, g, positive)
+  return dx + gx, acc + gy, ds + gs, db + gb
+
+
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def _siglip_ring(x, y, s, b, axis, blocks):
@@ -117,9 +124,7 @@ def _siglip_ring_bwd(axis, blocks, res, g):
     g = lax.psum(g, axis)      # pmap semantics: every device's loss copy seeds 1
   g = g / (n * size)
 
-  def accumulate(y_cur, positive, dx, acc, ds, db):
-    gx, gy, gs, gb = blocks.siglip_grads(x, y_cur, s, b, g, positive)
-    return dx + gx, acc + gy, ds + gs, db + gb
+  accumulate = functools.partial(_siglip_accumulate, blocks, x, s, b, g)
 
   zeros = lambda a: jnp.zeros(a.shape, jnp.float32)
   dx, acc, ds, db = accumulate(y, True, zeros(x), zeros(y), zeros(s), zeros(b))
@@ -197,9 +202,7 @@ def _siglip_bidir_bwd(axis, blocks, res, g):
     g = lax.psum(g, axis)
   g = g / (n * size)
 
-  def accumulate(y_cur, positive, dx, acc, ds, db):
-    gx, gy, gs, gb = blocks.siglip_grads(x, y_cur, s, b, g, positive)
-    return dx + gx, acc + gy, ds + gs, db + gb
+  accumulate = functools.partial(_siglip_accumulate, blocks, x, s, b, g)
 
   zeros = lambda a: jnp.zeros(a.shape, jnp.float32)
   dx, acc_f, ds, db = accumulate(y, True, zeros(x), zeros(y), zeros(s), zeros(b))

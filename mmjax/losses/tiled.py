@@ -34,7 +34,9 @@ import jax.numpy as jnp
 from jax import lax
 
 # The elementwise tile math is the Pallas kernels' own: the same algorithm.
-from mmjax.pallas.contrastive import MASKED, dot_nt, siglip_terms, tile_masks, vary_like
+from mmjax.losses.tiles import (clip_grad_tile, dot_nn, dot_nt, dot_tn, lse_update, siglip_terms,
+                                tile_masks)
+from mmjax.numerics import MASKED, round_up, vary_like
 
 DEFAULT_BLOCK = 1024
 
@@ -47,7 +49,7 @@ def tiling(n: int, block: int) -> tuple[int, int]:
     return n, 1
   nb = -(-n // block)
   t = -(-n // nb)
-  t = min(block, -(-t // 8) * 8)
+  t = min(block, round_up(t, 8))
   return t, -(-n // t)
 
 
@@ -82,10 +84,8 @@ def _accumulate_grads(tile_grad, x, y, t: int, nb: int, extra_init, refs):
       dx_i, dy, extra = carry
       y_j = y[j]
       g, e = tile_grad(i, j, x_i, y_j)
-      gc = g.astype(x.dtype)
-      dx_i = dx_i + jnp.einsum("ij,jd->id", gc, y_j, preferred_element_type=jnp.float32)
-      dy_j = jnp.einsum("ij,id->jd", gc, x_i, preferred_element_type=jnp.float32)
-      dy = lax.dynamic_update_index_in_dim(dy, dy[j] + dy_j, j, 0)
+      dx_i = dx_i + dot_nn(g, y_j)
+      dy = lax.dynamic_update_index_in_dim(dy, dy[j] + dot_tn(g, x_i), j, 0)
       return dx_i, dy, jax.tree.map(jnp.add, extra, e)
 
     dx_i, dy, extra = lax.fori_loop(0, nb, col, (zeros_t, dy, extra))
@@ -127,18 +127,15 @@ def clip_block_lse(x: jax.Array, y: jax.Array, s: jax.Array, *,
       z = s * dot_nt(x_i, yb[j])
       if padded:
         z = jnp.where(tile_masks(i, j, t, n)[0], z, MASKED)
-      m_new = jnp.maximum(m_row, jnp.max(z, axis=1))
-      l_row = l_row * jnp.exp(m_row - m_new) + jnp.sum(jnp.exp(z - m_new[:, None]), axis=1)
-      mc, lc = m_col[j], l_col[j]
-      mc_new = jnp.maximum(mc, jnp.max(z, axis=0))
-      lc = lc * jnp.exp(mc - mc_new) + jnp.sum(jnp.exp(z - mc_new[None, :]), axis=0)
-      m_col = lax.dynamic_update_index_in_dim(m_col, mc_new, j, 0)
-      l_col = lax.dynamic_update_index_in_dim(l_col, lc, j, 0)
-      return m_new, l_row, m_col, l_col
+      m_row, l_row = lse_update(m_row, l_row, z, axis=1)             # [t, 1]
+      mc, lc = lse_update(m_col[j][None], l_col[j][None], z, axis=0)  # [1, t]
+      m_col = lax.dynamic_update_index_in_dim(m_col, mc[0], j, 0)
+      l_col = lax.dynamic_update_index_in_dim(l_col, lc[0], j, 0)
+      return m_row, l_row, m_col, l_col
 
-    init = (neg_inf[0], zeros[0], m_col, l_col)
+    init = (neg_inf[0][:, None], zeros[0][:, None], m_col, l_col)
     m_row, l_row, m_col, l_col = lax.fori_loop(0, nb, col, init)
-    row_lse = lax.dynamic_update_index_in_dim(row_lse, m_row + jnp.log(l_row), i, 0)
+    row_lse = lax.dynamic_update_index_in_dim(row_lse, (m_row + jnp.log(l_row))[:, 0], i, 0)
     return row_lse, m_col, l_col
 
   row_lse, m_col, l_col = lax.fori_loop(0, nb, row, (zeros, neg_inf, zeros))
@@ -169,14 +166,8 @@ def clip_block_grads(x: jax.Array, y: jax.Array, s: jax.Array, row_lse: jax.Arra
 
   def tile_grad(i, j, x_i, y_j):
     dots = dot_nt(x_i, y_j)
-    z = s * dots
-    p = jnp.exp(z - rl[i][:, None]) + jnp.exp(z - cl[j][None, :])
-    valid, diag = tile_masks(i, j, t, n)
-    if positive:
-      p = jnp.where(diag, p - 2.0, p)
-    if padded:
-      p = jnp.where(valid, p, 0.0)
-    p = g * p
+    p = clip_grad_tile(s * dots, rl[i][:, None], cl[j][None, :], g, tile_masks(i, j, t, n),
+                       positive=positive, padded=padded)
     return p, jnp.sum(p * dots)
 
   dx, dy, ds = _accumulate_grads(tile_grad, _blocks(x, t, nb), _blocks(y, t, nb), t, nb,

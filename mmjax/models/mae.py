@@ -28,9 +28,17 @@ def patchify(image: jax.Array, patch: tuple[int, int]) -> jax.Array:
   return x.reshape(b, (h // ph) * (w // pw), ph * pw * c)
 
 
-class Model(nn.Module):
-  """image [b, H, W, 3] -> (loss scalar, {'pred': [b, n, p*p*3], 'mask': [b, n] 1 = masked})."""
-  image: dict                # vit.Model fields of the encoder
+def Model(image: dict, **fields) -> "MAE":  # noqa: N802
+  """An MAE whose encoder is given as vit.Model arguments, decoded and checked once here."""
+  return MAE(image=vit.config(**image), **fields)
+
+
+class MAE(nn.Module):
+  """image [b, H, W, 3] -> (loss scalar, {'pred': [b, n, p*p*3], 'mask': [b, n] 1 = masked}).
+
+  Build it with `Model(image=..., ...)`; image here is the complete vit.ViT fields.
+  """
+  image: dict
   mask_ratio: float = 0.75
   decoder_width: int = 128
   decoder_depth: int = 2
@@ -43,16 +51,14 @@ class Model(nn.Module):
   def setup(self):
     if not 0.0 <= self.mask_ratio < 1.0:
       raise ValueError(f"mask_ratio={self.mask_ratio} must be in [0, 1)")
-    self.img = vit.Model(**{"pool_type": "gap", **self.image}, name="img")
+    self.img = vit.ViT(**self.image, name="img")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     self.decoder_embed = nn.Dense(self.decoder_width, name="decoder_embed", **kw)
     self.mask_token = self.param("mask_token", nn.initializers.normal(0.02),
                                  (1, 1, self.decoder_width), self.param_dtype)
-    self.decoder = Encoder(self.decoder_depth, self.decoder_heads, self.decoder_mlp_dim,
-                           name="decoder", **kw)
-    v = vit.resolve(self.image.get("variant"), **{
-        k: self.image.get(k) for k in ("width", "depth", "mlp_dim", "num_heads", "patch_size")})
-    self.patch = v["patch_size"]
+    self.decoder = Encoder(depth=self.decoder_depth, num_heads=self.decoder_heads,
+                           mlp_dim=self.decoder_mlp_dim, name="decoder", **kw)
+    self.patch = self.image["patch_size"]
     self.decoder_pred = nn.Dense(self.patch[0] * self.patch[1] * 3, name="decoder_pred", **kw)
 
   def image_features(self, image: jax.Array) -> jax.Array:

@@ -55,9 +55,17 @@ class MLP(nn.Module):
     return BatchStatNorm(affine=False, name="norm_out")(x) if self.last_norm else x
 
 
-class Model(nn.Module):
-  """image [b, H, W, 3] -> (q [b, out_dim] predictor output, z [b, out_dim] projector output)."""
-  image: dict                # vit.Model fields of the backbone
+def Model(image: dict, **fields) -> "MoCo":  # noqa: N802
+  """A MoCo whose backbone is given as vit.Model arguments, decoded and checked once here."""
+  return MoCo(image=vit.config(**image), **fields)
+
+
+class MoCo(nn.Module):
+  """image [b, H, W, 3] -> (q [b, out_dim] predictor output, z [b, out_dim] projector output).
+
+  Build it with `Model(image=..., ...)`; image here is the complete vit.ViT fields.
+  """
+  image: dict
   hidden: int = 512
   out_dim: int = 128
   dtype: Any = jnp.float32
@@ -65,7 +73,7 @@ class Model(nn.Module):
 
   def setup(self):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    self.img = vit.Model(**{"pool_type": "gap", **self.image}, name="img")
+    self.img = vit.ViT(**self.image, name="img")
     self.projector = MLP(self.hidden, self.out_dim, layers=3, last_norm=True, name="projector",
                          **kw)
     self.predictor = MLP(self.hidden, self.out_dim, layers=2, name="predictor", **kw)

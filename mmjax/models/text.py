@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -19,46 +20,67 @@ def decode_variant(variant: str) -> dict[str, Any]:
   return vit.decode_variant(variant)
 
 
-class Model(nn.Module):
+POOL_TYPES = ("eos", "last", "first", "map", "argmax")
+
+
+def config(variant: str | None = None, **fields) -> dict[str, Any]:
+  """The complete, checked fields of a `TextTransformer`: the variant decoded
+  once, overrides applied (None = the variant's). Every ValueError starts with
+  the field it is about."""
+  out = vit.dims(variant, decode=decode_variant,
+                 **{k: fields.pop(k, None) for k in ("width", "depth", "mlp_dim", "num_heads")})
+  known = {f.name for f in dataclasses.fields(TextTransformer)}
+  unknown = set(fields) - known
+  if unknown:
+    raise ValueError(f"{sorted(unknown)[0]}: not a TextTransformer field")
+  out.update(fields)
+  settings = {**{f.name: f.default for f in dataclasses.fields(TextTransformer)
+                 if f.default is not dataclasses.MISSING}, **out}
+  if settings["pool_type"] not in POOL_TYPES:
+    raise ValueError(f"pool_type={settings['pool_type']!r} is not one of {POOL_TYPES}")
+  if settings["pad_id"] is None and settings["pool_type"] == "eos":
+    raise ValueError("pad_id=None is not allowed with pool_type='eos', which finds the last "
+                     "real token by pad_id (CLIP's EOT: pool_type='argmax')")
+  return out
+
+
+def Model(variant: str | None = None, **fields) -> "TextTransformer":  # noqa: N802
+  """TextTransformer from a variant name ('B') and overrides, decoded and checked once."""
+  name, parent = fields.pop("name", None), fields.pop("parent", None)
+  kw = {} if parent is None else {"parent": parent}
+  return TextTransformer(**config(variant, **fields), name=name, **kw)
+
+
+class TextTransformer(nn.Module):
   """tokens [b, L] int32 (pad_id after the EOS) -> (pooled [b, width], {'encoded': [b, L, width]}).
 
-  pad_id=None: no key-padding mask (CLIP: id 0 is a real token, '!'; causal
-  attention already keeps the EOT from seeing the padding after it).
-  pool_type='argmax': the token with the largest id (CLIP's EOT is the last id).
+  Build it with `Model(variant, **overrides)`. pad_id=None: no key-padding
+  mask (CLIP: id 0 is a real token, '!'; causal attention already keeps the
+  EOT from seeing the padding after it). pool_type='argmax': the token with
+  the largest id (CLIP's EOT is the last id).
   """
   vocab_size: int
   max_len: int
-  variant: str | None = None
-  width: int | None = None
-  depth: int | None = None
-  mlp_dim: int | None = None
-  num_heads: int | None = None
+  width: int
+  depth: int
+  mlp_dim: int
+  num_heads: int
   causal: bool = False
-  pool_type: str = "last"   # 'eos' | 'last' | 'first' | 'map' | 'argmax'
+  pool_type: str = "last"   # POOL_TYPES
   pad_id: int | None = 0
   dropout: float = 0.0
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   remat: bool = False
-  attn_impl: str = "xla"
+  attention_impl: str = "xla"
   act: str = "gelu"         # mmjax.nn.layers.ACTIVATIONS
   ln_eps: float = 1e-6
 
   @nn.compact
   def __call__(self, tokens: jax.Array, *, train: bool = False):
-    if self.variant is not None:
-      decode_variant(self.variant)
-    v = vit.resolve(self.variant, width=self.width, depth=self.depth, mlp_dim=self.mlp_dim,
-                    num_heads=self.num_heads)
-    if self.pool_type not in ("eos", "last", "first", "map", "argmax"):
-      raise ValueError(f"pool_type={self.pool_type!r}; expected 'eos', 'last', 'first', 'map' "
-                       "or 'argmax'")
-    if self.pad_id is None and self.pool_type == "eos":
-      raise ValueError("pool_type='eos' finds the last real token by pad_id; pad_id=None "
-                       "is not allowed with it (CLIP's EOT: pool_type='argmax')")
     if tokens.ndim != 2 or tokens.shape[1] > self.max_len:
       raise ValueError(f"tokens must be [b, L] with L <= max_len={self.max_len}; got {tokens.shape}")
-    width, kw = v["width"], dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    width, kw = self.width, dict(dtype=self.dtype, param_dtype=self.param_dtype)
     b, length = tokens.shape
     x = nn.Embed(self.vocab_size, width, embedding_init=nn.initializers.normal(0.02),
                  name="token_embedding", **kw)(tokens)
@@ -67,8 +89,9 @@ class Model(nn.Module):
     x = x + pe[:, :length].astype(x.dtype)
     real = None if self.pad_id is None else tokens != self.pad_id   # [b, L]
     mask = None if real is None else real[:, None, None, :]        # keys: never attend to padding
-    x = Encoder(v["depth"], v["num_heads"], v["mlp_dim"], self.dropout, attn_impl=self.attn_impl,
-                remat=self.remat, act=self.act, ln_eps=self.ln_eps, name="encoder", **kw)(
+    x = Encoder(depth=self.depth, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
+                dropout=self.dropout, attention_impl=self.attention_impl, remat=self.remat,
+                act=self.act, ln_eps=self.ln_eps, name="encoder", **kw)(
                     x, mask=mask, is_causal=self.causal, train=train)
     if self.pool_type == "eos":
       # The tokenizer ends every text with EOS: the last real token.
@@ -81,6 +104,6 @@ class Model(nn.Module):
     elif self.pool_type == "argmax":
       pooled = jnp.take_along_axis(x, jnp.argmax(tokens, axis=1)[:, None, None], axis=1)[:, 0]
     else:
-      pooled = MAPHead(v["num_heads"], v["mlp_dim"], attn_impl=self.attn_impl, name="map_head",
-                       **kw)(x, real)
+      pooled = MAPHead(self.num_heads, self.mlp_dim, attention_impl=self.attention_impl,
+                       name="map_head", **kw)(x, real)
     return pooled, {"encoded": x}

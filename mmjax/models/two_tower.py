@@ -11,15 +11,25 @@ import jax.numpy as jnp
 
 from mmjax.models import text as text_lib
 from mmjax.models import vit
+from mmjax.numerics import l2_normalize
+
+LOSSES = ("clip", "siglip")
 
 
-def _l2_normalize(x: jax.Array) -> jax.Array:
-  x = x.astype(jnp.float32)
-  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-12))
+def Model(image: dict, text: dict, embed_dim: int, **fields) -> "TwoTower":  # noqa: N802
+  """A TwoTower whose towers are given as vit.Model / text.Model arguments
+  (variant and overrides), decoded and checked once here."""
+  if fields.get("loss", "siglip") not in LOSSES:
+    raise ValueError(f"loss={fields['loss']!r} is not one of {LOSSES}")
+  return TwoTower(image=vit.config(**image), text=text_lib.config(**text), embed_dim=embed_dim,
+                  **fields)
 
 
-class Model(nn.Module):
+class TwoTower(nn.Module):
   """(image [b, H, W, 3], tokens [b, L]) -> (zimg [b, e], ztxt [b, e], out).
+
+  Build it with `Model(image=..., text=..., embed_dim=...)`: image and text
+  here are the complete fields of vit.ViT and text.TextTransformer.
 
   zimg, ztxt are float32 and unit-norm (either is None when its input is).
   out['scale'] = exp(t), the positive logit multiplier; out['bias'] = b for
@@ -35,10 +45,8 @@ class Model(nn.Module):
   param_dtype: Any = jnp.float32
 
   def setup(self):
-    if self.loss not in ("clip", "siglip"):
-      raise ValueError(f"loss={self.loss!r}; expected 'clip' or 'siglip'")
-    self.img = vit.Model(**{"pool_type": "map", **self.image}, name="img")
-    self.txt = text_lib.Model(**self.text, name="txt")
+    self.img = vit.ViT(**self.image, name="img")
+    self.txt = text_lib.TextTransformer(**self.text, name="txt")
     proj = lambda n: nn.Dense(self.embed_dim, use_bias=False, dtype=self.dtype,
                               param_dtype=self.param_dtype, name=n)
     self.img_proj, self.txt_proj = proj("img_proj"), proj("txt_proj")
@@ -51,12 +59,12 @@ class Model(nn.Module):
   def encode_image(self, image: jax.Array, *, train: bool = False) -> jax.Array:
     """[b, H, W, 3] float -> [b, embed_dim] float32, unit norm."""
     pooled, _ = self.img(image, train=train)
-    return _l2_normalize(self.img_proj(pooled))
+    return l2_normalize(self.img_proj(pooled))
 
   def encode_text(self, tokens: jax.Array, *, train: bool = False) -> jax.Array:
     """[b, L] int32 -> [b, embed_dim] float32, unit norm."""
     pooled, _ = self.txt(tokens, train=train)
-    return _l2_normalize(self.txt_proj(pooled))
+    return l2_normalize(self.txt_proj(pooled))
 
   def __call__(self, image: jax.Array | None, text: jax.Array | None, *, train: bool = False):
     zimg = None if image is None else self.encode_image(image, train=train)

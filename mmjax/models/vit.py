@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mmjax.nn.layers import Encoder, MAPHead, posemb_sincos_2d
 
@@ -41,14 +43,65 @@ def decode_variant(variant: str) -> dict[str, Any]:
   return out
 
 
-def resolve(variant: str | None, **overrides) -> dict[str, Any]:
-  """The variant's numbers with every non-None override applied."""
-  out = decode_variant(variant) if variant else {}
+POOL_TYPES = ("tok", "gap", "map", "none")
+POSEMBS = ("learn", "sincos2d")
+
+
+def _check_choice(field: str, value, choices) -> None:
+  if value not in choices:
+    raise ValueError(f"{field}={value!r} is not one of {choices}")
+
+
+def dims(variant: str | None, *, decode=None, **overrides) -> dict[str, Any]:
+  """The variant's numbers (width, depth, mlp_dim, num_heads[, patch_size]) with
+  every non-None override applied; ValueError (starting with the field) if one
+  is missing. decode: the variant decoder (default decode_variant)."""
+  try:
+    out = (decode or decode_variant)(variant) if variant else {}
+  except ValueError as e:
+    raise ValueError(f"variant: {e}") from None
   out.update({k: v for k, v in overrides.items() if v is not None})
   missing = [k for k in ("width", "depth", "mlp_dim", "num_heads") if k not in out]
   if missing:
-    raise ValueError(f"variant is None and {missing} are not given")
+    raise ValueError(f"variant: None and {missing} are not given")
   return out
+
+
+def config(variant: str | None = None, **fields) -> dict[str, Any]:
+  """The complete, checked fields of a `ViT`: the variant decoded once, overrides
+  applied (None = the variant's), patch_size an int or a pair. Every ValueError
+  starts with the field it is about."""
+  width, depth, mlp_dim, num_heads, patch = (fields.pop(k, None) for k in (
+      "width", "depth", "mlp_dim", "num_heads", "patch_size"))
+  if patch is not None:
+    patch = tuple(int(p) for p in np.broadcast_to(patch, 2))
+  out = dims(variant, width=width, depth=depth, mlp_dim=mlp_dim, num_heads=num_heads,
+             patch_size=patch)
+  if "patch_size" not in out:
+    raise ValueError(f"patch_size: none given; use a variant 'X/<patch>' or patch_size "
+                     f"(variant={variant!r})")
+  unknown = set(fields) - {f.name for f in dataclasses.fields(ViT)}
+  if unknown:
+    raise ValueError(f"{sorted(unknown)[0]}: not a ViT field")
+  out.update(fields)
+  settings = {**{f.name: f.default for f in dataclasses.fields(ViT)
+                 if f.default is not dataclasses.MISSING}, **out}
+  _check_choice("pool_type", settings["pool_type"], POOL_TYPES)
+  _check_choice("posemb", settings["posemb"], POSEMBS)
+  if settings["posemb_cls"] and (settings["posemb"], settings["pool_type"]) != ("learn", "tok"):
+    raise ValueError(f"posemb_cls=True needs posemb='learn' and pool_type='tok'; got "
+                     f"posemb={settings['posemb']!r}, pool_type={settings['pool_type']!r}")
+  if not 0.0 <= settings["patch_dropout"] < 1.0:
+    raise ValueError(f"patch_dropout={settings['patch_dropout']} must be in [0, 1)")
+  return out
+
+
+def Model(variant: str | None = None, **fields) -> "ViT":  # noqa: N802  (big_vision's factory)
+  """ViT from a variant name ('B/16') and overrides, decoded and checked once:
+  `vit.Model("B/16", pool_type="tok")` is `ViT(**config("B/16", pool_type="tok"))`."""
+  name, parent = fields.pop("name", None), fields.pop("parent", None)
+  kw = {} if parent is None else {"parent": parent}
+  return ViT(**config(variant, **fields), name=name, **kw)
 
 
 def random_keep(rng: jax.Array, b: int, n: int, n_keep: int) -> jax.Array:
@@ -57,25 +110,25 @@ def random_keep(rng: jax.Array, b: int, n: int, n_keep: int) -> jax.Array:
   return jnp.sort(jnp.argsort(noise, axis=1)[:, :n_keep], axis=1).astype(jnp.int32)
 
 
-class Model(nn.Module):
+class ViT(nn.Module):
   """ViT: image [b, H, W, C] -> (pooled [b, width], {'encoded': [b, n, width], ...}).
 
-  The encoder's final LayerNorm comes before pooling; with pool_type='tok' it
-  is open_clip's ln_post.
+  Build it with `Model(variant, **overrides)` (or the fields of `config`). The
+  encoder's final LayerNorm comes before pooling; with pool_type='tok' it is
+  open_clip's ln_post.
   """
-  variant: str | None = None
-  width: int | None = None
-  depth: int | None = None
-  mlp_dim: int | None = None
-  num_heads: int | None = None
-  patch_size: tuple[int, int] | None = None
-  pool_type: str = "map"     # 'tok' | 'gap' | 'map' | 'none'
-  posemb: str = "sincos2d"   # 'learn' | 'sincos2d'
+  width: int
+  depth: int
+  mlp_dim: int
+  num_heads: int
+  patch_size: tuple[int, int]
+  pool_type: str = "map"     # POOL_TYPES
+  posemb: str = "sincos2d"   # POSEMBS
   dropout: float = 0.0
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   remat: bool = False
-  attn_impl: str = "xla"
+  attention_impl: str = "xla"
   # open_clip / OpenAI CLIP layout (the defaults are big_vision's):
   patch_bias: bool = True    # open_clip's patch embedding has no bias
   posemb_cls: bool = False   # 'learn' + 'tok': the class token gets a position too
@@ -88,21 +141,12 @@ class Model(nn.Module):
   def __call__(self, image: jax.Array, *, train: bool = False, keep: jax.Array | None = None):
     """keep: int [b, k] patch indices (row-major) to encode, the rest dropped (MAE);
     None keeps all, except that patch_dropout > 0 draws them at train time."""
-    v = resolve(self.variant, width=self.width, depth=self.depth, mlp_dim=self.mlp_dim,
-                num_heads=self.num_heads, patch_size=self.patch_size)
-    if "patch_size" not in v:
-      raise ValueError(f"no patch size: give variant 'X/<patch>' or patch_size (variant={self.variant!r})")
-    if self.pool_type not in ("tok", "gap", "map", "none"):
-      raise ValueError(f"pool_type={self.pool_type!r}; expected 'tok', 'gap', 'map' or 'none'")
     if image.ndim != 4:
       raise ValueError(f"image must be [b, H, W, C]; got shape {image.shape}")
-    ph, pw = v["patch_size"]
+    ph, pw = self.patch_size
     if image.shape[1] % ph or image.shape[2] % pw:
       raise ValueError(f"image size {image.shape[1:3]} is not divisible by patch size {(ph, pw)}")
-    width, kw = v["width"], dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    if self.posemb_cls and (self.posemb, self.pool_type) != ("learn", "tok"):
-      raise ValueError(f"posemb_cls=True needs posemb='learn' and pool_type='tok'; got "
-                       f"posemb={self.posemb!r}, pool_type={self.pool_type!r}")
+    width, kw = self.width, dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = nn.Conv(width, (ph, pw), strides=(ph, pw), padding="VALID", use_bias=self.patch_bias,
                 name="embedding", **kw)(image.astype(self.dtype))
     b, h, w, _ = x.shape
@@ -117,13 +161,9 @@ class Model(nn.Module):
     if self.posemb == "learn":
       pe = self.param("pos_embedding", nn.initializers.normal(width ** -0.5),
                       (1, x.shape[1], width), self.param_dtype)
-    elif self.posemb == "sincos2d":
-      pe = posemb_sincos_2d(h, w, width)
     else:
-      raise ValueError(f"posemb={self.posemb!r}; expected 'learn' or 'sincos2d'")
+      pe = posemb_sincos_2d(h, w, width)
     x = x + pe.astype(x.dtype)
-    if not 0.0 <= self.patch_dropout < 1.0:
-      raise ValueError(f"patch_dropout={self.patch_dropout} must be in [0, 1)")
     if keep is None and train and self.patch_dropout > 0:
       keep = random_keep(self.make_rng("dropout"), b, h * w,
                          max(1, round(h * w * (1.0 - self.patch_dropout))))
@@ -139,17 +179,17 @@ class Model(nn.Module):
     if self.ln_pre:
       x = nn.LayerNorm(epsilon=self.ln_eps, name="ln_pre", **kw)(x)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
-    x = Encoder(v["depth"], v["num_heads"], v["mlp_dim"], self.dropout, attn_impl=self.attn_impl,
-                remat=self.remat, act=self.act, ln_eps=self.ln_eps, name="encoder", **kw)(
-                    x, train=train)
+    x = Encoder(depth=self.depth, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
+                dropout=self.dropout, attention_impl=self.attention_impl, remat=self.remat,
+                act=self.act, ln_eps=self.ln_eps, name="encoder", **kw)(x, train=train)
     out = {"encoded": x}
     if self.pool_type == "tok":
       pooled = x[:, 0]
     elif self.pool_type == "gap":
       pooled = x.mean(axis=1)
     elif self.pool_type == "map":
-      pooled = MAPHead(v["num_heads"], v["mlp_dim"], attn_impl=self.attn_impl, name="map_head",
-                       **kw)(x)
+      pooled = MAPHead(self.num_heads, self.mlp_dim, attention_impl=self.attention_impl,
+                       name="map_head", **kw)(x)
     else:
       pooled = x
     return pooled, out

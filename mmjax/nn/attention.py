@@ -20,10 +20,9 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.nn.blockwise import blockwise_attention
-from mmjax.pallas.flash_attention import flash_attention
+from mmjax.numerics import MASKED
 
 IMPLS = ("xla", "blockwise", "pallas", "auto")
-_MASKED = -1e30  # finite: a fully masked row gives a uniform softmax, not NaN
 
 
 def _check(q, k, v, mask):
@@ -82,8 +81,10 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     impl = "pallas" if jax.default_backend() in ("tpu", "gpu") else "xla"
   if impl in ("blockwise", "pallas"):
     seg = _key_padding_segments(mask, q, k, impl)
-    fn = blockwise_attention if impl == "blockwise" else flash_attention
-    return fn(q, k, v, is_causal=is_causal, **seg)
+    if impl == "blockwise":
+      return blockwise_attention(q, k, v, is_causal=is_causal, **seg)
+    from mmjax.pallas.flash_attention import flash_attention   # Pallas loads only when chosen
+    return flash_attention(q, k, v, is_causal=is_causal, **seg)
   if k.shape[2] != q.shape[2]:
     k, v = (jnp.repeat(x, q.shape[2] // k.shape[2], axis=2) for x in (k, v))
   scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
@@ -92,7 +93,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     causal = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))
     mask = causal if mask is None else jnp.logical_and(mask, causal)
   if mask is not None:
-    scores = jnp.where(mask, scores, _MASKED)
+    scores = jnp.where(mask, scores, MASKED)
   probs = jax.nn.softmax(scores, axis=-1)
   out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v,
                    preferred_element_type=jnp.float32)
@@ -104,7 +105,7 @@ class MultiHeadAttention(nn.Module):
   num_heads: int
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
-  attn_impl: str = "xla"
+  impl: str = "xla"          # dot_product_attention's impl
   kernel_init: Callable = nn.initializers.xavier_uniform()
 
   @nn.compact
@@ -118,6 +119,6 @@ class MultiHeadAttention(nn.Module):
         (self.num_heads, width // self.num_heads), dtype=self.dtype,
         param_dtype=self.param_dtype, kernel_init=self.kernel_init, name=name)
     q, k, v = proj("query")(x_q), proj("key")(x_kv), proj("value")(x_kv)
-    out = dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, impl=self.attn_impl)
+    out = dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, impl=self.impl)
     return nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype,
                            kernel_init=self.kernel_init, name="out")(out)

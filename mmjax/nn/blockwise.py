@@ -17,12 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-_NEG = -1e30
-
-
-def _round_up(x: int, m: int) -> int:
-  return -(-x // m) * m
-
+from mmjax.numerics import MASKED, round_up
 
 def _pad(x, axis: int, size: int):
   pad = [(0, 0)] * x.ndim
@@ -65,14 +60,14 @@ def _forward(static, q, k, v, q_seg, kv_seg):
       m, l, acc = carry
       k_j, v_j = _slice(k, 1, j * bk, bk), _slice(v, 1, j * bk, bk)
       s, valid = _scores(static, q_i, k_j, qs_i, _slice(kv_seg, 1, j * bk, bk), i, j)
-      m_new = jnp.maximum(m, jnp.max(jnp.where(valid, s, _NEG), axis=-1))
+      m_new = jnp.maximum(m, jnp.max(jnp.where(valid, s, MASKED), axis=-1))
       p = jnp.where(valid, jnp.exp(s - m_new[..., None]), 0.0)
       alpha = jnp.exp(m - m_new)
       pv = jnp.einsum("bhgqk,bkhd->bhgqd", p.astype(v.dtype), v_j,
                       preferred_element_type=jnp.float32)
       return m_new, alpha * l + jnp.sum(p, axis=-1), alpha[..., None] * acc + pv
 
-    init = (jnp.full((b, hk, g, bq), _NEG, jnp.float32), jnp.zeros((b, hk, g, bq), jnp.float32),
+    init = (jnp.full((b, hk, g, bq), MASKED, jnp.float32), jnp.zeros((b, hk, g, bq), jnp.float32),
             jnp.zeros((b, hk, g, bq, d), jnp.float32))
     m, l, acc = lax.fori_loop(0, _kv_blocks_seen(static, i), kv_step, init)
     seen = l > 0.0
@@ -167,7 +162,7 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, is_causal: 
   if block_q < 1 or block_k < 1:
     raise ValueError(f"block_q={block_q} and block_k={block_k} must be positive")
   bq, bk = min(block_q, q_len), min(block_k, kv_len)
-  sq, sk = _round_up(q_len, bq), _round_up(kv_len, bk)
+  sq, sk = round_up(q_len, bq), round_up(kv_len, bk)
   static = (bool(is_causal), float(d ** -0.5 if scale is None else scale), q_len, kv_len, bq, bk)
   if q_segment_ids is None:
     q_seg, kv_seg = jnp.zeros((b, sq), jnp.int32), jnp.zeros((b, sk), jnp.int32)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -43,23 +45,31 @@ class MlpBlock(nn.Module):
     return _dense(width, self.dtype, self.param_dtype)(x)
 
 
-class EncoderBlock(nn.Module):
-  """Pre-LN transformer block: x + attn(LN(x)); x + mlp(LN(x))."""
+class BlockSettings(nn.Module):
+  """What every block of a transformer stack takes: EncoderBlock's fields, shared by Encoder."""
   num_heads: int
   mlp_dim: int
   dropout: float = 0.0
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
-  attn_impl: str = "xla"
-  act: str = "gelu"
-  ln_eps: float = 1e-6   # torch's LayerNorm (open_clip) uses 1e-5
+  attention_impl: str = "xla"   # mmjax.nn.attention.IMPLS
+  act: str = "gelu"             # a key of ACTIVATIONS
+  ln_eps: float = 1e-6          # torch's LayerNorm (open_clip) uses 1e-5
+
+  def block_settings(self) -> dict:
+    return {f.name: getattr(self, f.name) for f in dataclasses.fields(BlockSettings)
+            if f.name not in ("parent", "name")}
+
+
+class EncoderBlock(BlockSettings):
+  """Pre-LN transformer block: x + attn(LN(x)); x + mlp(LN(x))."""
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None, is_causal: bool = False,
                train: bool = False) -> jax.Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     y = nn.LayerNorm(epsilon=self.ln_eps, name="ln1", **kw)(x)
-    y = MultiHeadAttention(self.num_heads, attn_impl=self.attn_impl, name="attn", **kw)(
+    y = MultiHeadAttention(self.num_heads, impl=self.attention_impl, name="attn", **kw)(
         y, mask=mask, is_causal=is_causal)
     x = x + nn.Dropout(self.dropout, deterministic=not train)(y)
     y = nn.LayerNorm(epsilon=self.ln_eps, name="ln2", **kw)(x)
@@ -67,30 +77,21 @@ class EncoderBlock(nn.Module):
     return x + nn.Dropout(self.dropout, deterministic=not train)(y)
 
 
-class Encoder(nn.Module):
+class Encoder(BlockSettings):
   """`depth` EncoderBlocks then a final LayerNorm; [b, n, width] -> [b, n, width].
 
   remat=True recomputes each block's activations in the backward pass
   (memory of one block instead of all of them, ~1.3x the compute).
   """
-  depth: int
-  num_heads: int
-  mlp_dim: int
-  dropout: float = 0.0
-  dtype: jnp.dtype = jnp.float32
-  param_dtype: jnp.dtype = jnp.float32
-  attn_impl: str = "xla"
+  depth: int = 1
   remat: bool = False
-  act: str = "gelu"
-  ln_eps: float = 1e-6
 
   @nn.compact
   def __call__(self, x: jax.Array, *, mask: jax.Array | None = None, is_causal: bool = False,
                train: bool = False) -> jax.Array:
     block = nn.remat(EncoderBlock, static_argnums=(3, 4)) if self.remat else EncoderBlock
     for i in range(self.depth):
-      x = block(self.num_heads, self.mlp_dim, self.dropout, self.dtype, self.param_dtype,
-                self.attn_impl, self.act, self.ln_eps, name=f"block{i}")(x, mask, is_causal, train)
+      x = block(**self.block_settings(), name=f"block{i}")(x, mask, is_causal, train)
     return nn.LayerNorm(epsilon=self.ln_eps, name="ln_final", dtype=self.dtype,
                         param_dtype=self.param_dtype)(x)
 
@@ -117,7 +118,7 @@ class MAPHead(nn.Module):
   mlp_dim: int | None = None
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
-  attn_impl: str = "xla"
+  attention_impl: str = "xla"
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
@@ -126,7 +127,7 @@ class MAPHead(nn.Module):
     probe = self.param("probe", nn.initializers.xavier_uniform(), (1, 1, width), self.param_dtype)
     probe = jnp.broadcast_to(probe, (b, 1, width)).astype(x.dtype)
     key_mask = None if mask is None else mask[:, None, None, :]
-    x = MultiHeadAttention(self.num_heads, attn_impl=self.attn_impl, name="attn", **kw)(
+    x = MultiHeadAttention(self.num_heads, impl=self.attention_impl, name="attn", **kw)(
         probe, x, mask=key_mask)
     y = nn.LayerNorm(name="ln", **kw)(x)
     x = x + MlpBlock(self.mlp_dim or 4 * width, name="mlp", **kw)(y)

@@ -3,9 +3,10 @@
 mmjax/losses/blocks.py joins them into losses with custom VJPs:
 `mmjax.losses.clip_loss(..., impl="pallas")` and `siglip_loss(..., impl="pallas")`.
 
-The same algorithm as mmjax/losses/tiled.py, whose XLA loops share this
-module's elementwise tile math (masks, the sigmoid terms): [t, t] tiles of the
-logits s * x @ y.T are made in the kernel and never written out; residuals are O(n).
+The same algorithm as mmjax/losses/tiled.py; both take their elementwise tile
+math (masks, the sigmoid terms, the CLIP gradient tile) from
+mmjax/losses/tiles.py: [t, t] tiles of the logits s * x @ y.T are made in the
+kernel and never written out; residuals are O(n).
 
 Every kernel is a row reduction: for each row tile A_i of one tower it runs
 over the column tiles B_j of the other, z = s * A_i B_j^T, and accumulates
@@ -43,12 +44,11 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
+from mmjax.losses.tiles import clip_grad_tile, dot_nn, dot_nt, lse_update, siglip_terms, tile_masks
+from mmjax.numerics import MASKED, round_up, vary_like
+
 PLATFORMS = ("tpu", "gpu")
 DEFAULT_BLOCK = {"tpu": 512, "gpu": 64}
-
-
-def _round_up(a: int, b: int) -> int:
-  return -(-a // b) * b
 
 
 def _next_pow2(a: int) -> int:
@@ -69,9 +69,9 @@ class Config:
     if self.platform == "gpu":
       t = max(16, min(_next_pow2(n), 1 << (block.bit_length() - 1)))
       return t, -(-n // t), max(16, _next_pow2(d))
-    dp = _round_up(d, 128)
+    dp = round_up(d, 128)
     if n <= block:
-      return _round_up(n, 8), 1, dp
+      return round_up(n, 8), 1, dp
     if self.interpret:
       t = max(8, block // 8 * 8)
     else:
@@ -94,60 +94,6 @@ def config(block: int | None = None, *, platform: str | None = None,
   if not isinstance(block, int) or isinstance(block, bool) or block < 1:
     raise ValueError(f"block must be a positive int; got block={block!r}")
   return Config(platform, bool(interpret), block)
-
-
-# ---------------------------------------------------------------- tile math
-# Shared with the XLA loops of mmjax/losses/tiled.py (and dot_nt with the dense
-# blocks): the same algorithm, written once; every function runs in a kernel too.
-
-MASKED = -1e30   # padded logits: finite, so a fully padded row's max stays finite
-
-
-def vary_like(tree, *refs):
-  """tree's arrays cast to vary over every manual mesh axis that one of refs
-  (default: tree's own arrays) varies over, so outputs and loop carries keep
-  their type under shard_map(check_vma=True)."""
-  refs = refs or tuple(jax.tree.leaves(tree))
-  axes = frozenset().union(*(jax.typeof(r).manual_axis_type.varying for r in refs))
-
-  def cast(v):
-    missing = tuple(sorted(axes - jax.typeof(v).manual_axis_type.varying))
-    return lax.pcast(v, missing, to="varying") if missing else v
-  return jax.tree.map(cast, tree)
-
-
-def dot_nt(a, b):
-  """[t, d] x [u, d] -> [t, u] float32."""
-  return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-
-
-def _dot_nn(g, b):
-  """[t, u] x [u, d] -> [t, d] float32, g cast to b's dtype (bf16 in, f32 accumulation)."""
-  return lax.dot_general(g.astype(b.dtype), b, (((1,), (0,)), ((), ())),
-                         preferred_element_type=jnp.float32)
-
-
-def tile_masks(i, j, t: int, n: int):
-  """[t, t] bools of tile (i, j) of an [n, n] block in [t, t] tiles: the real
-  entries (not padding), and the block's diagonal (the positive pairs)."""
-  r = lax.broadcasted_iota(jnp.int32, (t, t), 0)
-  c = lax.broadcasted_iota(jnp.int32, (t, t), 1)
-  valid = (i * t + r < n) & (j * t + c < n)
-  return valid, (r == c) & (i == j)
-
-
-def siglip_terms(z, diag, *, with_loss: bool, with_grad: bool):
-  """Per entry of the logits z: -log sigmoid(u) and its derivative wrt z, one
-  exp shared; u = z on the positive diagonal `diag` ([t, t] bool, or None for
-  a block of negatives only), -z elsewhere. Each is None unless asked for."""
-  u = -z if diag is None else jnp.where(diag, z, -z)
-  e = jnp.exp(-jnp.abs(u))
-  loss = jnp.maximum(-u, 0.0) + jnp.log1p(e) if with_loss else None   # softplus(-u)
-  dz = None
-  if with_grad:
-    dloss_du = -jnp.where(u >= 0, e, 1.0) / (1.0 + e)                  # -sigmoid(-u)
-    dz = -dloss_du if diag is None else jnp.where(diag, dloss_du, -dloss_du)
-  return loss, dz
 
 
 # ---------------------------------------------------------------- the row-reduction driver
@@ -262,9 +208,7 @@ def _lse_update(n, t, padded):
     z = sc[0] * dot_nt(a, b)
     if padded:
       z = jnp.where(tile_masks(i, j, t, n)[0], z, MASKED)
-    m_new = jnp.maximum(m, jnp.max(z, axis=1, keepdims=True))
-    l = l * jnp.exp(m - m_new) + jnp.sum(jnp.exp(z - m_new), axis=1, keepdims=True)
-    return m_new, l
+    return lse_update(m, l, z, axis=1)
   return update
 
 
@@ -272,15 +216,9 @@ def _clip_grad_update(n, t, padded, positive, want_ds):
   def update(i, j, sc, a, b, rows, cols, carry):
     s, g = sc
     dots = dot_nt(a, b)
-    z = s * dots
-    p = jnp.exp(z - rows[0]) + jnp.exp(z - cols[0])
-    valid, diag = tile_masks(i, j, t, n)
-    if positive:
-      p = jnp.where(diag, p - 2.0, p)
-    if padded:
-      p = jnp.where(valid, p, 0.0)
-    p = g * p
-    da = carry[0] + _dot_nn(p, b)
+    p = clip_grad_tile(s * dots, rows[0], cols[0], g, tile_masks(i, j, t, n),
+                       positive=positive, padded=padded)
+    da = carry[0] + dot_nn(p, b)
     if not want_ds:
       return (da,)
     return da, carry[1] + jnp.sum(p * dots, axis=1, keepdims=True)
@@ -344,7 +282,7 @@ def _siglip_update(n, t, padded, positive, want_loss, want_grads, want_sums):
       if padded:
         dz = jnp.where(valid, dz, 0.0)
       dz = g * dz
-      out.append(carry.pop(0) + _dot_nn(dz, b))
+      out.append(carry.pop(0) + dot_nn(dz, b))
       if want_sums:
         out.append(carry.pop(0) + jnp.sum(dz * dots, axis=1, keepdims=True))
         out.append(carry.pop(0) + jnp.sum(dz, axis=1, keepdims=True))

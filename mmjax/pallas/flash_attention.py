@@ -5,10 +5,10 @@ softmax(q k^T * scale) v computed block by block with an online softmax
 the residual for the backward pass is one log-sum-exp per query row.
 
 Two kernel layouts, one block algebra (`_scores`, `_fwd_update`, `_bwd_block`):
-  "mosaic_tpu": the key/value block index is a grid axis ("arbitrary"), the
+  "tpu" (Mosaic): the key/value block index is a grid axis ("arbitrary"), the
     running statistics live in VMEM scratch; one (q block, kv block) pair per
     grid step, as Mosaic pipelines DMAs over the grid.
-  "triton": one grid step per q block (or kv block in the dk/dv kernel), a
+  "gpu" (Triton): one grid step per q block (or kv block in the dk/dv kernel), a
     fori_loop over the other operand inside the kernel, as Triton wants.
 On CPU both run in interpret mode (the tests check both against float64).
 
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -35,14 +34,15 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
-BACKENDS = ("mosaic_tpu", "triton")
-_NEG = -1e30  # finite start for the running max: no inf - inf anywhere
+from mmjax.numerics import MASKED, round_up
+
+PLATFORMS = ("tpu", "gpu")   # kernel layouts: Mosaic TPU, Triton GPU
 
 
 @dataclasses.dataclass(frozen=True)
 class _Cfg:
   """Static facts of one call (hashable: custom_vjp's nondiff argument)."""
-  backend: str
+  platform: str   # 'tpu' (Mosaic layout) | 'gpu' (Triton layout)
   interpret: bool | pltpu.InterpretParams
   causal: bool
   scale: float
@@ -53,7 +53,7 @@ class _Cfg:
   groups: int       # query heads per kv head
 
   def params(self, semantics: tuple[str, ...]):
-    if self.backend == "mosaic_tpu":
+    if self.platform == "tpu":
       return pltpu.CompilerParams(dimension_semantics=semantics)
     return pltriton.CompilerParams(num_warps=4, num_stages=2)
 
@@ -76,7 +76,7 @@ def _scores(cfg: _Cfg, q, k, q_seg, kv_seg, i, j):
 def _fwd_update(cfg, q, k, v, q_seg, kv_seg, i, j, m, l, acc):
   """One online-softmax step: running max m [bq,1], sum l [bq,1], acc [bq,d]."""
   s, valid = _scores(cfg, q, k, q_seg, kv_seg, i, j)
-  m_new = jnp.maximum(m, jnp.max(jnp.where(valid, s, _NEG), axis=1, keepdims=True))
+  m_new = jnp.maximum(m, jnp.max(jnp.where(valid, s, MASKED), axis=1, keepdims=True))
   p = jnp.where(valid, jnp.exp(s - m_new), 0.0)
   alpha = jnp.exp(m - m_new)
   l = alpha * l + jnp.sum(p, axis=1, keepdims=True)
@@ -134,7 +134,7 @@ def _fwd_kernel_tpu(cfg, q_ref, k_ref, v_ref, qs_ref, ks_ref, o_ref, lse_ref, m_
 
   @pl.when(j == 0)
   def _():
-    m_sc[...] = jnp.full(m_sc.shape, _NEG, jnp.float32)
+    m_sc[...] = jnp.full(m_sc.shape, MASKED, jnp.float32)
     l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
     acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
 
@@ -160,7 +160,7 @@ def _fwd_kernel_triton(cfg, q_ref, k_ref, v_ref, qs_ref, ks_ref, o_ref, lse_ref)
     kv = pl.ds(j * bk, bk)
     return _fwd_update(cfg, q, k_ref[kv, :], v_ref[kv, :], q_seg, ks_ref[:, kv], i, j, *carry)
 
-  init = (jnp.full((cfg.block_q, 1), _NEG, jnp.float32), jnp.zeros((cfg.block_q, 1), jnp.float32),
+  init = (jnp.full((cfg.block_q, 1), MASKED, jnp.float32), jnp.zeros((cfg.block_q, 1), jnp.float32),
           jnp.zeros((cfg.block_q, d), jnp.float32))
   o, lse = _finish(*lax.fori_loop(0, _last_kv_block(cfg, i) + 1, body, init))
   o_ref[...] = o.astype(o_ref.dtype)
@@ -175,7 +175,7 @@ def _forward(cfg: _Cfg, q, k, v, q_seg, kv_seg):
   n_q, n_k = sq // bq, sk // bk
   out_shape = (jax.ShapeDtypeStruct(q.shape, q.dtype),
                jax.ShapeDtypeStruct((b, hq, sq, 1), jnp.float32))
-  if cfg.backend == "mosaic_tpu":
+  if cfg.platform == "tpu":
     def kv_map(bi, h, i, j):   # causal: repeat the last visible block, so its DMA is skipped
       return (bi, _div(h, g), jnp.minimum(j, _last_kv_block(cfg, i)), 0)
 
@@ -306,7 +306,7 @@ def _backward(cfg: _Cfg, q, k, v, q_seg, kv_seg, o, lse, do):
   args = (q, k, v, do, lse, delta, q_seg, kv_seg)
   dq_shape = jax.ShapeDtypeStruct(q.shape, q.dtype)
   dkv_shape = (jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype))
-  if cfg.backend == "mosaic_tpu":
+  if cfg.platform == "tpu":
     def q_map(bi, h, i, j):
       return (bi, h, i, 0)
 
@@ -430,25 +430,21 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 # ------------------------------------------------------------ public entry
 
-def _round_up(x: int, m: int) -> int:
-  return -(-x // m) * m
-
-
 def _pad_to(x, axis: int, size: int, value=0):
   pad = [(0, 0)] * x.ndim
   pad[axis] = (0, size - x.shape[axis])
   return jnp.pad(x, pad, constant_values=value)
 
 
-def default_backend() -> str:
-  """The kernel layout for this machine's default JAX backend (CPU: interpret 'triton')."""
-  return "mosaic_tpu" if jax.default_backend() == "tpu" else "triton"
+def default_platform() -> str:
+  """The kernel layout for this machine's default JAX backend (CPU: interpret the 'gpu' one)."""
+  return "tpu" if jax.default_backend() == "tpu" else "gpu"
 
 
 def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, is_causal: bool = False,
                     q_segment_ids: jax.Array | None = None,
                     kv_segment_ids: jax.Array | None = None, scale: float | None = None,
-                    block_q: int = 128, block_k: int = 128, backend: str | None = None,
+                    block_q: int = 128, block_k: int = 128, platform: str | None = None,
                     interpret: bool | None = None) -> jax.Array:
   """Memory-efficient attention softmax(q k^T * scale) v, differentiable in q, k, v.
 
@@ -465,7 +461,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, is_causal: bool
     block_q, block_k: tile sizes; lengths need not be multiples (padded inside).
       On TPU block_k must be a multiple of 128 and block_q of 8; Triton wants
       powers of two (the blocks shrink for short sequences).
-    backend: 'mosaic_tpu' | 'triton' (kernel layout and compiler params);
+    platform: 'tpu' (Mosaic layout) | 'gpu' (Triton layout): kernel layout and compiler params;
       default from jax.default_backend().
     interpret: run the kernels in the Pallas interpreter (True, or a
       `pltpu.InterpretParams` for the TPU simulator's race detection);
@@ -475,9 +471,9 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, is_causal: bool
   Returns:
     [batch, q_len, q_heads, head_dim] in q's dtype (f32 accumulation).
   """
-  backend = backend or default_backend()
-  if backend not in BACKENDS:
-    raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
+  platform = platform or default_platform()
+  if platform not in PLATFORMS:
+    raise ValueError(f"platform={platform!r} is not one of {PLATFORMS}")
   if interpret is None:
     interpret = jax.default_backend() == "cpu"
   for name, x in (("q", q), ("k", k), ("v", v)):
@@ -502,19 +498,19 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, is_causal: bool
   for name, blk in (("block_q", block_q), ("block_k", block_k)):
     if blk < 8 or blk & (blk - 1):
       raise ValueError(f"{name}={blk} must be a power of two >= 8")
-  if backend == "mosaic_tpu":
+  if platform == "tpu":
     if block_k % 128:
       raise ValueError(f"block_k={block_k} must be a multiple of 128 on TPU")
-    bq, bk = min(block_q, _round_up(q_len, 8)), block_k
+    bq, bk = min(block_q, round_up(q_len, 8)), block_k
     d_pad = d
   else:   # Triton: power-of-two shapes, at least 16 for tl.dot
     bq = min(block_q, max(16, pl.next_power_of_2(q_len)))
     bk = min(block_k, max(16, pl.next_power_of_2(kv_len)))
     d_pad = max(16, pl.next_power_of_2(d))
-  cfg = _Cfg(backend=backend, interpret=interpret, causal=bool(is_causal),
+  cfg = _Cfg(platform=platform, interpret=interpret, causal=bool(is_causal),
              scale=float(d ** -0.5 if scale is None else scale), q_len=q_len, kv_len=kv_len,
              block_q=bq, block_k=bk, groups=hq // hk)
-  sq, sk = _round_up(q_len, bq), _round_up(kv_len, bk)
+  sq, sk = round_up(q_len, bq), round_up(kv_len, bk)
 
   def prep(x, s):   # [b, n, h, d] -> [b, h, s, d_pad]
     return _pad_to(_pad_to(jnp.swapaxes(x, 1, 2), 2, s), 3, d_pad)

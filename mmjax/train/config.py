@@ -12,7 +12,12 @@ import os
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-CONTRASTIVE = ("siglip", "clip")           # two towers, image-text pairs
+from mmjax.losses import BLOCKS, IMPLS
+from mmjax.models import two_tower
+from mmjax.nn.attention import IMPLS as attention_impls
+from mmjax.numerics import DTYPES
+
+CONTRASTIVE = two_tower.LOSSES             # two towers, image-text pairs
 LOSSES = CONTRASTIVE + ("mae", "moco")     # config.loss: each an objective in objectives.py
 
 
@@ -50,7 +55,12 @@ def defaults() -> ml_collections.ConfigDict:
       rules=(),               # ((regex on the state path, 'fsdp' | 'replicate'), ...); default fsdp
   ))
   c.accum_steps = 1           # > 1: contrastive gradient accumulation (GradCache), same gradients
-  c.loss_impl = "dense"       # 'dense' | 'gather' | 'ring' | 'ring_bidir' (siglip); sharded ones split over the batch axes
+  # Contrastive losses (mmjax.losses): how the global batch is distributed,
+  # 'global' (XLA partitions it) | 'gather' | 'ring' | 'ring_bidir' (siglip),
+  # the sharded ones over the batch axes; and how each block of logits is
+  # computed, 'dense' | 'tiled' (never all in memory) | 'pallas' (kernels).
+  c.loss_impl = "global"
+  c.loss_blocks = "dense"
 
   c.data = ml_collections.ConfigDict(dict(
       name="mmjax_digits",
@@ -142,23 +152,30 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check_keys(config, defaults(), "")
   if config.loss not in LOSSES:
     raise ValueError(f"config.loss must be one of {LOSSES}; got {config.loss!r}")
-  impls = ("dense", "gather", "ring") + (("ring_bidir",) if config.loss == "siglip" else ())
+  impls = tuple(i for i in IMPLS if i != "ring_bidir" or config.loss == "siglip")
+  blocks = BLOCKS
   if config.loss not in CONTRASTIVE:
-    impls = ("dense",)
+    impls, blocks = ("global",), ("dense",)
     if config.accum_steps != 1:
       raise ValueError(f"config.accum_steps must be 1 for config.loss={config.loss!r} "
                        "(GradCache is for the contrastive losses)")
   if config.loss_impl not in impls:
     raise ValueError(f"config.loss_impl must be one of {impls} for config.loss={config.loss!r}; "
                      f"got {config.loss_impl!r}")
+  if config.loss_blocks not in blocks:
+    raise ValueError(f"config.loss_blocks must be one of {blocks} for "
+                     f"config.loss={config.loss!r}; got {config.loss_blocks!r}")
+  if config.loss_impl == "gather" and config.loss_blocks != "dense":
+    raise ValueError(f"config.loss_blocks={config.loss_blocks!r} does not apply to "
+                     "config.loss_impl='gather' (its [n, N] logits are dense by design); "
+                     "use config.loss_impl='ring'")
   for key in ("batch_size", "total_steps", "log_every", "accum_steps"):
     if not isinstance(config[key], int) or config[key] <= 0:
       raise ValueError(f"config.{key} must be a positive int; got {config[key]!r}")
   for key in ("dtype", "param_dtype"):
-    if config.model[key] not in ("float32", "bfloat16"):
-      raise ValueError(f"config.model.{key} must be 'float32' or 'bfloat16'; "
+    if config.model[key] not in DTYPES:
+      raise ValueError(f"config.model.{key} must be one of {tuple(DTYPES)}; "
                        f"got {config.model[key]!r}")
-  from mmjax.nn.attention import IMPLS as attention_impls
   if config.model.attention_impl not in attention_impls:
     raise ValueError(f"config.model.attention_impl must be one of {attention_impls}; "
                      f"got {config.model.attention_impl!r}")

@@ -1,28 +1,33 @@
 """The training loop: config -> data -> sharded batches -> jit train step -> checkpoints, eval, logs.
 
-`train(config, workdir)` is the whole main job. Re-running it with the same
-workdir resumes from the latest checkpoint and reproduces the uninterrupted
-run's per-step losses.
+`train(config, workdir)` is the whole main job: `build(config, workdir)` makes
+the run (mesh, data, objective, optimizer, shardings, evaluator) without
+touching the train state; `run(built, workdir)` initialises or restores the
+state and trains. Re-running with the same workdir resumes from the latest
+checkpoint and reproduces the uninterrupted run's per-step losses.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
 import time
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import tqdm
 from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding
 
-from mmjax import evaluate
 from mmjax.data import pipeline, tokenizer as tokenizer_lib
-from mmjax.train import checkpoint, config as config_lib, distributed, objectives, optimizer
+from mmjax.evaluate import Evaluator
+from mmjax.train import checkpoint, config as config_lib, multihost, objectives, optimizer
 from mmjax.train import sharding
 from mmjax.train import state as state_lib
 from mmjax.train.metrics import MetricWriter, plot_curves
@@ -30,107 +35,51 @@ from mmjax.train.metrics import MetricWriter, plot_curves
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 
 
-build_model = objectives.build_two_tower
+@dataclasses.dataclass
+class Run:
+  """Everything a run needs before its train state exists (see `build`)."""
+  config: ml_collections.ConfigDict
+  mesh: Mesh
+  objective: objectives.Objective
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  data_iter: Any                      # grain iterator with get_state / set_state
+  evaluator: Evaluator
+  rng: jax.Array
+  abstract: state_lib.TrainState      # shapes, dtypes and shardings of the state
+  state_sharding: Any
+  batch_sharding: NamedSharding
+  t_start: float                      # when build began: results.json's wall_s counts from here
+
+  def init_state(self) -> state_lib.TrainState:
+    """The initial state, created on the mesh already sharded (no host copy)."""
+    d = self.config.data
+    dummy = _dummy_batch(d)
+    return jax.jit(lambda r: state_lib.init_state(self.objective, self.tx, r, dummy),
+                   out_shardings=self.state_sharding)(self.rng)
 
 
-def _zeroshot_setup(config, data_dir: str):
-  """(class_names, templates) for zero-shot, or None without a label feature."""
-  features = pipeline.dataset_features(config.data.name, data_dir=data_dir)
-  label = features.get(config.data.label_key) if config.data.label_key else None
-  names = getattr(label, "names", None)
-  if not names:
-    return None
-  templates = config.evaluate.templates
-  if templates is None:
-    templates = pipeline.default_templates(config.data.name) or DEFAULT_TEMPLATES
-  return list(names), list(templates)
-
-
-class Evaluator:
-  """Zero-shot top-1/top-5 and retrieval recall@1/5/10 on the eval split (contrastive
-  runs), and a linear probe and kNN on frozen image features (any run).
-
-  probe_arrays: the probe's train split in memory ({'image', 'label'}), or None.
-  """
-
-  def __init__(self, objective, config, arrays: dict, tok, zeroshot, probe_arrays=None):
-    self.arrays, self.tok, self.zeroshot, self.probe = arrays, tok, zeroshot, probe_arrays
-    self.batch_size, self.text_len = config.evaluate.batch_size, config.data.text_len
-    self.match = config.evaluate.retrieval_match
-    self.knn_k, self.probe_shots = config.evaluate.knn_k, tuple(config.evaluate.probe_shots)
-    self.contrastive = isinstance(objective, objectives.Contrastive)
-    self._features = jax.jit(objective.features)
-    if self.contrastive:
-      model = objective.model
-      self._img = jax.jit(lambda p, x: model.apply({"params": p}, x, method="encode_image"))
-      self._txt = jax.jit(lambda p, t: model.apply({"params": p}, t, method="encode_text"))
-
-  def _batched(self, fn, params, x: np.ndarray) -> np.ndarray:
-    """Fixed-size batches (one compile); the last one padded with its first row."""
-    out, b = [], self.batch_size
-    for i in range(0, len(x), b):
-      chunk = x[i:i + b]
-      pad = b - len(chunk)
-      if pad:
-        chunk = np.concatenate([chunk, np.repeat(chunk[:1], pad, 0)])
-      out.append(np.asarray(fn(params, chunk))[:b - pad])
-    return np.concatenate(out)
-
-  def probes(self, params) -> dict[str, float]:
-    """linear_probe_top1 and knn_top1: train on the probe split, test on the eval split."""
-    if self.probe is None or "label" not in self.arrays:
-      return {}
-    train_x = self._batched(self._features, params, self.probe["image"])
-    test_x = self._batched(self._features, params, self.arrays["image"])
-    args = (train_x, self.probe["label"], test_x, self.arrays["label"])
-    out = {"linear_probe_top1": evaluate.linear_probe_accuracy(*args),
-           "knn_top1": evaluate.knn_accuracy(*args, k=self.knn_k)}
-    for k in self.probe_shots:
-      out[f"linear_probe_{k}shot_top1"] = evaluate.linear_probe_accuracy(*args, shots=k)
-    return out
-
-  def __call__(self, params) -> dict[str, float]:
-    results = self.probes(params)
-    if not self.contrastive:
-      return results
-    a = self.arrays
-    img = self._batched(self._img, params, a["image"])
-    txt = self._batched(self._txt, params, a["text"])
-    if self.zeroshot is not None and "label" in a:
-      names, templates = self.zeroshot
-      encode = lambda s: self._batched(self._txt, params, self.tok.encode(s, self.text_len))
-      cls = evaluate.class_embeddings(encode, names, templates)
-      acc = evaluate.zeroshot_accuracy(img, cls, a["label"])
-      results.update({f"zeroshot_{k}": v for k, v in acc.items()})
-    if self.match == "label":
-      ids = a["label"]
-      results.update(_prefixed(evaluate.retrieval_recall(img, txt, img_ids=ids, txt_ids=ids)))
-    else:
-      # Identical captions are one text: any of them is a correct answer.
-      _, ids = np.unique(a["text"], axis=0, return_inverse=True)
-      results.update(_prefixed(evaluate.retrieval_recall(img, txt, img_ids=ids, txt_ids=ids)))
-    return results
+def _dummy_batch(d) -> dict:
+  return {"image": jnp.zeros((1, d.image_size, d.image_size, 3), jnp.float32),
+          "text": jnp.zeros((1, d.text_len), jnp.int32)}
 
 
 def _data_state(data_iter) -> dict:
   """Every process's input-pipeline position (each process reads its own shard)."""
-  return {"processes": distributed.gather_json(data_iter.get_state())}
+  return {"processes": multihost.gather_json(data_iter.get_state())}
 
 
-def _prefixed(d: dict) -> dict:
-  return {f"retrieval_{k}": v for k, v in d.items()}
-
-
-def _prepare_data(config, ddir: str):
+def _open_data(config, ddir: str):
+  """(dataset, train source, tokenizer); the dataset is opened once."""
   d = config.data
-  train_src = pipeline.get_source(d.name, d.train_split, data_dir=ddir,
-                                  image_key=d.image_key, text_key=d.text_key)
+  dataset = pipeline.open_dataset(d, ddir)
+  train_src = dataset.source(d.train_split)
   tok = tokenizer_lib.get_tokenizer(
       name=d.name, data_dir=ddir, vocab_size=d.vocab_size, path=d.tokenizer_path,
       train_texts_fn=lambda: pipeline.iter_texts(train_src, d.text_key))
   if jax.process_index() == 0:
     _warn_truncation(train_src, tok, config)
-  return train_src, tok
+  return dataset, train_src, tok
 
 
 def _warn_truncation(train_src, tok, config, sample: int = 2000) -> None:
@@ -153,6 +102,64 @@ def _first(source, n: int):
     def __getitem__(self, i):
       return source[i]
   return Head()
+
+
+def _make_evaluator(config, objective, dataset, train_src, tok) -> Evaluator:
+  d, e = config.data, config.evaluate
+  arrays = lambda src: pipeline.make_eval_arrays(src, d, tokenizer=tok)
+  probe_arrays = None
+  if e.probes and d.label_key:
+    probe_arrays = arrays(_first(train_src, e.probe_train_examples))
+  zeroshot = None
+  names = dataset.class_names(d.label_key)
+  if objective.towers() is not None and names:
+    templates = e.templates or dataset.templates or DEFAULT_TEMPLATES
+    zeroshot = (names, list(templates))
+  return Evaluator(objective, e, arrays(dataset.source(d.eval_split)), tokenizer=tok,
+                   text_len=d.text_len, zeroshot=zeroshot, probe_arrays=probe_arrays)
+
+
+def build(config: ml_collections.ConfigDict) -> Run:
+  """Validates the config and makes everything but the train state: the mesh,
+  the data (built on first use by process 0), the objective and optimizer with
+  the frozen labels worked out once, the state's shardings, the evaluator."""
+  t_start = time.time()
+  config_lib.validate(config)
+  multihost.initialize(config)
+  mesh = sharding.make_mesh(config)
+  n_data = sharding.data_parallel_size(mesh)
+  if config.batch_size % (n_data * config.accum_steps) or config.batch_size % jax.process_count():
+    raise ValueError(f"config.batch_size={config.batch_size} must be divisible by the "
+                     f"{n_data} devices of the batch axes x config.accum_steps={config.accum_steps}, "
+                     f"and by {jax.process_count()} processes")
+  ddir = config_lib.data_dir(config)
+  # Process 0 builds the dataset and tokenizer (first use only); the others then read them.
+  if jax.process_index() == 0:
+    dataset, train_src, tok = _open_data(config, ddir)
+  _sync("mmjax_data_ready")
+  if jax.process_index() != 0:
+    dataset, train_src, tok = _open_data(config, ddir)
+  objective = objectives.make(config, tok.vocab_size, mesh=mesh,
+                              batch_axes=sharding.batch_axes(mesh))
+  rng = jax.random.PRNGKey(config.seed)
+  # The model's init is traced once, for shapes: the frozen labels and the state's shardings.
+  abstract_params = jax.eval_shape(objective.init, rng, _dummy_batch(config.data))
+  frozen = optimizer.frozen_labels(abstract_params, config.frozen) if config.frozen else None
+  objective = objective.with_frozen(frozen)
+  tx, schedule = optimizer.make_optimizer(config.optim, config.total_steps, frozen=frozen)
+  abstract = state_lib.abstract_state(objective, tx, abstract_params, rng)
+  state_sharding = sharding.state_shardings(abstract, mesh, config.sharding)
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          abstract, state_sharding)
+  data_iter = pipeline.make_train_iterator(
+      train_src, config.data, tokenizer=tok, global_batch_size=config.batch_size,
+      seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count(),
+      views=2 if "image2" in objective.batch_keys else 1)
+  evaluator = _make_evaluator(config, objective, dataset, train_src, tok)
+  return Run(config=config, mesh=mesh, objective=objective, tx=tx, schedule=schedule,
+             data_iter=data_iter, evaluator=evaluator, rng=rng, abstract=abstract,
+             state_sharding=state_sharding, batch_sharding=sharding.batch_sharding(mesh),
+             t_start=t_start)
 
 
 def _init_from(state, init_from, state_sharding, objective):
@@ -194,134 +201,101 @@ def _sync(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, *,
-          callbacks: Sequence[Callable[[int, dict], None]] = ()) -> dict:
-  """Trains, evaluates and checkpoints; returns the final results (also in workdir/results.json).
+def _start(built: Run, ckpt, workdir: str) -> tuple[state_lib.TrainState, int, dict]:
+  """(state, start step, init-eval results): a fresh state (maybe initialised from
+  another run, maybe evaluated) or the latest checkpoint's, with the data position."""
+  config = built.config
+  start = ckpt.latest_step()
+  if start is None:
+    state = built.init_state()
+    if config.init_from.workdir:
+      state = _init_from(state, config.init_from, built.state_sharding, built.objective)
+    # The baseline the trained numbers are compared with.
+    return state, 0, built.evaluator(state.params) if config.evaluate.at_init else {}
+  state, data_state = checkpoint.restore(ckpt, start, built.abstract)
+  states = data_state["processes"]
+  if len(states) != jax.process_count():
+    raise ValueError(f"the checkpoint in {workdir} was written by {len(states)} processes; "
+                     f"this run has {jax.process_count()} (config.distributed)")
+  built.data_iter.set_state(states[jax.process_index()])
+  print(f"mmjax: resumed from {workdir} at step {start}", flush=True)
+  return state, start, {}
 
-  callbacks: each called as cb(step, metrics) after every step (metrics are
-  device arrays; converting them syncs).
-  """
-  t_start = time.time()
-  config_lib.validate(config)
-  distributed.initialize(config)
-  mesh = sharding.make_mesh(config)
-  n_data = sharding.data_parallel_size(mesh)
-  if config.batch_size % (n_data * config.accum_steps) or config.batch_size % jax.process_count():
-    raise ValueError(f"config.batch_size={config.batch_size} must be divisible by the "
-                     f"{n_data} devices of the batch axes x config.accum_steps={config.accum_steps}, "
-                     f"and by {jax.process_count()} processes")
-  ddir = config_lib.data_dir(config)
-  d = config.data
-  # Process 0 builds the dataset and tokenizer (first use only); the others then read them.
-  if jax.process_index() == 0:
-    train_src, tok = _prepare_data(config, ddir)
-  _sync("mmjax_data_ready")
-  if jax.process_index() != 0:
-    train_src, tok = _prepare_data(config, ddir)
-  freeze = None
-  if config.frozen:   # LiT: no backward pass through, and no optimizer state for, these
-    freeze = lambda p: state_lib.freezer(optimizer.frozen_labels(p, config.frozen))(p)
-  objective = objectives.make(config, tok.vocab_size, mesh=mesh,
-                              batch_axes=sharding.batch_axes(mesh), freeze=freeze)
-  tx, schedule = optimizer.make_optimizer(config.optim, config.total_steps,
-                                          frozen=config.frozen)
-  eval_src = pipeline.get_source(d.name, d.eval_split, data_dir=ddir,
-                                 image_key=d.image_key, text_key=d.text_key)
-  arrays = lambda src: pipeline.make_eval_arrays(
-      src, tokenizer=tok, image_size=d.image_size, text_len=d.text_len,
-      image_key=d.image_key, text_key=d.text_key, label_key=d.label_key)
-  probe_arrays = None
-  if config.evaluate.probes and d.label_key:
-    probe_arrays = arrays(_first(train_src, config.evaluate.probe_train_examples))
-  zeroshot = _zeroshot_setup(config, ddir) if config.loss in objectives.CONTRASTIVE else None
-  evaluator = Evaluator(objective, config, arrays(eval_src), tok, zeroshot, probe_arrays)
 
-  # The state is created on the mesh directly, already sharded (no host copy of the full state).
-  batch_sharding = sharding.batch_sharding(mesh)
-  dummy = {"image": jnp.zeros((1, d.image_size, d.image_size, 3), jnp.float32),
-           "text": jnp.zeros((1, d.text_len), jnp.int32)}
-  init_fn = lambda rng: state_lib.init_state(objective, tx, rng, dummy)
-  rng = jax.random.PRNGKey(config.seed)
-  state_sharding = sharding.state_shardings(jax.eval_shape(init_fn, rng), mesh, config.sharding)
-  init = jax.jit(init_fn, out_shardings=state_sharding)
-  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          jax.eval_shape(init_fn, rng), state_sharding)
+class _Speed:
+  """Examples per second, the first step (compile) excluded; per log interval and overall."""
 
+  def __init__(self, batch_size: int):
+    self.batch_size, self.t_first, self.steps = batch_size, None, 0
+    self.t_log, self.n_log = time.time(), 0
+
+  def step(self, state) -> None:
+    if self.t_first is None:
+      jax.block_until_ready(state)
+      self.t_first = self.t_log = time.time()
+    else:
+      self.steps += 1
+    self.n_log += 1
+
+  def interval(self) -> float:
+    now = time.time()
+    rate = self.n_log * self.batch_size / max(now - self.t_log, 1e-9)
+    self.t_log, self.n_log = now, 0
+    return rate
+
+  def overall(self) -> float | None:
+    if not self.steps:
+      return None
+    return self.steps * self.batch_size / (time.time() - self.t_first)
+
+
+def run(built: Run, workdir: str, *,
+        callbacks: Sequence[Callable[[int, dict], None]] = ()) -> dict:
+  """Trains a built run from its start (fresh or resumed); evaluates, checkpoints
+  and logs; returns the final results (also in workdir/results.json)."""
+  config, data_iter = built.config, built.data_iter
   os.makedirs(workdir, exist_ok=True)
   ckpt = checkpoint.make_manager(workdir, every=config.checkpoint.every,
                                  keep=config.checkpoint.keep)
-  data_iter = pipeline.make_train_iterator(
-      train_src, tokenizer=tok, global_batch_size=config.batch_size,
-      image_size=d.image_size, text_len=d.text_len, seed=config.seed,
-      process_index=jax.process_index(), process_count=jax.process_count(),
-      augment=d.augment, crop_scale_min=d.crop_scale_min, flip=d.flip,
-      image_key=d.image_key, text_key=d.text_key, num_workers=d.num_workers,
-      views=2 if "image2" in objective.batch_keys else 1)
-  start = ckpt.latest_step()
-  init_results = {}
-  if start is None:
-    state, start = init(rng), 0
-    if config.init_from.workdir:
-      state = _init_from(state, config.init_from, state_sharding, objective)
-    if config.evaluate.at_init:   # the baseline the trained numbers are compared with
-      init_results = evaluator(state.params)
-  else:
-    state, data_state = checkpoint.restore(ckpt, start, abstract)
-    states = data_state["processes"]
-    if len(states) != jax.process_count():
-      raise ValueError(f"the checkpoint in {workdir} was written by {len(states)} processes; "
-                       f"this run has {jax.process_count()} (config.distributed)")
-    data_iter.set_state(states[jax.process_index()])
-    print(f"mmjax: resumed from {workdir} at step {start}", flush=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json(indent=2))
-
-  train_step = state_lib.make_train_step(objective, tx, schedule=schedule)
-  step_fn = jax.jit(train_step,
-                    in_shardings=(state_sharding, batch_sharding),
-                    out_shardings=(state_sharding, None), donate_argnums=0)
-  writer = MetricWriter(workdir, resume_step=start)
-  if init_results:
-    writer.write(0, init_results)
-  bar = tqdm.tqdm(total=config.total_steps, initial=start, desc="train", unit="step",
-                  dynamic_ncols=True, mininterval=1.0, disable=jax.process_index() != 0)
-  t_first = None   # time after the first step of this run: compile excluded from speed
-  steps_timed = 0
-  t_log, n_log = time.time(), 0
-  last_saved = start
   try:
+    state, start, init_results = _start(built, ckpt, workdir)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json(indent=2))
+    step_fn = jax.jit(state_lib.make_train_step(built.objective, built.tx,
+                                                schedule=built.schedule),
+                      in_shardings=(built.state_sharding, built.batch_sharding),
+                      out_shardings=(built.state_sharding, None), donate_argnums=0)
+    writer = MetricWriter(workdir, resume_step=start)
+    if init_results:
+      writer.write(0, init_results)
+    bar = tqdm.tqdm(total=config.total_steps, initial=start, desc="train", unit="step",
+                    dynamic_ncols=True, mininterval=1.0, disable=jax.process_index() != 0)
+    speed, last_saved = _Speed(config.batch_size), start
     for step in range(start + 1, config.total_steps + 1):
       local = next(data_iter)
-      batch = {k: jax.make_array_from_process_local_data(batch_sharding, local[k])
-               for k in objective.batch_keys}
+      batch = {k: jax.make_array_from_process_local_data(built.batch_sharding, local[k])
+               for k in built.objective.batch_keys}
       state, metrics = step_fn(state, batch)
       for cb in callbacks:
         cb(step, metrics)
-      if t_first is None:
-        jax.block_until_ready(state)
-        t_first = t_log = time.time()
-      else:
-        steps_timed += 1
-      n_log += 1
+      speed.step(state)
       if ckpt.should_save(step):
         checkpoint.save(ckpt, step, state, _data_state(data_iter))
         last_saved = step
       if step % config.log_every == 0 or step == config.total_steps:
         m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        now = time.time()
-        m["examples_per_sec"] = n_log * config.batch_size / max(now - t_log, 1e-9)
-        t_log, n_log = now, 0
+        m["examples_per_sec"] = speed.interval()
         writer.write(step, m)
         bar.set_postfix(loss=f"{m['loss']:.4f}", ex_s=f"{m['examples_per_sec']:.0f}")
       bar.update(1)
       if config.evaluate.every and step % config.evaluate.every == 0 and step != config.total_steps:
-        writer.write(step, evaluator(state.params))
+        writer.write(step, built.evaluator(state.params))
     bar.close()
     jax.block_until_ready(state)
-    train_time = time.time() - (t_first or time.time())
+    examples_per_sec = speed.overall()
     if last_saved != config.total_steps:
       checkpoint.save(ckpt, config.total_steps, state, _data_state(data_iter), force=True)
-    final = evaluator(state.params)
+    final = built.evaluator(state.params)
     ckpt.wait_until_finished()
   finally:
     ckpt.close()
@@ -329,13 +303,23 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
       data_iter.close()
   writer.write(config.total_steps, final)
   results = {**final, **{f"init_{k}": v for k, v in init_results.items()},
-             "steps": config.total_steps,
-             "examples_per_sec": steps_timed * config.batch_size / train_time if steps_timed else None,
-             "resumed_from_step": start, "wall_s": time.time() - t_start,
-             "devices": mesh.size, "loss": config.loss}
+             "steps": config.total_steps, "examples_per_sec": examples_per_sec,
+             "resumed_from_step": start, "wall_s": time.time() - built.t_start,
+             "devices": built.mesh.size, "loss": config.loss}
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "results.json"), "w") as f:
       json.dump(results, f, indent=2)
     plot_curves(writer.path, os.path.join(workdir, "curves.png"))
   writer.close()
   return results
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *,
+          callbacks: Sequence[Callable[[int, dict], None]] = ()) -> dict:
+  """build + run: trains, evaluates and checkpoints; returns the final results
+  (also in workdir/results.json).
+
+  callbacks: each called as cb(step, metrics) after every step (metrics are
+  device arrays; converting them syncs).
+  """
+  return run(build(config), workdir, callbacks=callbacks)

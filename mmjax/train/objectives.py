@@ -1,93 +1,236 @@
 """What a run optimises (config.loss): CLIP / SigLIP two towers, MAE, MoCo v3.
 
-One train step and one loop serve them all; an objective supplies what
-differs, from the config:
-  model, batch_keys         the Flax model and the batch fields it reads
-  init(rng, batch)          -> params (batch: dummy arrays, shapes only)
-  grad_fn(params, ema, batch, rng) -> ((loss, metrics), grads)
-  ema_init(params), ema_update(ema, params, step) -> the momentum encoder (MoCo; else None)
-  features(params, image)   -> [b, d] image features for the linear probe and kNN
-LiT is a contrastive run with config.frozen and config.init_from; FLIP one with
-config.model.image.patch_dropout.
+One train step and one loop serve them all; an `Objective` supplies what
+differs, and owns its loss. LiT is a contrastive run with config.frozen and
+config.init_from; FLIP one with config.model.image.patch_dropout.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import copy
+from typing import Any, Callable, Protocol
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
+from jax.sharding import Mesh, PartitionSpec as P
 
-from mmjax.losses import infonce_loss
-from mmjax.models import mae, moco, two_tower, vit
-from mmjax.models import text as text_model
-from mmjax.train import state as state_lib
+from mmjax.losses import clip_loss, infonce_loss, siglip_loss
+from mmjax.models import mae, moco, text as text_model, two_tower, vit
+from mmjax.numerics import dtype, l2_normalize
 from mmjax.train.config import CONTRASTIVE, LOSSES
+from mmjax.train.optimizer import stop_frozen
+
+Params = Any
 
 
-def _tower_config(config: ml_collections.ConfigDict, tower: str) -> dict:
+class Objective(Protocol):
+  """What an objective supplies to the train step, the loop and the evaluator.
+
+  model: the Flax module; batch_keys: the batch fields grad_fn reads (the
+  loop shards exactly these). `frozen`: None or a pytree of 'frozen' / 'train'
+  labels over the params (config.frozen, worked out once by the loop): no
+  gradient flows through the frozen ones. The momentum-encoder hooks default
+  to "no momentum encoder" and the two-tower hook to "not a two-tower model".
+  """
+  model: nn.Module
+  batch_keys: tuple[str, ...]
+  frozen: Any = None
+
+  def init(self, rng: jax.Array, batch: dict) -> Params:
+    """params from a dummy batch (shapes only matter)."""
+    ...
+
+  def grad_fn(self, params: Params, ema: Any, batch: dict, rng: jax.Array
+              ) -> tuple[tuple[jax.Array, dict], Params]:
+    """((loss, metrics), grads) of the global batch."""
+    ...
+
+  def features(self, params: Params, image: jax.Array) -> jax.Array:
+    """[b, H, W, 3] -> [b, d] image features for the linear probe and kNN."""
+    ...
+
+  def ema_init(self, params: Params) -> Any:
+    """The momentum encoder's initial params, or None when there is none."""
+    return None
+
+  def ema_update(self, ema: Any, params: Params, step: jax.Array) -> Any:
+    return ema
+
+  def towers(self) -> tuple[Callable, Callable] | None:
+    """(embed_image(params, image), embed_text(params, tokens)) -> unit-norm
+    [b, e] for zero-shot and retrieval; None for an image-only objective."""
+    return None
+
+  def with_frozen(self, frozen: Any) -> "Objective":
+    """A copy whose grad_fn stops gradients at the leaves labelled 'frozen'."""
+    new = copy.copy(self)
+    new.frozen = frozen
+    return new
+
+  def _freeze(self, params: Params) -> Params:
+    return params if self.frozen is None else stop_frozen(params, self.frozen)
+
+
+def tower_config(config: ml_collections.ConfigDict, tower: str, **extra) -> dict:
+  """The complete fields of config.model.<tower> (vit.ViT or text.TextTransformer),
+  decoded and checked once; a bad field raises one ValueError naming
+  config.model.<tower>.<field>. extra: fields the config does not hold."""
   m = config.model
-  common = dict(dtype=getattr(jnp, m.dtype), param_dtype=getattr(jnp, m.param_dtype),
-                remat=m.remat, attn_impl=m.attention_impl)
   fields = {k: v for k, v in m[tower].items() if v is not None}
-  decode = vit.decode_variant if tower == "image" else text_model.decode_variant
-  try:
-    decode(fields["variant"])
-  except ValueError as e:
-    raise ValueError(f"config.model.{tower}.variant: {e}") from None
-  if "patch_size" in fields:
-    fields["patch_size"] = tuple(np.broadcast_to(fields["patch_size"], 2).tolist())
   if tower == "text":
     fields.pop("patch_dropout", None)
-  return {**fields, **common}
+  fields.update(dtype=dtype(m.dtype), param_dtype=dtype(m.param_dtype), remat=m.remat,
+                attention_impl=m.attention_impl, **extra)
+  resolve = vit.config if tower == "image" else text_model.config
+  try:
+    return resolve(**fields)
+  except ValueError as e:
+    raise ValueError(f"config.model.{tower}.{e}") from None
 
 
-def build_two_tower(config: ml_collections.ConfigDict, vocab_size: int) -> two_tower.Model:
-  """The two-tower model of config.model; variants are decoded here, so a bad one fails early."""
+def build_two_tower(config: ml_collections.ConfigDict, vocab_size: int) -> two_tower.TwoTower:
+  """The two-tower model of config.model; its towers are checked here, so a bad one fails early."""
   m = config.model
-  return two_tower.Model(
-      image=_tower_config(config, "image"),
-      text={**_tower_config(config, "text"), "vocab_size": vocab_size,
-            "max_len": config.data.text_len},
+  return two_tower.TwoTower(
+      image=tower_config(config, "image"),
+      text=tower_config(config, "text", vocab_size=vocab_size, max_len=config.data.text_len),
       embed_dim=m.embed_dim, loss=config.loss,
       temperature_init=m.temperature_init, bias_init=m.bias_init,
-      dtype=getattr(jnp, m.dtype), param_dtype=getattr(jnp, m.param_dtype))
+      dtype=dtype(m.dtype), param_dtype=dtype(m.param_dtype))
 
 
-class Contrastive:
-  """CLIP / SigLIP on image-text pairs (also LiT and FLIP)."""
+# ---------------------------------------------------------------- contrastive
+
+def contrastive_loss(loss: str, impl: str = "global", blocks: str = "dense", *,
+                     mesh: Mesh | None = None, axes: tuple[str, ...] = ()) -> Callable:
+  """(zimg [B, e], ztxt [B, e], out) -> scalar loss of the global batch.
+
+  impl 'global' leaves the partitioning to XLA; 'gather' / 'ring' /
+  'ring_bidir' run the sharded loss inside shard_map over the mesh's batch
+  `axes`. blocks: 'dense' | 'tiled' | 'pallas' (mmjax.losses).
+  """
+  if loss not in CONTRASTIVE:
+    raise ValueError(f"loss must be one of {CONTRASTIVE}; got {loss!r}")
+
+  def local(zimg, ztxt, scale, bias, axis_name=None):
+    kw = dict(impl=impl, blocks=blocks, axis_name=axis_name)
+    if loss == "siglip":
+      return siglip_loss(zimg, ztxt, scale, bias, **kw)
+    return clip_loss(zimg, ztxt, scale, **kw)
+
+  if impl == "global":
+    fn = local
+  else:
+    if mesh is None or not axes:
+      raise ValueError(f"loss_impl={impl!r} needs a mesh with batch axes")
+    # The Pallas interpreter (CPU) fails under check_vma=True; the kernels lower with either.
+    fn = jax.shard_map(lambda *a: local(*a, axis_name=axes), mesh=mesh,
+                       in_specs=(P(axes), P(axes), P(), P()), out_specs=P(),
+                       check_vma=blocks != "pallas")
+  return lambda zimg, ztxt, out: fn(zimg, ztxt, out["scale"], out.get("bias", jnp.zeros(())))
+
+
+def make_grad_fn(model, loss_of: Callable, *, accum_steps: int = 1,
+                 freeze: Callable[[Params], Params] | None = None) -> Callable:
+  """grad_fn(params, batch, rng) -> ((loss, out), grads) of the global-batch loss.
+
+  accum_steps = k > 1 is contrastive gradient accumulation (GradCache): the
+  batch is split into k micro-batches; all are embedded without keeping
+  activations, the loss and its gradient wrt the embeddings are computed on
+  the full batch, then each micro-batch's towers are re-run and the cached
+  embedding gradients backpropagated. The gradients equal the full-batch ones;
+  peak activation memory is that of one micro-batch. Micro-batch j takes rows
+  j, j+k, j+2k, ..., so each stays split over all devices of the batch axes.
+  """
+  if accum_steps < 1:
+    raise ValueError(f"config.accum_steps must be >= 1; got {accum_steps}")
+  freeze = freeze or (lambda p: p)
+
+  def embed(params, image, text, rng):
+    zimg, ztxt, _ = model.apply({"params": freeze(params)}, image, text, train=True,
+                                rngs={"dropout": rng})
+    return zimg, ztxt
+
+  def head_loss(zimg, ztxt, params):
+    _, _, out = model.apply({"params": params}, None, None)   # scale, bias from t, b
+    return loss_of(zimg, ztxt, out), out
+
+  if accum_steps == 1:
+    def full(params, batch, rng):
+      def loss_fn(p):
+        return head_loss(*embed(p, batch["image"], batch["text"], rng), p)
+      return jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return full
+
+  k = accum_steps
+
+  def accumulated(params, batch, rng):
+    b = batch["image"].shape[0]
+    if b % k:
+      raise ValueError(f"batch {b} is not divisible by config.accum_steps={k}")
+    split = lambda x: x.reshape(b // k, k, *x.shape[1:]).swapaxes(0, 1)    # [k, b/k, ...]
+    merge = lambda x: x.swapaxes(0, 1).reshape(b, *x.shape[2:])
+    micro = {key: split(batch[key]) for key in ("image", "text")}
+    rngs = jax.random.split(rng, k)
+    zimg, ztxt = jax.lax.map(
+        lambda a: embed(jax.lax.stop_gradient(params), a[0]["image"], a[0]["text"], a[1]),
+        (micro, rngs))
+    (value, out), (dzimg, dztxt, grads) = jax.value_and_grad(
+        lambda zi, zt, p: head_loss(merge(zi), merge(zt), p), argnums=(0, 1, 2),
+        has_aux=True)(zimg, ztxt, params)
+
+    def backprop(grads, xs):
+      mb, r, dzi, dzt = xs
+      _, vjp = jax.vjp(lambda p: embed(p, mb["image"], mb["text"], r), params)
+      return jax.tree.map(jnp.add, grads, vjp((dzi, dzt))[0]), None
+
+    grads, _ = jax.lax.scan(backprop, grads, (micro, rngs, dzimg, dztxt))
+    return (value, out), grads
+
+  return accumulated
+
+
+class Contrastive(Objective):
+  """CLIP / SigLIP on image-text pairs (also LiT and FLIP); the loss is
+  config.loss_impl x config.loss_blocks, with GradCache for config.accum_steps > 1."""
   batch_keys = ("image", "text")
 
-  def __init__(self, config, vocab_size: int, *, mesh=None, batch_axes=(), freeze=None):
+  def __init__(self, config: ml_collections.ConfigDict, vocab_size: int, *,
+               mesh: Mesh | None = None, batch_axes: tuple[str, ...] = ()):
     self.model = build_two_tower(config, vocab_size)
-    loss_of = state_lib.contrastive_loss(config.loss, config.loss_impl, mesh=mesh,
-                                         axes=batch_axes)
-    self._grad = state_lib.make_grad_fn(self.model, loss_of, accum_steps=config.accum_steps,
-                                        freeze=freeze)
+    self.accum_steps = config.accum_steps
+    self.loss_of = contrastive_loss(config.loss, config.loss_impl, config.loss_blocks,
+                                    mesh=mesh, axes=batch_axes)
 
   def init(self, rng, batch):
     return self.model.init(rng, batch["image"], batch["text"])["params"]
 
   def grad_fn(self, params, ema, batch, rng):
     del ema
-    (value, out), grads = self._grad(params, batch, rng)
+    grad = make_grad_fn(self.model, self.loss_of, accum_steps=self.accum_steps,
+                        freeze=self._freeze)
+    (value, out), grads = grad(params, batch, rng)
     return (value, dict(out)), grads
 
   def features(self, params, image):
-    return self.model.apply({"params": params}, image, method="encode_image")
+    return self.towers()[0](params, image)
+
+  def towers(self):
+    model = self.model
+    return (lambda p, x: model.apply({"params": p}, x, method="encode_image"),
+            lambda p, t: model.apply({"params": p}, t, method="encode_text"))
 
 
-class MAE:
+class MAE(Objective):
   """Masked autoencoder on images (the text field is not read)."""
   batch_keys = ("image",)
 
-  def __init__(self, config, vocab_size: int = 0, *, freeze=None, **_):
+  def __init__(self, config: ml_collections.ConfigDict):
     m = config.model
-    self.model = mae.Model(image=_tower_config(config, "image"), **m.mae,
-                           dtype=getattr(jnp, m.dtype), param_dtype=getattr(jnp, m.param_dtype))
-    self._freeze = freeze or (lambda p: p)
+    self.model = mae.MAE(image=tower_config(config, "image"), **m.mae,
+                           dtype=dtype(m.dtype), param_dtype=dtype(m.param_dtype))
 
   def init(self, rng, batch):
     r1, r2 = jax.random.split(rng)
@@ -107,18 +250,17 @@ class MAE:
     return self.model.apply({"params": params}, image, method="image_features")
 
 
-class MoCo:
+class MoCo(Objective):
   """MoCo v3: two views, a momentum encoder, symmetric InfoNCE."""
   batch_keys = ("image", "image2")
 
-  def __init__(self, config, vocab_size: int = 0, *, freeze=None, **_):
+  def __init__(self, config: ml_collections.ConfigDict):
     m = config.model
     c = dict(m.moco)
     self.temperature, self.base_momentum = c.pop("temperature"), c.pop("momentum")
     self.total_steps = config.total_steps
-    self.model = moco.Model(image=_tower_config(config, "image"), **c,
-                            dtype=getattr(jnp, m.dtype), param_dtype=getattr(jnp, m.param_dtype))
-    self._freeze = freeze or (lambda p: p)
+    self.model = moco.MoCo(image=tower_config(config, "image"), **c,
+                            dtype=dtype(m.dtype), param_dtype=dtype(m.param_dtype))
 
   def init(self, rng, batch):
     return self.model.init(rng, batch["image"])["params"]
@@ -137,33 +279,32 @@ class MoCo:
     # The momentum encoder: the EMA params in place of the online ones (its
     # predictor is never used); no gradient flows into it.
     target = jax.lax.stop_gradient({**params, **ema})
-    keys = [self.model.apply({"params": target}, v, train=True, rngs={"dropout": r})[1]
+    keys = [l2_normalize(self.model.apply({"params": target}, v, train=True,
+                                          rngs={"dropout": r})[1])
             for v, r in zip(views, (r1, r2))]
     scale = 1.0 / self.temperature
 
     def loss(p):
       p = self._freeze(p)
-      q = [self.model.apply({"params": p}, v, train=True, rngs={"dropout": r})[0]
+      q = [l2_normalize(self.model.apply({"params": p}, v, train=True, rngs={"dropout": r})[0])
            for v, r in zip(views, (r1, r2))]
-      unit = lambda x: x * jax.lax.rsqrt(jnp.sum(x * x, -1, keepdims=True) + 1e-12)
       # MoCo v3 scales each InfoNCE by 2 * temperature.
-      value = 2 * self.temperature * (infonce_loss(unit(q[0]), unit(keys[1]), scale)
-                                      + infonce_loss(unit(q[1]), unit(keys[0]), scale))
+      value = 2 * self.temperature * (infonce_loss(q[0], keys[1], scale)
+                                      + infonce_loss(q[1], keys[0], scale))
       return value, {}
-    (value, aux), grads = jax.value_and_grad(loss, has_aux=True)(params)
-    return (value, aux), grads
+    return jax.value_and_grad(loss, has_aux=True)(params)
 
   def features(self, params, image):
     return self.model.apply({"params": params}, image, method="image_features")
 
 
-def make(config: ml_collections.ConfigDict, vocab_size: int, *, mesh=None, batch_axes=(),
-         freeze: Callable[[Any], Any] | None = None):
-  """The objective of config.loss."""
+def make(config: ml_collections.ConfigDict, vocab_size: int, *, mesh: Mesh | None = None,
+         batch_axes: tuple[str, ...] = ()) -> Objective:
+  """The objective of config.loss (with no frozen params: see Objective.with_frozen)."""
   if config.loss in CONTRASTIVE:
-    return Contrastive(config, vocab_size, mesh=mesh, batch_axes=batch_axes, freeze=freeze)
+    return Contrastive(config, vocab_size, mesh=mesh, batch_axes=batch_axes)
   if config.loss == "mae":
-    return MAE(config, freeze=freeze)
+    return MAE(config)
   if config.loss == "moco":
-    return MoCo(config, freeze=freeze)
+    return MoCo(config)
   raise ValueError(f"config.loss must be one of {LOSSES}; got {config.loss!r}")

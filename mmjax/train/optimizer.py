@@ -18,37 +18,44 @@ def decay_mask(params):
 
 def param_path(path) -> str:
   """'img/encoder/block0/attn/query/kernel' for a jax tree path."""
-  return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+  return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
 def frozen_labels(params, patterns: Sequence[str]):
-  """'frozen' for each leaf whose path fully matches one of `patterns` (regexes), else 'train'."""
+  """'frozen' for each leaf whose path fully matches one of `patterns` (regexes,
+  config.frozen), else 'train'. params may be abstract (shapes only): the
+  labels are worked out once, for the optimizer and the objective alike."""
   compiled = []
   for p in patterns:
     try:
       compiled.append(re.compile(p))
     except re.error as e:
       raise ValueError(f"config.frozen: {p!r} is not a regex ({e})") from None
-  labels = jax.tree_util.tree_map_with_path(
-      lambda path, _: "frozen" if any(c.fullmatch(param_path(path)) for c in compiled)
-      else "train", params)
-  unused = [p for p, c in zip(patterns, compiled)
-            if not any(c.fullmatch(param_path(path)) for path, _ in
-                       jax.tree_util.tree_leaves_with_path(params))]
+  paths = [param_path(path) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
+  unused = [p for p, c in zip(patterns, compiled) if not any(c.fullmatch(q) for q in paths)]
   if unused:
     raise ValueError(f"config.frozen: {unused} match no parameter (paths look like "
-                     f"{param_path(jax.tree_util.tree_leaves_with_path(params)[0][0])!r})")
-  return labels
+                     f"{paths[0]!r})")
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: "frozen" if any(c.fullmatch(param_path(path)) for c in compiled)
+      else "train", params)
+
+
+def stop_frozen(params, labels):
+  """params with stop_gradient on the leaves labelled 'frozen' (see frozen_labels),
+  so no backward pass runs through a locked tower."""
+  return jax.tree.map(
+      lambda label, p: jax.lax.stop_gradient(p) if label == "frozen" else p, labels, params)
 
 
 def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int, *,
-                   frozen: Sequence[str] = ()) -> tuple[optax.GradientTransformation,
-                                                        optax.Schedule]:
+                   frozen=None) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """Returns (tx, lr_schedule) from config.optim.
 
-  frozen: regexes over parameter paths (config.frozen, e.g. ['img/.*'] for
-  LiT). Those parameters get zero updates and no optimizer state at all
-  (optax.multi_transform with set_to_zero); the clip norm counts the rest.
+  frozen: None, or frozen_labels(params, config.frozen) ('frozen' / 'train'
+  per leaf, e.g. from ['img/.*'] for LiT). The frozen parameters get zero
+  updates and no optimizer state at all (optax.multi_transform with
+  set_to_zero); the clip norm counts the rest.
   """
   if not 0 <= optim.warmup_steps < total_steps:
     raise ValueError(f"config.optim.warmup_steps ({optim.warmup_steps}) must be in "
@@ -62,8 +69,6 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int, *,
   parts.append(optax.adamw(schedule, b1=optim.b1, b2=optim.b2,
                            weight_decay=optim.weight_decay, mask=decay_mask))
   tx = optax.chain(*parts)
-  if frozen:
-    patterns = list(frozen)
-    tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()},
-                               lambda params: frozen_labels(params, patterns))
+  if frozen is not None:
+    tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, frozen)
   return tx, schedule

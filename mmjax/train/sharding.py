@@ -56,10 +56,6 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(batch_axes(mesh)))
 
 
-def replicated(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P())
-
-
 def data_parallel_size(mesh: Mesh) -> int:
   return math.prod(mesh.shape[a] for a in batch_axes(mesh))
 
@@ -72,11 +68,6 @@ def fsdp_spec(shape: tuple[int, ...], fsdp_size: int, min_size: int) -> P:
     if shape[dim] % fsdp_size == 0:
       return P(*[("fsdp" if i == dim else None) for i in range(len(shape))])
   return P()
-
-
-def _path(keypath) -> str:
-  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
-                  for k in keypath)
 
 
 def state_shardings(abstract_state: Any, mesh: Mesh,
@@ -95,7 +86,7 @@ def state_shardings(abstract_state: Any, mesh: Mesh,
       raise ValueError(f"config.sharding.rules: kind must be 'fsdp' or 'replicate'; got {kind!r}")
 
   def leaf(keypath, x):
-    path = _path(keypath)
+    path = jax.tree_util.keystr(keypath, simple=True, separator="/")
     kind = next((k for r, k in rules if r.search(path)), "fsdp")
     spec = fsdp_spec(tuple(x.shape), fsdp, sharding_config.fsdp_min_size) if kind == "fsdp" else P()
     return NamedSharding(mesh, spec)

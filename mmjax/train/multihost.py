@@ -1,4 +1,4 @@
-"""Multi-host setup: jax.distributed from the config or the environment, and
+"""Multi-host set-up: jax.distributed from the config or the environment, and
 gathering each process's small JSON state (its input pipeline's position)."""
 
 from __future__ import annotations

@@ -1,0 +1,87 @@
+"""The evaluator a training run calls: zero-shot, retrieval, linear probes and kNN."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+
+from mmjax.evaluate.probe import knn_accuracy, linear_probe_accuracy
+from mmjax.evaluate.retrieval import retrieval_recall
+from mmjax.evaluate.zeroshot import class_embeddings, zeroshot_accuracy
+
+
+class Evaluator:
+  """Zero-shot top-1/top-5 and retrieval recall@1/5/10 on the eval split (two-tower
+  objectives), and a linear probe and kNN on frozen image features (any objective).
+
+  Args:
+    objective: supplies features(params, image) -> [b, d] and towers() ->
+      (embed_image, embed_text) or None (mmjax.train.objectives.Objective).
+      With towers, the image embeddings are the probe features too, so the
+      eval images are embedded once per evaluation.
+    settings: config.evaluate (batch_size, retrieval_match, knn_k, probe_shots).
+    arrays: the eval split, {'image' [n, S, S, 3], 'text' [n, L][, 'label' [n]]}.
+    tokenizer, text_len: encode the zero-shot prompts.
+    zeroshot: (class_names, templates), or None.
+    probe_arrays: the probe's train split ({'image', 'label'}), or None.
+  """
+
+  def __init__(self, objective: Any, settings, arrays: dict, *, tokenizer=None,
+               text_len: int = 0, zeroshot: tuple[Sequence[str], Sequence[str]] | None = None,
+               probe_arrays: dict | None = None):
+    self.arrays, self.tok, self.text_len = arrays, tokenizer, text_len
+    self.zeroshot, self.probe = zeroshot, probe_arrays
+    self.batch_size, self.match = settings.batch_size, settings.retrieval_match
+    self.knn_k, self.probe_shots = settings.knn_k, tuple(settings.probe_shots)
+    self._features = jax.jit(objective.features)
+    towers = objective.towers()
+    self._img, self._txt = (None, None) if towers is None else (jax.jit(f) for f in towers)
+
+  def _batched(self, fn: Callable, params, x: np.ndarray) -> np.ndarray:
+    """Fixed-size batches (one compile); the last one padded with its first row."""
+    out, b = [], self.batch_size
+    for i in range(0, len(x), b):
+      chunk = x[i:i + b]
+      pad = b - len(chunk)
+      if pad:
+        chunk = np.concatenate([chunk, np.repeat(chunk[:1], pad, 0)])
+      out.append(np.asarray(fn(params, chunk))[:b - pad])
+    return np.concatenate(out)
+
+  def probes(self, params, test_x: np.ndarray | None = None) -> dict[str, float]:
+    """linear_probe_top1, the few-shot probes and knn_top1: trained on the probe
+    split, tested on the eval split (test_x: its features, if already computed)."""
+    if self.probe is None or "label" not in self.arrays:
+      return {}
+    train_x = self._batched(self._features, params, self.probe["image"])
+    if test_x is None:
+      test_x = self._batched(self._features, params, self.arrays["image"])
+    args = (train_x, self.probe["label"], test_x, self.arrays["label"])
+    out = {"linear_probe_top1": linear_probe_accuracy(*args),
+           "knn_top1": knn_accuracy(*args, k=self.knn_k)}
+    for k in self.probe_shots:
+      out[f"linear_probe_{k}shot_top1"] = linear_probe_accuracy(*args, shots=k)
+    return out
+
+  def __call__(self, params) -> dict[str, float]:
+    if self._img is None:
+      return self.probes(params)
+    a = self.arrays
+    img = self._batched(self._img, params, a["image"])
+    txt = self._batched(self._txt, params, a["text"])
+    results = self.probes(params, test_x=img)
+    if self.zeroshot is not None and "label" in a:
+      names, templates = self.zeroshot
+      encode = lambda s: self._batched(self._txt, params, self.tok.encode(s, self.text_len))
+      cls = class_embeddings(encode, names, templates)
+      acc = zeroshot_accuracy(img, cls, a["label"])
+      results.update({f"zeroshot_{k}": v for k, v in acc.items()})
+    if self.match == "label":
+      ids = a["label"]
+    else:   # identical captions are one text: any of them is a correct answer
+      _, ids = np.unique(a["text"], axis=0, return_inverse=True)
+    recall = retrieval_recall(img, txt, img_ids=ids, txt_ids=ids)
+    results.update({f"retrieval_{k}": v for k, v in recall.items()})
+    return results

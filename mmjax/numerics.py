@@ -1,0 +1,57 @@
+"""Small numeric helpers every layer of mmjax shares; imports only jax and numpy."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+# Masked scores and logits: finite, so a fully masked row keeps a finite max
+# (no inf - inf = NaN) and its softmax is uniform rather than undefined.
+MASKED = -1e30
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def dtype(name: str):
+  """'float32' | 'bfloat16' -> the jnp dtype; ValueError naming the choices otherwise."""
+  if name not in DTYPES:
+    raise ValueError(f"dtype {name!r} is not one of {tuple(DTYPES)}")
+  return DTYPES[name]
+
+
+def round_up(a: int, b: int) -> int:
+  """The smallest multiple of b that is >= a."""
+  return -(-a // b) * b
+
+
+def l2_normalize(x, eps: float = 1e-12):
+  """Rows of x [..., d] scaled to unit L2 norm (norm floored at sqrt(eps)), float32.
+
+  NumPy in, NumPy out; anything else goes through jax.numpy.
+  """
+  if isinstance(x, np.ndarray):
+    x = x.astype(np.float32)
+    return x / np.sqrt(np.maximum(np.sum(x * x, axis=-1, keepdims=True), eps))
+  x = jnp.asarray(x).astype(jnp.float32)
+  return x * lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps))
+
+
+def vary_like(tree, *refs):
+  """tree's arrays cast to vary over every manual mesh axis that one of refs
+  (default: tree's own arrays) varies over, so outputs and loop carries keep
+  their type under shard_map(check_vma=True). Outside shard_map: unchanged."""
+  refs = refs or tuple(jax.tree.leaves(tree))
+  axes = frozenset().union(*(jax.typeof(r).manual_axis_type.varying for r in refs))
+
+  def cast(v):
+    missing = tuple(sorted(axes - jax.typeof(v).manual_axis_type.varying))
+    return lax.pcast(v, missing, to="varying") if missing else v
+  return jax.tree.map(cast, tree)
+
+
+def vary_over(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
+  """x cast to vary over the named manual axes (those it does not vary over yet)."""
+  missing = tuple(a for a in axes if a not in jax.typeof(x).manual_axis_type.varying)
+  return lax.pcast(x, missing, to="varying") if missing else x

@@ -1,0 +1,124 @@
+"""What several test files share (not a test module): float64 NumPy references of the losses and
+of attention, with hand-derived gradients, and the input builders the loss tests use.
+
+Builders that draw random numbers take a NumPy Generator (the tests' `rng` fixture).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmjax.losses import clip_loss, siglip_loss
+
+# ---------------------------------------------------------------- float64 references
+
+
+def _logsumexp(x, axis):
+  m = x.max(axis=axis, keepdims=True)
+  return (m + np.log(np.exp(x - m).sum(axis=axis, keepdims=True))).squeeze(axis)
+
+
+def _softmax(x, axis):
+  e = np.exp(x - x.max(axis=axis, keepdims=True))
+  return e / e.sum(axis=axis, keepdims=True)
+
+
+def _log_sigmoid(x):
+  return -np.logaddexp(0.0, -x)
+
+
+def ref_clip(x, y, s):
+  """float64 loss and (dx, dy, ds) with hand-derived gradients."""
+  n = x.shape[0]
+  dots = x @ y.T
+  z = s * dots
+  d = np.diag(z)
+  loss = 0.5 * (np.mean(_logsumexp(z, 1) - d) + np.mean(_logsumexp(z, 0) - d))
+  g = 0.5 / n * (_softmax(z, 1) + _softmax(z, 0) - 2 * np.eye(n))  # dL/dz
+  return loss, (s * g @ y, s * g.T @ x, np.sum(g * dots))
+
+
+def ref_siglip(x, y, s, b):
+  """float64 loss and (dx, dy, ds, db) with hand-derived gradients."""
+  n = x.shape[0]
+  dots = x @ y.T
+  z = s * dots + b
+  sign = 2 * np.eye(n) - 1
+  loss = -np.sum(_log_sigmoid(sign * z)) / n
+  g = -sign / n / (1 + np.exp(sign * z))  # d/dz of -log sigmoid(sign*z) / n
+  return loss, (s * g @ y, s * g.T @ x, np.sum(g * dots), np.sum(g))
+
+
+def ref_infonce(q, k, s):
+  """float64 InfoNCE (query i's positive is key i) and (dq, dk)."""
+  n = q.shape[0]
+  z = s * q @ k.T
+  loss = np.mean(_logsumexp(z, 1) - np.diag(z))
+  g = (_softmax(z, 1) - np.eye(n)) / n  # dL/dz
+  return loss, (s * g @ k, s * g.T @ q)
+
+
+def ref_attention(q, k, v, w, visible):
+  """float64 out and (dq, dk, dv) of sum(out * w); layout [b, n, h, d]; visible: bool [b, lq, lk].
+
+  Grouped heads: query head h reads kv head h // g. Rows that see no key give 0.
+  """
+  g = q.shape[2] // k.shape[2]
+  ke, ve = np.repeat(k, g, axis=2), np.repeat(v, g, axis=2)
+  scale = q.shape[-1] ** -0.5
+  vis = visible[:, None]                                      # [b, 1, lq, lk]
+  s = np.where(vis, np.einsum("bqhd,bkhd->bhqk", q, ke) * scale, -np.inf)
+  m = np.max(s, -1, keepdims=True)
+  p = np.where(vis, np.exp(s - np.where(np.isfinite(m), m, 0)), 0.0)
+  p = p / np.maximum(p.sum(-1, keepdims=True), 1e-300)
+  out = np.einsum("bhqk,bkhd->bqhd", p, ve)
+  dp = np.einsum("bqhd,bkhd->bhqk", w, ve)
+  ds = p * (dp - (dp * p).sum(-1, keepdims=True))
+  dq = np.einsum("bhqk,bkhd->bqhd", ds, ke) * scale
+  fold = lambda x: x.reshape(x.shape[0], x.shape[1], k.shape[2], g, -1).sum(3)
+  dk = fold(np.einsum("bhqk,bqhd->bkhd", ds, q) * scale)
+  dv = fold(np.einsum("bhqk,bqhd->bkhd", p, w))
+  return out, (dq, dk, dv)
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def normed(rng, n, d):
+  """[n, d] float64 rows of unit norm."""
+  x = rng.normal(size=(n, d))
+  return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def as_dtype(x, dtype):
+  """The array in `dtype`, and its exact float64 value (what the reference sees)."""
+  a = jnp.asarray(x, dtype)
+  return a, np.asarray(a.astype(jnp.float32), np.float64)
+
+
+def inputs(n, d, rng):
+  """float32 (img, txt, scale, bias) for a loss: related unit-norm pairs, moderate logits."""
+  x, y = rng.normal(size=(2, n, d))
+  x /= np.linalg.norm(x, axis=1, keepdims=True)
+  y /= np.linalg.norm(y, axis=1, keepdims=True)
+  y = 0.3 * x + 0.7 * y   # related pairs, so the loss is not at chance
+  y /= np.linalg.norm(y, axis=1, keepdims=True)
+  # Moderate logits: a saturated softmax has gradients at f32 round-off level,
+  # where any two summation orders differ by more than rtol 1e-5.
+  return (jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32),
+          jnp.float32(rng.uniform(1, 10)), jnp.float32(rng.uniform(-5, 0)))
+
+
+# Both losses with one signature (x, y, scale, bias, **kw); CLIP ignores the bias.
+LOSSES = {"clip": lambda x, y, s, b, **kw: clip_loss(x, y, s, **kw),
+          "siglip": lambda x, y, s, b, **kw: siglip_loss(x, y, s, b, **kw)}
+
+
+def dense(name, x, y, s, b):
+  """The default (dense) loss `name` and its gradients wrt (x, y, s, b)."""
+  return jax.value_and_grad(lambda *a: LOSSES[name](*a), argnums=(0, 1, 2, 3))(x, y, s, b)
+
+
+def make_mesh(shape, names):
+  """A mesh of Auto axes over the (8 simulated CPU) devices."""
+  return jax.make_mesh(shape, names, axis_types=(jax.sharding.AxisType.Auto,) * len(names))
