@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -55,3 +58,24 @@ def vary_over(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
   """x cast to vary over the named manual axes (those it does not vary over yet)."""
   missing = tuple(a for a in axes if a not in jax.typeof(x).manual_axis_type.varying)
   return lax.pcast(x, missing, to="varying") if missing else x
+
+
+def attention_vjp(forward: Callable, backward: Callable) -> Callable:
+  """f(static, q, k, v, q_seg, kv_seg) -> o with the custom VJP every flash-style
+  attention shares (blockwise in XLA, the Pallas kernels): forward(...) -> (o,
+  lse [per query row]) keeps its inputs, o and lse; backward(static, q, k, v,
+  q_seg, kv_seg, o, lse, do) -> (dq, dk, dv) recomputes the blocks. `static`
+  (hashable) is not differentiated; segment ids get no gradient."""
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+  def f(static, q, k, v, q_seg, kv_seg):
+    return forward(static, q, k, v, q_seg, kv_seg)[0]
+
+  def fwd(static, q, k, v, q_seg, kv_seg):
+    o, lse = forward(static, q, k, v, q_seg, kv_seg)
+    return o, (q, k, v, q_seg, kv_seg, o, lse)
+
+  def bwd(static, res, do):
+    return (*backward(static, *res, do), None, None)
+
+  f.defvjp(fwd, bwd)
+  return f

@@ -28,15 +28,11 @@ def patchify(image: jax.Array, patch: tuple[int, int]) -> jax.Array:
   return x.reshape(b, (h // ph) * (w // pw), ph * pw * c)
 
 
-def Model(image: dict, **fields) -> "MAE":  # noqa: N802
-  """An MAE whose encoder is given as vit.Model arguments, decoded and checked once here."""
-  return MAE(image=vit.config(**image), **fields)
-
-
 class MAE(nn.Module):
   """image [b, H, W, 3] -> (loss scalar, {'pred': [b, n, p*p*3], 'mask': [b, n] 1 = masked}).
 
-  Build it with `Model(image=..., ...)`; image here is the complete vit.ViT fields.
+  `Model(image=dict(variant=...), ...)` builds it; `image` here holds the encoder's
+  complete vit.ViT fields.
   """
   image: dict
   mask_ratio: float = 0.75
@@ -93,3 +89,8 @@ class MAE(nn.Module):
     per_patch = jnp.mean((pred - target) ** 2, axis=-1)
     loss = jnp.sum(per_patch * mask) / jnp.sum(mask)
     return loss, {"pred": pred, "mask": mask}
+
+
+def Model(image: dict, **fields) -> MAE:  # noqa: N802
+  """MAE from its encoder as vit.Model arguments (decoded once) and MAE's fields."""
+  return vit.around(MAE, image, **fields)

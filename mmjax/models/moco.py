@@ -55,17 +55,9 @@ class MLP(nn.Module):
     return BatchStatNorm(affine=False, name="norm_out")(x) if self.last_norm else x
 
 
-def Model(image: dict, **fields) -> "MoCo":  # noqa: N802
-  """A MoCo whose backbone is given as vit.Model arguments, decoded and checked once here."""
-  return MoCo(image=vit.config(**image), **fields)
-
-
 class MoCo(nn.Module):
-  """image [b, H, W, 3] -> (q [b, out_dim] predictor output, z [b, out_dim] projector output).
-
-  Build it with `Model(image=..., ...)`; image here is the complete vit.ViT fields.
-  """
-  image: dict
+  """image [b, H, W, 3] -> (q [b, out_dim] predictor output, z [b, out_dim] projector output)."""
+  image: dict   # the backbone's complete vit.ViT fields; Model(image=dict(variant=...)) decodes them
   hidden: int = 512
   out_dim: int = 128
   dtype: Any = jnp.float32
@@ -91,3 +83,8 @@ def momentum(step: jax.Array, total_steps: int, base: float = 0.99) -> jax.Array
   """MoCo v3's schedule: base at step 0, rising to 1 along a half cosine."""
   frac = jnp.clip(step / max(total_steps, 1), 0.0, 1.0)
   return 1.0 - (1.0 - base) * (jnp.cos(jnp.pi * frac) + 1.0) / 2.0
+
+
+def Model(image: dict, **fields) -> MoCo:  # noqa: N802
+  """MoCo from its backbone as vit.Model arguments (decoded once) and MoCo's fields."""
+  return vit.around(MoCo, image, **fields)

@@ -96,6 +96,12 @@ def config(variant: str | None = None, **fields) -> dict[str, Any]:
   return out
 
 
+def around(cls, image: dict, **fields):
+  """cls(image=config(**image), **fields): a model built around a ViT (MAE, MoCo),
+  its tower given as `Model` arguments (variant and overrides) and decoded once here."""
+  return cls(image=config(**image), **fields)
+
+
 def Model(variant: str | None = None, **fields) -> "ViT":  # noqa: N802  (big_vision's factory)
   """ViT from a variant name ('B/16') and overrides, decoded and checked once:
   `vit.Model("B/16", pool_type="tok")` is `ViT(**config("B/16", pool_type="tok"))`."""

@@ -11,13 +11,12 @@ aligned), grouped-query heads, rows that see no key give 0.
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from mmjax.numerics import MASKED, round_up
+from mmjax.numerics import MASKED, attention_vjp, round_up
 
 def _pad(x, axis: int, size: int):
   pad = [(0, 0)] * x.ndim
@@ -119,21 +118,7 @@ def _backward(static, q, k, v, q_seg, kv_seg, o, lse, do):
   return ((dq * scale).astype(q.dtype), (dk * scale).astype(k.dtype), dv.astype(v.dtype))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _blockwise(static, q, k, v, q_seg, kv_seg):
-  return _forward(static, q, k, v, q_seg, kv_seg)[0]
-
-
-def _blockwise_fwd(static, q, k, v, q_seg, kv_seg):
-  o, lse = _forward(static, q, k, v, q_seg, kv_seg)
-  return o, (q, k, v, q_seg, kv_seg, o, lse)
-
-
-def _blockwise_bwd(static, res, do):
-  return (*_backward(static, *res, do), None, None)
-
-
-_blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
+_blockwise = attention_vjp(_forward, _backward)
 
 
 def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, is_causal: bool = False,

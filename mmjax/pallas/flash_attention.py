@@ -34,7 +34,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
-from mmjax.numerics import MASKED, round_up
+from mmjax.numerics import MASKED, attention_vjp, round_up
 
 PLATFORMS = ("tpu", "gpu")   # kernel layouts: Mosaic TPU, Triton GPU
 
@@ -167,6 +167,15 @@ def _fwd_kernel_triton(cfg, q_ref, k_ref, v_ref, qs_ref, ks_ref, o_ref, lse_ref)
   lse_ref[...] = lse
 
 
+def _call(kernel, cfg: _Cfg, name: str, *, grid, in_specs, out_specs, out_shape,
+          semantics=(), scratch_shapes=()):
+  """pallas_call of kernel(cfg, ...) with the layout's compiler params."""
+  return pl.pallas_call(functools.partial(kernel, cfg), grid=grid, in_specs=in_specs,
+                        out_specs=out_specs, out_shape=out_shape, scratch_shapes=scratch_shapes,
+                        compiler_params=cfg.params(semantics), interpret=cfg.interpret,
+                        name=name)
+
+
 def _forward(cfg: _Cfg, q, k, v, q_seg, kv_seg):
   """q [b,hq,Sq,d], k/v [b,hk,Sk,d] (padded) -> o [b,hq,Sq,d], lse [b,hq,Sq,1] f32."""
   b, hq, sq, d = q.shape
@@ -182,8 +191,8 @@ def _forward(cfg: _Cfg, q, k, v, q_seg, kv_seg):
     def ks_map(bi, h, i, j):
       return (bi, 0, jnp.minimum(j, _last_kv_block(cfg, i)))
 
-    return pl.pallas_call(
-        functools.partial(_fwd_kernel_tpu, cfg),
+    return _call(
+        _fwd_kernel_tpu, cfg, "mmjax_flash_fwd",
         grid=(b, hq, n_q, n_k),
         in_specs=[pl.BlockSpec((None, None, bq, d), lambda bi, h, i, j: (bi, h, i, 0)),
                   pl.BlockSpec((None, None, bk, d), kv_map),
@@ -194,12 +203,10 @@ def _forward(cfg: _Cfg, q, k, v, q_seg, kv_seg):
                    pl.BlockSpec((None, None, bq, 1), lambda bi, h, i, j: (bi, h, i, 0))],
         scratch_shapes=[pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32),
                         pltpu.VMEM((bq, d), jnp.float32)],
-        out_shape=out_shape,
-        compiler_params=cfg.params(("parallel", "parallel", "parallel", "arbitrary")),
-        interpret=cfg.interpret, name="mmjax_flash_fwd",
+        out_shape=out_shape, semantics=("parallel", "parallel", "parallel", "arbitrary"),
     )(q, k, v, q_seg, kv_seg)
-  return pl.pallas_call(
-      functools.partial(_fwd_kernel_triton, cfg),
+  return _call(
+      _fwd_kernel_triton, cfg, "mmjax_flash_fwd",
       grid=(b, hq, n_q),
       in_specs=[pl.BlockSpec((None, None, bq, d), lambda bi, h, i: (bi, h, i, 0)),
                 pl.BlockSpec((None, None, sk, d), lambda bi, h, i: (bi, _div(h, g), 0, 0)),
@@ -209,8 +216,6 @@ def _forward(cfg: _Cfg, q, k, v, q_seg, kv_seg):
       out_specs=[pl.BlockSpec((None, None, bq, d), lambda bi, h, i: (bi, h, i, 0)),
                  pl.BlockSpec((None, None, bq, 1), lambda bi, h, i: (bi, h, i, 0))],
       out_shape=out_shape,
-      compiler_params=cfg.params(()),
-      interpret=cfg.interpret, name="mmjax_flash_fwd",
   )(q, k, v, q_seg, kv_seg)
 
 
@@ -297,6 +302,20 @@ def _dkv_kernel_triton(cfg, q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, qs_ref
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
+def _bwd_in_specs(q_block, kv_block, d, q_map, kv_map, q_seg_map, kv_seg_map):
+  """BlockSpecs of a backward kernel's inputs (q, k, v, do, lse, delta, q_seg, kv_seg).
+
+  q_block: the leading dims of a q-side block up to its rows, e.g. (None, None, bq);
+  kv_block likewise for k and v. lse and delta are [rows, 1] per q block; the
+  segment ids [rows, 1] (queries) and [1, rows] (keys).
+  """
+  q_spec, kv_spec = pl.BlockSpec(q_block + (d,), q_map), pl.BlockSpec(kv_block + (d,), kv_map)
+  row_spec = pl.BlockSpec(q_block + (1,), q_map)
+  return [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec,
+          pl.BlockSpec((None, q_block[-1], 1), q_seg_map),
+          pl.BlockSpec((None, 1, kv_block[-1]), kv_seg_map)]
+
+
 def _backward(cfg: _Cfg, q, k, v, q_seg, kv_seg, o, lse, do):
   b, hq, sq, d = q.shape
   hk, sk = k.shape[1], k.shape[2]
@@ -313,24 +332,14 @@ def _backward(cfg: _Cfg, q, k, v, q_seg, kv_seg, o, lse, do):
     def kv_map(bi, h, i, j):
       return (bi, _div(h, g), jnp.minimum(j, _last_kv_block(cfg, i)), 0)
 
-    dq = pl.pallas_call(
-        functools.partial(_dq_kernel_tpu, cfg),
-        grid=(b, hq, n_q, n_k),
-        in_specs=[pl.BlockSpec((None, None, bq, d), q_map),
-                  pl.BlockSpec((None, None, bk, d), kv_map),
-                  pl.BlockSpec((None, None, bk, d), kv_map),
-                  pl.BlockSpec((None, None, bq, d), q_map),
-                  pl.BlockSpec((None, None, bq, 1), q_map),
-                  pl.BlockSpec((None, None, bq, 1), q_map),
-                  pl.BlockSpec((None, bq, 1), lambda bi, h, i, j: (bi, i, 0)),
-                  pl.BlockSpec((None, 1, bk), lambda bi, h, i, j: (
-                      bi, 0, jnp.minimum(j, _last_kv_block(cfg, i))))],
-        out_specs=pl.BlockSpec((None, None, bq, d), q_map),
-        scratch_shapes=[pltpu.VMEM((bq, d), jnp.float32)],
-        out_shape=dq_shape,
-        compiler_params=cfg.params(("parallel", "parallel", "parallel", "arbitrary")),
-        interpret=cfg.interpret, name="mmjax_flash_dq",
-    )(*args)
+    dq = _call(_dq_kernel_tpu, cfg, "mmjax_flash_dq", grid=(b, hq, n_q, n_k),
+               in_specs=_bwd_in_specs(
+                   (None, None, bq), (None, None, bk), d, q_map, kv_map,
+                   lambda bi, h, i, j: (bi, i, 0),
+                   lambda bi, h, i, j: (bi, 0, jnp.minimum(j, _last_kv_block(cfg, i)))),
+               out_specs=pl.BlockSpec((None, None, bq, d), q_map), out_shape=dq_shape,
+               semantics=("parallel", "parallel", "parallel", "arbitrary"),
+               scratch_shapes=[pltpu.VMEM((bq, d), jnp.float32)])(*args)
 
     def gq_map(bi, h, j, gi, i):   # causal: q blocks before the first visible one repeat it
       return (bi, h * g + gi, jnp.maximum(i, _first_q_block(cfg, j)), 0)
@@ -338,25 +347,14 @@ def _backward(cfg: _Cfg, q, k, v, q_seg, kv_seg, o, lse, do):
     def k_map(bi, h, j, gi, i):
       return (bi, h, j, 0)
 
-    dk, dv = pl.pallas_call(
-        functools.partial(_dkv_kernel_tpu, cfg),
-        grid=(b, hk, n_k, g, n_q),
-        in_specs=[pl.BlockSpec((None, None, bq, d), gq_map),
-                  pl.BlockSpec((None, None, bk, d), k_map),
-                  pl.BlockSpec((None, None, bk, d), k_map),
-                  pl.BlockSpec((None, None, bq, d), gq_map),
-                  pl.BlockSpec((None, None, bq, 1), gq_map),
-                  pl.BlockSpec((None, None, bq, 1), gq_map),
-                  pl.BlockSpec((None, bq, 1), lambda bi, h, j, gi, i: (
-                      bi, jnp.maximum(i, _first_q_block(cfg, j)), 0)),
-                  pl.BlockSpec((None, 1, bk), lambda bi, h, j, gi, i: (bi, 0, j))],
-        out_specs=[pl.BlockSpec((None, None, bk, d), k_map)] * 2,
-        scratch_shapes=[pltpu.VMEM((bk, d), jnp.float32)] * 2,
-        out_shape=dkv_shape,
-        compiler_params=cfg.params(("parallel", "parallel", "parallel", "arbitrary",
-                                    "arbitrary")),
-        interpret=cfg.interpret, name="mmjax_flash_dkv",
-    )(*args)
+    dk, dv = _call(_dkv_kernel_tpu, cfg, "mmjax_flash_dkv", grid=(b, hk, n_k, g, n_q),
+                   in_specs=_bwd_in_specs(
+                       (None, None, bq), (None, None, bk), d, gq_map, k_map,
+                       lambda bi, h, j, gi, i: (bi, jnp.maximum(i, _first_q_block(cfg, j)), 0),
+                       lambda bi, h, j, gi, i: (bi, 0, j)),
+                   out_specs=[pl.BlockSpec((None, None, bk, d), k_map)] * 2, out_shape=dkv_shape,
+                   semantics=("parallel", "parallel", "parallel", "arbitrary", "arbitrary"),
+                   scratch_shapes=[pltpu.VMEM((bk, d), jnp.float32)] * 2)(*args)
     return dq, dk, dv
 
   def q_map(bi, h, i):
@@ -365,22 +363,10 @@ def _backward(cfg: _Cfg, q, k, v, q_seg, kv_seg, o, lse, do):
   def kv_full(bi, h, i):
     return (bi, _div(h, g), 0, 0)
 
-  dq = pl.pallas_call(
-      functools.partial(_dq_kernel_triton, cfg),
-      grid=(b, hq, n_q),
-      in_specs=[pl.BlockSpec((None, None, bq, d), q_map),
-                pl.BlockSpec((None, None, sk, d), kv_full),
-                pl.BlockSpec((None, None, sk, d), kv_full),
-                pl.BlockSpec((None, None, bq, d), q_map),
-                pl.BlockSpec((None, None, bq, 1), q_map),
-                pl.BlockSpec((None, None, bq, 1), q_map),
-                pl.BlockSpec((None, bq, 1), lambda bi, h, i: (bi, i, 0)),
-                pl.BlockSpec((None, 1, sk), lambda bi, h, i: (bi, 0, 0))],
-      out_specs=pl.BlockSpec((None, None, bq, d), q_map),
-      out_shape=dq_shape,
-      compiler_params=cfg.params(()),
-      interpret=cfg.interpret, name="mmjax_flash_dq",
-  )(*args)
+  dq = _call(_dq_kernel_triton, cfg, "mmjax_flash_dq", grid=(b, hq, n_q),
+             in_specs=_bwd_in_specs((None, None, bq), (None, None, sk), d, q_map, kv_full,
+                                    lambda bi, h, i: (bi, i, 0), lambda bi, h, i: (bi, 0, 0)),
+             out_specs=pl.BlockSpec((None, None, bq, d), q_map), out_shape=dq_shape)(*args)
 
   def group(bi, h, j):   # the g query heads of kv head h, whole sequence
     return (bi, h, 0, 0)
@@ -388,44 +374,17 @@ def _backward(cfg: _Cfg, q, k, v, q_seg, kv_seg, o, lse, do):
   def k_map(bi, h, j):
     return (bi, h, j, 0)
 
-  dk, dv = pl.pallas_call(
-      functools.partial(_dkv_kernel_triton, cfg),
-      grid=(b, hk, n_k),
-      in_specs=[pl.BlockSpec((None, g, sq, d), group),
-                pl.BlockSpec((None, None, bk, d), k_map),
-                pl.BlockSpec((None, None, bk, d), k_map),
-                pl.BlockSpec((None, g, sq, d), group),
-                pl.BlockSpec((None, g, sq, 1), group),
-                pl.BlockSpec((None, g, sq, 1), group),
-                pl.BlockSpec((None, sq, 1), lambda bi, h, j: (bi, 0, 0)),
-                pl.BlockSpec((None, 1, bk), lambda bi, h, j: (bi, 0, j))],
-      out_specs=[pl.BlockSpec((None, None, bk, d), k_map)] * 2,
-      out_shape=dkv_shape,
-      compiler_params=cfg.params(()),
-      interpret=cfg.interpret, name="mmjax_flash_dkv",
-  )(*args)
+  dk, dv = _call(_dkv_kernel_triton, cfg, "mmjax_flash_dkv", grid=(b, hk, n_k),
+                 in_specs=_bwd_in_specs((None, g, sq), (None, None, bk), d, group, k_map,
+                                        lambda bi, h, j: (bi, 0, 0), lambda bi, h, j: (bi, 0, j)),
+                 out_specs=[pl.BlockSpec((None, None, bk, d), k_map)] * 2,
+                 out_shape=dkv_shape)(*args)
   return dq, dk, dv
 
 
 # ------------------------------------------------------------ custom VJP
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(cfg, q, k, v, q_seg, kv_seg):
-  return _forward(cfg, q, k, v, q_seg, kv_seg)[0]
-
-
-def _flash_fwd(cfg, q, k, v, q_seg, kv_seg):
-  o, lse = _forward(cfg, q, k, v, q_seg, kv_seg)
-  return o, (q, k, v, q_seg, kv_seg, o, lse)
-
-
-def _flash_bwd(cfg, res, do):
-  q, k, v, q_seg, kv_seg, o, lse = res
-  dq, dk, dv = _backward(cfg, q, k, v, q_seg, kv_seg, o, lse, do)
-  return dq, dk, dv, None, None
-
-
-_flash.defvjp(_flash_fwd, _flash_bwd)
+_flash = attention_vjp(_forward, _backward)
 
 
 # ------------------------------------------------------------ public entry
