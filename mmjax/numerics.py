@@ -48,10 +48,7 @@ def vary_like(tree, *refs):
   refs = refs or tuple(jax.tree.leaves(tree))
   axes = frozenset().union(*(jax.typeof(r).manual_axis_type.varying for r in refs))
 
-  def cast(v):
-    missing = tuple(sorted(axes - jax.typeof(v).manual_axis_type.varying))
-    return lax.pcast(v, missing, to="varying") if missing else v
-  return jax.tree.map(cast, tree)
+  return jax.tree.map(lambda v: vary_over(v, tuple(sorted(axes))), tree)
 
 
 def vary_over(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:

@@ -68,3 +68,69 @@ def test_retrieval_with_label_ids_counts_any_same_class_text(rng):
 def test_retrieval_bad_shapes():
   with pytest.raises(ValueError, match="img_emb"):
     retrieval_recall(np.zeros((3, 4)), np.zeros((3, 5)))
+
+
+class _CountingObjective:
+  """A two-tower objective whose image embedding is a fixed projection of the pixels and
+  whose text embedding is that of the class its tokens name; counts the rows each sees."""
+
+  def __init__(self, proj):
+    import jax
+    import jax.numpy as jnp
+    self.rows = {"image": 0, "features": 0}
+    self.proj, self._jax, self._jnp = proj, jax, jnp
+
+  def _count(self, key, x):
+    def bump(n):
+      self.rows[key] += int(n)
+    self._jax.debug.callback(bump, x.shape[0])
+
+  def _embed(self, params, image):
+    jnp = self._jnp
+    z = image.reshape(image.shape[0], -1) @ self.proj
+    return z / jnp.linalg.norm(z, axis=-1, keepdims=True)
+
+  def features(self, params, image):
+    self._count("features", image)
+    return self._embed(params, image)
+
+  def towers(self):
+    def image_fn(params, image):
+      self._count("image", image)
+      return self._embed(params, image)
+
+    def text_fn(params, tokens):   # token 0 names the class: the mean image of that class
+      return params["class_emb"][tokens[:, 0]]
+    return image_fn, text_fn
+
+
+def test_evaluator_embeds_the_eval_images_once_and_scores_them(rng):
+  import ml_collections
+  from mmjax.evaluate import Evaluator
+
+  n, n_probe, c = 23, 40, 3
+  labels, probe_labels = rng.integers(0, c, n), rng.integers(0, c, n_probe)
+  centers = rng.normal(size=(c, 2, 2, 3)) * 3
+  images = (centers[labels] + 0.1 * rng.normal(size=(n, 2, 2, 3))).astype(np.float32)
+  probe = (centers[probe_labels] + 0.1 * rng.normal(size=(n_probe, 2, 2, 3))).astype(np.float32)
+  obj = _CountingObjective(np.eye(12, dtype=np.float32))
+  emb = lambda x: obj._embed(None, x)
+  class_emb = np.stack([np.asarray(emb(centers[k:k + 1].astype(np.float32)))[0] for k in range(c)])
+  settings = ml_collections.ConfigDict(dict(batch_size=8, retrieval_match="label", knn_k=5,
+                                            probe_shots=(2,)))
+
+  class Tok:
+    def encode(self, texts, length):
+      return np.array([[int(t.split()[-1])] + [0] * (length - 1) for t in texts], np.int32)
+
+  arrays = {"image": images, "text": np.repeat(labels[:, None], 2, 1).astype(np.int32),
+            "label": labels.astype(np.int32)}
+  ev = Evaluator(obj, settings, arrays, tokenizer=Tok(), text_len=2,
+                 zeroshot=([f"class {k}" for k in range(c)], ["{}"]),
+                 probe_arrays={"image": probe, "label": probe_labels.astype(np.int32)})
+  out = ev({"class_emb": class_emb})
+  # Fixed batches of 8: the last one is padded, so 24 eval rows, once; 40 probe rows, once.
+  assert obj.rows == {"image": 24, "features": 40}, obj.rows
+  assert out["zeroshot_top1"] == 1.0 and out["retrieval_i2t_r1"] == 1.0
+  assert out["linear_probe_top1"] == 1.0 and out["knn_top1"] == 1.0
+  assert set(out) >= {"retrieval_t2i_r1", "retrieval_i2t_r5", "linear_probe_2shot_top1"}

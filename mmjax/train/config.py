@@ -88,11 +88,13 @@ def defaults() -> ml_collections.ConfigDict:
       attention_impl="xla",   # 'xla' | 'blockwise' | 'pallas' | 'auto' (mmjax.nn.attention)
       temperature_init=placeholder(float),  # None: CLIP 1/0.07, SigLIP 10
       bias_init=placeholder(float),  # None: SigLIP -10
-      image=dict(variant="Ti/4", pool_type="map", posemb="sincos2d",
+      # Unset (None) fields take the model's default (vit.ViT, text.TextTransformer:
+      # image pool_type 'map', posemb 'sincos2d'; text pool_type 'last', causal False).
+      image=dict(variant="Ti/4", pool_type=placeholder(str), posemb=placeholder(str),
                  patch_size=placeholder(int),
                  patch_dropout=0.0,   # FLIP: share of patch tokens dropped at train time
                  **_tower_overrides()),
-      text=dict(variant="Ti", pool_type="last", causal=False,
+      text=dict(variant="Ti", pool_type=placeholder(str), causal=placeholder(bool),
                 **_tower_overrides()),
       mae=dict(mask_ratio=0.75, decoder_width=128, decoder_depth=2, decoder_heads=4,
                decoder_mlp_dim=512, norm_pix_loss=True),
