@@ -107,17 +107,16 @@ def test_bad_config_fails_fast_with_one_line(data_dir, tmp_path, overrides, env,
 
 
 def test_tiled_loss_blocks_train_like_dense(data_dir, tmp_path):
-  """--config.loss_blocks=tiled (and pallas, in the interpreter) in the trainer: the same
-  per-step losses as the dense blocks."""
+  """--config.loss_blocks=tiled in the trainer: the same per-step losses as the dense
+  blocks (pallas blocks, the same custom VJP, are checked against dense in the loss tests)."""
   from mmjax.train import loop
   steps = dict(total_steps=4, **{"checkpoint.every": 4, "evaluate.probes": False})
   losses = {}
-  for kind in ("dense", "tiled", "pallas"):
+  for kind in ("dense", "tiled"):
     loop.train(tiny_config(data_dir, loss_blocks=kind, **steps), str(tmp_path / kind))
     losses[kind] = _losses(tmp_path / kind)
   assert len(losses["dense"]) == 4
-  for kind in ("tiled", "pallas"):
-    assert losses[kind] == pytest.approx(losses["dense"], rel=1e-5), kind
+  assert losses["tiled"] == pytest.approx(losses["dense"], rel=1e-5)
 
 
 def test_losses_nn_and_models_do_not_import_pallas():
