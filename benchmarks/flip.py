@@ -76,17 +76,21 @@ def main():
   p.add_argument("--train", action="store_true", help="also train each rate to the end")
   p.add_argument("--workdir", default="workdirs/flip")
   p.add_argument("--out", help="also append each JSON line to this file")
+  p.add_argument("--loss_blocks", help="override config.loss_blocks ('dense' | 'tiled' | 'pallas')")
   a = p.parse_args()
   base = None
   for r in a.rates:
     config = _load(a.config)
     config.model.image.patch_dropout = r
+    if a.loss_blocks:
+      config.loss_blocks = a.loss_blocks
     config_lib.validate(config)
     t = step_time(config, a.steps)
     base = base or t
     row = {"config": os.path.basename(a.config), "patch_dropout": r,
            "image_variant": config.model.image.variant, "image_depth": _depth(config.model.image),
            "text_depth": _depth(config.model.text), "batch": config.batch_size,
+           "loss_blocks": config.loss_blocks,
            "step_s": t, "step_time_vs_first": t / base, "backend": jax.default_backend()}
     if a.train:
       from mmjax.train import loop

@@ -47,7 +47,6 @@ def vary_like(tree, *refs):
   their type under shard_map(check_vma=True). Outside shard_map: unchanged."""
   refs = refs or tuple(jax.tree.leaves(tree))
   axes = frozenset().union(*(jax.typeof(r).manual_axis_type.varying for r in refs))
-
   return jax.tree.map(lambda v: vary_over(v, tuple(sorted(axes))), tree)
 
 

@@ -97,7 +97,6 @@ def _siglip_accumulate(blocks, x, s, b, g, y_cur, positive, dx, acc, ds, db):
   return dx + gx, acc + gy, ds + gs, db + gb
 
 
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def _siglip_ring(x, y, s, b, axis, blocks):
   return _siglip_ring_fwd(x, y, s, b, axis, blocks)[0]

@@ -11,12 +11,12 @@ aligned), grouped-query heads, rows that see no key give 0.
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from mmjax.numerics import MASKED, attention_vjp, round_up
+
 
 def _pad(x, axis: int, size: int):
   pad = [(0, 0)] * x.ndim

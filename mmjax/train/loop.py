@@ -113,7 +113,9 @@ def _make_evaluator(config, objective, dataset, train_src, tok) -> Evaluator:
   zeroshot = None
   names = dataset.class_names(d.label_key)
   if objective.towers() is not None and names:
-    templates = e.templates or dataset.templates or DEFAULT_TEMPLATES
+    templates = e.templates
+    if templates is None:
+      templates = dataset.templates or DEFAULT_TEMPLATES
     zeroshot = (names, list(templates))
   return Evaluator(objective, e, arrays(dataset.source(d.eval_split)), tokenizer=tok,
                    text_len=d.text_len, zeroshot=zeroshot, probe_arrays=probe_arrays)

@@ -18,6 +18,8 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from mmjax.train.optimizer import param_path
+
 _BATCH_AXES = ("data", "fsdp")
 
 
@@ -86,7 +88,7 @@ def state_shardings(abstract_state: Any, mesh: Mesh,
       raise ValueError(f"config.sharding.rules: kind must be 'fsdp' or 'replicate'; got {kind!r}")
 
   def leaf(keypath, x):
-    path = jax.tree_util.keystr(keypath, simple=True, separator="/")
+    path = param_path(keypath)
     kind = next((k for r, k in rules if r.search(path)), "fsdp")
     spec = fsdp_spec(tuple(x.shape), fsdp, sharding_config.fsdp_min_size) if kind == "fsdp" else P()
     return NamedSharding(mesh, spec)
