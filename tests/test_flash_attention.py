@@ -178,6 +178,83 @@ def test_forward_and_gradient_lower_for_accelerators(platform, causal, segments,
     assert name in module, name
 
 
+_BOTH = dict(platforms=["tpu", "cuda"],
+             disabled_checks=[export.DisabledSafetyCheck.custom_call(_MARKERS["cuda"])])
+
+
+@pytest.mark.parametrize("interpret", [None, False])
+@pytest.mark.parametrize("grad", [False, True], ids=["forward", "grad"])
+def test_default_platform_picks_the_layout_per_lowering_platform(grad, interpret):
+  """platform=None: ONE jitted function exports for tpu and cuda together from this CPU
+  host, Mosaic kernels for one and Triton kernels for the other (before, the layout and
+  interpret mode came from jax.default_backend(): no kernels at all with interpret=None,
+  and with interpret=False an AssertionError in the Mosaic lowering of the Triton layout)."""
+  b, lq, lk, hq, hk, d = 1, 40, 24, 4, 2, 32
+
+  def attend(q, k, v):
+    return flash_attention(q, k, v, is_causal=True, q_segment_ids=jnp.zeros((b, lq), jnp.int32),
+                           kv_segment_ids=jnp.zeros((b, lk), jnp.int32), interpret=interpret)
+
+  def loss(q, k, v):
+    return jnp.sum(attend(q, k, v).astype(jnp.float32))
+
+  fn = jax.jit(jax.grad(loss, (0, 1, 2)) if grad else attend)
+  structs = [jax.ShapeDtypeStruct(s, jnp.bfloat16)
+             for s in [(b, lq, hq, d), (b, lk, hk, d), (b, lk, hk, d)]]
+  module = export.export(fn, **_BOTH)(*structs).mlir_module()
+  kernels = 3 if grad else 1   # the forward, and dq and dk/dv under the custom VJP
+  assert module.count(_MARKERS["tpu"]) == kernels
+  assert module.count(_MARKERS["cuda"]) == kernels
+  if grad:
+    for name in ("mmjax_flash_fwd", "mmjax_flash_dq", "mmjax_flash_dkv"):
+      assert name in module, name
+
+
+def test_default_platform_on_cpu_is_the_interpreted_triton_layout(rng):
+  """On CPU platform=None lowers its default branch: exactly the values and gradients of
+  platform='gpu' in interpret mode (as before), and the float64 reference. Ragged lengths,
+  GQA, causal, segments, head_dim 40 (padded for the Triton layout)."""
+  b, lq, lk, hq, hk, d = 2, 37, 45, 4, 2, 40
+  q, k, v, w = (rng.normal(size=s) for s in [(b, lq, hq, d), (b, lk, hk, d), (b, lk, hk, d),
+                                              (b, lq, hq, d)])
+  q_seg = np.sort(rng.integers(0, 2, size=(b, lq)), axis=1)
+  kv_seg = np.sort(rng.integers(0, 2, size=(b, lk)), axis=1)
+  q_seg[:, 0], kv_seg[:, 0] = 0, 0
+  seg = dict(q_segment_ids=jnp.asarray(q_seg), kv_segment_ids=jnp.asarray(kv_seg))
+  args = [jnp.asarray(x, jnp.float32) for x in (q, k, v)]
+
+  def run(**kw):
+    f = lambda q, k, v: flash_attention(q, k, v, is_causal=True, block_q=16, block_k=16,
+                                        **seg, **kw)
+    out, vjp = jax.vjp(jax.jit(f), *args)
+    return out, vjp(jnp.asarray(w, jnp.float32))
+
+  got, got_grads = run()
+  want, want_grads = run(platform="gpu")
+  np.testing.assert_array_equal(got, want)
+  for name, g, r in zip("qkv", got_grads, want_grads):
+    np.testing.assert_array_equal(g, r, err_msg=f"d{name}")
+  ref, ref_grads = ref_attention(*(np.asarray(a, np.float64) for a in args), w,
+                                 _visible(lq, lk, True, q_seg, kv_seg))
+  np.testing.assert_allclose(np.asarray(got, np.float64), ref, rtol=2e-5, atol=2e-5)
+  for name, g, r in zip("qkv", got_grads, ref_grads):
+    np.testing.assert_allclose(np.asarray(g, np.float64), r, rtol=2e-5, atol=2e-5,
+                               err_msg=f"d{name}")
+
+
+def test_default_platform_under_vmap_matches_the_gpu_layout(rng):
+  """The per-platform primitive's batching rule: vmap of values and gradients."""
+  x = jnp.asarray(rng.normal(size=(3, 1, 20, 2, 16)), jnp.float32)
+
+  def loss(**kw):
+    attend = lambda q: flash_attention(q, q, q, is_causal=True, block_q=16, block_k=16, **kw)
+    return lambda x: jnp.sum(jax.vmap(attend)(x) ** 2)
+
+  got, want = (jax.jit(jax.value_and_grad(loss(**kw)))(x) for kw in ({}, {"platform": "gpu"}))
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+  np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-5)
+
+
 # ------------------------------------------------------------ in the models
 
 @pytest.mark.parametrize("impl", ["blockwise", "pallas"])

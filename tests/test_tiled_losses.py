@@ -163,6 +163,42 @@ def test_pallas_lowers_for_accelerators(platform, target, call, name, dtype, n):
   assert exp.mlir_module().count(call) == (4 if name == "clip" else 2)
 
 
+_BOTH = dict(platforms=["tpu", "cuda"],
+             disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["forward", "grad"])
+@pytest.mark.parametrize("name", ["clip", "siglip"])
+def test_pallas_default_platform_picks_the_kernels_per_lowering_platform(name, grad):
+  """blocks="pallas" with the default platform=None: ONE jitted loss (and loss + grad)
+  exports for tpu and cuda together from this CPU host, with the Mosaic and the Triton
+  kernels (before, the platform came from jax.default_backend())."""
+  structs = ((jax.ShapeDtypeStruct((40, 72), jnp.float32),) * 2
+             + (jax.ShapeDtypeStruct((), jnp.float32),) * 2)
+
+  def f(x, y, s, b):
+    return LOSSES[name](x, y, s, b, blocks="pallas")
+  fn = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3)) if grad else f)
+  module = export.export(fn, **_BOTH)(*structs).mlir_module()
+  # clip: the row and column LSE (+ dx and dy under grad); siglip: the loss, or under grad
+  # the loss with dx, and dy.
+  calls = {"clip": 4 if grad else 2, "siglip": 2 if grad else 1}[name]
+  assert module.count("tpu_custom_call") == calls
+  assert module.count("__gpu$xla.gpu.triton") == calls
+
+
+@pytest.mark.parametrize("name", ["clip", "siglip"])
+def test_pallas_default_platform_on_cpu_is_the_interpreted_tpu_grid(name, rng):
+  """On CPU platform=None lowers its default branch: exactly the loss and gradients of
+  platform='tpu' in interpret mode (what the default was on CPU before)."""
+  args = inputs(37, 24, rng)
+  got = _pallas_grad(name, block=16)(*args)
+  want = _pallas_grad(name, block=16, platform="tpu", interpret=True)(*args)
+  for a, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(a, w)
+  _assert_close(got, dense(name, *args))
+
+
 # ---------------------------------------------------------------- the tiled ring
 
 def _ring(name, impl, kind, mesh, check_vma=True, **kw):
@@ -224,10 +260,12 @@ def test_ring_of_tiled_blocks_memory_is_not_quadratic_in_the_local_batch(name, r
   assert temp["tiled"] < n_local * n_local * 4 / 8, temp
 
 
-def test_ring_of_pallas_blocks_lowers_for_tpu_under_check_vma():
-  """The vma-typed outputs of the kernels: the pallas ring lowers under check_vma=True."""
+@pytest.mark.parametrize("platform", ["tpu", None])
+def test_ring_of_pallas_blocks_lowers_for_tpu_under_check_vma(platform):
+  """The vma-typed outputs of the kernels: the pallas ring lowers under check_vma=True,
+  with platform="tpu" for tpu and with the default platform=None for tpu and cuda."""
   mesh = jax.sharding.AbstractMesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-  pallas = blocks.Blocks("pallas", 128, platform="tpu", interpret=False)
+  pallas = blocks.Blocks("pallas", 128, platform=platform, interpret=False if platform else None)
 
   def local(x, y, s, b):
     return distributed.siglip_ring(x, y, s, b, axis_name="data", blocks=pallas)
@@ -235,9 +273,11 @@ def test_ring_of_pallas_blocks_lowers_for_tpu_under_check_vma():
   f = jax.shard_map(local, mesh=mesh, in_specs=(P("data"), P("data"), P(), P()), out_specs=P())
   structs = ((jax.ShapeDtypeStruct((8 * 256, 72), jnp.float32),) * 2
              + (jax.ShapeDtypeStruct((), jnp.float32),) * 2)
-  exp = export.export(jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3))),
-                      platforms=["tpu"])(*structs)
-  assert "tpu_custom_call" in exp.mlir_module()
+  kw = dict(platforms=["tpu"]) if platform else _BOTH
+  module = export.export(jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3))), **kw)(
+      *structs).mlir_module()
+  assert "tpu_custom_call" in module
+  assert ("__gpu$xla.gpu.triton" in module) == (platform is None)
 
 
 # ---------------------------------------------------------------- arguments

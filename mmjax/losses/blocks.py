@@ -39,7 +39,9 @@ class Blocks:
 
   impl: "dense" | "tiled" | "pallas". block: the tile side for "tiled" and
   "pallas" (None: their default). platform, interpret: for "pallas", as in
-  mmjax.pallas.contrastive.config (None: from the default backend). `positive`
+  mmjax.pallas.contrastive.config (platform None: the kernel shape is chosen
+  per lowering platform when the loss is lowered, so one jitted loss exports
+  for TPU and CUDA; interpret None: compiled on TPU/GPU, interpreted on CPU). `positive`
   says the block holds the positive pairs on its diagonal (a device's own
   chunk). Every method returns float32.
   """

@@ -28,13 +28,16 @@ Two kernel shapes for the two backends:
   "gpu" (Triton): a grid of row tiles; each program loops over the column
     tiles of the other tower, read from the whole array. Tiles and the padded
     dim are powers of 2 (Triton's rule for loaded blocks); not tuned.
-On CPU the kernels run in interpret mode (`interpret=None` picks it there)
-with the "tpu" grid, and any tile multiple of 8.
+On CPU the kernels run in interpret mode with the "tpu" grid, and any tile
+multiple of 8. With platform=None (the default) the shape is chosen when the
+computation is lowered, per lowering platform (`config`), for the forward and
+the backward kernels alike: one jitted loss exports for TPU and CUDA.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import jax
@@ -46,6 +49,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from mmjax.losses.tiles import clip_grad_tile, dot_nn, dot_nt, lse_update, siglip_terms, tile_masks
 from mmjax.numerics import MASKED, round_up, vary_like
+from mmjax.pallas.per_platform import per_platform
 
 PLATFORMS = ("tpu", "gpu")
 DEFAULT_BLOCK = {"tpu": 512, "gpu": 64}
@@ -58,10 +62,12 @@ def _next_pow2(a: int) -> int:
 @dataclasses.dataclass(frozen=True)
 class Config:
   """Static kernel settings: the platform whose kernel shape is used, whether
-  to interpret, and the largest tile side."""
-  platform: str
-  interpret: bool
-  block: int
+  to interpret, and the largest tile side. platform=None: chosen per lowering
+  platform (see `config`); interpret and block may then be None too (each
+  branch's default)."""
+  platform: str | None
+  interpret: bool | None
+  block: int | None
 
   def tiling(self, n: int, d: int) -> tuple[int, int, int]:
     """(t, nb, dp): tile side, tiles per side, padded embedding dim."""
@@ -78,22 +84,49 @@ class Config:
       t = max(128, block // 128 * 128)
     return t, -(-n // t), dp
 
+  def on(self, platform: str, interpret: bool) -> Config:
+    """This config with the platform set: interpret and block default to the given
+    `interpret` and the platform's default block where they are None."""
+    return Config(platform, bool(interpret if self.interpret is None else self.interpret),
+                  DEFAULT_BLOCK[platform] if self.block is None else self.block)
+
 
 def config(block: int | None = None, *, platform: str | None = None,
            interpret: bool | None = None) -> Config:
-  """Fills in the defaults: the platform from the default backend ("gpu" on a
-  GPU, else "tpu"), interpret mode on CPU, the platform's default block."""
+  """Validates and fills in the defaults. platform=None (the default): the kernel
+  shape is chosen when the computation is lowered, per lowering platform
+  (mmjax/pallas/per_platform.py): "tpu" compiled for TPU, "gpu" compiled for
+  CUDA/ROCm, and elsewhere (CPU) "tpu" in interpret mode; one jitted loss exports
+  for platforms=["tpu", "cuda"] from any host. An explicit platform is used for
+  every lowering platform, with interpret mode on a CPU host unless `interpret`
+  says otherwise. block None: the platform's default."""
+  if platform is not None and platform not in PLATFORMS:
+    raise ValueError(f"platform must be one of {PLATFORMS} (or None); got platform={platform!r}")
+  if block is not None and (not isinstance(block, int) or isinstance(block, bool) or block < 1):
+    raise ValueError(f"block must be a positive int; got block={block!r}")
   if platform is None:
-    platform = "gpu" if jax.default_backend() == "gpu" else "tpu"
-  if platform not in PLATFORMS:
-    raise ValueError(f"platform must be one of {PLATFORMS}; got platform={platform!r}")
+    return Config(None, None if interpret is None else bool(interpret), block)
   if interpret is None:
     interpret = jax.default_backend() == "cpu"
   if block is None:
     block = DEFAULT_BLOCK[platform]
-  if not isinstance(block, int) or isinstance(block, bool) or block < 1:
-    raise ValueError(f"block must be a positive int; got block={block!r}")
   return Config(platform, bool(interpret), block)
+
+
+def _per_lowering_platform(fn):
+  """fn(*arrays, cfg=..., **static), with cfg.platform None: the kernel shape picked per
+  lowering platform by mmjax.pallas.per_platform (compiled "tpu" on TPU, compiled "gpu"
+  on CUDA/ROCm, interpreted "tpu" elsewhere); an explicit platform calls fn directly."""
+  @functools.wraps(fn)
+  def wrapped(*args, cfg: Config, **static):
+    if cfg.platform is not None:
+      return fn(*args, cfg=cfg, **static)
+
+    def on(platform, interpret):
+      return functools.partial(fn, cfg=cfg.on(platform, interpret), **static)
+    return per_platform(*args, tpu=on("tpu", False), gpu=on("gpu", False),
+                        default=on("tpu", True))
+  return wrapped
 
 
 # ---------------------------------------------------------------- the row-reduction driver
@@ -231,6 +264,7 @@ def _lse(a, b, s, n, t, nb, cfg):
   return (m + jnp.log(l))[:n, 0]
 
 
+@_per_lowering_platform
 def clip_block_lse(x, y, s, *, cfg: Config):
   """Row and column log-sum-exp of the logits s * x @ y.T.
 
@@ -241,6 +275,7 @@ def clip_block_lse(x, y, s, *, cfg: Config):
   return _lse(xp, yp, s, n, t, nb, cfg), _lse(yp, xp, s, n, t, nb, cfg)
 
 
+@_per_lowering_platform
 def clip_block_grads(x, y, s, row_lse, col_lse, g, *, positive: bool, cfg: Config):
   """Gradients wrt x, y, s of g * (sum(row_lse) + sum(col_lse) - 2 * trace(logits)),
   the trace only if `positive`; see mmjax.losses.tiled.clip_block_grads.
@@ -290,6 +325,7 @@ def _siglip_update(n, t, padded, positive, want_loss, want_grads, want_sums):
   return update
 
 
+@_per_lowering_platform
 def siglip_block_sum(x, y, s, b, *, positive: bool, cfg: Config):
   """sum_ij -log sigmoid(z_ij * (s * x_i . y_j + b)), z = +1 on the diagonal if
   `positive`, else -1. x, y: [n, d] float; s, b: f32 scalars. Returns f32 []."""
@@ -301,6 +337,7 @@ def siglip_block_sum(x, y, s, b, *, positive: bool, cfg: Config):
   return jnp.sum(loss)
 
 
+@_per_lowering_platform
 def siglip_block_grads(x, y, s, b, g, *, positive: bool, with_loss: bool, cfg: Config):
   """Gradients wrt x, y, s, b of g * siglip_block_sum(...), and that value if
   `with_loss`. Returns ([total,] dx [n, d], dy [n, d], ds [], db []) float32."""

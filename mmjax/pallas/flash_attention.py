@@ -11,6 +11,11 @@ Two kernel layouts, one block algebra (`_scores`, `_fwd_update`, `_bwd_block`):
   "gpu" (Triton): one grid step per q block (or kv block in the dk/dv kernel), a
     fori_loop over the other operand inside the kernel, as Triton wants.
 On CPU both run in interpret mode (the tests check both against float64).
+With platform=None (the default) the layout is chosen when the computation is
+lowered, per lowering platform (mmjax/pallas/per_platform.py): Mosaic for TPU,
+Triton for CUDA/ROCm, the Triton layout interpreted elsewhere (CPU), in the
+forward and in the backward of the custom VJP, so one jitted function exports
+for platforms=["tpu", "cuda"] from any host; platform="tpu"/"gpu" forces a layout.
 
 Kernels see [batch, heads, seq, head_dim]; the wrapper transposes, pads the
 sequences to whole blocks (padded keys are masked, padded queries dropped) and,
@@ -35,6 +40,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
 from mmjax.numerics import MASKED, attention_vjp, round_up
+from mmjax.pallas.per_platform import per_platform
 
 PLATFORMS = ("tpu", "gpu")   # kernel layouts: Mosaic TPU, Triton GPU
 
@@ -396,8 +402,105 @@ def _pad_to(x, axis: int, size: int, value=0):
 
 
 def default_platform() -> str:
-  """The kernel layout for this machine's default JAX backend (CPU: interpret the 'gpu' one)."""
+  """The kernel layout for this machine's default JAX backend (CPU: interpret the 'gpu' one).
+
+  flash_attention(platform=None) does not use it: its layout is chosen per lowering platform."""
   return "tpu" if jax.default_backend() == "tpu" else "gpu"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Opts:
+  """The layout-independent static arguments of one call."""
+  causal: bool
+  scale: float
+  block_q: int
+  block_k: int
+
+
+def _config(opts: _Opts, platform: str, interpret, q_len: int, kv_len: int, d: int,
+            groups: int, *, strict: bool = True) -> tuple[_Cfg, int]:
+  """The layout's block sizes and padded head_dim. strict=False (platform=None: every
+  layout is traced) rounds a TPU block_k up to a multiple of 128 instead of raising."""
+  block_q, block_k = opts.block_q, opts.block_k
+  if platform == "tpu":
+    if block_k % 128:
+      if strict:
+        raise ValueError(f"block_k={block_k} must be a multiple of 128 on TPU")
+      block_k = round_up(block_k, 128)
+    bq, bk = min(block_q, round_up(q_len, 8)), block_k
+    d_pad = d
+  else:   # Triton: power-of-two shapes, at least 16 for tl.dot
+    bq = min(block_q, max(16, pl.next_power_of_2(q_len)))
+    bk = min(block_k, max(16, pl.next_power_of_2(kv_len)))
+    d_pad = max(16, pl.next_power_of_2(d))
+  cfg = _Cfg(platform=platform, interpret=interpret, causal=opts.causal, scale=opts.scale,
+             q_len=q_len, kv_len=kv_len, block_q=bq, block_k=bk, groups=groups)
+  return cfg, d_pad
+
+
+def _prep(x, s: int, d_pad: int):
+  """[b, n, h, d] -> [b, h, s, d_pad], zero-padded."""
+  return _pad_to(_pad_to(jnp.swapaxes(x, 1, 2), 2, s), 3, d_pad)
+
+
+def _unprep(x, n: int, d: int):
+  """[b, h, s, d_pad] -> [b, n, h, d]."""
+  return jnp.swapaxes(x[:, :, :n, :d], 1, 2)
+
+
+def _layout_args(opts, platform, interpret, q, k, v, q_seg, kv_seg):
+  """cfg, d_pad and the padded kernel inputs of one layout, from unpadded [b, n, h, d] q, k, v
+  and int32 [b, n] segment ids."""
+  (_, q_len, hq, d), (kv_len, hk) = q.shape, k.shape[1:3]
+  cfg, d_pad = _config(opts, platform, interpret, q_len, kv_len, d, hq // hk, strict=False)
+  sq, sk = round_up(q_len, cfg.block_q), round_up(kv_len, cfg.block_k)
+  return cfg, d_pad, (_prep(q, sq, d_pad), _prep(k, sk, d_pad), _prep(v, sk, d_pad),
+                      _pad_to(q_seg, 1, sq)[:, :, None], _pad_to(kv_seg, 1, sk)[:, None, :])
+
+
+def _layout_forward(opts, platform, interpret, q, k, v, q_seg, kv_seg):
+  """One layout's forward on unpadded arrays: o [b, q_len, hq, d], lse [b, hq, q_len] f32."""
+  cfg, _, padded = _layout_args(opts, platform, interpret, q, k, v, q_seg, kv_seg)
+  o, lse = _forward(cfg, *padded)
+  q_len, d = q.shape[1], q.shape[3]
+  return _unprep(o, q_len, d), lse[:, :, :q_len, 0]
+
+
+def _layout_backward(opts, platform, interpret, q, k, v, q_seg, kv_seg, o, lse, do):
+  """One layout's dq, dk, dv on unpadded arrays. Padded query rows get o = do = 0 (so
+  delta = 0 and they add nothing) and lse = 0 (finite: q is zero-padded too)."""
+  cfg, d_pad, padded = _layout_args(opts, platform, interpret, q, k, v, q_seg, kv_seg)
+  sq = padded[0].shape[2]
+  lse = _pad_to(lse, 2, sq)[..., None]
+  dq, dk, dv = _backward(cfg, *padded, _prep(o, sq, d_pad), lse, _prep(do, sq, d_pad))
+  (q_len, d), kv_len = (q.shape[1], q.shape[3]), k.shape[1]
+  return _unprep(dq, q_len, d), _unprep(dk, kv_len, d), _unprep(dv, kv_len, d)
+
+
+def _branches(layout_fn, opts: _Opts, interpret):
+  """The per_platform branches: Mosaic on TPU, Triton on CUDA/ROCm, and elsewhere (CPU) the
+  Triton layout interpreted. interpret=None: compiled on TPU and GPU, interpreted elsewhere."""
+  def on(platform, default_interpret):
+    return functools.partial(layout_fn, opts, platform,
+                             default_interpret if interpret is None else interpret)
+  return dict(tpu=on("tpu", False), gpu=on("gpu", False), default=on("gpu", True))
+
+
+def _auto_forward(static, q, k, v, q_seg, kv_seg):
+  opts, interpret = static
+  return per_platform(q, k, v, q_seg, kv_seg, **_branches(_layout_forward, opts, interpret))
+
+
+def _auto_backward(static, q, k, v, q_seg, kv_seg, o, lse, do):
+  opts, interpret = static
+  return per_platform(q, k, v, q_seg, kv_seg, o, lse, do,
+                      **_branches(_layout_backward, opts, interpret))
+
+
+# platform=None: the custom VJP on unpadded arrays, the layout picked per lowering platform
+# inside its forward and its backward (the residuals, o and the per-row lse, are the same
+# for every layout).
+_auto_flash = attention_vjp(_auto_forward, _auto_backward)
 
 
 def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, is_causal: bool = False,
@@ -419,22 +522,26 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, is_causal: bool
     scale: score multiplier; default head_dim ** -0.5.
     block_q, block_k: tile sizes; lengths need not be multiples (padded inside).
       On TPU block_k must be a multiple of 128 and block_q of 8; Triton wants
-      powers of two (the blocks shrink for short sequences).
-    platform: 'tpu' (Mosaic layout) | 'gpu' (Triton layout): kernel layout and compiler params;
-      default from jax.default_backend().
+      powers of two (the blocks shrink for short sequences). With platform=None
+      a block_k below 128 is rounded up to 128 for the TPU layout.
+    platform: 'tpu' (Mosaic layout) | 'gpu' (Triton layout): kernel layout and
+      compiler params, for every platform the call is lowered for. None (the
+      default): chosen per lowering platform, when the computation is lowered
+      (mmjax.pallas.per_platform): the Mosaic layout for TPU, the Triton one for
+      CUDA/ROCm, and elsewhere (CPU) the Triton layout in interpret mode; one
+      jitted function exports for platforms=["tpu", "cuda"] from any host.
     interpret: run the kernels in the Pallas interpreter (True, or a
       `pltpu.InterpretParams` for the TPU simulator's race detection);
-      default: on CPU. Interpreted outputs start as NaN, so an element a
-      kernel forgets to write shows up.
+      default: with an explicit platform, on a CPU host; with platform=None,
+      where the call is lowered for a platform other than TPU, CUDA, ROCm.
+      Interpreted outputs start as NaN, so an element a kernel forgets to write
+      shows up.
 
   Returns:
     [batch, q_len, q_heads, head_dim] in q's dtype (f32 accumulation).
   """
-  platform = platform or default_platform()
-  if platform not in PLATFORMS:
-    raise ValueError(f"platform={platform!r} is not one of {PLATFORMS}")
-  if interpret is None:
-    interpret = jax.default_backend() == "cpu"
+  if platform is not None and platform not in PLATFORMS:
+    raise ValueError(f"platform={platform!r} is not one of {PLATFORMS} (or None)")
   for name, x in (("q", q), ("k", k), ("v", v)):
     if x.ndim != 4:
       raise ValueError(f"{name} must be [batch, seq, heads, head_dim]; got shape {x.shape}")
@@ -457,28 +564,21 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, is_causal: bool
   for name, blk in (("block_q", block_q), ("block_k", block_k)):
     if blk < 8 or blk & (blk - 1):
       raise ValueError(f"{name}={blk} must be a power of two >= 8")
-  if platform == "tpu":
-    if block_k % 128:
-      raise ValueError(f"block_k={block_k} must be a multiple of 128 on TPU")
-    bq, bk = min(block_q, round_up(q_len, 8)), block_k
-    d_pad = d
-  else:   # Triton: power-of-two shapes, at least 16 for tl.dot
-    bq = min(block_q, max(16, pl.next_power_of_2(q_len)))
-    bk = min(block_k, max(16, pl.next_power_of_2(kv_len)))
-    d_pad = max(16, pl.next_power_of_2(d))
-  cfg = _Cfg(platform=platform, interpret=interpret, causal=bool(is_causal),
-             scale=float(d ** -0.5 if scale is None else scale), q_len=q_len, kv_len=kv_len,
-             block_q=bq, block_k=bk, groups=hq // hk)
-  sq, sk = round_up(q_len, bq), round_up(kv_len, bk)
-
-  def prep(x, s):   # [b, n, h, d] -> [b, h, s, d_pad]
-    return _pad_to(_pad_to(jnp.swapaxes(x, 1, 2), 2, s), 3, d_pad)
-
+  opts = _Opts(causal=bool(is_causal), scale=float(d ** -0.5 if scale is None else scale),
+               block_q=block_q, block_k=block_k)
   if q_segment_ids is None:
-    q_seg = jnp.zeros((b, sq), jnp.int32)
-    kv_seg = jnp.zeros((b, sk), jnp.int32)
+    q_seg, kv_seg = jnp.zeros((b, q_len), jnp.int32), jnp.zeros((b, kv_len), jnp.int32)
   else:
-    q_seg = _pad_to(q_segment_ids.astype(jnp.int32), 1, sq)
-    kv_seg = _pad_to(kv_segment_ids.astype(jnp.int32), 1, sk)
-  o = _flash(cfg, prep(q, sq), prep(k, sk), prep(v, sk), q_seg[:, :, None], kv_seg[:, None, :])
-  return jnp.swapaxes(o[:, :, :q_len, :d], 1, 2)
+    q_seg, kv_seg = q_segment_ids.astype(jnp.int32), kv_segment_ids.astype(jnp.int32)
+
+  if platform is None:
+    return _auto_flash((opts, interpret), q, k, v, q_seg, kv_seg)
+
+  # An explicit layout, for every lowering platform: the custom VJP on the padded arrays.
+  if interpret is None:
+    interpret = jax.default_backend() == "cpu"
+  cfg, d_pad = _config(opts, platform, interpret, q_len, kv_len, d, hq // hk)
+  sq, sk = round_up(q_len, cfg.block_q), round_up(kv_len, cfg.block_k)
+  o = _flash(cfg, _prep(q, sq, d_pad), _prep(k, sk, d_pad), _prep(v, sk, d_pad),
+             _pad_to(q_seg, 1, sq)[:, :, None], _pad_to(kv_seg, 1, sk)[:, None, :])
+  return _unprep(o, q_len, d)
