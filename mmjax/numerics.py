@@ -24,6 +24,28 @@ def dtype(name: str):
   return DTYPES[name]
 
 
+def check_array(name: str, x, axes: tuple[str, ...] | None = None, *,
+                floating: bool = True) -> None:
+  """ValueError naming `name` unless x is a jax or NumPy array (a tracer is one),
+  of a floating-point dtype (when `floating`), of shape [*axes] with no axis of
+  size 0 (when axes is given; axes names them, e.g. ("batch", "dim")).
+
+  Looks at type, dtype and static shape only, so it works under jit and, on
+  the per-device shapes, inside shard_map.
+  """
+  if not isinstance(x, (jax.Array, np.ndarray)):
+    raise ValueError(f"{name} must be a jax or numpy array; got {type(x).__name__}")
+  if floating and not jnp.issubdtype(x.dtype, jnp.floating):
+    raise ValueError(f"{name} must be a floating-point array; got {x.dtype}")
+  if axes is None:
+    return
+  if x.ndim != len(axes):
+    raise ValueError(f"{name} must be [{', '.join(axes)}]; got shape {tuple(x.shape)}")
+  for axis, size in zip(axes, x.shape):
+    if size == 0:
+      raise ValueError(f"{name} has {axis} size 0; got shape {tuple(x.shape)}")
+
+
 def round_up(a: int, b: int) -> int:
   """The smallest multiple of b that is >= a."""
   return -(-a // b) * b

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from mmjax.nn.attention import MultiHeadAttention, dot_product_attention
+from mmjax.nn.blockwise import blockwise_attention
 from tests.reference import ref_attention
 
 
@@ -65,6 +66,39 @@ def test_bad_inputs_name_the_argument():
     dot_product_attention(x, x, x, mask=jnp.ones((2, 1, 5, 4), bool))
   with pytest.raises(ValueError, match="impl"):
     dot_product_attention(x, x, x, impl="flash9")
+
+
+_ATTENTIONS = {**{impl: lambda q, k, v, impl=impl: dot_product_attention(q, k, v, impl=impl)
+                  for impl in ("xla", "blockwise", "pallas")},
+               "blockwise_attention": blockwise_attention}
+
+
+@pytest.mark.parametrize("entry", sorted(_ATTENTIONS))
+@pytest.mark.parametrize("jit", [False, True])
+def test_bad_qkv_name_the_argument(entry, jit):
+  """Checked before any implementation (Pallas included) runs; static facts only, so under jit too."""
+  fn = jax.jit(_ATTENTIONS[entry]) if jit else _ATTENTIONS[entry]
+  x = jnp.zeros((2, 5, 2, 8))
+  with pytest.raises(ValueError, match="^q must be a floating-point array; got int32"):
+    fn(x.astype(jnp.int32), x, x)
+  with pytest.raises(ValueError, match="^v must be a floating-point array; got bool"):
+    fn(x, x, np.zeros((2, 5, 2, 8), bool))
+  with pytest.raises(ValueError, match=r"^q has seq size 0; got shape \(2, 0, 2, 8\)"):
+    fn(jnp.zeros((2, 0, 2, 8)), x, x)
+  with pytest.raises(ValueError, match="^k has seq size 0"):
+    fn(x, jnp.zeros((2, 0, 2, 8)), jnp.zeros((2, 0, 2, 8)))
+  with pytest.raises(ValueError, match="^q has batch size 0"):
+    fn(*(jnp.zeros((0, 5, 2, 8)),) * 3)
+  if not jit:   # jit itself rejects a list argument
+    with pytest.raises(ValueError, match="^k must be a jax or numpy array; got list"):
+      fn(x, np.zeros((2, 5, 2, 8)).tolist(), x)
+
+
+@pytest.mark.parametrize("impl", ["xla", "blockwise"])
+def test_numpy_qkv_match_jax(impl, rng):
+  q, k, v = (rng.normal(size=(1, 6, 2, 4)).astype(np.float32) for _ in range(3))
+  want = dot_product_attention(*map(jnp.asarray, (q, k, v)), impl=impl)
+  np.testing.assert_allclose(dot_product_attention(q, k, v, impl=impl), want, rtol=1e-6)
 
 
 def test_module_matches_function_on_its_projections(rng):

@@ -236,3 +236,63 @@ def test_image_folder_bad_inputs(tmp_path, rng):
   gone.write_text("image,caption\n0.png,fine\nnot_there.png,broken\n")
   with pytest.raises(ValueError, match=r"not_there\.png.*row 2|row 2.*not_there\.png"):
     image_folder.build_image_text_folder(str(gone), data_dir=ddir)
+
+
+def _built_captions(name, ddir):
+  srcs = [pipeline.get_source(name, s, data_dir=ddir) for s in ("train", "test")]
+  return sorted(src[i]["text"].decode() for src in srcs for i in range(len(src)))
+
+
+def test_image_folder_rebuild_needs_overwrite(tmp_path, rng, monkeypatch):
+  path, rows = _make_folder(tmp_path, rng, n=4)
+  ddir = str(tmp_path / "tfds")
+  build = lambda **kw: image_folder.build_image_text_folder(
+      path, data_dir=ddir, name="pics", image_size=8, test_fraction=0.25, **kw)
+  build()
+  with monkeypatch.context() as m:   # the same inputs again: reused, nothing is read or written
+    m.setattr(image_folder, "_square", lambda *a: pytest.fail("rebuilt the same inputs"))
+    assert build() == "pics" and build(overwrite=True) == "pics"
+  with open(path, "w", newline="") as f:
+    f.write("image,caption\n" + "".join(f"{r['image']},new {r['caption']}\n" for r in rows))
+  with pytest.raises(ValueError, match=r"tfds.*pics.*overwrite=True"):
+    build()
+  with pytest.raises(ValueError, match="overwrite=True"):
+    image_folder.build_image_text_folder(path, data_dir=ddir, name="pics", image_size=16,
+                                         test_fraction=0.25)
+  assert _built_captions("pics", ddir) == sorted(r["caption"] for r in rows)   # left as it was
+  build(overwrite=True)
+  assert _built_captions("pics", ddir) == sorted(f"new {r['caption']}" for r in rows)
+  Image.fromarray(np.zeros((9, 9, 3), np.uint8)).save(tmp_path / "0.png")   # same captions
+  with pytest.raises(ValueError, match="overwrite=True"):
+    build()
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_image_folder_bad_text_names_file_and_row(tmp_path, rng, fmt):
+  _make_folder(tmp_path, rng, n=2)
+  ddir = str(tmp_path / "tfds")
+  f = tmp_path / f"c.{fmt}"
+  line = (lambda i, cap: f"{i}.png,{cap}\n") if fmt == "csv" else (
+      lambda i, cap: json.dumps({"image": f"{i}.png", "caption": cap}, ensure_ascii=False) + "\n")
+  head = "image,caption\n" if fmt == "csv" else ""
+  f.write_bytes((head + line(0, "fine")).encode() + line(1, "café").encode("latin-1"))
+  n = 3 if fmt == "csv" else 2
+  with pytest.raises(ValueError, match=rf"c\.{fmt}: line {n} is not UTF-8 .*caf\\xe9"):
+    image_folder.build_image_text_folder(str(f), data_dir=ddir)
+  f.write_text(head + line(0, "fine") + line(1, " \t "))
+  with pytest.raises(ValueError, match=rf"c\.{fmt}: row 2: caption is empty or whitespace"):
+    image_folder.build_image_text_folder(str(f), data_dir=ddir)
+
+
+def test_image_folder_wrong_header_is_shown(tmp_path, rng):
+  _make_folder(tmp_path, rng, n=1)
+  f = tmp_path / "captions.csv"
+  f.write_text("img,text\n0.png,hello\n")
+  with pytest.raises(ValueError, match=r"captions\.csv: header is \['img', 'text'\]; "
+                                       r"expected image,caption\[,split\]$"):
+    image_folder.build_image_text_folder(str(f), data_dir=str(tmp_path / "tfds"))
+  f.write_text('{"image": "0.png", "text": "hello"}\n')
+  f.rename(tmp_path / "c.jsonl")
+  with pytest.raises(ValueError, match=r"c\.jsonl: row 1 has no 'caption' field; "
+                                       r"got keys \['image', 'text'\]"):
+    image_folder.build_image_text_folder(str(tmp_path / "c.jsonl"), data_dir=str(tmp_path / "tfds"))

@@ -104,3 +104,15 @@ def test_impl_and_axis_name_must_agree():
     siglip_loss(x, x, 1.0, 0.0, axis_name="data")
   with pytest.raises(ValueError, match="siglip_loss only"):
     clip_loss(x, x, 1.0, impl="ring_bidir", axis_name="data")
+
+
+@pytest.mark.parametrize("name,impl", CASES)
+def test_bad_shards_name_the_argument(name, impl):
+  """The checks see each device's shard: an empty local batch is one too."""
+  local = lambda x, y: LOSSES[name](x, y, 1.0, 0.0, impl=impl, axis_name="data")
+  f = jax.jit(jax.shard_map(local, mesh=make_mesh((8,), ("data",)), in_specs=(P("data"),) * 2,
+                            out_specs=P()))
+  with pytest.raises(ValueError, match="^img_emb must be a floating-point array; got int32"):
+    f(jnp.zeros((16, 4), jnp.int32), jnp.zeros((16, 4)))
+  with pytest.raises(ValueError, match=r"^img_emb has batch size 0; got shape \(0, 4\)"):
+    f(jnp.ones((0, 4)), jnp.ones((0, 4)))

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmjax.losses import clip_loss, siglip_loss
+from mmjax.losses import clip_loss, infonce_loss, siglip_loss
 from tests.reference import as_dtype, normed, ref_clip, ref_siglip
 
 
@@ -60,3 +60,40 @@ def test_mismatched_shapes_name_both(fn, extra):
     fn(x, x, jnp.ones(3), *extra)
   with pytest.raises(ValueError, match="impl"):
     fn(x, x, 1.0, *extra, impl="nope")
+
+
+_ENTRIES = {  # name -> (loss of two embeddings, the names of its embedding arguments)
+    **{f"clip_{b}": (lambda x, y, b=b: clip_loss(x, y, 1.0, blocks=b), ("img_emb", "txt_emb"))
+       for b in ("dense", "tiled", "pallas")},
+    **{f"siglip_{b}": (lambda x, y, b=b: siglip_loss(x, y, 10.0, -10.0, blocks=b),
+                       ("img_emb", "txt_emb")) for b in ("dense", "tiled", "pallas")},
+    "infonce": (lambda x, y: infonce_loss(x, y, 10.0), ("query", "key")),
+}
+
+
+@pytest.mark.parametrize("entry", sorted(_ENTRIES))
+@pytest.mark.parametrize("jit", [False, True])
+def test_bad_embeddings_name_the_argument(entry, jit):
+  fn, (first, second) = _ENTRIES[entry]
+  fn = jax.jit(fn) if jit else fn
+  x = jnp.zeros((4, 8))
+  with pytest.raises(ValueError, match=f"^{first} must be a floating-point array; got int32"):
+    fn(jnp.zeros((4, 8), jnp.int32), x)
+  with pytest.raises(ValueError, match=f"^{second} must be a floating-point array; got bool"):
+    fn(x, np.zeros((4, 8), bool))
+  with pytest.raises(ValueError, match=f"^{first} has batch size 0"):
+    fn(jnp.zeros((0, 8)), jnp.zeros((0, 8)))
+  with pytest.raises(ValueError, match=f"^{first} has dim size 0"):
+    fn(jnp.zeros((4, 0)), jnp.zeros((4, 0)))
+  if not jit:   # jit itself rejects a list argument
+    with pytest.raises(ValueError, match=f"^{first} must be a jax or numpy array; got list"):
+      fn([[1.0] * 8] * 4, x)
+
+
+@pytest.mark.parametrize("entry", ["clip_dense", "siglip_tiled", "infonce"])
+def test_numpy_and_jax_embeddings_give_the_same_loss(entry, rng):
+  fn, _ = _ENTRIES[entry]
+  x, y = normed(rng, 8, 4), normed(rng, 8, 4)
+  want = fn(jnp.asarray(x), jnp.asarray(y))
+  np.testing.assert_allclose(fn(x, y), want, rtol=1e-6)
+  np.testing.assert_allclose(fn(x.astype(np.float64), y), want, rtol=1e-5)

@@ -7,6 +7,9 @@ b = global batch // process count: each process reads its own shard.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
 from typing import Iterator
 
@@ -27,12 +30,41 @@ def default_templates(name: str) -> list[str] | None:
   return _DEFAULT_TEMPLATES.get(name)
 
 
+class _TfdsNoise(logging.Filter):
+  """Drops two TFDS warnings that say nothing to an mmjax user: OpenCV's absence
+  (PIL decodes the images) and a missing dataset_info.json while a build runs."""
+
+  NOISE = ("OpenCV is not installed", "has no dataset_info.json")
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (record.levelno <= logging.WARNING and "tensorflow_datasets" in record.pathname
+                and any(n in record.getMessage() for n in self.NOISE))
+
+
+logging.getLogger("absl").addFilter(_TfdsNoise())
+
+
+def prepare(builder: tfds.core.DatasetBuilder) -> None:
+  """builder.download_and_prepare offline, saying one line instead of TFDS's
+  progress bars and 'Downloading and preparing dataset Unknown size' text."""
+  print(f"mmjax: preparing dataset {builder.name!r} in {builder.data_dir} (first use)",
+        flush=True)
+  from tensorflow_datasets.core.utils import tqdm_utils
+  shown = tqdm_utils._active
+  tfds.display_progress_bar(False)
+  try:
+    with contextlib.redirect_stdout(io.StringIO()):
+      builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+          try_download_gcs=False))
+  finally:
+    tfds.display_progress_bar(shown)
+
+
 def _builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
   if name in _EMBEDDED:
     builder = _EMBEDDED[name](data_dir=data_dir, file_format="array_record")
     if not builder.is_prepared():
-      builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-          try_download_gcs=False))
+      prepare(builder)
     return builder
   try:
     return tfds.builder_from_directory(_prepared_dir(name, data_dir))

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 
 from mmjax.losses import blocks as blocks_lib, distributed
 from mmjax.losses.blocks import BLOCKS, Blocks
+from mmjax.numerics import check_array
 
 IMPLS = ("global", "gather", "ring", "ring_bidir")
 _SHARDED = ("gather", "ring", "ring_bidir")
@@ -65,15 +66,18 @@ def _dispatch(img_emb, txt_emb, impl: str, axis_name, blocks, block) -> Blocks:
   if impl == "gather" and blocks.impl != "dense":
     raise ValueError(f"blocks={blocks.impl!r} does not apply to impl='gather', which makes "
                      "the [n, N] logits by design; use impl='ring' for tiled blocks")
-  if img_emb.ndim != 2 or txt_emb.ndim != 2:
-    raise ValueError(
-        "img_emb and txt_emb must be [batch, dim]; got img_emb "
-        f"{tuple(img_emb.shape)} and txt_emb {tuple(txt_emb.shape)}")
+  _check_pair(img_emb, txt_emb)
+  return blocks
+
+
+def _check_pair(img_emb, txt_emb, names=("img_emb", "txt_emb")) -> None:
+  """Both float [batch, dim] arrays, nothing empty, of one shape; ValueError naming them."""
+  for name, x in zip(names, (img_emb, txt_emb)):
+    check_array(name, x, ("batch", "dim"))
   if img_emb.shape != txt_emb.shape:
     raise ValueError(
-        f"img_emb {tuple(img_emb.shape)} and txt_emb {tuple(txt_emb.shape)} "
+        f"{names[0]} {tuple(img_emb.shape)} and {names[1]} {tuple(txt_emb.shape)} "
         "must have the same shape [batch, dim]")
-  return blocks
 
 
 def _check_scalar(name: str, x) -> None:
@@ -140,7 +144,7 @@ def infonce_loss(query: jax.Array, key: jax.Array, scale) -> jax.Array:
   Returns:
     float32 scalar.
   """
-  _dispatch(query, key, "global", None, "dense", None)
+  _check_pair(query, key, ("query", "key"))
   _check_scalar("scale", scale)
   return jnp.mean(_row_cross_entropy(_logits(query, key, scale)))
 

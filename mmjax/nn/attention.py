@@ -19,22 +19,22 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmjax.nn.blockwise import blockwise_attention
-from mmjax.numerics import MASKED
+from mmjax.nn.blockwise import AXES, blockwise_attention
+from mmjax.numerics import MASKED, check_array
 
 IMPLS = ("xla", "blockwise", "pallas", "auto")
 
 
 def _check(q, k, v, mask):
   for name, x in (("q", q), ("k", k), ("v", v)):
-    if x.ndim != 4:
-      raise ValueError(f"{name} must be [batch, seq, heads, head_dim]; got shape {x.shape}")
+    check_array(name, x, AXES)
   if k.shape != v.shape:
     raise ValueError(f"k {k.shape} and v {v.shape} must have the same shape")
   if (q.shape[0], q.shape[3]) != (k.shape[0], k.shape[3]) or q.shape[2] % k.shape[2]:
     raise ValueError(f"q {q.shape} and k {k.shape} must agree on batch and head_dim, and "
                      "q's heads must be a multiple of k's (grouped-query attention)")
   if mask is not None:
+    check_array("mask", mask, floating=False)
     want = (q.shape[0], q.shape[2], q.shape[1], k.shape[1])
     try:
       jnp.broadcast_shapes(mask.shape, want)
@@ -61,8 +61,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   """softmax(q k^T / sqrt(head_dim)) v, per head.
 
   Args:
-    q: [b, q_len, h, d].
-    k, v: [b, kv_len, h_kv, d]; h a multiple of h_kv (grouped-query heads).
+    q: [b, q_len, h, d], floating point (jax or NumPy; no axis of size 0).
+    k, v: [b, kv_len, h_kv, d] likewise; h a multiple of h_kv (grouped-query heads).
     mask: bool, broadcastable to [b, h, q_len, kv_len]; True = attend.
       "blockwise" and "pallas" take key padding, [b or 1, 1, 1, kv_len], only.
     is_causal: also mask key positions after the query position.

@@ -15,7 +15,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from mmjax.numerics import MASKED, attention_vjp, round_up
+from mmjax.numerics import MASKED, attention_vjp, check_array, round_up
+
+AXES = ("batch", "seq", "heads", "head_dim")   # of q, k and v
 
 
 def _pad(x, axis: int, size: int):
@@ -128,8 +130,8 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, is_causal: 
   """softmax(q k^T * scale) v without the [q_len, kv_len] scores in memory.
 
   Args:
-    q: [batch, q_len, q_heads, head_dim].
-    k, v: [batch, kv_len, kv_heads, head_dim]; q_heads a multiple of kv_heads.
+    q: [batch, q_len, q_heads, head_dim], floating point (no axis of size 0).
+    k, v: [batch, kv_len, kv_heads, head_dim] likewise; q_heads a multiple of kv_heads.
     is_causal: query i sees keys j <= i.
     q_segment_ids, kv_segment_ids: int [batch, q_len] / [batch, kv_len] or None;
       query i sees key j only where their segment ids are equal.
@@ -139,6 +141,8 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, is_causal: 
   Returns:
     [batch, q_len, q_heads, head_dim] in q's dtype.
   """
+  for name, x in (("q", q), ("k", k), ("v", v)):
+    check_array(name, x, AXES)
   b, q_len, hq, d = q.shape
   kv_len, hk = k.shape[1], k.shape[2]
   if hq % hk:
