@@ -3,9 +3,11 @@ r"""Trains a two-tower model from a config file.
   python -m experiments.train --config experiments/configs/siglip_digits.py \
       --workdir /tmp/siglip_digits [--config.total_steps=2000 ...]
 
-Re-running with the same --workdir resumes from the latest checkpoint.
+Re-running with the same --workdir resumes from the newest checkpoint that restores; a
+finished workdir is reported (step N of N, where its results are) and left as it is.
 """
 
+import os
 import sys
 
 from absl import app, flags, logging
@@ -16,8 +18,22 @@ flags.DEFINE_string("workdir", None, "Checkpoints, metrics, plots and results go
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _config_file(argv) -> str | None:
+  """The --config path of argv (without config_flags' ':arg' suffix), if given."""
+  for i, a in enumerate(argv):
+    if a.startswith("--config="):
+      return a.split("=", 1)[1].split(":")[0]
+    if a == "--config" and i + 1 < len(argv):
+      return argv[i + 1].split(":")[0]
+  return None
+
+
 def parse_flags(argv):
-  """absl's parsing, with a bad --config.* override reported as one line, not a traceback."""
+  """absl's parsing, with a bad --config.* override or a missing config file
+  reported as one line, not a traceback."""
+  path = _config_file(argv)
+  if path is not None and not os.path.isfile(path):
+    sys.exit(f"mmjax: error: --config {path!r}: no such file (working directory {os.getcwd()})")
   try:
     return flags.FLAGS(argv)
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
@@ -35,8 +51,9 @@ def main(argv):
   from mmjax.train import loop  # after flag parsing: a bad flag fails fast
   try:
     loop.train(flags.FLAGS.config, flags.FLAGS.workdir)
-  except ValueError as e:
-    # Config and data errors are raised before compiling and name the field: one line, no trace.
+  except (ValueError, loop.NonFiniteError) as e:
+    # Config and data errors are raised before compiling and name the field; a
+    # non-finite step names the step: one line, no trace, exit status 1.
     sys.exit(f"mmjax: error: {e}")
 
 

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import numpy as np
 
+from mmjax.evaluate.checks import require_finite
 from mmjax.numerics import l2_normalize
 
 
-def _check(train_x, train_y, test_x, test_y) -> None:
+def _check(evaluator, train_x, train_y, test_x, test_y) -> None:
   if train_x.ndim != 2 or test_x.ndim != 2 or train_x.shape[1] != test_x.shape[1]:
     raise ValueError(f"train_x {train_x.shape} and test_x {test_x.shape} must be [n, d] "
                      "with the same d")
   if train_y.shape != (len(train_x),) or test_y.shape != (len(test_x),):
     raise ValueError(f"train_y {train_y.shape} / test_y {test_y.shape} must be one label per "
                      f"row of train_x {train_x.shape} / test_x {test_x.shape}")
+  require_finite(evaluator, train_x=train_x, test_x=test_x)
 
 
 def few_shot_indices(labels: np.ndarray, shots: int, seed: int = 0) -> np.ndarray:
@@ -43,7 +45,7 @@ def linear_probe_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.n
 
   train_x, test_x = np.asarray(train_x, np.float64), np.asarray(test_x, np.float64)
   train_y, test_y = np.asarray(train_y), np.asarray(test_y)
-  _check(train_x, train_y, test_x, test_y)
+  _check("linear_probe_accuracy", train_x, train_y, test_x, test_y)
   if shots is not None:
     if shots < 1:
       raise ValueError(f"shots must be >= 1; got {shots}")
@@ -70,7 +72,7 @@ def knn_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
   """
   train_x, test_x = np.asarray(train_x, np.float32), np.asarray(test_x, np.float32)
   train_y, test_y = np.asarray(train_y), np.asarray(test_y)
-  _check(train_x, train_y, test_x, test_y)
+  _check("knn_accuracy", train_x, train_y, test_x, test_y)
   if k < 1:
     raise ValueError(f"k must be >= 1; got {k}")
   sim = l2_normalize(np.asarray(test_x)) @ l2_normalize(np.asarray(train_x)).T   # [m, n]

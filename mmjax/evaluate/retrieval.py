@@ -6,6 +6,8 @@ from typing import Sequence
 
 import numpy as np
 
+from mmjax.evaluate.checks import require_finite
+
 
 def _recall(scores: np.ndarray, match: np.ndarray, ks: Sequence[int]) -> dict[int, float]:
   """scores, match: [queries, candidates]; rank of the best-scoring correct candidate."""
@@ -34,11 +36,14 @@ def retrieval_recall(img_emb: np.ndarray, txt_emb: np.ndarray, *,
 
   Returns:
     {"i2t_r1": ..., "t2i_r1": ..., ...} for each k.
+
+  Raises ValueError when an embedding holds NaN or Inf.
   """
   img_emb = np.asarray(img_emb, np.float32)
   txt_emb = np.asarray(txt_emb, np.float32)
   if img_emb.ndim != 2 or txt_emb.ndim != 2 or img_emb.shape[1] != txt_emb.shape[1]:
     raise ValueError(f"img_emb {img_emb.shape} and txt_emb {txt_emb.shape} must be [n, d] and [m, d]")
+  require_finite("retrieval_recall", img_emb=img_emb, txt_emb=txt_emb)
   img_ids = np.arange(len(img_emb)) if img_ids is None else np.asarray(img_ids)
   txt_ids = np.arange(len(txt_emb)) if txt_ids is None else np.asarray(txt_ids)
   if img_ids.shape != img_emb.shape[:1] or txt_ids.shape != txt_emb.shape[:1]:

@@ -6,6 +6,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from mmjax.evaluate.checks import require_finite
 from mmjax.numerics import l2_normalize
 
 
@@ -45,10 +46,13 @@ def zeroshot_accuracy(img_emb: np.ndarray, class_emb: np.ndarray,
 
   Returns:
     {"top1": ..., "top5": ...}.
+
+  Raises ValueError when an embedding holds NaN or Inf.
   """
   img_emb, labels = np.asarray(img_emb, np.float32), np.asarray(labels)
   if img_emb.ndim != 2 or labels.shape != img_emb.shape[:1]:
     raise ValueError(f"img_emb {img_emb.shape} must be [n, d] and labels {labels.shape} [n]")
+  require_finite("zeroshot_accuracy", img_emb=img_emb, class_emb=class_emb)
   scores = img_emb @ np.asarray(class_emb, np.float32).T
   # Rank of the true class = how many classes score strictly higher.
   true = np.take_along_axis(scores, labels[:, None], axis=1)

@@ -19,6 +19,7 @@ from mmjax.numerics import DTYPES
 
 CONTRASTIVE = two_tower.LOSSES             # two towers, image-text pairs
 LOSSES = CONTRASTIVE + ("mae", "moco")     # config.loss: each an objective in objectives.py
+NAN_POLICIES = ("stop", "skip")            # config.nan_policy
 
 
 def _tower_overrides() -> dict:
@@ -46,6 +47,12 @@ def defaults() -> ml_collections.ConfigDict:
   # same architecture there): e.g. a LiT image tower from an MAE run's 'img'.
   c.init_from = ml_collections.ConfigDict(dict(workdir=placeholder(str), prefix="img"))
   c.log_every = 20
+  # A step whose loss or gradient norm is not finite leaves the state as it was, and
+  # 'stop': the run stops there with an error (exit 1), the checkpoints already saved
+  # stay; 'skip': training goes on with the next batch (counted as skipped_steps in
+  # the metrics) and stops after nan_skip_limit such steps in a row.
+  c.nan_policy = "stop"
+  c.nan_skip_limit = 10
   c.num_devices = -1          # -1: all; a smaller number uses the first N
   # Axis -> size, one -1 taking the rest. The batch is split over both; 'fsdp'
   # also shards large params and optimizer moments.
@@ -113,7 +120,7 @@ def defaults() -> ml_collections.ConfigDict:
   ))
 
   c.evaluate = ml_collections.ConfigDict(dict(
-      every=500,              # steps; 0: only at the end
+      every=500,              # steps (> 0); 0: only at the end
       batch_size=256,
       templates=placeholder(tuple),  # None: the dataset's own, else ['a photo of a {}.']
       retrieval_match="pair", # 'pair': text i goes with image i; 'label': same class
@@ -149,6 +156,12 @@ def _check_keys(cfg, ref, prefix: str) -> None:
       _check_keys(sub, ref_sub, f"{prefix}{key}.")
 
 
+def _get(config, dotted: str):
+  for part in dotted.split("."):
+    config = config[part]
+  return config
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the field for what can be checked before any data or compile."""
   _check_keys(config, defaults(), "")
@@ -171,9 +184,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.loss_blocks={config.loss_blocks!r} does not apply to "
                      "config.loss_impl='gather' (its [n, N] logits are dense by design); "
                      "use config.loss_impl='ring'")
-  for key in ("batch_size", "total_steps", "log_every", "accum_steps"):
-    if not isinstance(config[key], int) or config[key] <= 0:
-      raise ValueError(f"config.{key} must be a positive int; got {config[key]!r}")
+  for key in ("batch_size", "total_steps", "log_every", "accum_steps", "nan_skip_limit",
+              "checkpoint.every", "checkpoint.keep"):
+    value = _get(config, key)
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+      raise ValueError(f"config.{key} must be a positive int; got {value!r}")
+  every = config.evaluate.every
+  if not isinstance(every, int) or isinstance(every, bool) or every < 0:
+    raise ValueError(f"config.evaluate.every must be a positive int, or 0 for only at the end; "
+                     f"got {every!r}")
+  if config.nan_policy not in NAN_POLICIES:
+    raise ValueError(f"config.nan_policy must be one of {NAN_POLICIES}; got {config.nan_policy!r}")
   for key in ("dtype", "param_dtype"):
     if config.model[key] not in DTYPES:
       raise ValueError(f"config.model.{key} must be one of {tuple(DTYPES)}; "

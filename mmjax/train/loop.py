@@ -70,13 +70,23 @@ def _data_state(data_iter) -> dict:
 
 
 def _open_data(config, ddir: str):
-  """(dataset, train source, tokenizer); the dataset is opened once."""
+  """(dataset, train source, tokenizer); the dataset is opened once.
+
+  An I/O error (a read-only or missing data_dir that needs writing on first
+  use) is a ValueError naming config.data.data_dir and the path.
+  """
   d = config.data
-  dataset = pipeline.open_dataset(d, ddir)
-  train_src = dataset.source(d.train_split)
-  tok = tokenizer_lib.get_tokenizer(
-      name=d.name, data_dir=ddir, vocab_size=d.vocab_size, path=d.tokenizer_path,
-      train_texts_fn=lambda: pipeline.iter_texts(train_src, d.text_key))
+  try:
+    dataset = pipeline.open_dataset(d, ddir)
+    train_src = dataset.source(d.train_split)
+    tok = tokenizer_lib.get_tokenizer(
+        name=d.name, data_dir=ddir, vocab_size=d.vocab_size, path=d.tokenizer_path,
+        train_texts_fn=lambda: pipeline.iter_texts(train_src, d.text_key))
+  except OSError as e:
+    where = f" {e.filename}" if e.filename else ""
+    raise ValueError(f"config.data.data_dir={ddir!r}: cannot use{where} "
+                     f"({e.strerror or e}); the dataset and tokenizer are built there on first "
+                     "use, so it must be writable until then") from None
   if jax.process_index() == 0:
     _warn_truncation(train_src, tok, config)
   return dataset, train_src, tok
@@ -102,6 +112,25 @@ def _first(source, n: int):
     def __getitem__(self, i):
       return source[i]
   return Head()
+
+
+def _check_labels(config, dataset) -> None:
+  """Raises ValueError naming the field when the evaluation asks for labels the
+  dataset lacks; without labels (config.data.label_key='') zero-shot and the
+  probes are skipped, with one line saying so."""
+  d, e = config.data, config.evaluate
+  if d.label_key and d.label_key not in dataset.features:
+    raise ValueError(f"config.data.label_key={d.label_key!r}: dataset {d.name!r} has no such "
+                     f"feature (its features: {sorted(dataset.features)}); set "
+                     "config.data.label_key='' for a dataset without labels")
+  if not d.label_key:
+    if e.retrieval_match == "label":
+      raise ValueError("config.evaluate.retrieval_match='label' needs labels, and "
+                       f"config.data.label_key is {d.label_key!r}; use "
+                       "config.evaluate.retrieval_match='pair' (text i goes with image i)")
+    if jax.process_index() == 0:
+      print(f"mmjax: dataset {d.name!r} has no labels (config.data.label_key=''): zero-shot "
+            "and the linear/kNN probes are skipped; retrieval is evaluated", flush=True)
 
 
 def _make_evaluator(config, objective, dataset, train_src, tok) -> Evaluator:
@@ -141,6 +170,7 @@ def build(config: ml_collections.ConfigDict) -> Run:
   _sync("mmjax_data_ready")
   if jax.process_index() != 0:
     dataset, train_src, tok = _open_data(config, ddir)
+  _check_labels(config, dataset)
   objective = objectives.make(config, tok.vocab_size, mesh=mesh,
                               batch_axes=sharding.batch_axes(mesh))
   rng = jax.random.PRNGKey(config.seed)
@@ -203,25 +233,69 @@ def _sync(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
-def _start(built: Run, ckpt, workdir: str) -> tuple[state_lib.TrainState, int, dict]:
-  """(state, start step, init-eval results): a fresh state (maybe initialised from
-  another run, maybe evaluated) or the latest checkpoint's, with the data position."""
+class NonFiniteError(RuntimeError):
+  """A step's loss or gradient norm was not finite (config.nan_policy)."""
+
+
+def _check_writable(workdir: str) -> None:
+  """Raises ValueError naming --workdir when it cannot be created or written."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f".mmjax_write_test_{jax.process_index()}")
+    with open(probe, "w"):
+      pass
+    os.remove(probe)
+  except OSError as e:
+    raise ValueError(f"--workdir {workdir!r} is not writable ({e.strerror or e})") from None
+
+
+def completed(workdir: str, total_steps: int) -> dict | None:
+  """The results of a run in workdir that finished config.total_steps, else None
+  (none yet, or fewer steps: training continues). Raises ValueError when the
+  workdir's run went past total_steps."""
+  path = os.path.join(workdir, "results.json")
+  try:
+    with open(path) as f:
+      results = json.load(f)
+    steps = int(results["steps"])
+  except (OSError, ValueError, KeyError, TypeError):
+    return None   # no results yet (or unreadable ones: the final evaluation reruns)
+  if steps > total_steps:
+    raise ValueError(f"config.total_steps={total_steps}, but the run in {workdir!r} has "
+                     f"finished {steps} steps; use another --workdir or total_steps >= {steps}")
+  return results if steps == total_steps else None
+
+
+def _finished(workdir: str, total_steps: int) -> dict | None:
+  """completed(), after checking the workdir is writable; says so when it is."""
+  _check_writable(workdir)
+  done = completed(workdir, total_steps)
+  if done is not None:
+    print(f"mmjax: the run in {workdir} is complete (step {done['steps']} of {total_steps}); "
+          f"results: {os.path.join(workdir, 'results.json')}", flush=True)
+  return done
+
+
+def _start(built: Run, ckpt, workdir: str) -> tuple[state_lib.TrainState, int, dict, dict]:
+  """(state, start step, init-eval results, extra data state): a fresh state (maybe
+  initialised from another run, maybe evaluated) or the newest checkpoint that
+  restores, with the data position."""
   config = built.config
-  start = ckpt.latest_step()
-  if start is None:
+  restored = checkpoint.restore_latest(ckpt, built.abstract, workdir)
+  if restored is None:
     state = built.init_state()
     if config.init_from.workdir:
       state = _init_from(state, config.init_from, built.state_sharding, built.objective)
     # The baseline the trained numbers are compared with.
-    return state, 0, built.evaluator(state.params) if config.evaluate.at_init else {}
-  state, data_state = checkpoint.restore(ckpt, start, built.abstract)
+    return state, 0, built.evaluator(state.params) if config.evaluate.at_init else {}, {}
+  start, state, data_state = restored
   states = data_state["processes"]
   if len(states) != jax.process_count():
     raise ValueError(f"the checkpoint in {workdir} was written by {len(states)} processes; "
                      f"this run has {jax.process_count()} (config.distributed)")
   built.data_iter.set_state(states[jax.process_index()])
   print(f"mmjax: resumed from {workdir} at step {start}", flush=True)
-  return state, start, {}
+  return state, start, {}, data_state
 
 
 class _Speed:
@@ -251,16 +325,78 @@ class _Speed:
     return self.steps * self.batch_size / (time.time() - self.t_first)
 
 
+class _Guard:
+  """Acts on the train step's `finite` flag (config.nan_policy): 'stop' raises
+  NonFiniteError at the first non-finite step, 'skip' counts it and raises after
+  nan_skip_limit in a row. Each step's flag is read when the next step has been
+  queued (push), so the host never waits on the step it just dispatched;
+  `flush` reads the last one (before a checkpoint, a log line, an evaluation)."""
+
+  def __init__(self, policy: str, limit: int, skipped: int = 0):
+    self.policy, self.limit, self.skipped, self.in_a_row = policy, limit, skipped, 0
+    self.pending = None
+
+  def push(self, step: int, metrics: dict) -> None:
+    previous, self.pending = self.pending, (step, metrics)
+    if previous is not None:
+      self._check(*previous)
+
+  def flush(self) -> None:
+    if self.pending is not None:
+      self._check(*self.pending)
+      self.pending = None
+
+  def _check(self, step: int, metrics: dict) -> None:
+    if bool(metrics["finite"]):
+      self.in_a_row = 0
+      return
+    m = {k: float(v) for k, v in jax.device_get(metrics).items() if k in ("loss", "lr", "grad_norm")}
+    bad = "loss" if not np.isfinite(m["loss"]) else "grad_norm"
+    others = ", ".join(f"{k} {m[k]:.4g}" for k in ("loss", "lr", "grad_norm") if k != bad)
+    what = f"{bad} is {m[bad]} at step {step} ({others})"
+    if self.policy == "stop":
+      raise NonFiniteError(f"{what}; the run stops here (config.nan_policy='stop'), its newest "
+                           "checkpoint is from before this step")
+    self.skipped += 1
+    self.in_a_row += 1
+    tqdm.tqdm.write(f"mmjax: warning: {what}; update skipped ({self.skipped} so far)")
+    if self.in_a_row >= self.limit:
+      raise NonFiniteError(f"{what}: {self.in_a_row} non-finite steps in a row "
+                           f"(config.nan_skip_limit={self.limit}); the run stops here")
+
+
+_KEY_METRICS = ("zeroshot_top1", "retrieval_i2t_r1", "retrieval_t2i_r1", "linear_probe_top1",
+                "knn_top1")
+
+
+def _summary(results: dict) -> str:
+  """The key evaluation numbers, one line: 'zeroshot_top1 0.912, retrieval_i2t_r1 ...'."""
+  keys = [k for k in _KEY_METRICS if k in results] or sorted(
+      k for k, v in results.items() if isinstance(v, float))[:5]
+  return ", ".join(f"{k} {results[k]:.3f}" for k in keys)
+
+
 def run(built: Run, workdir: str, *,
         callbacks: Sequence[Callable[[int, dict], None]] = ()) -> dict:
   """Trains a built run from its start (fresh or resumed); evaluates, checkpoints
-  and logs; returns the final results (also in workdir/results.json)."""
+  and logs; returns the final results (also in workdir/results.json).
+
+  A workdir whose run already finished config.total_steps is left as it is:
+  its results are returned (a larger total_steps continues training). A
+  non-finite step raises NonFiniteError (config.nan_policy) after the
+  checkpoints saved so far are complete; no results are written then.
+  """
   config, data_iter = built.config, built.data_iter
-  os.makedirs(workdir, exist_ok=True)
+  done = _finished(workdir, config.total_steps)
+  if done is not None:
+    return done
   ckpt = checkpoint.make_manager(workdir, every=config.checkpoint.every,
                                  keep=config.checkpoint.keep)
+  primary, bar = jax.process_index() == 0, None
   try:
-    state, start, init_results = _start(built, ckpt, workdir)
+    state, start, init_results, saved = _start(built, ckpt, workdir)
+    guard = _Guard(config.nan_policy, config.nan_skip_limit, saved.get("skipped_steps", 0))
+    data_state = lambda: {**_data_state(data_iter), "skipped_steps": guard.skipped}
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json(indent=2))
     step_fn = jax.jit(state_lib.make_train_step(built.objective, built.tx,
@@ -271,35 +407,48 @@ def run(built: Run, workdir: str, *,
     if init_results:
       writer.write(0, init_results)
     bar = tqdm.tqdm(total=config.total_steps, initial=start, desc="train", unit="step",
-                    dynamic_ncols=True, mininterval=1.0, disable=jax.process_index() != 0)
+                    dynamic_ncols=True, mininterval=1.0, disable=not primary)
+    say = lambda msg: bar.write(msg) if primary else None
     speed, last_saved = _Speed(config.batch_size), start
     for step in range(start + 1, config.total_steps + 1):
       local = next(data_iter)
       batch = {k: jax.make_array_from_process_local_data(built.batch_sharding, local[k])
                for k in built.objective.batch_keys}
       state, metrics = step_fn(state, batch)
+      guard.push(step, metrics)
       for cb in callbacks:
         cb(step, metrics)
       speed.step(state)
       if ckpt.should_save(step):
-        checkpoint.save(ckpt, step, state, _data_state(data_iter))
+        guard.flush()
+        checkpoint.save(ckpt, step, state, data_state())
         last_saved = step
       if step % config.log_every == 0 or step == config.total_steps:
-        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        guard.flush()
+        m = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "finite"}
         m["examples_per_sec"] = speed.interval()
+        if config.nan_policy == "skip":
+          m["skipped_steps"] = guard.skipped
         writer.write(step, m)
         bar.set_postfix(loss=f"{m['loss']:.4f}", ex_s=f"{m['examples_per_sec']:.0f}")
       bar.update(1)
       if config.evaluate.every and step % config.evaluate.every == 0 and step != config.total_steps:
-        writer.write(step, built.evaluator(state.params))
+        guard.flush()
+        results = built.evaluator(state.params)
+        writer.write(step, results)
+        say(f"mmjax: step {step} eval: {_summary(results)}")
+    guard.flush()
     bar.close()
+    bar = None
     jax.block_until_ready(state)
     examples_per_sec = speed.overall()
     if last_saved != config.total_steps:
-      checkpoint.save(ckpt, config.total_steps, state, _data_state(data_iter), force=True)
+      checkpoint.save(ckpt, config.total_steps, state, data_state(), force=True)
     final = built.evaluator(state.params)
     ckpt.wait_until_finished()
   finally:
+    if bar is not None:
+      bar.close()
     ckpt.close()
     if hasattr(data_iter, "close"):
       data_iter.close()
@@ -308,10 +457,15 @@ def run(built: Run, workdir: str, *,
              "steps": config.total_steps, "examples_per_sec": examples_per_sec,
              "resumed_from_step": start, "wall_s": time.time() - built.t_start,
              "devices": built.mesh.size, "loss": config.loss}
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "results.json"), "w") as f:
+  if config.nan_policy == "skip":
+    results["skipped_steps"] = guard.skipped
+  if primary:
+    results_path, curves_path = (os.path.join(workdir, n) for n in ("results.json", "curves.png"))
+    with open(results_path, "w") as f:
       json.dump(results, f, indent=2)
-    plot_curves(writer.path, os.path.join(workdir, "curves.png"))
+    plot_curves(writer.path, curves_path)
+    print(f"mmjax: done, step {config.total_steps}: {_summary(final)}\n"
+          f"mmjax: results: {results_path}\nmmjax: curves: {curves_path}", flush=True)
   writer.close()
   return results
 
@@ -319,9 +473,14 @@ def run(built: Run, workdir: str, *,
 def train(config: ml_collections.ConfigDict, workdir: str, *,
           callbacks: Sequence[Callable[[int, dict], None]] = ()) -> dict:
   """build + run: trains, evaluates and checkpoints; returns the final results
-  (also in workdir/results.json).
+  (also in workdir/results.json). A finished workdir is checked first: its
+  results come back without building the run.
 
   callbacks: each called as cb(step, metrics) after every step (metrics are
   device arrays; converting them syncs).
   """
+  config_lib.validate(config)
+  done = _finished(workdir, config.total_steps)
+  if done is not None:
+    return done
   return run(build(config), workdir, callbacks=callbacks)

@@ -49,15 +49,25 @@ def make_train_step(objective, tx: optax.GradientTransformation, *,
   'text': [B, L] int32}, B the global batch (split over the mesh's batch axes).
   The objective computes the loss and gradients (mmjax.train.objectives); the
   optimizer step, the momentum-encoder update and the metrics are common.
+  When the loss or the gradient norm is not finite the params, optimizer state
+  and EMA stay as they were (the optimizer's count, so its lr schedule, does not
+  advance) and metrics['finite'] is False: the loop stops or skips
+  (config.nan_policy), and no state holding a non-finite update exists.
   """
   def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     rng = jax.random.fold_in(state.rng, state.step)
     (value, aux), grads = objective.grad_fn(state.params, state.ema, batch, rng)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(value) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = objective.ema_update(state.ema, params, state.step)
-    metrics = {"loss": value, "lr": schedule(state.step), "grad_norm": optax.tree.norm(grads),
-               **aux}
+    # A non-finite loss or gradient changes nothing but the step count.
+    params, opt_state, ema = jax.tree.map(
+        lambda new, old: jnp.where(finite, new, old), (params, opt_state, ema),
+        (state.params, state.opt_state, state.ema))
+    metrics = {"loss": value, "lr": schedule(state.step), "grad_norm": grad_norm,
+               "finite": finite, **aux}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema), metrics
 
   return train_step
