@@ -122,7 +122,7 @@ def finished(tmp_path_factory, data_dir):
   """A finished 8-step run (checkpoints at 4 and 8), its console output and results."""
   from mmjax.train import loop
   workdir = str(tmp_path_factory.mktemp("finished"))
-  config = tiny_config(data_dir, total_steps=8, **{"evaluate.every": 4})
+  config = tiny_config(data_dir, total_steps=8, **{"evaluate.every": 4, "evaluate.probes": False})
   import contextlib
   import io
   out = io.StringIO()

@@ -241,7 +241,8 @@ def _check_writable(workdir: str) -> None:
   """Raises ValueError naming --workdir when it cannot be created or written."""
   try:
     os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, f".mmjax_write_test_{jax.process_index()}")
+    # No JAX call here: train() runs this before jax.distributed.initialize.
+    probe = os.path.join(workdir, f".mmjax_write_test_{os.uname().nodename}_{os.getpid()}")
     with open(probe, "w"):
       pass
     os.remove(probe)

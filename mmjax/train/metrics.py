@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import jax
@@ -35,7 +36,8 @@ class MetricWriter:
     with open(self.path, "a") as f:
       f.write(json.dumps({"step": int(step), **metrics}) + "\n")
     for k, v in metrics.items():
-      self._tb.add_scalar(k, v, step)
+      if math.isfinite(v):   # a skipped NaN step stays in metrics.jsonl, not in TensorBoard
+        self._tb.add_scalar(k, v, step)
 
   def close(self) -> None:
     if self._tb is not None:
