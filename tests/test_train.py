@@ -58,7 +58,9 @@ _KILL_SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("loss", ["siglip", "clip"])
+# One loss: resumption is the loop's (state, rng, data position), the same for every
+# contrastive loss; the clip case doubled this test's ~100 s for no other code path.
+@pytest.mark.parametrize("loss", ["siglip"])
 def test_sigkill_then_resume_gives_identical_losses(data_dir, tmp_path, loss):
   from mmjax.train import loop
   ref_dir, dir_ = str(tmp_path / "ref"), str(tmp_path / "killed")
