@@ -2,6 +2,8 @@
 of attention, with hand-derived gradients, and the input builders the loss tests use.
 
 Builders that draw random numbers take a NumPy Generator (the tests' `rng` fixture).
+`assert_close` is the one comparison with a float64 reference, to the tolerance `TOL` of the
+compute dtype.
 """
 
 import jax
@@ -9,6 +11,45 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmjax.losses import clip_loss, siglip_loss
+
+# ---------------------------------------------------------------- comparison
+
+# Relative error ||got - want|| / ||want|| (each whole array, want in float64) allowed per
+# compute dtype, about 3x the worst seen over 20 seeds of every float64 check of the losses
+# (dense, tiled, pallas, gather/ring/ring_bidir; values and gradients; the extreme scales):
+# float32 3.2e-6 (tiled CLIP at scale 100, d_img), bfloat16 3.2e-3 (gradients rounded to
+# bf16). Both reject a 2% error (tests/test_tolerances.py).
+TOL = {"float32": 1e-5, "bfloat16": 1e-2}
+
+
+def rel_err(got, want, scale=0.0):
+  """||got - want|| / max(||want||, scale) over the whole array."""
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  err = float(np.linalg.norm((got - want).ravel()))
+  den = max(float(np.linalg.norm(want.ravel())), float(scale))
+  return err / den if den else (0.0 if err == 0 else np.inf)
+
+
+def assert_close(got, want, *, dtype, name="", scale=0.0):
+  """Each leaf of `got` within TOL[dtype] relative error (`rel_err`) of the same leaf of `want`.
+
+  dtype: the dtype `got` was computed in; name: a label, or one per leaf; scale: a number, or
+  one per leaf, below which ||want|| does not measure the round-off: where want is 0 (CLIP
+  with one pair: pass its logit scale) or a cancelling sum (d_scale, d_bias: `term_sizes`).
+  """
+  tol = TOL[jnp.dtype(dtype).name]
+  flat, wants = jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(want)
+  assert len(flat) == len(wants), f"{name}: {len(flat)} arrays, want {len(wants)}"
+  names = ([f"{name}{jax.tree_util.keystr(p)}" for p, _ in flat] if isinstance(name, str)
+           else list(name))
+  scales = [scale] * len(wants) if np.ndim(scale) == 0 else list(scale)
+  assert len(names) == len(scales) == len(wants), "one name and scale per array"
+  for label, (_, g), w, sc in zip(names, flat, wants, scales):
+    assert np.shape(g) == np.shape(w), f"{label}: shape {np.shape(g)}, want {np.shape(w)}"
+    err = rel_err(g, w, sc)
+    assert err <= tol, (f"{label}: relative error {err:.3g} > tol {tol:.3g} "
+                        f"({jnp.dtype(dtype).name})")
+
 
 # ---------------------------------------------------------------- float64 references
 
@@ -29,24 +70,45 @@ def _log_sigmoid(x):
 
 def ref_clip(x, y, s):
   """float64 loss and (dx, dy, ds) with hand-derived gradients."""
+  loss, g, dots = _clip(x, y, s)
+  return loss, (s * g @ y, s * g.T @ x, np.sum(g * dots))
+
+
+def _clip(x, y, s):
+  """loss, dL/dz and the dots."""
   n = x.shape[0]
   dots = x @ y.T
   z = s * dots
   d = np.diag(z)
   loss = 0.5 * (np.mean(_logsumexp(z, 1) - d) + np.mean(_logsumexp(z, 0) - d))
-  g = 0.5 / n * (_softmax(z, 1) + _softmax(z, 0) - 2 * np.eye(n))  # dL/dz
-  return loss, (s * g @ y, s * g.T @ x, np.sum(g * dots))
+  return loss, 0.5 / n * (_softmax(z, 1) + _softmax(z, 0) - 2 * np.eye(n)), dots
 
 
 def ref_siglip(x, y, s, b):
   """float64 loss and (dx, dy, ds, db) with hand-derived gradients."""
+  loss, g, dots = _siglip(x, y, s, b)
+  return loss, (s * g @ y, s * g.T @ x, np.sum(g * dots), np.sum(g))
+
+
+def _siglip(x, y, s, b):
+  """loss, dL/dz and the dots."""
   n = x.shape[0]
   dots = x @ y.T
   z = s * dots + b
   sign = 2 * np.eye(n) - 1
   loss = -np.sum(_log_sigmoid(sign * z)) / n
-  g = -sign / n / (1 + np.exp(sign * z))  # d/dz of -log sigmoid(sign*z) / n
-  return loss, (s * g @ y, s * g.T @ x, np.sum(g * dots), np.sum(g))
+  return loss, -sign / n / (1 + np.exp(sign * z)), dots  # d/dz of -log sigmoid(sign*z) / n
+
+
+def term_sizes(name, x, y, s, b=0.0):
+  """Per gradient of ref_clip / ref_siglip, the sum of its terms' sizes: for d_scale and
+  d_bias, sums of n^2 terms that may cancel, what their round-off scales with; 0 (unused)
+  for the embeddings'. The `scale` of assert_close."""
+  if name == "clip":
+    _, g, dots = _clip(x, y, s)
+    return (0.0, 0.0, float(np.abs(g * dots).sum()))
+  _, g, dots = _siglip(x, y, s, b)
+  return (0.0, 0.0, float(np.abs(g * dots).sum()), float(np.abs(g).sum()))
 
 
 def ref_infonce(q, k, s):
@@ -96,8 +158,9 @@ def as_dtype(x, dtype):
   return a, np.asarray(a.astype(jnp.float32), np.float64)
 
 
-def inputs(n, d, rng):
-  """float32 (img, txt, scale, bias) for a loss: related unit-norm pairs, moderate logits."""
+def inputs(n, d, rng, scale=None, bias=None):
+  """float32 (img, txt, scale, bias) for a loss: related unit-norm pairs, moderate logits
+  (scale and bias drawn unless given)."""
   x, y = rng.normal(size=(2, n, d))
   x /= np.linalg.norm(x, axis=1, keepdims=True)
   y /= np.linalg.norm(y, axis=1, keepdims=True)
@@ -106,10 +169,18 @@ def inputs(n, d, rng):
   # Moderate logits: a saturated softmax has gradients at f32 round-off level,
   # where any two summation orders differ by more than rtol 1e-5.
   return (jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32),
-          jnp.float32(rng.uniform(1, 10)), jnp.float32(rng.uniform(-5, 0)))
+          jnp.float32(rng.uniform(1, 10) if scale is None else scale),
+          jnp.float32(rng.uniform(-5, 0) if bias is None else bias))
 
 
-# Both losses with one signature (x, y, scale, bias, **kw); CLIP ignores the bias.
+# Extreme but real (name, scale, bias): CLIP's learned scale (clamped at 100), SigLIP's init
+# (t' = log 10, b = -10), and SigLIP saturated at scale 100.
+EXTREMES = [("clip", 100.0, 0.0), ("siglip", 10.0, -10.0), ("siglip", 100.0, -10.0)]
+
+
+# Both references and both losses with one signature (x, y, scale, bias, **kw); CLIP ignores
+# the bias (its gradients: (d_img, d_txt, d_scale); SigLIP's add d_bias).
+REFS = {"clip": lambda x, y, s, b: ref_clip(x, y, s), "siglip": ref_siglip}
 LOSSES = {"clip": lambda x, y, s, b, **kw: clip_loss(x, y, s, **kw),
           "siglip": lambda x, y, s, b, **kw: siglip_loss(x, y, s, b, **kw)}
 

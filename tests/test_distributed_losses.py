@@ -9,7 +9,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from mmjax.losses import clip_loss, siglip_loss
-from tests.reference import LOSSES, dense, inputs, make_mesh
+from tests.reference import EXTREMES, LOSSES, REFS, assert_close, dense, inputs, make_mesh, term_sizes
 
 
 def _sharded(name, impl, mesh, axis):
@@ -40,6 +40,21 @@ def test_shard_map_matches_dense(name, impl, n, rng):
   args = inputs(n, 12, rng)
   got = _sharded(name, impl, make_mesh((8,), ("data",)), "data")(*args)
   _assert_close(got, dense(name, *args))
+
+
+@pytest.mark.parametrize("name,impl,scale,bias",
+                         [(n, i, s, b) for n, i in CASES for m, s, b in EXTREMES if m == n])
+def test_shard_map_extreme_logits_match_float64(name, impl, scale, bias, rng):
+  """8 devices x 3 rows at CLIP's scale 100, SigLIP's init (10, -10) and SigLIP at 100."""
+  args = inputs(24, 12, rng, scale, bias)
+  loss, grads = _sharded(name, impl, make_mesh((8,), ("data",)), "data")(*args)
+  x, y = (np.asarray(a, np.float64) for a in args[:2])
+  ref_loss, ref_grads = REFS[name](x, y, scale, bias)
+  k = len(ref_grads)
+  assert_close(loss, ref_loss, dtype=jnp.float32, name="loss")
+  assert_close(grads[:k], ref_grads, dtype=jnp.float32,
+               name=("d_img", "d_txt", "d_scale", "d_bias")[:k],
+               scale=term_sizes(name, x, y, scale, bias))
 
 
 @pytest.mark.parametrize("name,impl", [c for c in CASES if "ring" in c[1]])

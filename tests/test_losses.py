@@ -6,39 +6,56 @@ import numpy as np
 import pytest
 
 from mmjax.losses import clip_loss, infonce_loss, siglip_loss
-from tests.reference import as_dtype, normed, ref_clip, ref_siglip
+from tests.reference import (EXTREMES, LOSSES, REFS, as_dtype, assert_close, inputs, normed,
+                             ref_clip, ref_siglip, term_sizes)
 
 
-@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-5), (jnp.bfloat16, 2e-5)])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("n,d", [(1, 4), (7, 16), (33, 24)])
-def test_clip_loss_matches_float64(n, d, dtype, tol, rng):
+def test_clip_loss_matches_float64(n, d, dtype, rng):
   x, x64 = as_dtype(normed(rng, n, d), dtype)
   y, y64 = as_dtype(normed(rng, n, d), dtype)
   s = float(np.exp(rng.uniform(0, np.log(100))))
   loss, grads = jax.value_and_grad(clip_loss, argnums=(0, 1, 2))(x, y, s)
   ref_loss, ref_grads = ref_clip(x64, y64, s)
-  np.testing.assert_allclose(loss, ref_loss, rtol=tol, atol=tol)
-  # Gradients are in the embedding dtype; bf16 rounds them to 3 digits.
-  gtol = 1e-4 if dtype == jnp.float32 else 1e-2
-  for g, r in zip(grads, ref_grads):
-    np.testing.assert_allclose(np.asarray(g, np.float64), r, rtol=gtol,
-                               atol=gtol * max(1.0, np.abs(r).max()))
+  # The loss is float32 whatever the embeddings; gradients are in the embedding dtype (d_scale
+  # in float32). With one pair the loss and gradients are 0: errors relative to the scale.
+  scale = s if n == 1 else term_sizes("clip", x64, y64, s)
+  assert_close(loss, ref_loss, dtype=jnp.float32, name="loss", scale=s if n == 1 else 0.0)
+  assert_close(grads[:2], ref_grads[:2], dtype=dtype, name=("d_img", "d_txt"), scale=s)
+  assert_close(grads[2], ref_grads[2], dtype=jnp.float32, name="d_scale",
+               scale=scale if n == 1 else scale[2])
 
 
-@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-5), (jnp.bfloat16, 2e-5)])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("n,d", [(1, 4), (7, 16), (33, 24)])
-def test_siglip_loss_matches_float64(n, d, dtype, tol, rng):
+def test_siglip_loss_matches_float64(n, d, dtype, rng):
   x, x64 = as_dtype(normed(rng, n, d), dtype)
   y, y64 = as_dtype(normed(rng, n, d), dtype)
   s = float(np.exp(rng.uniform(0, np.log(20))))
   b = float(rng.uniform(-10, 2))
   loss, grads = jax.value_and_grad(siglip_loss, argnums=(0, 1, 2, 3))(x, y, s, b)
   ref_loss, ref_grads = ref_siglip(x64, y64, s, b)
-  np.testing.assert_allclose(loss, ref_loss, rtol=tol, atol=tol)
-  gtol = 1e-4 if dtype == jnp.float32 else 1e-2
-  for g, r in zip(grads, ref_grads):
-    np.testing.assert_allclose(np.asarray(g, np.float64), r, rtol=gtol,
-                               atol=gtol * max(1.0, np.abs(r).max()))
+  assert_close(loss, ref_loss, dtype=jnp.float32, name="loss")
+  assert_close(grads[:2], ref_grads[:2], dtype=dtype, name=("d_img", "d_txt"))
+  assert_close(grads[2:], ref_grads[2:], dtype=jnp.float32, name=("d_scale", "d_bias"),
+               scale=term_sizes("siglip", x64, y64, s, b)[2:])
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("name,scale,bias", EXTREMES)
+def test_extreme_logits_match_float64(name, scale, bias, dtype, rng):
+  """CLIP's learned scale 100, SigLIP's init (10, -10) and SigLIP saturated at 100."""
+  x, y, s, b = inputs(33, 24, rng, scale, bias)
+  x, x64 = as_dtype(x, dtype)
+  y, y64 = as_dtype(y, dtype)
+  loss, grads = jax.value_and_grad(lambda *a: LOSSES[name](*a), argnums=(0, 1, 2, 3))(x, y, s, b)
+  ref_loss, ref_grads = REFS[name](x64, y64, scale, bias)
+  assert_close(loss, ref_loss, dtype=jnp.float32, name="loss")
+  assert_close(grads[:2], ref_grads[:2], dtype=dtype, name=("d_img", "d_txt"))
+  k = len(ref_grads)
+  assert_close(grads[2:k], ref_grads[2:], dtype=jnp.float32, name=("d_scale", "d_bias")[:k - 2],
+               scale=term_sizes(name, x64, y64, scale, bias)[2:])
 
 
 def test_siglip_init_loss_is_small_and_finite(rng):
