@@ -4,10 +4,13 @@ import math
 
 import jax
 import jax.numpy as jnp
+import flax.linen as nn
 import numpy as np
 import pytest
 
 from mmjax.models import text, two_tower, vit
+from mmjax.nn.layers import Encoder, MAPHead, posemb_sincos_2d
+from tests import reference as ref
 
 TINY = dict(width=32, depth=2, mlp_dim=64, num_heads=2)
 
@@ -74,6 +77,171 @@ def test_vit_bf16_compute_close_to_f32(rng):
   assert out.dtype == jnp.bfloat16
   rel = np.linalg.norm(out.astype(np.float32) - ref) / np.linalg.norm(ref)
   assert rel < 0.05
+
+
+# ---------------------------------------------------------------- ViT pooling / sincos2d vs float64 NumPy
+
+
+def _np_sincos2d(h, w, width, denom):
+  """float64 2-D sin-cos table [h*w, width], written from the definition: tokens row-major
+  (t = row * w + col); columns [sin(col*omega), cos(col*omega), sin(row*omega), cos(row*omega)],
+  width/4 each, omega_i = 1 / 10000**(i / denom). big_vision (and mmjax) use
+  denom = width/4 - 1, so the last frequency is exactly 1/10000; MAE uses denom = width/4."""
+  out = np.zeros((h * w, width))
+  q = width // 4
+  for t in range(h * w):
+    row, col = divmod(t, w)
+    for i in range(q):
+      omega = 1.0 / 10000.0 ** (i / denom)
+      out[t, [i, q + i, 2 * q + i, 3 * q + i]] = (
+          math.sin(col * omega), math.cos(col * omega), math.sin(row * omega), math.cos(row * omega))
+  return out
+
+
+def _np_ln(x, p, eps=1e-6):
+  x = np.asarray(x, np.float64)
+  mu = x.mean(-1, keepdims=True)
+  var = ((x - mu) ** 2).mean(-1, keepdims=True)
+  return (x - mu) / np.sqrt(var + eps) * np.asarray(p["scale"], np.float64) + np.asarray(p["bias"], np.float64)
+
+
+def _run_vit(model, params, img):
+  """pooled, out, intermediates, and the encoder's input (caught by a method interceptor)."""
+  seen = {}
+
+  def catch(next_fun, args, kwargs, context):
+    if isinstance(context.module, Encoder) and context.method_name == "__call__":
+      seen["encoder_in"] = args[0]
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(catch):
+    (pooled, out), state = model.apply(params, img, capture_intermediates=True,
+                                       mutable=["intermediates"])
+  return np.asarray(pooled), out, state["intermediates"], np.asarray(seen["encoder_in"])
+
+
+def _final_tokens(params, inter, depth):
+  """float64 NumPy ln_final of the last encoder block's output: the encoder's final tokens."""
+  last = inter["encoder"][f"block{depth - 1}"]["__call__"][0]
+  return _np_ln(last, params["params"]["encoder"]["ln_final"])
+
+
+@pytest.mark.parametrize("h,w,width", [(3, 5, 24), (4, 4, 20), (2, 7, 12)])
+def test_posemb_sincos2d_matches_numpy(h, w, width):
+  got = np.asarray(posemb_sincos_2d(h, w, width))
+  assert got.shape == (1, h * w, width)
+  ref.assert_close(got[0], _np_sincos2d(h, w, width, width / 4 - 1), dtype="float32",
+                   name=f"sincos2d {h}x{w}x{width}")
+  # The convention is big_vision's (denominator width/4 - 1), not MAE's (width/4).
+  assert ref.rel_err(got[0], _np_sincos2d(h, w, width, width / 4)) > 1e-3
+
+
+def test_vit_sincos2d_table_is_the_one_added(rng):
+  """The table the ViT adds to its patch tokens (encoder input - patch embedding), non-square
+  3x5 grid, width 24: the float64 reference, in row-major token order."""
+  img = jnp.asarray(rng.normal(size=(2, 12, 20, 3)), jnp.float32)
+  model = vit.Model(width=24, depth=1, mlp_dim=32, num_heads=2, patch_size=4, pool_type="gap",
+                    posemb="sincos2d")
+  params = model.init(jax.random.PRNGKey(0), img)
+  _, _, inter, enc_in = _run_vit(model, params, img)
+  emb = np.asarray(inter["embedding"]["__call__"][0], np.float64).reshape(2, 15, 24)
+  want = _np_sincos2d(3, 5, 24, 24 / 4 - 1)
+  for i in range(2):
+    ref.assert_close(enc_in[i] - emb[i], want, dtype="float32", name=f"posemb added, example {i}")
+
+
+def test_vit_gap_is_mean_of_final_tokens(rng):
+  img = jnp.asarray(rng.normal(size=(2, 16, 16, 3)), jnp.float32)
+  model = vit.Model(width=16, depth=2, mlp_dim=32, num_heads=2, patch_size=4, pool_type="gap")
+  params = model.init(jax.random.PRNGKey(0), img)
+  pooled, out, inter, _ = _run_vit(model, params, img)
+  tokens = _final_tokens(params, inter, 2)                       # [2, 16, 16] float64
+  ref.assert_close(np.asarray(out["encoded"]), tokens, dtype="float32", name="encoded")
+  ref.assert_close(pooled, tokens.mean(axis=1), dtype="float32", name="gap pooled")
+  # One patch of example 0 changes: its pooled output changes, example 1's does not.
+  changed = img.at[0, 4:8, 8:12].add(1.0)
+  pooled2 = np.asarray(model.apply(params, changed)[0])
+  assert ref.rel_err(pooled2[0], pooled[0]) > 1e-3
+  np.testing.assert_allclose(pooled2[1], pooled[1], rtol=1e-5, atol=1e-6)
+
+
+def _gelu_tanh(x):
+  return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+def _np_map_head(p, x, mask=None):
+  """float64 big_vision MAP head: a learned probe cross-attends to the tokens (q/k/v/out
+  projections, softmax over (unmasked) keys), then probe + MLP(LN(probe)); [b, n, w] -> [b, w]."""
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), p)
+  x = np.asarray(x, np.float64)
+  a = p["attn"]
+  probe = np.broadcast_to(p["probe"], (x.shape[0], 1, x.shape[2]))
+  q = np.einsum("bqw,whd->bqhd", probe, a["query"]["kernel"]) + a["query"]["bias"]
+  k = np.einsum("bkw,whd->bkhd", x, a["key"]["kernel"]) + a["key"]["bias"]
+  v = np.einsum("bkw,whd->bkhd", x, a["value"]["kernel"]) + a["value"]["bias"]
+  s = np.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1])
+  if mask is not None:
+    s = np.where(np.asarray(mask)[:, None, None, :], s, -np.inf)
+  e = np.exp(s - s.max(-1, keepdims=True))
+  att = e / e.sum(-1, keepdims=True)
+  o = np.einsum("bhqk,bkhd->bqhd", att, v)
+  y = np.einsum("bqhd,hdw->bqw", o, a["out"]["kernel"]) + a["out"]["bias"]
+  m = p["mlp"]
+  hid = _gelu_tanh(_np_ln(y, p["ln"]) @ m["Dense_0"]["kernel"] + m["Dense_0"]["bias"])
+  return (y + hid @ m["Dense_1"]["kernel"] + m["Dense_1"]["bias"])[:, 0]
+
+
+def _randomised(params, rng, scale=0.5):
+  """The same tree with every leaf redrawn N(0, scale^2): biases, LN scale/bias and the probe
+  then matter (their inits are ~0 or 1)."""
+  return jax.tree.map(lambda a: jnp.asarray(scale * rng.normal(size=a.shape), a.dtype), params)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_map_head_matches_numpy(masked, rng):
+  x = jnp.asarray(rng.normal(size=(3, 7, 16)), jnp.float32)
+  mask = jnp.asarray([[True] * 7, [True] * 3 + [False] * 4, [False, True] * 3 + [False]]) if masked else None
+  head = MAPHead(num_heads=2, mlp_dim=24)
+  params = _randomised(head.init(jax.random.PRNGKey(0), x, mask), rng)
+  apply = head.apply
+  got = apply(params, x, mask)
+  assert got.shape == (3, 16)
+  ref.assert_close(np.asarray(got), _np_map_head(params["params"], x, mask), dtype="float32",
+                   name=f"MAP head (masked={masked})")
+  if masked:  # masked-out tokens do not matter
+    noisy = x.at[1, 3:].add(5.0).at[2, 0].add(5.0)
+    np.testing.assert_allclose(apply(params, noisy, mask), got, rtol=1e-5, atol=1e-5)
+
+
+def test_vit_map_pools_final_tokens_with_its_head(rng):
+  img = jnp.asarray(rng.normal(size=(2, 16, 16, 3)), jnp.float32)
+  model = vit.Model(width=16, depth=1, mlp_dim=32, num_heads=2, patch_size=8, pool_type="map")
+  params = model.init(jax.random.PRNGKey(0), img)
+  params = {"params": {**params["params"], "map_head": _randomised(params["params"]["map_head"], rng)}}
+  pooled, out, inter, _ = _run_vit(model, params, img)
+  tokens = _final_tokens(params, inter, 1)
+  ref.assert_close(pooled, _np_map_head(params["params"]["map_head"], tokens), dtype="float32",
+                   name="ViT map pooled")
+
+
+@pytest.mark.parametrize("posemb_cls", [False, True])
+def test_vit_tok_is_class_token_final_state(posemb_cls, rng):
+  img = jnp.asarray(rng.normal(size=(2, 16, 16, 3)), jnp.float32)
+  model = vit.Model(width=16, depth=2, mlp_dim=32, num_heads=2, patch_size=8, pool_type="tok",
+                    posemb="learn", posemb_cls=posemb_cls)
+  params = model.init(jax.random.PRNGKey(0), img)
+  cls = rng.normal(size=(1, 1, 16))   # init is zeros: make the class token distinguishable
+  params = {"params": {**params["params"], "cls": jnp.asarray(cls, jnp.float32)}}
+  pooled, out, inter, enc_in = _run_vit(model, params, img)
+  # The encoder's input: [cls (+ its position), patches + positions].
+  pe = np.asarray(params["params"]["pos_embedding"], np.float64)[0]
+  emb = np.asarray(inter["embedding"]["__call__"][0], np.float64).reshape(2, 4, 16)
+  want_in = np.concatenate([np.broadcast_to(cls, (2, 1, 16)), emb], axis=1)
+  want_in = want_in + (pe if posemb_cls else np.concatenate([np.zeros((1, 16)), pe]))
+  ref.assert_close(enc_in, want_in, dtype="float32", name="encoder input")
+  tokens = _final_tokens(params, inter, 2)                       # [2, 5, 16]
+  assert out["encoded"].shape == (2, 5, 16)
+  ref.assert_close(pooled, tokens[:, 0], dtype="float32", name="tok pooled")
 
 
 def _tokens(rng, b, length, vocab, lengths):
