@@ -401,13 +401,6 @@ def _pad_to(x, axis: int, size: int, value=0):
   return jnp.pad(x, pad, constant_values=value)
 
 
-def default_platform() -> str:
-  """The kernel layout for this machine's default JAX backend (CPU: interpret the 'gpu' one).
-
-  flash_attention(platform=None) does not use it: its layout is chosen per lowering platform."""
-  return "tpu" if jax.default_backend() == "tpu" else "gpu"
-
-
 @dataclasses.dataclass(frozen=True)
 class _Opts:
   """The layout-independent static arguments of one call."""
