@@ -1,11 +1,16 @@
 """Shared fixtures: one offline build of the embedded digits per test session, and `rng`.
 
-`rng` is a NumPy Generator with a fresh seed every run; a failing test that used it prints
-"replay with MMJAX_TEST_SEED=<seed>": set that environment variable to rerun with the same numbers.
+One seed per run (fresh, or $MMJAX_TEST_SEED), printed at the end of the run; each test's `rng`
+is a NumPy Generator seeded from (that seed, the test's id), so tests draw different numbers
+and the same ones again for the same seed, with or without xdist. A failing test that used
+`rng` prints "replay with MMJAX_TEST_SEED=<seed>".
 """
 
 import os
 import secrets
+import shutil
+import tempfile
+import zlib
 
 import jax
 import numpy as np
@@ -27,12 +32,57 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 SEED_VAR = "MMJAX_TEST_SEED"
 
 
+CACHE_VAR = "JAX_COMPILATION_CACHE_DIR"
+
+
+def pytest_configure(config):
+  """The run's seed: the controller's (xdist workers get it in workerinput), else $MMJAX_TEST_SEED,
+  else fresh. And one JAX compilation cache per run, shared by the workers and the processes the
+  tests start: most end-to-end tests compile the same tiny train step (a hit skips ~80% of a
+  tiny run's wall time); a fresh directory, removed at the end, so no run reuses another's."""
+  worker = getattr(config, "workerinput", {})
+  if SEED_VAR in worker:
+    seed = int(worker[SEED_VAR])
+  elif os.environ.get(SEED_VAR):
+    seed = int(os.environ[SEED_VAR])
+  else:
+    seed = secrets.randbits(32)
+  config._mmjax_run_seed = seed
+  if CACHE_VAR in worker:
+    cache = worker[CACHE_VAR]
+  else:
+    cache = config._mmjax_cache = tempfile.mkdtemp(prefix="mmjax-test-jax-cache-")
+  # The environment for the subprocesses (launcher, multi-host, notebooks); the config for this one.
+  os.environ.update({CACHE_VAR: cache, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+                     "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"})
+  jax.config.update("jax_compilation_cache_dir", cache)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def pytest_unconfigure(config):
+  if hasattr(config, "_mmjax_cache"):
+    shutil.rmtree(config._mmjax_cache, ignore_errors=True)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node):   # xdist, on the controller: every worker gets the seed and cache
+  node.workerinput[SEED_VAR] = node.config._mmjax_run_seed
+  node.workerinput[CACHE_VAR] = node.config._mmjax_cache
+
+
+def pytest_terminal_summary(terminalreporter, config):
+  if not hasattr(config, "workerinput"):
+    seed = config._mmjax_run_seed
+    terminalreporter.write_line(f"mmjax test seed {seed} (replay the run with {SEED_VAR}={seed})")
+
+
 @pytest.fixture
 def rng(request):
-  """np.random.default_rng(seed): seed from $MMJAX_TEST_SEED, else fresh; printed if the test fails."""
-  seed = int(os.environ[SEED_VAR]) if os.environ.get(SEED_VAR) else secrets.randbits(32)
+  """np.random.default_rng from (the run's seed, this test's id); the seed is printed if it fails."""
+  seed = request.config._mmjax_run_seed
   request.node._mmjax_seed = seed
-  return np.random.default_rng(seed)
+  return np.random.default_rng([seed, zlib.crc32(request.node.nodeid.encode())])
 
 
 @pytest.fixture

@@ -296,3 +296,239 @@ def test_image_folder_wrong_header_is_shown(tmp_path, rng):
   with pytest.raises(ValueError, match=r"c\.jsonl: row 1 has no 'caption' field; "
                                        r"got keys \['image', 'text'\]"):
     image_folder.build_image_text_folder(str(tmp_path / "c.jsonl"), data_dir=str(tmp_path / "tfds"))
+
+
+# ---------------------------------------------------------------- the pipeline against its source
+#
+# A dataset whose pixels name the example: image i is 32x32, red and green uniform over the whole
+# image and encoding i (8 levels each), blue 40 on the left half and 215 on the right. A crop or a
+# bicubic resize keeps red and green (uniform), so i survives any augmentation; the blue columns
+# tell a mirrored image (bright on the left) and a crop (one half only, or an off-centre edge).
+
+N_COLOURS = 61      # prime: not a multiple of any batch size or process count below
+_DARK, _BRIGHT = 40, 215
+
+
+def _colour_image(i: int) -> np.ndarray:
+  img = np.empty((32, 32, 3), np.uint8)
+  img[..., 0], img[..., 1] = 16 + 32 * (i // 8), 16 + 32 * (i % 8)
+  img[:, :16, 2], img[:, 16:, 2] = _DARK, _BRIGHT
+  return img
+
+
+def _colour_caption(i: int) -> str:
+  return f"colour card {i}"
+
+
+@pytest.fixture(scope="module")
+def colours(tmp_path_factory):
+  """The train split of N_COLOURS colour cards built by build_image_text_folder, all in 'train'."""
+  root = tmp_path_factory.mktemp("colours")
+  with open(root / "captions.csv", "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["image", "caption"])
+    for i in range(N_COLOURS):
+      Image.fromarray(_colour_image(i)).save(root / f"{i}.png")
+      w.writerow([f"{i}.png", _colour_caption(i)])
+  ddir = str(root / "tfds")
+  name = image_folder.build_image_text_folder(str(root / "captions.csv"), data_dir=ddir,
+                                              name="colour_cards", image_size=32, test_fraction=0)
+  return pipeline.get_source(name, "train", data_dir=ddir)
+
+
+def _uint8(images: np.ndarray) -> np.ndarray:
+  """Pipeline floats in [-1, 1] back to the uint8 levels they came from."""
+  return np.round((images.astype(np.float64) + 1) * 127.5).astype(np.int64)
+
+
+def _card_index(image: np.ndarray) -> int:
+  """Which colour card a (possibly cropped, flipped, resized) pipeline image shows."""
+  u = _uint8(image)
+  a, b = (int(np.round((np.median(u[..., c]) - 16) / 32)) for c in (0, 1))
+  assert 0 <= a < 8 and 0 <= b < 8 and np.abs(u[..., 0] - (16 + 32 * a)).max() <= 2, "not a card"
+  return 8 * a + b
+
+
+def _orientation(image: np.ndarray) -> str:
+  """'upright' (dark left, bright right), 'mirrored', or 'one half' (a crop inside one half)."""
+  blue = _uint8(image)[..., 2].mean(0)
+  if blue[-1] - blue[0] > 100:
+    return "upright"
+  if blue[0] - blue[-1] > 100:
+    return "mirrored"
+  return "one half"
+
+
+def _batches(it, n):
+  return [next(it) for _ in range(n)]
+
+
+def test_pipeline_keeps_each_caption_with_its_image_under_flip_and_crop(colours, tok, rng):
+  """Every augmented image still shows the card its caption names; flips and crops do happen."""
+  want_text = tok.encode([_colour_caption(i) for i in range(N_COLOURS)], 12)
+  seed = int(rng.integers(2**31))
+  it = _iterator(colours, tok, global_batch_size=16, image_size=16, flip=True, augment=True,
+                 crop_scale_min=0.05, seed=seed)
+  seen, kinds, bright_share = [], [], []
+  for b in _batches(it, 8):           # 128 examples: two whole epochs and a bit
+    assert b["image"].shape == (16, 16, 16, 3) and "label" not in b
+    for image, text in zip(b["image"], b["text"]):
+      i = _card_index(image)
+      np.testing.assert_array_equal(text, want_text[i], err_msg=f"card {i} has another caption")
+      seen.append(i)
+      kinds.append(_orientation(image))
+      bright_share.append(float((_uint8(image)[..., 2] > 127).mean()))
+  assert set(seen) == set(range(N_COLOURS))       # positions 0..121 are two whole epochs
+  assert kinds.count("upright") >= 10 and kinds.count("mirrored") >= 10, kinds   # ~55 each
+  assert kinds.count("one half") >= 1, kinds       # a crop inside one half (about 14 in 128)
+  off_centre = [s for s in bright_share if 0 < s < 1 and abs(s - 0.5) > 0.1]
+  assert len(off_centre) >= 10, bright_share       # crops across the edge, off the centre (~60)
+  # Without augmentation every card is upright, its edge exactly in the middle.
+  b = next(_iterator(colours, tok, global_batch_size=16, image_size=16, augment=False, seed=seed))
+  assert [_orientation(x) for x in b["image"]] == ["upright"] * 16
+  np.testing.assert_array_equal((_uint8(b["image"])[..., 2] > 127).mean((1, 2)), 0.5)
+  for image, text in zip(b["image"], b["text"]):
+    np.testing.assert_array_equal(text, want_text[_card_index(image)])
+
+
+def test_pipeline_workers_give_the_same_batches(colours, tok, rng):
+  """data.num_workers=1 (a grain worker process) yields bitwise the batches of num_workers=0, in a
+  process whose absl flags were never parsed (a notebook, a script: grain's mp_prefetch reads one).
+
+  One worker, not two: each spawned worker imports JAX and TFDS, 10 s or more apiece on a busy
+  2-core machine."""
+  kw = dict(global_batch_size=16, image_size=16, flip=True, augment=True, crop_scale_min=0.2,
+            seed=int(rng.integers(2**31)))
+  want = _batches(_iterator(colours, tok, num_workers=0, **kw), 3)
+  it = _iterator(colours, tok, num_workers=1, **kw)
+  try:
+    got = [{k: np.array(v) for k, v in b.items()} for b in _batches(it, 3)]  # out of shared memory
+  finally:
+    it.close()
+    del it
+  for t, (g, w) in enumerate(zip(got, want)):
+    assert sorted(g) == sorted(w)
+    for k in w:
+      np.testing.assert_array_equal(g[k], w[k], err_msg=f"batch {t} {k!r}")
+
+
+class _Prefix:
+  """The first n records of a source (a source of its own: len and [i])."""
+
+  def __init__(self, source, n):
+    self.source, self.n = source, n
+
+  def __len__(self):
+    return self.n
+
+  def __getitem__(self, i):
+    if not 0 <= i < self.n:
+      raise IndexError(i)
+    return self.source[i]
+
+
+def _eval_reference(source, tok, image_size, text_len):
+  """Each record on its own: PIL bicubic resize to image_size, x * 2/255 - 1 in float64,
+  its caption tokenised alone."""
+  images, texts, labels = [], [], []
+  for i in range(len(source)):
+    ex = source[i]
+    img = np.asarray(ex["image"])
+    if img.shape[:2] != (image_size, image_size):
+      img = np.asarray(Image.fromarray(img).resize((image_size, image_size), Image.BICUBIC))
+    images.append(img.astype(np.float64) / 127.5 - 1)
+    texts.append(tok.encode([ex["text"].decode()], text_len)[0])
+    if "label" in ex:
+      labels.append(int(ex["label"]))
+  return np.stack(images), np.stack(texts), labels
+
+
+@pytest.mark.parametrize("which", ["digits", "colours"])
+def test_make_eval_arrays_matches_the_source(which, sources, colours, tok):
+  """Row k of every array is record k of the split, preprocessed alone; none dropped (97 and 61
+  records: no batch size divides them)."""
+  from tests.reference import assert_close
+  if which == "digits":   # 32x32 stored, resized to 24; with labels
+    src, size, n = _Prefix(sources["test"], 97), 24, 97
+  else:                   # 32x32 stored, kept at 32; no label feature
+    src, size, n = colours, 32, N_COLOURS
+  got = pipeline.make_eval_arrays(src, data_config(image_size=size, text_len=12), tokenizer=tok)
+  images, texts, labels = _eval_reference(src, tok, size, 12)
+  assert got["image"].shape == (n, size, size, 3) and got["image"].dtype == np.float32
+  assert got["text"].shape == (n, 12) and got["text"].dtype == np.int32
+  assert_close(got["image"], images, dtype="float32", name="image")
+  np.testing.assert_array_equal(got["text"], texts)
+  if which == "digits":
+    assert got["label"].dtype == np.int32
+    np.testing.assert_array_equal(got["label"], labels)
+  else:
+    assert "label" not in got
+    # TFDS stores the records in its own order; each row is the card its record's caption names,
+    # as the builder was given it (32x32, kept as is), and every card is there once.
+    cards = [int(src[k]["text"].decode().split()[-1]) for k in range(n)]
+    assert sorted(cards) == list(range(N_COLOURS))
+    assert [_card_index(x) for x in got["image"]] == cards
+    given = np.stack([_colour_image(i) for i in cards]).astype(np.float64) / 127.5 - 1
+    np.testing.assert_array_equal(images, given)
+
+
+def _rows(batch):
+  """Each example of a batch as bytes (image and text), to compare examples across batches."""
+  n = len(batch["text"])
+  return [batch["image"][j].tobytes() + batch["text"][j].tobytes() for j in range(n)]
+
+
+def test_pipeline_global_batch_is_the_same_for_1_2_and_4_processes(colours, tok, rng):
+  """Global batch t holds the same examples with the same augmentations for 1, 2 and 4
+  processes: process p's row j is global row p + P*j (the pipeline's documented interleave);
+  the loop's process-order concatenation (make_array_from_process_local_data) is therefore
+  the same multiset of rows."""
+  kw = dict(global_batch_size=16, image_size=16, flip=True, augment=True, crop_scale_min=0.2,
+            seed=int(rng.integers(2**31)))
+  steps = 6                                   # 96 examples: crosses the epoch boundary at 61
+  want = _batches(_iterator(colours, tok, **kw), steps)
+  for count in (2, 4):
+    local = [_batches(_iterator(colours, tok, process_index=p, process_count=count, **kw), steps)
+             for p in range(count)]
+    for t in range(steps):
+      parts = [local[p][t] for p in range(count)]
+      for k in want[t]:
+        assert all(part[k].shape[0] == 16 // count for part in parts)
+        interleaved = np.stack([x for row in zip(*(part[k] for part in parts)) for x in row])
+        np.testing.assert_array_equal(interleaved, want[t][k],
+                                      err_msg=f"{count} processes, batch {t}, {k!r}")
+      loop_order = {k: np.concatenate([part[k] for part in parts]) for k in want[t]}
+      assert sorted(_rows(loop_order)) == sorted(_rows(want[t]))
+
+
+@pytest.mark.parametrize("count", [2, 3, 4])
+def test_pipeline_process_shards_are_disjoint_and_cover_each_epoch(count, colours, tok, rng):
+  """Over each of two epochs the processes' examples are pairwise disjoint and together the
+  whole split. The stream is endless, so drop_remainder drops nothing: process p's k-th example
+  is global position p + count*k, and a batch that straddles the epoch end holds the end of one
+  epoch and the start of the next."""
+  text_index = {tok.encode([_colour_caption(i)], 12)[0].tobytes(): i for i in range(N_COLOURS)}
+  global_batch, local = 12, 12 // count
+  n_batches = -(-2 * N_COLOURS // global_batch)          # enough for positions < 2 * N
+  epochs = [[[] for _ in range(count)] for _ in range(2)]
+  seed = int(rng.integers(2**31))
+  for p in range(count):
+    it = _iterator(colours, tok, global_batch_size=global_batch, process_index=p,
+                   process_count=count, augment=False, seed=seed)
+    k = 0
+    for b in _batches(it, n_batches):
+      assert b["image"].shape[0] == b["text"].shape[0] == local
+      for image, text in zip(b["image"], b["text"]):
+        i = text_index[text.tobytes()]
+        assert _card_index(image) == i
+        epoch = (p + count * k) // N_COLOURS
+        if epoch < 2:
+          epochs[epoch][p].append(i)
+        k += 1
+  for e, shards in enumerate(epochs):
+    for p, shard in enumerate(shards):
+      positions = range(e * N_COLOURS, (e + 1) * N_COLOURS)
+      assert len(shard) == sum(x % count == p for x in positions) == len(set(shard)), (e, p)
+      for q in range(p):
+        assert not set(shard) & set(shards[q]), f"epoch {e}: processes {q} and {p} overlap"
+    assert sorted(i for shard in shards for i in shard) == list(range(N_COLOURS)), e

@@ -1,5 +1,6 @@
-"""Replayable randomness: `rng` (tests/conftest.py) draws the same numbers for the same
-$MMJAX_TEST_SEED, and a failing test's report says which seed to replay it with."""
+"""Replayable randomness: `rng` (tests/conftest.py) draws from one seed per run and the test's id:
+the same numbers for the same $MMJAX_TEST_SEED (with or without xdist), other numbers in another
+test; the run ends by printing its seed, and a failing test's report says it too."""
 
 import json
 import os
@@ -28,7 +29,7 @@ def test_fails(rng):
 '''
 
 
-def _run(tmp_path: Path, seed: str | None, name: str):
+def _run(tmp_path: Path, seed: str | None, name: str, xdist: bool = False):
   """Pytest on INNER with a copy of the real conftest; returns ({test: its draws}, report)."""
   env = {k: v for k, v in os.environ.items()
          if k not in ("MMJAX_TEST_SEED", "PYTEST_ADDOPTS") and not k.startswith("PYTEST_XDIST")}
@@ -36,8 +37,9 @@ def _run(tmp_path: Path, seed: str | None, name: str):
   env["JAX_PLATFORMS"] = "cpu"
   if seed is not None:
     env["MMJAX_TEST_SEED"] = seed
-  proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                         "-p", "no:xdist", "-p", "no:randomly", str(tmp_path / "test_inner.py")],
+  workers = ["-n", "2"] if xdist else ["-p", "no:xdist"]
+  proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *workers,
+                         "-p", "no:randomly", str(tmp_path / "test_inner.py")],
                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
   out = proc.stdout + proc.stderr
   assert proc.returncode == 1, out                  # test_draws passes, test_fails fails
@@ -58,12 +60,17 @@ def test_printed_seed_replays_the_draws(inner):
   fresh, out = _run(inner, None, "fresh")
   seeds = re.findall(r"replay with MMJAX_TEST_SEED=(\d+)", out)
   assert len(seeds) == 1, out                       # only the failing test reports a seed
+  assert f"mmjax test seed {seeds[0]} (replay the run" in out   # the run's summary line
+  assert fresh["passes"] != fresh["fails"]          # one seed per run, other numbers per test
   # Set to that seed: the failing test draws the same numbers, again and again.
   replay, out2 = _run(inner, seeds[0], "replay")
   again, _ = _run(inner, seeds[0], "again")
   assert replay["fails"] == fresh["fails"] == again["fails"]
   assert replay["passes"] == again["passes"]
   assert f"replay with MMJAX_TEST_SEED={seeds[0]}" in out2
+  # Under xdist the workers take the controller's seed: the same numbers as one process.
+  spread, out3 = _run(inner, seeds[0], "xdist", xdist=True)
+  assert spread == replay, out3
   # Another seed, other numbers.
   other, _ = _run(inner, str(int(seeds[0]) + 1), "other")
   assert other["fails"] != fresh["fails"]

@@ -241,6 +241,11 @@ def make_train_iterator(source, data, *, tokenizer, global_batch_size: int, seed
         .to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
                                            prefetch_buffer_size=2 * local)))
   if data.num_workers > 0:
+    # grain 0.2.18's mp_prefetch reads an absl flag (google/grain#1355): outside absl.app
+    # (notebooks, scripts) the flags were never parsed and it would raise.
+    from absl import flags
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.num_workers))
   return iter(ds)
 
