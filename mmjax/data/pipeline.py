@@ -232,12 +232,14 @@ def make_train_iterator(source, data, *, tokenizer, global_batch_size: int, seed
                      data.crop_scale_min, data.flip, data.image_key, data.text_key,
                      data.label_key, views)
   # Few reader threads: grain's default 16 fight XLA for the cores of a small host.
-  # One global shuffled stream, augmented by global position; process p takes every
-  # process_count-th element. Global batch t is then the same examples, with the same
+  # One global shuffled stream, augmented by global position, cut into local batches;
+  # process p takes local batches p, p + P, ... (batching is lazy: it reads only those).
+  # Global batch t, the processes' batches stacked in process order as the loop does
+  # (make_array_from_process_local_data), is then the same array, examples, order and
   # augmentations, whatever the number of processes.
   ds = (grain.MapDataset.source(source).seed(seed).shuffle().repeat(None).random_map(prep)
-        [process_index::process_count]
         .batch(local, drop_remainder=True)
+        [process_index::process_count]
         .to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
                                            prefetch_buffer_size=2 * local)))
   if data.num_workers > 0:
