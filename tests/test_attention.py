@@ -1,4 +1,5 @@
-"""dot_product_attention against a float64 NumPy reference: values and gradients."""
+"""dot_product_attention against a float64 NumPy reference (tests/reference.py): values and
+gradients, f32 and bf16."""
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +8,7 @@ import pytest
 
 from mmjax.nn.attention import MultiHeadAttention, dot_product_attention
 from mmjax.nn.blockwise import blockwise_attention
-from tests.reference import ref_attention
+from tests.reference import as_dtype, assert_close, ref_attention
 
 
 _MASKS = [(False, False), (True, False), (False, True), (True, True)]  # (causal, key padding)
@@ -34,17 +35,20 @@ def test_matches_float64_reference(b, lq, lk, h, d, causal, use_mask, rng):
   args = [jnp.asarray(x, jnp.float32) for x in (q, k, v)]
   out, vjp = jax.vjp(f, *args)
   grads = vjp(jnp.asarray(w, jnp.float32))
-  np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5)
-  for g, r in zip(grads, ref_grads):
-    np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
+  assert_close(out, ref_out, dtype=jnp.float32, name="out")
+  assert_close(grads, ref_grads, dtype=jnp.float32, name=["dq", "dk", "dv"])
 
 
-def test_bf16_operands_close_to_f32(rng):
-  q, k, v = (jnp.asarray(rng.normal(size=(2, 11, 2, 16)), jnp.float32) for _ in range(3))
-  ref = dot_product_attention(q, k, v)
-  out = dot_product_attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)))
+def test_bf16_operands_match_float64_reference(rng):
+  """bf16 q, k, v (and cotangent): values and gradients in bf16, within the bf16 tolerance of
+  float64 on the same (rounded) inputs."""
+  (q, qx), (k, kx), (v, vx), (w, wx) = (as_dtype(rng.normal(size=(2, 11, 2, 16)), jnp.bfloat16)
+                                        for _ in range(4))
+  want, want_grads = ref_attention(qx, kx, vx, wx, np.ones((2, 11, 11), bool))
+  out, vjp = jax.vjp(dot_product_attention, q, k, v)
   assert out.dtype == jnp.bfloat16
-  np.testing.assert_allclose(out.astype(jnp.float32), ref, atol=5e-2)
+  assert_close(out, want, dtype=jnp.bfloat16, name="out")
+  assert_close(vjp(w), want_grads, dtype=jnp.bfloat16, name=["dq", "dk", "dv"])
 
 
 def test_fully_masked_rows_are_finite():

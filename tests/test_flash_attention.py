@@ -20,7 +20,7 @@ from jax.experimental.pallas import tpu as pltpu
 from mmjax.nn.attention import dot_product_attention
 from mmjax.nn.blockwise import blockwise_attention
 from mmjax.pallas import flash_attention
-from tests.reference import ref_attention
+from tests.reference import as_dtype, assert_close, ref_attention
 
 
 def _visible(lq, lk, causal, q_seg, kv_seg):
@@ -65,22 +65,16 @@ def test_matches_float64_reference(impl, case, rng):
   else:
     q_seg, kv_seg, seg = np.zeros((b, lq), int), np.zeros((b, lk), int), {}
   jdt = jnp.dtype(dtype)
-  args = [jnp.asarray(x, jdt) for x in (q, k, v)]
-  exact = [np.asarray(a.astype(jnp.float32), np.float64) for a in args]   # what the kernel sees
-  want, want_grads = ref_attention(*exact, w, _visible(lq, lk, causal, q_seg, kv_seg))
+  # The inputs in dtype, and their exact values: what the kernel sees is what float64 sees.
+  (q, qx), (k, kx), (v, vx), (w, wx) = (as_dtype(x, jdt) for x in (q, k, v, w))
+  want, want_grads = ref_attention(qx, kx, vx, wx, _visible(lq, lk, causal, q_seg, kv_seg))
 
   f = lambda q, k, v: IMPLS[impl](q, k, v, is_causal=causal, **seg)
-  out, vjp = jax.vjp(f, *args)
-  grads = vjp(jnp.asarray(w, jdt))
-  assert out.dtype == jdt and out.shape == (b, lq, hq, d)
-  tol = dict(rtol=2e-5, atol=2e-5) if dtype == "float32" else dict(rtol=0.05, atol=0.05)
-  np.testing.assert_allclose(np.asarray(out, np.float64), want, **tol)
-  for name, g, r in zip("qkv", grads, want_grads):
-    assert g.shape == r.shape, name
-    scale = 1.0 if dtype == "float32" else max(1.0, np.abs(r).max())
-    np.testing.assert_allclose(np.asarray(g, np.float64) / scale, r / scale,
-                               **(tol if dtype == "float32" else dict(rtol=0, atol=0.05)),
-                               err_msg=f"d{name}")
+  out, vjp = jax.vjp(f, q, k, v)
+  grads = vjp(w)
+  assert out.dtype == jdt and all(g.dtype == jdt for g in grads)
+  assert_close(out, want, dtype=jdt, name="out")
+  assert_close(grads, want_grads, dtype=jdt, name=["dq", "dk", "dv"])
 
 
 @pytest.mark.parametrize("impl", list(IMPLS))
@@ -234,12 +228,11 @@ def test_default_platform_on_cpu_is_the_interpreted_triton_layout(rng):
   np.testing.assert_array_equal(got, want)
   for name, g, r in zip("qkv", got_grads, want_grads):
     np.testing.assert_array_equal(g, r, err_msg=f"d{name}")
-  ref, ref_grads = ref_attention(*(np.asarray(a, np.float64) for a in args), w,
+  ref, ref_grads = ref_attention(*(np.asarray(a, np.float64) for a in args),
+                                 np.asarray(jnp.asarray(w, jnp.float32), np.float64),
                                  _visible(lq, lk, True, q_seg, kv_seg))
-  np.testing.assert_allclose(np.asarray(got, np.float64), ref, rtol=2e-5, atol=2e-5)
-  for name, g, r in zip("qkv", got_grads, ref_grads):
-    np.testing.assert_allclose(np.asarray(g, np.float64), r, rtol=2e-5, atol=2e-5,
-                               err_msg=f"d{name}")
+  assert_close(got, ref, dtype=jnp.float32, name="out")
+  assert_close(got_grads, ref_grads, dtype=jnp.float32, name=["dq", "dk", "dv"])
 
 
 def test_default_platform_under_vmap_matches_the_gpu_layout(rng):
