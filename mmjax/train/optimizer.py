@@ -11,9 +11,11 @@ import optax
 
 
 def decay_mask(params):
-  """True for kernels and embeddings (ndim >= 2); False for norms, biases and
-  the scalar temperature t and bias b, which weight decay would only pull to 0."""
-  return jax.tree.map(lambda p: p.ndim >= 2, params)
+  """True for kernels and embeddings (ndim >= 2); False for norms, biases (the attention
+  projections' [heads, head_dim] ones too) and the scalar temperature t and bias b, which
+  weight decay would only pull to 0."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, p: p.ndim >= 2 and param_path(path).rsplit("/", 1)[-1] != "bias", params)
 
 
 def param_path(path) -> str:
