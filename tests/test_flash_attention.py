@@ -257,7 +257,7 @@ def test_two_tower_first_step_matches_xla(impl, rng):
   from mmjax.models import two_tower
   from mmjax.train.objectives import contrastive_loss, make_grad_fn
 
-  tiny = dict(width=32, depth=2, mlp_dim=64, num_heads=2)
+  tiny = dict(width=32, depth=1, mlp_dim=64, num_heads=2)
   text = rng.integers(4, 50, size=(6, 9)).astype(np.int32)
   text[np.arange(9)[None, :] >= rng.integers(2, 10, size=6)[:, None]] = 0   # padding
   batch = {"image": jnp.asarray(rng.normal(size=(6, 32, 32, 3)), jnp.float32),

@@ -1,5 +1,6 @@
 """Two local processes x 4 CPU devices train like one process x 8 devices; a dead process
-makes the other fail within a bounded time instead of hanging."""
+makes the other fail within a bounded time instead of hanging, and the two resume from the
+last checkpoint with the uninterrupted run's per-step losses."""
 
 import json
 import os
@@ -52,30 +53,37 @@ def _launch(data_dir, workdir, die_at=-1):
 
 
 def _losses(workdir):
+  """{step: loss} of metrics.jsonl (a resumed run's rows replace the dead run's)."""
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [r["loss"] for r in map(json.loads, f) if "loss" in r]
+    return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
 
 
-def test_two_processes_match_one_process_eight_devices(data_dir, tmp_path):
+def test_two_processes_match_one_process_die_and_resume(data_dir, tmp_path):
+  """One test for three claims, as each needs the expensive two-process start-up: process 1 is
+  SIGKILLed after step 5 (checkpoints at 3 and 6); process 0 exits non-zero within a bounded
+  time; relaunched, both resume from step 3 and every step's loss equals one process x 8
+  devices run uninterrupted."""
   from mmjax.train import loop
   loop.train(tiny_config(data_dir, num_devices=8, total_steps=6, **{"checkpoint.every": 3}),
              str(tmp_path / "one"))
-  procs = _launch(data_dir, str(tmp_path / "two"))
-  outs = [p.communicate(timeout=600)[0] for p in procs]
-  assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
-  np.testing.assert_allclose(_losses(tmp_path / "two"), _losses(tmp_path / "one"),
-                             rtol=2e-4, atol=2e-5)
-  with open(tmp_path / "two" / "results.json") as f:
-    assert json.load(f)["devices"] == 8
-
-
-def test_dead_process_makes_the_other_exit(data_dir, tmp_path):
-  procs = _launch(data_dir, str(tmp_path / "dies"), die_at=2)
+  two = str(tmp_path / "two")
+  procs = _launch(data_dir, two, die_at=5)
   t0 = time.time()
   procs[1].wait(timeout=600)
-  assert procs[1].returncode == -9
+  assert procs[1].returncode == -9, procs[1].communicate()[0][-3000:]
   died = time.time()
   out = procs[0].communicate(timeout=240)[0]
   assert procs[0].returncode != 0, out[-3000:]
   assert time.time() - died < 180, f"survivor took {time.time() - died:.0f}s after the death"
   assert time.time() - t0 < 600
+  assert not os.path.exists(os.path.join(two, "results.json"))
+
+  procs = _launch(data_dir, two)
+  outs = [p.communicate(timeout=600)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
+  with open(os.path.join(two, "results.json")) as f:
+    results = json.load(f)
+  assert results["devices"] == 8 and results["resumed_from_step"] == 3, results
+  ref, got = _losses(tmp_path / "one"), _losses(two)
+  assert sorted(got) == sorted(ref) == list(range(1, 7))
+  np.testing.assert_allclose([got[s] for s in ref], [ref[s] for s in ref], rtol=2e-4, atol=2e-5)
