@@ -418,3 +418,70 @@ def test_data_flip_mirrors_some_training_images(data_dir):
   same = [bool(np.array_equal(f, p)) for f, p in zip(flipped["image"], plain["image"])]
   assert all(m != s for m, s in zip(mirrored, same)), (mirrored, same)
   assert 0 < sum(mirrored) < len(mirrored), mirrored
+
+
+# ------------------------------------------------------------ keys -> what the run builds
+
+def _shapes(built):
+  from mmjax.train.optimizer import param_path
+  return {param_path(p): (x.shape, x.dtype)
+          for p, x in jax.tree_util.tree_leaves_with_path(built.abstract.params)}
+
+
+def test_model_data_and_eval_keys_reach_what_the_run_builds(data_dir):
+  """loop.build (no compile) with every tower, MAE, MoCo, split and evaluation key off its
+  default: each lands in the built model's parameter shapes and dtypes, its module fields
+  (the model tests check what those fields do), the evaluator's arrays and prompts."""
+  from mmjax.train import loop
+  keys = {"model.image.variant": "mu/4", "model.image.pool_type": "map",
+          "model.image.posemb": "learn", "model.image.patch_size": 8, "model.image.width": 24,
+          "model.image.depth": 3, "model.image.mlp_dim": 40, "model.image.num_heads": 3,
+          "model.image.patch_dropout": 0.25, "model.text.variant": "mu",
+          "model.text.width": 20, "model.text.depth": 2, "model.text.mlp_dim": 36,
+          "model.text.num_heads": 5, "model.text.pool_type": "first", "model.text.causal": True,
+          "model.param_dtype": "bfloat16", "model.embed_dim": 12,
+          "data.train_split": "test", "data.eval_split": "train",
+          "evaluate.probe_train_examples": 50, "evaluate.templates": ("digit {}", "a {}")}
+  built = loop.build(tiny_config(data_dir, **keys))
+  s = _shapes(built)
+  assert s["img/embedding/kernel"] == ((8, 8, 3, 24), jnp.bfloat16)      # patch_size, width
+  assert s["img/pos_embedding"][0] == (1, 16, 24)                      # posemb 'learn'
+  assert sum(k.startswith("img/encoder/block") and k.endswith("ln1/scale") for k in s) == 3
+  assert s["img/encoder/block2/mlp/Dense_0/kernel"][0] == (24, 40)
+  assert s["img/encoder/block0/attn/query/kernel"][0] == (24, 3, 8)    # num_heads
+  assert "img/map_head/probe" in s                                     # pool_type 'map'
+  assert s["txt/encoder/block0/attn/query/kernel"][0] == (20, 5, 4)
+  assert sum(k.startswith("txt/encoder/block") and k.endswith("ln1/scale") for k in s) == 2
+  assert s["txt/encoder/block1/mlp/Dense_0/kernel"][0] == (20, 36)
+  assert s["img_proj/kernel"] == ((24, 12), jnp.bfloat16) and s["txt_proj/kernel"][0] == (20, 12)
+  img, txt = built.objective.model.image, built.objective.model.text
+  assert (img["patch_dropout"], img["pool_type"], img["posemb"]) == (0.25, "map", "learn")
+  assert (txt["pool_type"], txt["causal"]) == ("first", True)
+  assert img["param_dtype"] == txt["param_dtype"] == jnp.bfloat16
+  # The splits and the evaluation keys: eval on train (1,437 images), the probe's train set
+  # the first 50 of the test split, the given prompts.
+  ev = built.evaluator
+  assert len(ev.arrays["image"]) == 1437 and len(ev.probe["image"]) == 50
+  assert ev.zeroshot[1] == ["digit {}", "a {}"]
+  plain = loop.build(tiny_config(data_dir, **{"data.eval_split": "test"}))
+  np.testing.assert_array_equal(ev.probe["image"], plain.evaluator.arrays["image"][:50])
+  assert plain.evaluator.zeroshot[1] != ev.zeroshot[1]
+
+  mae = loop.build(tiny_config(data_dir, loss="mae", **{
+      "model.mae.mask_ratio": 0.5, "model.mae.decoder_width": 24, "model.mae.decoder_depth": 3,
+      "model.mae.decoder_heads": 3, "model.mae.decoder_mlp_dim": 30,
+      "model.mae.norm_pix_loss": False}))
+  s, m = _shapes(mae), mae.objective.model
+  assert s["decoder_embed/kernel"][0][1] == 24
+  assert sum(k.startswith("decoder/block") and k.endswith("ln1/scale") for k in s) == 3
+  assert s["decoder/block0/attn/query/kernel"][0] == (24, 3, 8)
+  assert s["decoder/block0/mlp/Dense_0/kernel"][0] == (24, 30)
+  assert (m.mask_ratio, m.norm_pix_loss) == (0.5, False)
+
+  moco = loop.build(tiny_config(data_dir, loss="moco", **{
+      "model.moco.hidden": 20, "model.moco.out_dim": 6, "model.moco.temperature": 0.5,
+      "model.moco.momentum": 0.9}))
+  s = _shapes(moco)
+  assert s["projector/dense0/kernel"][0][1] == 20 and s["projector/dense2/kernel"][0] == (20, 6)
+  assert s["predictor/dense0/kernel"][0] == (6, 20)
+  assert (moco.objective.temperature, moco.objective.base_momentum) == (0.5, 0.9)
