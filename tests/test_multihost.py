@@ -46,7 +46,8 @@ def _launch(data_dir, workdir, die_at=-1):
   for i in range(2):
     env = {**os.environ, "MMJAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
            "MMJAX_NUM_PROCESSES": "2", "MMJAX_PROCESS_ID": str(i)}
-    env.pop("XLA_FLAGS", None)
+    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                                if "device_count" not in f)   # 4 devices each, from the script
     procs.append(subprocess.Popen([sys.executable, "-c", script], env=env, cwd=ROOT,
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
   return procs

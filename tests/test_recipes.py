@@ -86,10 +86,9 @@ def test_lit_from_an_mae_run_end_to_end(data_dir, tmp_path):
 
   image = {"model.image.pool_type": "gap", "model.image.variant": "mu/8", "model.image.depth": 2}
   mae_dir, lit_dir = str(tmp_path / "mae"), str(tmp_path / "lit")
-  loop.train(tiny_config(data_dir, loss="mae", total_steps=4, **image,
-                         **{"evaluate.probes": False}), mae_dir)
+  loop.train(tiny_config(data_dir, loss="mae", total_steps=4, **image), mae_dir)
   cfg = tiny_config(data_dir, total_steps=4, frozen=("img/.*",), **image,
-                    **{"init_from.workdir": mae_dir})
+                    **{"init_from.workdir": mae_dir, "evaluate.probes": True})
   results = loop.train(cfg, lit_dir)
   pre, _ = checkpoint.load_params(mae_dir)
   post, _ = checkpoint.load_params(lit_dir)

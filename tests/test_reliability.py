@@ -32,7 +32,8 @@ def _tiny_flags(data_dir, workdir, *more):
           "--config.model.image.depth=1", "--config.model.text.depth=1",
           "--config.model.embed_dim=16", "--config.batch_size=16", "--config.total_steps=12",
           "--config.log_every=2", "--config.optim.warmup_steps=2",
-          "--config.checkpoint.every=4", "--config.evaluate.every=0", *more]
+          "--config.checkpoint.every=4", "--config.evaluate.every=0",
+          "--config.evaluate.probes=False", *more]
 
 
 def _one_error_line(proc, *needles):

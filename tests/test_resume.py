@@ -36,17 +36,19 @@ def _fsdp(config):
 
 
 # FSDP and GradCache share a case (each start-up costs ~45 s): two micro-batches of 8 rows,
-# each split over the 8 devices, with the ring loss on the 2 x 4 mesh.
+# each split over the 8 devices, with the bidirectional ring of tiled blocks on the 2 x 4 mesh;
+# its per-step losses are also those of one device (test_sharded_train.py has the gather impl).
 CASES = {
     "moco": lambda d: tiny_config(d, loss="moco"),
     "mae": lambda d: tiny_config(d, loss="mae"),
-    "fsdp_gradcache": lambda d: _fsdp(tiny_config(d, loss="siglip", loss_impl="ring",
-                                                  accum_steps=2)),
+    "fsdp_gradcache": lambda d: _fsdp(tiny_config(d, loss="siglip", loss_impl="ring_bidir",
+                                                  loss_blocks="tiled", accum_steps=2)),
 }
+ONE_DEVICE = {"fsdp_gradcache": lambda d: tiny_config(d, loss="siglip")}
 
 
-def _config(case, data_dir):
-  c = CASES[case](data_dir)
+def _config(case, data_dir, cases=CASES):
+  c = cases[case](data_dir)
   c.total_steps, c.checkpoint.every, c.checkpoint.keep = STEPS, EVERY, STEPS // EVERY
   for k, v in CHEAP_EVAL.items():
     node, (*path, last) = c, k.split(".")
@@ -116,5 +118,9 @@ def test_resume_from_a_checkpoint_reproduces_the_uninterrupted_run(data_dir, tmp
     assert want["ema"], "MoCo's checkpoint holds the momentum encoder"
   if case == "fsdp_gradcache":   # the resumed run's params and Adam moments were sharded
     assert _fsdp_sharded(have["params"]) > 0 and _fsdp_sharded(have["opt_state"]) > 0
+  if case in ONE_DEVICE:   # and the sharded run trains like one device (float32 reassociation)
+    loop.train(_config(case, data_dir, ONE_DEVICE), str(tmp_path / "one"))
+    np.testing.assert_allclose([v for _, v in ref], [v for _, v in _losses(tmp_path / "one")],
+                               rtol=2e-4, atol=2e-5)
   for (path, w), h in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(have)):
     np.testing.assert_array_equal(np.asarray(h), np.asarray(w), err_msg=jax.tree_util.keystr(path))

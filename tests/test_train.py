@@ -33,8 +33,9 @@ def test_config_fields_are_independent():
 
 def test_train_writes_results_metrics_plot(data_dir, tmp_path):
   from mmjax.train import loop
-  results = loop.train(tiny_config(data_dir), str(tmp_path))
-  for key in ("zeroshot_top1", "retrieval_i2t_r1", "retrieval_t2i_r1", "steps", "examples_per_sec"):
+  results = loop.train(tiny_config(data_dir, **{"evaluate.probes": True}), str(tmp_path))
+  for key in ("zeroshot_top1", "retrieval_i2t_r1", "retrieval_t2i_r1", "linear_probe_top1",
+              "linear_probe_10shot_top1", "knn_top1", "steps", "examples_per_sec"):
     assert key in results
   assert results["steps"] == 12 and results["examples_per_sec"] > 0
   assert 0.0 <= results["zeroshot_top1"] <= 1.0
