@@ -441,7 +441,8 @@ def test_model_data_and_eval_keys_reach_what_the_run_builds(data_dir):
           "model.text.num_heads": 5, "model.text.pool_type": "first", "model.text.causal": True,
           "model.param_dtype": "bfloat16", "model.embed_dim": 12,
           "data.train_split": "test", "data.eval_split": "train",
-          "evaluate.probe_train_examples": 50, "evaluate.templates": ("digit {}", "a {}")}
+          "evaluate.probe_train_examples": 50, "evaluate.templates": ("digit {}", "a {}"),
+          "evaluate.probes": True}
   built = loop.build(tiny_config(data_dir, **keys))
   s = _shapes(built)
   assert s["img/embedding/kernel"] == ((8, 8, 3, 24), jnp.bfloat16)      # patch_size, width

@@ -61,9 +61,9 @@ def _losses(workdir):
 
 def test_two_processes_match_one_process_die_and_resume(data_dir, tmp_path):
   """One test for three claims, as each needs the expensive two-process start-up: process 1 is
-  SIGKILLed after step 5 (checkpoints at 3 and 6); process 0 exits non-zero within a bounded
-  time; relaunched, both resume from step 3 and every step's loss equals one process x 8
-  devices run uninterrupted."""
+  SIGKILLed after step 5 (checkpoints at 1, 3 and 6); process 0 exits non-zero within a bounded
+  time; relaunched, both resume from the newest complete checkpoint and every step's loss
+  equals one process x 8 devices run uninterrupted."""
   from mmjax.train import loop
   loop.train(tiny_config(data_dir, num_devices=8, total_steps=6, **{"checkpoint.every": 3}),
              str(tmp_path / "one"))
@@ -84,7 +84,9 @@ def test_two_processes_match_one_process_die_and_resume(data_dir, tmp_path):
   assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
   with open(os.path.join(two, "results.json")) as f:
     results = json.load(f)
-  assert results["devices"] == 8 and results["resumed_from_step"] == 3, results
+  # orbax saves the first step too; the kill may land before step 3's save is committed on both
+  # processes, and then step 1 is the newest complete checkpoint.
+  assert results["devices"] == 8 and results["resumed_from_step"] in (1, 3), results
   ref, got = _losses(tmp_path / "one"), _losses(two)
   assert sorted(got) == sorted(ref) == list(range(1, 7))
   np.testing.assert_allclose([got[s] for s in ref], [ref[s] for s in ref], rtol=2e-4, atol=2e-5)
