@@ -412,10 +412,12 @@ def test_moco_loss_and_grads_match_symmetric_infonce_against_the_momentum_encode
   assert_close(grads, want, dtype=jnp.float32, name="grads", scale=scale)
   assert min(sizes[p] for p in paths if "predictor" in p) > 0
 
-  # The target is the EMA: online keys give another loss, and so does another EMA.
+  # The target is the EMA: online keys give another loss, and so does another EMA, each far
+  # enough from this one that the float64 check above would reject it (seed 3 of the suite
+  # runs: 1.4e-4 relative, 14x the tolerance).
   for target in ({k: s.params[k] for k in moco.EMA_KEYS}, jax.tree.map(lambda e: e * 1.1, ema)):
     _, m = step(s.replace(ema=target), batch)
-    assert abs(float(m["loss"]) - float(loss)) > 1e-3
+    assert rel_err(m["loss"], loss) > 3 * TOL["float32"]
 
 
 def _tree_vector(tree):
