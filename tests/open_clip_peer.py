@@ -6,9 +6,8 @@ import types
 import pytest
 
 
-def import_open_clip():
-  """open_clip, or pytest.skip when torch / open_clip are not installed."""
-  pytest.importorskip("torch", reason="open_clip parity needs torch: pip install -e '.[test]'")
+def _patch_torchvision():
+  """Lets open_clip and transformers import next to a torchvision built for another torch."""
   try:
     import torchvision  # noqa: F401
   except ImportError:
@@ -23,5 +22,19 @@ def import_open_clip():
       del sys.modules[name]
     for name in ("torchvision._meta_registrations", "torchvision._autograd_registrations"):
       sys.modules[name] = types.ModuleType(name)
+
+
+def import_open_clip():
+  """open_clip, or pytest.skip when torch / open_clip are not installed."""
+  pytest.importorskip("torch", reason="open_clip parity needs torch: pip install -e '.[test]'")
+  _patch_torchvision()
   return pytest.importorskip("open_clip", reason="the parity tests need open-clip-torch: "
+                             "pip install -e '.[test]'")
+
+
+def import_transformers():
+  """transformers, or pytest.skip when torch / transformers are not installed."""
+  pytest.importorskip("torch", reason="the HF parity tests need torch: pip install -e '.[test]'")
+  _patch_torchvision()
+  return pytest.importorskip("transformers", reason="the HF parity tests need transformers: "
                              "pip install -e '.[test]'")

@@ -70,7 +70,8 @@ def test_embeddings_match_open_clip(name, n_images, b32, rng, torch_seed):
   size = convert.get_spec(name).image_size
   images = rng.normal(size=(n_images, 3, size, size)).astype(np.float32)
   tokens = random_tokens(rng, 2)
-  config, params = convert.from_open_clip(oc.state_dict(), name)
+  config, params, prep, tok = convert.from_open_clip(oc.state_dict(), name)
+  assert (prep.size, prep.resize, tok) == (convert.get_spec(name).image_size, "crop", "clip")
   zimg, ztxt, scale = features(config, params, images, tokens)
   del params
   # The float64 reference: the same (float32) weights, exactly, in float64.
@@ -95,13 +96,13 @@ def test_round_trips_are_exact(b32, rng, torch_seed):
   sd = convert.to_open_clip(config, params, as_torch=True)
   oc = open_clip.create_model("ViT-B-32", pretrained=None)
   oc.load_state_dict(sd)   # strict: every key present, none extra, shapes checked
-  config2, params2 = convert.from_open_clip(oc.state_dict(), "ViT-B-32")
+  config2, params2, *_ = convert.from_open_clip(oc.state_dict(), "ViT-B-32")
   assert config2 == config
   assert jax.tree.structure(params2) == jax.tree.structure(params)
   jax.tree.map(np.testing.assert_array_equal, params2, params)
 
   want = {k: v.numpy() for k, v in b32.state_dict().items()}
-  back = convert.to_open_clip(*convert.from_open_clip(want, "ViT-B-32"))
+  back = convert.to_open_clip(*convert.from_open_clip(want, "ViT-B-32")[:2])
   assert back.keys() == want.keys()
   for k, v in want.items():
     assert back[k].dtype == np.float32 and back[k].flags.c_contiguous, k
@@ -112,12 +113,12 @@ def test_reads_files(b32, tmp_path):
   """.safetensors, and a .pt training checkpoint ({'state_dict'} with DDP's 'module.' prefix)."""
   from safetensors.torch import save_file
   sd = b32.state_dict()
-  _, want = convert.from_open_clip(sd, "ViT-B-32")
+  want = convert.from_open_clip(sd, "ViT-B-32").params
   save_file(sd, tmp_path / "model.safetensors")
   torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in sd.items()}},
              tmp_path / "epoch_3.pt")
   for path in (tmp_path / "model.safetensors", str(tmp_path / "epoch_3.pt")):
-    _, got = convert.from_open_clip(path, "ViT-B-32")
+    got = convert.from_open_clip(path, "ViT-B-32").params
     jax.tree.map(np.testing.assert_array_equal, got, want)
 
 
@@ -135,10 +136,12 @@ def test_bad_inputs_are_named(b32):
   with pytest.raises(ValueError, match="is not a file"):
     convert.from_open_clip("/nonexistent/model.safetensors", "ViT-B-32")
 
-  config, params = convert.from_open_clip(sd, "ViT-B-32")
-  siglip = dict(config, loss="siglip")
-  with pytest.raises(ValueError, match=r"config\['loss'\]='siglip'"):
-    convert.to_open_clip(siglip, params)
+  config, params, *_ = convert.from_open_clip(sd, "ViT-B-32")
+  with pytest.raises(ValueError, match=r"config\['loss'\]='mae'"):
+    convert.to_open_clip(dict(config, loss="mae"), params)
+  with pytest.raises(ValueError, match=r"config\['image_proj'\]='dense'; open_clip's "
+                                       r"ViT-.*-SigLIP.* needs 'none'"):
+    convert.to_open_clip(dict(config, loss="siglip"), params)
   mapped = dict(config, image=dict(config["image"], pool_type="map"))
   with pytest.raises(ValueError, match=r"config\['image'\]\['pool_type'\]='map'"):
     convert.to_open_clip(mapped, params)

@@ -105,5 +105,5 @@ class TextTransformer(nn.Module):
       pooled = jnp.take_along_axis(x, jnp.argmax(tokens, axis=1)[:, None, None], axis=1)[:, 0]
     else:
       pooled = MAPHead(self.num_heads, self.mlp_dim, attention_impl=self.attention_impl,
-                       name="map_head", **kw)(x, real)
+                       act=self.act, ln_eps=self.ln_eps, name="map_head", **kw)(x, real)
     return pooled, {"encoded": x}

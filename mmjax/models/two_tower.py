@@ -14,6 +14,9 @@ from mmjax.models import vit
 from mmjax.numerics import l2_normalize
 
 LOSSES = ("clip", "siglip")
+# A tower's projection to the shared embedding: 'dense' (CLIP, no bias), 'dense_bias'
+# (SigLIP's text head) or 'none' (SigLIP's image tower: its width is embed_dim).
+PROJECTIONS = ("dense", "dense_bias", "none")
 
 
 def Model(image: dict, text: dict, embed_dim: int, **fields) -> "TwoTower":  # noqa: N802
@@ -21,8 +24,15 @@ def Model(image: dict, text: dict, embed_dim: int, **fields) -> "TwoTower":  # n
   (variant and overrides), decoded and checked once here."""
   if fields.get("loss", "siglip") not in LOSSES:
     raise ValueError(f"loss={fields['loss']!r} is not one of {LOSSES}")
-  return TwoTower(image=vit.config(**image), text=text_lib.config(**text), embed_dim=embed_dim,
-                  **fields)
+  image, text = vit.config(**image), text_lib.config(**text)
+  for field, tower in (("image_proj", image), ("text_proj", text)):
+    proj = fields.get(field, "dense")
+    if proj not in PROJECTIONS:
+      raise ValueError(f"{field}={proj!r} is not one of {PROJECTIONS}")
+    if proj == "none" and tower["width"] != embed_dim:
+      raise ValueError(f"{field}='none' needs the tower's width ({tower['width']}) to equal "
+                       f"embed_dim ({embed_dim})")
+  return TwoTower(image=image, text=text, embed_dim=embed_dim, **fields)
 
 
 class TwoTower(nn.Module):
@@ -41,15 +51,23 @@ class TwoTower(nn.Module):
   loss: str = "siglip"       # 'clip' | 'siglip': decides the t/b init and whether b exists
   temperature_init: float | None = None   # the initial scale exp(t)
   bias_init: float | None = None
+  image_proj: str = "dense"  # PROJECTIONS
+  text_proj: str = "dense"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   def setup(self):
     self.img = vit.ViT(**self.image, name="img")
     self.txt = text_lib.TextTransformer(**self.text, name="txt")
-    proj = lambda n: nn.Dense(self.embed_dim, use_bias=False, dtype=self.dtype,
-                              param_dtype=self.param_dtype, name=n)
-    self.img_proj, self.txt_proj = proj("img_proj"), proj("txt_proj")
+
+    def proj(kind: str, name: str):
+      if kind == "none":
+        return lambda x: x
+      return nn.Dense(self.embed_dim, use_bias=kind == "dense_bias", dtype=self.dtype,
+                      param_dtype=self.param_dtype, name=name)
+
+    self.img_proj = proj(self.image_proj, "img_proj")
+    self.txt_proj = proj(self.text_proj, "txt_proj")
     scale = self.temperature_init or (1 / 0.07 if self.loss == "clip" else 10.0)
     self.t = self.param("t", nn.initializers.constant(math.log(scale)), (), jnp.float32)
     if self.loss == "siglip":

@@ -195,7 +195,7 @@ class ViT(nn.Module):
       pooled = x.mean(axis=1)
     elif self.pool_type == "map":
       pooled = MAPHead(self.num_heads, self.mlp_dim, attention_impl=self.attention_impl,
-                       name="map_head", **kw)(x)
+                       act=self.act, ln_eps=self.ln_eps, name="map_head", **kw)(x)
     else:
       pooled = x
     return pooled, out

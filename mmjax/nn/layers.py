@@ -119,6 +119,8 @@ class MAPHead(nn.Module):
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
   attention_impl: str = "xla"
+  act: str = "gelu"      # of the MLP, a key of ACTIVATIONS (the tower's)
+  ln_eps: float = 1e-6
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
@@ -129,6 +131,6 @@ class MAPHead(nn.Module):
     key_mask = None if mask is None else mask[:, None, None, :]
     x = MultiHeadAttention(self.num_heads, impl=self.attention_impl, name="attn", **kw)(
         probe, x, mask=key_mask)
-    y = nn.LayerNorm(name="ln", **kw)(x)
-    x = x + MlpBlock(self.mlp_dim or 4 * width, name="mlp", **kw)(y)
+    y = nn.LayerNorm(epsilon=self.ln_eps, name="ln", **kw)(x)
+    x = x + MlpBlock(self.mlp_dim or 4 * width, act=self.act, name="mlp", **kw)(y)
     return x[:, 0]

@@ -1,0 +1,278 @@
+"""What the converters share: their result, exact array maps, and the check against the model.
+
+A converter is a list of `Rule`s, each taking some checkpoint arrays to some
+mmjax params and back with transposes, reshapes, splits and concatenations
+only, so both directions are exact.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from mmjax.data.preprocess import ImagePrep
+
+Path = tuple[str, ...]
+
+
+class Converted(NamedTuple):
+  """A checkpoint in mmjax terms.
+
+  config: the `two_tower.Model(**config)` keyword arguments.
+  params: nested dict of numpy arrays for `model.apply({'params': params}, ...)`.
+  preprocess: how the checkpoint's images are prepared (`preprocess(uint8 image)`).
+  tokenizer: a `mmjax.data.tokenizers.get_tokenizer` spec, or None when the
+    checkpoint does not say (big_vision .npz files hold no vocabulary).
+  The text length to tokenise to is config['text']['max_len'].
+  """
+  config: dict
+  params: dict
+  preprocess: ImagePrep
+  tokenizer: str | None
+
+
+class Rule(NamedTuple):
+  """Checkpoint keys `src` <-> mmjax param paths `dst`: fwd(*src arrays) -> dst arrays,
+  back(*dst arrays) -> src arrays, each the other's exact inverse."""
+  src: tuple[str, ...]
+  dst: tuple[Path, ...]
+  fwd: Callable[..., tuple]
+  back: Callable[..., tuple]
+
+
+def _xp(x):
+  """numpy for arrays, jax.numpy for the tracers of `checkpoint_shapes`' eval_shape."""
+  return jnp if isinstance(x, jax.core.Tracer) else np
+
+
+def _one(f):
+  return lambda *xs: (f(*xs),)
+
+
+def same(src: str, dst: Path, fwd=lambda x: x, back=lambda x: x) -> Rule:
+  return Rule((src,), (dst,), _one(fwd), _one(back))
+
+
+def row(src: str, dst: Path) -> Rule:
+  """[n, w] <-> [1, n, w] (position embeddings stored without the batch axis)."""
+  return same(src, dst, lambda x: x[None], lambda x: x[0])
+
+
+def token(src: str, dst: Path) -> Rule:
+  """[w] <-> [1, 1, w] (a class token or probe stored as a vector)."""
+  return same(src, dst, lambda x: x.reshape(1, 1, -1), lambda x: x.reshape(-1))
+
+
+def scalar(src: str, dst: Path, shape: tuple = ()) -> Rule:
+  """[] <-> the checkpoint's shape (() or (1,)) for logit scales and biases."""
+  return same(src, dst, lambda x: x.reshape(()), lambda x: x.reshape(shape))
+
+
+def conv(src: str, dst: Path) -> Rule:
+  """torch Conv2d OIHW <-> flax HWIO."""
+  return same(src, dst, lambda x: x.transpose(2, 3, 1, 0), lambda x: x.transpose(3, 2, 0, 1))
+
+
+def linear(src: str, dst: Path, bias: bool = True) -> list[Rule]:
+  """torch Linear `src`.weight (out, in) [+ .bias] <-> Dense kernel (in, out) [+ bias]."""
+  out = [same(f"{src}.weight", (*dst, "kernel"), lambda x: x.T, lambda x: x.T)]
+  return out + ([same(f"{src}.bias", (*dst, "bias"))] if bias else [])
+
+
+def layer_norm(src: str, dst: Path) -> list[Rule]:
+  return [same(f"{src}.weight", (*dst, "scale")), same(f"{src}.bias", (*dst, "bias"))]
+
+
+def heads_in(src: str, dst: Path, heads: int) -> list[Rule]:
+  """torch Linear (h*d, w) [+ (h*d,)] <-> DenseGeneral kernel [w, h, d], bias [h, d] (q, k, v)."""
+  return [same(f"{src}.weight", (*dst, "kernel"), lambda x: x.T.reshape(x.shape[1], heads, -1),
+               lambda x: x.reshape(x.shape[0], -1).T),
+          same(f"{src}.bias", (*dst, "bias"), lambda x: x.reshape(heads, -1),
+               lambda x: x.reshape(-1))]
+
+
+def heads_out(src: str, dst: Path, heads: int) -> list[Rule]:
+  """torch Linear (w, h*d) + bias <-> kernel [h, d, w], bias [w] (the output projection)."""
+  return [same(f"{src}.weight", (*dst, "kernel"), lambda x: x.T.reshape(heads, -1, x.shape[0]),
+               lambda x: x.reshape(-1, x.shape[-1]).T),
+          same(f"{src}.bias", (*dst, "bias"))]
+
+
+def fused_in(weight: str, bias: str, dst: Path, heads: int,
+             names: Sequence[str] = ("query", "key", "value")) -> list[Rule]:
+  """A packed torch projection (len(names)*h*d, w) + bias (nn.MultiheadAttention's in_proj,
+  timm's qkv / kv) <-> one [w, h, d] kernel and [h, d] bias per name."""
+  k = len(names)
+
+  def fwd(w, b):
+    xp, w_in = _xp(w), w.shape[1]
+    ws = [x.T.reshape(w_in, heads, -1) for x in xp.split(w, k)]
+    return (*ws, *[x.reshape(heads, -1) for x in xp.split(b, k)])
+
+  def back(*xs):
+    xp, ws, bs = _xp(xs[0]), xs[:k], xs[k:]
+    return (xp.concatenate([x.reshape(x.shape[0], -1).T for x in ws]),
+            xp.concatenate([x.reshape(-1) for x in bs]))
+
+  dst_paths = tuple((*dst, n, "kernel") for n in names) + tuple((*dst, n, "bias") for n in names)
+  return [Rule((weight, bias), dst_paths, fwd, back)]
+
+
+# What decides a two-tower model's params and forward pass (not its dtypes, remat, dropout).
+# The kind of layout first, the sizes last: the first mismatch is the most telling one.
+_TWO_TOWER_LAYOUT = ("loss", "image_proj", "text_proj", "embed_dim")
+_LAYOUT = {
+    "image": ("pool_type", "posemb", "patch_bias", "posemb_cls", "ln_pre", "act", "ln_eps",
+              "patch_size", "width", "depth", "mlp_dim", "num_heads"),
+    "text": ("causal", "pool_type", "pad_id", "act", "ln_eps", "vocab_size", "max_len",
+             "width", "depth", "mlp_dim", "num_heads"),
+}
+
+
+def _settings(tower: str, fields: Mapping) -> dict:
+  """Every field of the tower, the given ones decoded and checked, the rest the defaults."""
+  import dataclasses
+  from mmjax.models import text, vit
+  cls, decode = (vit.ViT, vit.config) if tower == "image" else (text.TextTransformer,
+                                                                 text.config)
+  return {**{f.name: f.default for f in dataclasses.fields(cls)}, **decode(**fields)}
+
+
+def layout_mismatches(config: Mapping, want: Mapping, layout: str) -> list[str]:
+  """One message per field where two_tower kwargs `config` differ from `want` in
+  anything that decides the params or the forward pass."""
+  from mmjax.models import two_tower
+  out = []
+  for key in _TWO_TOWER_LAYOUT:
+    default = getattr(two_tower.TwoTower, key, None)
+    got, need = config.get(key, default), want.get(key, default)
+    if got != need:
+      out.append(f"config[{key!r}]={got!r}; {layout} needs {need!r}")
+  for tower in ("image", "text"):
+    got, need = _settings(tower, config[tower]), _settings(tower, want[tower])
+    out += [f"config[{tower!r}][{key!r}]={got[key]!r}; {layout} needs {need[key]!r}"
+            for key in _LAYOUT[tower] if got[key] != need[key]]
+  return out
+
+
+def check_layout(config: Mapping, want: Mapping, layout: str) -> None:
+  """ValueError naming the first field of `layout_mismatches`."""
+  problems = layout_mismatches(config, want, layout)
+  if problems:
+    raise ValueError(problems[0])
+
+
+# ------------------------------------------------------------ reading
+
+def to_numpy(x, dtype=None) -> np.ndarray:
+  """A torch tensor or array-like -> a new numpy array (never a view of x)."""
+  if hasattr(x, "detach"):   # torch, without importing it
+    x = x.detach().cpu()
+    if str(x.dtype) == "torch.bfloat16":   # numpy has no bfloat16
+      x = x.float()
+    x = x.numpy()
+  return np.array(x, dtype=dtype, copy=True)
+
+
+def contiguous(x: np.ndarray) -> np.ndarray:
+  return np.asarray(x, order="C")   # np.ascontiguousarray would make a 0-d array 1-d
+
+
+def _listing(what: str, keys: Sequence) -> str:
+  more = f" (+{len(keys) - 8} more)" if len(keys) > 8 else ""
+  return f"{what}: {list(keys[:8])}{more}"
+
+
+def model_shapes(config: Mapping, image_size: int) -> dict[Path, jax.ShapeDtypeStruct]:
+  """{param path: shape} of `two_tower.Model(**config)`, traced, nothing allocated."""
+  return dict(_model_shapes(json.dumps(config, sort_keys=True, default=repr), image_size))
+
+
+@functools.lru_cache(maxsize=16)
+def _model_shapes(config_json: str, image_size: int) -> tuple:
+  from mmjax.models import two_tower
+  config = json.loads(config_json)
+  model = two_tower.Model(**config)
+  shapes = jax.eval_shape(lambda: model.init(
+      jax.random.PRNGKey(0), jnp.zeros((1, image_size, image_size, 3)),
+      jnp.zeros((1, config["text"]["max_len"]), jnp.int32)))["params"]
+  return tuple((p, jax.ShapeDtypeStruct(v.shape, jnp.float32))
+               for p, v in traverse_util.flatten_dict(shapes).items())
+
+
+def checkpoint_shapes(rules: Sequence[Rule], config: Mapping, image_size: int
+                      ) -> dict[str, tuple[int, ...]]:
+  """{checkpoint key: shape} that the model `config` describes, through the rules' back
+  maps; RuntimeError if the rules and the model's params are not the same set."""
+  shapes = model_shapes(config, image_size)
+  covered = [p for r in rules for p in r.dst]
+  if set(covered) != set(shapes) or len(covered) != len(shapes):
+    odd = sorted(set(covered) ^ set(shapes))[:8]
+    raise RuntimeError(f"converter bug: rules and model params differ at {odd}")
+  out = {}
+  for r in rules:
+    outs = jax.eval_shape(r.back, *(shapes[p] for p in r.dst))
+    out.update((k, tuple(o.shape)) for k, o in zip(r.src, outs))
+  return out
+
+
+def apply_rules(rules: Sequence[Rule], arrays: Mapping[str, Any], *, config: Mapping,
+                image_size: int, what: str, dtype=np.float32,
+                ignore: Callable[[str], bool] = lambda k: False) -> dict:
+  """Checkpoint arrays -> nested mmjax params of the model `config` describes.
+
+  ValueError naming every missing, unexpected and misshapen key (`what` names
+  the checkpoint in the message); a scalar stored as [1] counts as [].
+  """
+  want = checkpoint_shapes(rules, config, image_size)
+  missing = [k for k in want if k not in arrays]
+  unexpected = [k for k in arrays if k not in want and not ignore(k)]
+  got = {k: tuple(np.shape(arrays[k])) for k in want if k in arrays}
+  wrong = [f"{k}: {got[k]} (want {want[k]})" for k in got
+           if got[k] != want[k] and not (np.prod(got[k]) == np.prod(want[k]) == 1)]
+  problems = [_listing(w, ks) for w, ks in (("missing keys", missing),
+                                            ("unexpected keys", unexpected),
+                                            ("wrong shapes", wrong)) if ks]
+  if problems:
+    raise ValueError(f"{what}: " + "; ".join(problems))
+  flat = {}
+  for r in rules:
+    src = [to_numpy(arrays[k], dtype) for k in r.src]
+    src = [x.reshape(want[k]) for k, x in zip(r.src, src)]
+    flat.update(zip(r.dst, r.fwd(*src)))
+  return traverse_util.unflatten_dict(flat)
+
+
+def unapply_rules(rules: Sequence[Rule], params: Mapping) -> dict[str, np.ndarray]:
+  """mmjax params -> {checkpoint key: numpy array}; ValueError naming absent params."""
+  flat = traverse_util.flatten_dict(dict(params))
+  missing = [p for r in rules for p in r.dst if p not in flat]
+  if missing:
+    raise ValueError(f"params lack {['/'.join(p) for p in missing[:8]]}")
+  out = {}
+  for r in rules:
+    ins = r.back(*(np.array(flat[p], copy=True) for p in r.dst))
+    out.update((k, contiguous(v)) for k, v in zip(r.src, ins))
+  return out
+
+
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
+  try:
+    from safetensors.numpy import load_file
+  except ImportError as e:
+    raise ImportError("reading .safetensors needs `pip install safetensors`") from e
+  return load_file(path)
+
+
+def require_file(path: str | os.PathLike, arg: str) -> str:
+  path = os.path.expanduser(os.fspath(path))
+  if not os.path.isfile(path):
+    raise ValueError(f"{arg}={path!r} is not a file")
+  return path

@@ -1,0 +1,296 @@
+"""Hugging Face transformers SiglipModel / CLIPModel directories <-> mmjax.
+
+  ckpt = from_hf("siglip-base-patch16-224/")     # config.json + model.safetensors
+  model = two_tower.Model(**ckpt.config)
+  zimg = model.apply({"params": ckpt.params}, ckpt.preprocess(image)[None], method="encode_image")
+  tok = get_tokenizer(ckpt.tokenizer)             # mmjax.data.tokenizers
+
+  to_hf(ckpt.config, ckpt.params, "out_dir/")    # SiglipModel.from_pretrained("out_dir/") loads it
+
+The numbers come from config.json (with transformers' defaults for the fields
+save_pretrained leaves out); the arrays from model.safetensors (sharded
+safetensors and pytorch_model.bin too, the latter through torch). Both
+directions are exact. Not covered: Siglip2Model (NaFlex) and CLIP variants
+other than ViT/ViT.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping
+
+import numpy as np
+
+from mmjax.convert import common
+from mmjax.convert.common import Converted, Rule
+from mmjax.data.preprocess import OPENAI_MEAN, OPENAI_STD, ImagePrep
+
+# transformers' config defaults (SiglipVisionConfig / SiglipTextConfig / CLIPVisionConfig /
+# CLIPTextConfig): config.json holds only the fields that differ from them.
+_DEFAULTS = {
+    ("siglip", "vision"): dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                               num_attention_heads=12, num_channels=3, image_size=224,
+                               patch_size=16, hidden_act="gelu_pytorch_tanh",
+                               layer_norm_eps=1e-6, vision_use_head=True),
+    ("siglip", "text"): dict(vocab_size=32000, hidden_size=768, intermediate_size=3072,
+                             num_hidden_layers=12, num_attention_heads=12,
+                             max_position_embeddings=64, hidden_act="gelu_pytorch_tanh",
+                             layer_norm_eps=1e-6, projection_size=None, pad_token_id=1,
+                             bos_token_id=49406, eos_token_id=49407),
+    ("clip", "vision"): dict(hidden_size=768, intermediate_size=3072, projection_dim=512,
+                             num_hidden_layers=12, num_attention_heads=12, num_channels=3,
+                             image_size=224, patch_size=32, hidden_act="quick_gelu",
+                             layer_norm_eps=1e-5),
+    ("clip", "text"): dict(vocab_size=49408, hidden_size=512, intermediate_size=2048,
+                           projection_dim=512, num_hidden_layers=12, num_attention_heads=8,
+                           max_position_embeddings=77, hidden_act="quick_gelu",
+                           layer_norm_eps=1e-5, pad_token_id=1, bos_token_id=49406,
+                           eos_token_id=49407),
+}
+_ACTS = {"gelu_pytorch_tanh": "gelu", "gelu_new": "gelu", "gelu": "gelu_exact",
+         "quick_gelu": "quick_gelu"}
+_ACTS_BACK = {"gelu": "gelu_pytorch_tanh", "gelu_exact": "gelu", "quick_gelu": "quick_gelu"}
+_ARCH = {"siglip": "SiglipModel", "clip": "CLIPModel"}
+
+
+def _sub(cfg: Mapping, kind: str, tower: str, where: str) -> dict:
+  got = cfg.get(f"{tower}_config") or {}
+  out = {**_DEFAULTS[(kind, tower)], **{k: v for k, v in got.items() if v is not None}}
+  if out["hidden_act"] not in _ACTS:
+    raise ValueError(f"{where}: {tower}_config.hidden_act={out['hidden_act']!r} is not one of "
+                     f"{sorted(_ACTS)}")
+  if out.get("num_channels", 3) != 3:
+    raise ValueError(f"{where}: vision_config.num_channels={out['num_channels']}; mmjax takes RGB")
+  return out
+
+
+def _square(x, field: str, where: str) -> int:
+  if isinstance(x, (list, tuple)):
+    if len(set(x)) != 1:
+      raise ValueError(f"{where}: vision_config.{field}={x}; mmjax takes square ones")
+    x = x[0]
+  return int(x)
+
+
+def mmjax_config(cfg: Mapping, where: str = "config.json") -> tuple[dict, int]:
+  """An HF SiglipConfig / CLIPConfig dict -> (two_tower.Model kwargs, image size)."""
+  kind = cfg.get("model_type")
+  if kind not in _ARCH:
+    raise ValueError(f"{where}: model_type={kind!r}; mmjax converts {sorted(_ARCH)} "
+                     "(transformers' SiglipModel and CLIPModel)")
+  v, t = _sub(cfg, kind, "vision", where), _sub(cfg, kind, "text", where)
+  patch = _square(v["patch_size"], "patch_size", where)
+  size = _square(v["image_size"], "image_size", where)
+  tower = lambda c: dict(width=c["hidden_size"], depth=c["num_hidden_layers"],
+                         mlp_dim=c["intermediate_size"], num_heads=c["num_attention_heads"],
+                         act=_ACTS[c["hidden_act"]], ln_eps=float(c["layer_norm_eps"]))
+  image = dict(tower(v), patch_size=(patch, patch), posemb="learn")
+  text = dict(tower(t), vocab_size=t["vocab_size"], max_len=t["max_position_embeddings"],
+              pad_id=None)
+  if kind == "siglip":
+    if not v["vision_use_head"]:
+      raise ValueError(f"{where}: vision_config.vision_use_head=False; SiglipModel's image "
+                       "embedding is its attention-pooling head")
+    embed = t["projection_size"] or t["hidden_size"]
+    image.update(pool_type="map", patch_bias=True)
+    text.update(causal=False, pool_type="last")
+    out = dict(image=image, text=text, embed_dim=embed, loss="siglip", image_proj="none",
+               text_proj="dense_bias")
+  else:
+    eos = t["eos_token_id"]
+    if eos not in (2, t["vocab_size"] - 1):
+      raise ValueError(f"{where}: text_config.eos_token_id={eos}; mmjax pools CLIP's text at "
+                       f"the largest token id, the EOS only when it is vocab_size - 1 "
+                       f"({t['vocab_size'] - 1}) (or transformers' legacy 2)")
+    embed = cfg.get("projection_dim") or 512
+    image.update(pool_type="tok", posemb_cls=True, ln_pre=True, patch_bias=False)
+    text.update(causal=True, pool_type="argmax")
+    out = dict(image=image, text=text, embed_dim=embed, loss="clip")
+  return out, size
+
+
+def _layers(src: str, dst: tuple, depth: int, heads: int) -> list[Rule]:
+  rules = []
+  for i in range(depth):
+    s, d = f"{src}.encoder.layers.{i}", (*dst, "encoder", f"block{i}")
+    rules += [*common.layer_norm(f"{s}.layer_norm1", (*d, "ln1")),
+              *common.layer_norm(f"{s}.layer_norm2", (*d, "ln2")),
+              *common.linear(f"{s}.mlp.fc1", (*d, "mlp", "Dense_0")),
+              *common.linear(f"{s}.mlp.fc2", (*d, "mlp", "Dense_1")),
+              *common.heads_out(f"{s}.self_attn.out_proj", (*d, "attn", "out"), heads)]
+    for hf, mm in (("q", "query"), ("k", "key"), ("v", "value")):
+      rules += common.heads_in(f"{s}.self_attn.{hf}_proj", (*d, "attn", mm), heads)
+  return rules
+
+
+def rules(config: Mapping) -> list[Rule]:
+  """The key map of the HF model that `config` (from mmjax_config) describes."""
+  img, txt = config["image"], config["text"]
+  v, t = "vision_model", "text_model"
+  out = [*_layers(v, ("img",), img["depth"], img["num_heads"]),
+         *_layers(t, ("txt",), txt["depth"], txt["num_heads"]),
+         common.same(f"{t}.embeddings.token_embedding.weight", ("txt", "token_embedding",
+                                                                "embedding")),
+         common.row(f"{t}.embeddings.position_embedding.weight", ("txt", "pos_embedding")),
+         *common.layer_norm(f"{t}.final_layer_norm", ("txt", "encoder", "ln_final")),
+         common.conv(f"{v}.embeddings.patch_embedding.weight", ("img", "embedding", "kernel")),
+         common.row(f"{v}.embeddings.position_embedding.weight", ("img", "pos_embedding")),
+         *common.layer_norm(f"{v}.post_layernorm", ("img", "encoder", "ln_final"))]
+  if config["loss"] == "siglip":
+    h = (f"{v}.head", ("img", "map_head"))
+    out += [common.same(f"{h[0]}.probe", (*h[1], "probe")),
+            *common.fused_in(f"{h[0]}.attention.in_proj_weight",
+                             f"{h[0]}.attention.in_proj_bias", (*h[1], "attn"),
+                             img["num_heads"]),
+            *common.heads_out(f"{h[0]}.attention.out_proj", (*h[1], "attn", "out"),
+                              img["num_heads"]),
+            *common.layer_norm(f"{h[0]}.layernorm", (*h[1], "ln")),
+            *common.linear(f"{h[0]}.mlp.fc1", (*h[1], "mlp", "Dense_0")),
+            *common.linear(f"{h[0]}.mlp.fc2", (*h[1], "mlp", "Dense_1")),
+            common.same(f"{v}.embeddings.patch_embedding.bias", ("img", "embedding", "bias")),
+            *common.linear(f"{t}.head", ("txt_proj",)),
+            common.scalar("logit_scale", ("t",), (1,)),
+            common.scalar("logit_bias", ("b",), (1,))]
+  else:
+    out += [common.token(f"{v}.embeddings.class_embedding", ("img", "cls")),
+            *common.layer_norm(f"{v}.pre_layrnorm", ("img", "ln_pre")),   # sic
+            *common.linear("visual_projection", ("img_proj",), bias=False),
+            *common.linear("text_projection", ("txt_proj",), bias=False),
+            common.scalar("logit_scale", ("t",))]
+  return out
+
+
+def _preprocess(directory: str, kind: str, size: int) -> ImagePrep:
+  """preprocessor_config.json if there is one, else the processor's defaults."""
+  if kind == "siglip":
+    prep = ImagePrep(size, "squash", "bicubic")
+  else:
+    prep = ImagePrep(size, "crop", "bicubic", OPENAI_MEAN, OPENAI_STD)
+  path = os.path.join(directory, "preprocessor_config.json")
+  if not os.path.isfile(path):
+    return prep
+  with open(path) as f:
+    p = json.load(f)
+  resample = {2: "bilinear", 3: "bicubic"}.get(p.get("resample"), prep.resample)
+  crop = p.get("do_center_crop", kind == "clip")
+  mean = tuple(p.get("image_mean", prep.mean))
+  std = tuple(p.get("image_std", prep.std))
+  return ImagePrep(size, "crop" if crop else "squash", resample, mean, std).check()
+
+
+def _tokenizer(directory: str, kind: str, vocab_size: int) -> str | None:
+  if kind == "clip" and vocab_size == 49408:
+    return "clip"   # OpenAI's BPE, mmjax.data.clip_tokenizer
+  spiece = os.path.join(directory, "spiece.model")
+  if kind == "siglip" and os.path.isfile(spiece):
+    return f"sentencepiece:{spiece}?canonicalize=true"   # as SiglipTokenizer does
+  tok = os.path.join(directory, "tokenizer.json")
+  return f"hf:{tok}" if os.path.isfile(tok) else None
+
+
+def read_weights(directory: str) -> dict[str, Any]:
+  """model.safetensors, its shards (model.safetensors.index.json) or pytorch_model.bin."""
+  single = os.path.join(directory, "model.safetensors")
+  index = os.path.join(directory, "model.safetensors.index.json")
+  if os.path.isfile(single):
+    return common.read_safetensors(single)
+  if os.path.isfile(index):
+    with open(index) as f:
+      files = sorted(set(json.load(f)["weight_map"].values()))
+    out = {}
+    for name in files:
+      out.update(common.read_safetensors(os.path.join(directory, name)))
+    return out
+  binary = os.path.join(directory, "pytorch_model.bin")
+  if os.path.isfile(binary):
+    try:
+      import torch
+    except ImportError as e:
+      raise ImportError(f"reading {binary!r} needs torch (`pip install torch`)") from e
+    return torch.load(binary, map_location="cpu", weights_only=True)
+  raise ValueError(f"path={directory!r} has no model.safetensors, model.safetensors.index.json "
+                   "or pytorch_model.bin")
+
+
+def from_hf(path: str | os.PathLike, *, dtype: Any = np.float32) -> Converted:
+  """A transformers SiglipModel / CLIPModel directory -> Converted(config, params,
+  preprocess, tokenizer).
+
+  Args:
+    path: the directory save_pretrained wrote (config.json and the weights; the
+      tokenizer and preprocessor files are used when present).
+    dtype: of the returned params (numpy arrays, host memory).
+  """
+  directory = os.path.expanduser(os.fspath(path))
+  cfg_path = os.path.join(directory, "config.json")
+  if not os.path.isfile(cfg_path):
+    raise ValueError(f"path={directory!r} has no config.json (a transformers model directory)")
+  with open(cfg_path) as f:
+    cfg = json.load(f)
+  config, size = mmjax_config(cfg, cfg_path)
+  weights = read_weights(directory)
+  # Buffers some transformers versions saved (not parameters).
+  ignore = lambda k: k.endswith("position_ids")
+  params = common.apply_rules(rules(config), weights, config=config, image_size=size,
+                              what=f"{directory} ({cfg['model_type']})", dtype=dtype,
+                              ignore=ignore)
+  kind = cfg["model_type"]
+  return Converted(config, params, _preprocess(directory, kind, size),
+                   _tokenizer(directory, kind, config["text"]["vocab_size"]))
+
+
+def hf_config(config: Mapping, image_size: int) -> dict:
+  """mmjax two_tower kwargs in an HF layout -> the config.json dict (ValueError naming
+  the first field that has no HF counterpart)."""
+  img, txt = config["image"], config["text"]
+  kind = config.get("loss", "siglip")
+  if kind not in _ARCH:
+    raise ValueError(f"config['loss']={kind!r}")
+  for tower, c in (("image", img), ("text", txt)):
+    if c.get("act", "gelu") not in _ACTS_BACK:
+      raise ValueError(f"config[{tower!r}]['act']={c.get('act')!r} has no HF counterpart")
+  tower = lambda c: dict(hidden_size=c["width"], intermediate_size=c["mlp_dim"],
+                         num_hidden_layers=c["depth"], num_attention_heads=c["num_heads"],
+                         hidden_act=_ACTS_BACK[c.get("act", "gelu")],
+                         layer_norm_eps=c.get("ln_eps", 1e-6))
+  patch = tuple(np.broadcast_to(img["patch_size"], 2).tolist())
+  vision = dict(tower(img), image_size=image_size, patch_size=patch[0], num_channels=3)
+  text = dict(tower(txt), vocab_size=txt["vocab_size"],
+              max_position_embeddings=txt["max_len"])
+  out = {"model_type": kind, "architectures": [_ARCH[kind]], "vision_config": vision,
+         "text_config": text}
+  if kind == "siglip":
+    text["projection_size"] = config["embed_dim"]
+    vision["vision_use_head"] = True
+  else:
+    out["projection_dim"] = config["embed_dim"]
+    vision["projection_dim"] = text["projection_dim"] = config["embed_dim"]
+    text["eos_token_id"] = txt["vocab_size"] - 1
+  common.check_layout(config, mmjax_config(out, "the HF config made from config")[0],
+                      f"the HF {_ARCH[kind]} layout")
+  return out
+
+
+def to_hf(config: Mapping, params: Mapping, path: str | os.PathLike, *,
+          image_size: int | None = None) -> str:
+  """Writes config.json + model.safetensors that transformers' SiglipModel / CLIPModel
+  `from_pretrained(path)` loads; returns the directory.
+
+  image_size: None takes it from the learned position embeddings.
+  """
+  from safetensors.numpy import save_file
+  from flax import traverse_util
+  flat = traverse_util.flatten_dict(dict(params))
+  if image_size is None:
+    n = np.shape(flat[("img", "pos_embedding")])[1] - (1 if config.get("loss") == "clip" else 0)
+    image_size = int(round(np.sqrt(n))) * int(np.broadcast_to(config["image"]["patch_size"],
+                                                              2)[0])
+  cfg = hf_config(config, image_size)
+  tensors = common.unapply_rules(rules(mmjax_config(cfg)[0]), params)
+  directory = os.path.expanduser(os.fspath(path))
+  os.makedirs(directory, exist_ok=True)
+  with open(os.path.join(directory, "config.json"), "w") as f:
+    json.dump(cfg, f, indent=2)
+  save_file(tensors, os.path.join(directory, "model.safetensors"))
+  return directory

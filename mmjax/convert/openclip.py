@@ -1,0 +1,376 @@
+"""open_clip <-> mmjax: open_clip's ViT CLIP models and its SigLIP models (timm ViT trunk).
+
+  ckpt = from_open_clip("open_clip_pytorch_model.bin", "ViT-B-32")   # or "ViT-B-16-SigLIP"
+  model = two_tower.Model(**ckpt.config)
+  zimg = model.apply({"params": ckpt.params}, ckpt.preprocess(image)[None], method="encode_image")
+  ztxt = model.apply({"params": ckpt.params}, ClipTokenizer().encode(texts), method="encode_text")
+
+  state_dict = to_open_clip(ckpt.config, ckpt.params, as_torch=True)
+  open_clip.create_model("ViT-B-32", pretrained=None).load_state_dict(state_dict)
+
+Images are NHWC here and NCHW in open_clip; `ckpt.preprocess` prepares them as
+open_clip's preprocessing does. Text: the CLIP BPE tokenizer for the CLIP
+models; the SigLIP models' sentencepiece / Gemma vocabularies live on the HF
+hub (timm/ViT-B-16-SigLIP, ...), so ckpt.tokenizer is None for them: pass
+`get_tokenizer("sentencepiece:/path/spiece.model?canonicalize=true")`. Both
+directions are exact (transposes, reshapes and splits only). torch is imported
+only to read .pt/.bin files and for `as_torch=True`.
+
+Which name to give: open_clip's ViT-B-32 / ViT-B-16 / ViT-L-14 use the erf
+GELU; OpenAI's original weights (pretrained='openai') need the '-quickgelu'
+names, as in open_clip. The state dict's shapes are checked against the name.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping, NamedTuple
+
+import numpy as np
+
+from mmjax.convert import common
+from mmjax.convert.common import Converted, Rule
+from mmjax.data.preprocess import OPENAI_MEAN, OPENAI_STD, ImagePrep
+
+
+class OpenClipSpec(NamedTuple):
+  """The numbers of one open_clip ViT CLIP model (its model_configs/<name>.json)."""
+  embed_dim: int
+  image_size: int
+  patch_size: int
+  vision_width: int
+  vision_layers: int
+  vision_heads: int
+  vision_mlp: int
+  text_width: int
+  text_layers: int
+  text_heads: int
+  quick_gelu: bool = False
+  context_length: int = 77
+  vocab_size: int = 49408
+
+
+def _spec(embed, image, patch, vw, vl, vh, tw, tl, th, vmlp=None) -> OpenClipSpec:
+  return OpenClipSpec(embed, image, patch, vw, vl, vh, vmlp or 4 * vw, tw, tl, th)
+
+
+_BASE = {
+    "ViT-B-32": _spec(512, 224, 32, 768, 12, 12, 512, 12, 8),
+    "ViT-B-32-256": _spec(512, 256, 32, 768, 12, 12, 512, 12, 8),
+    "ViT-B-16": _spec(512, 224, 16, 768, 12, 12, 512, 12, 8),
+    "ViT-B-16-plus-240": _spec(640, 240, 16, 896, 12, 14, 640, 12, 10),
+    "ViT-L-14": _spec(768, 224, 14, 1024, 24, 16, 768, 12, 12),
+    "ViT-L-14-336": _spec(768, 336, 14, 1024, 24, 16, 768, 12, 12),
+    "ViT-H-14": _spec(1024, 224, 14, 1280, 32, 16, 1024, 24, 16),
+    "ViT-g-14": _spec(1024, 224, 14, 1408, 40, 16, 1024, 24, 16, vmlp=6144),
+    "ViT-bigG-14": _spec(1280, 224, 14, 1664, 48, 16, 1280, 32, 20, vmlp=8192),
+}
+# open_clip's '-quickgelu' twins (OpenAI's and some LAION/DFN/MetaCLIP weights).
+_QUICKGELU = ("ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-14-336", "ViT-H-14")
+OPEN_CLIP_MODELS: dict[str, OpenClipSpec] = {
+    **_BASE, **{f"{n}-quickgelu": _BASE[n]._replace(quick_gelu=True) for n in _QUICKGELU}}
+
+
+class SiglipSpec(NamedTuple):
+  """One open_clip SigLIP model: a timm ViT trunk ('map' pooling, no projection) and
+  open_clip's bidirectional text tower pooled at the last token."""
+  image_size: int
+  patch_size: int
+  vision: tuple[int, int, int, int]   # width, depth, heads, mlp
+  vision_act: str                     # 'gelu_exact' (timm's nn.GELU) or 'gelu' (gelu_tanh)
+  text: tuple[int, int, int, int]
+  text_act: str
+  vocab_size: int
+  context_length: int
+  embed_dim: int
+  text_proj: str                      # two_tower.PROJECTIONS
+
+
+_B, _L = (768, 12, 12, 3072), (1024, 24, 16, 4096)
+_SO = (1152, 27, 16, 4304)
+_G = (1536, 40, 16, 6144)
+
+
+def _sig(size, patch, vision, vision_act, text, text_act, vocab, embed=None, context=64,
+         proj="dense_bias") -> SiglipSpec:
+  return SiglipSpec(size, patch, vision, vision_act, text, text_act, vocab, context,
+                    embed or vision[0], proj)
+
+
+_E, _T = "gelu_exact", "gelu"   # the erf GELU (timm / torch default) and the tanh one
+OPEN_CLIP_SIGLIP_MODELS: dict[str, SiglipSpec] = {
+    **{f"ViT-B-16-SigLIP{s}": _sig(n, 16, _B, _E, _B, _E, 32000)
+       for s, n in (("", 224), ("-256", 256), ("-384", 384), ("-512", 512))},
+    "ViT-B-16-SigLIP-i18n-256": _sig(256, 16, _B, _E, _B, _E, 250000),
+    **{f"ViT-B-16-SigLIP2{s}": _sig(n, 16, _B, _E, _B, _T, 256000)
+       for s, n in (("", 224), ("-256", 256), ("-384", 384), ("-512", 512))},
+    "ViT-B-32-SigLIP2-256": _sig(256, 32, _B, _T, _B, _T, 256000),
+    "ViT-L-16-SigLIP-256": _sig(256, 16, _L, _E, _L, _E, 32000),
+    "ViT-L-16-SigLIP-384": _sig(384, 16, _L, _E, _L, _E, 32000),
+    "ViT-L-16-SigLIP2-256": _sig(256, 16, _L, _E, _L, _T, 256000),
+    "ViT-L-16-SigLIP2-384": _sig(384, 16, _L, _E, _L, _T, 256000),
+    "ViT-L-16-SigLIP2-512": _sig(512, 16, _L, _T, _L, _T, 256000),
+    "ViT-SO400M-14-SigLIP": _sig(224, 14, _SO, _E, _SO, _E, 32000, context=16),
+    "ViT-SO400M-14-SigLIP-378": _sig(378, 14, _SO, _E, _SO, _E, 32000),
+    "ViT-SO400M-14-SigLIP-384": _sig(384, 14, _SO, _E, _SO, _E, 32000),
+    "ViT-SO400M-14-SigLIP2": _sig(224, 14, _SO, _E, _SO, _T, 256000),
+    "ViT-SO400M-14-SigLIP2-378": _sig(378, 14, _SO, _E, _SO, _T, 256000),
+    "ViT-SO400M-16-SigLIP-i18n-256": _sig(256, 16, _SO, _T, _SO, _E, 250000, proj="none"),
+    **{f"ViT-SO400M-16-SigLIP2-{n}": _sig(n, 16, _SO, _T, _SO, _T, 256000)
+       for n in (256, 384, 512)},
+    **{f"ViT-gopt-16-SigLIP2-{n}": _sig(n, 16, _G, _T, _SO, _T, 256000) for n in (256, 384)},
+}
+
+_LN_EPS = 1e-5   # torch.nn.LayerNorm's default
+
+
+def get_spec(model_name: str) -> OpenClipSpec | SiglipSpec:
+  if model_name in OPEN_CLIP_MODELS:
+    return OPEN_CLIP_MODELS[model_name]
+  if model_name in OPEN_CLIP_SIGLIP_MODELS:
+    return OPEN_CLIP_SIGLIP_MODELS[model_name]
+  raise ValueError(f"model_name={model_name!r} is not a supported open_clip model; "
+                   f"supported: {sorted(OPEN_CLIP_MODELS) + sorted(OPEN_CLIP_SIGLIP_MODELS)}")
+
+
+def _dims(w: tuple[int, int, int, int]) -> dict:
+  return dict(width=w[0], depth=w[1], num_heads=w[2], mlp_dim=w[3])
+
+
+def open_clip_config(model_name: str) -> dict[str, Any]:
+  """The `two_tower.Model(**config)` keyword arguments of an open_clip model."""
+  s = get_spec(model_name)
+  if isinstance(s, SiglipSpec):
+    image = dict(_dims(s.vision), patch_size=(s.patch_size, s.patch_size), pool_type="map",
+                 posemb="learn", patch_bias=True, act=s.vision_act, ln_eps=1e-6)
+    text = dict(_dims(s.text), vocab_size=s.vocab_size, max_len=s.context_length,
+                causal=False, pool_type="last", pad_id=None, act=s.text_act, ln_eps=1e-6)
+    return dict(image=image, text=text, embed_dim=s.embed_dim, loss="siglip",
+                image_proj="none", text_proj=s.text_proj)
+  act = "quick_gelu" if s.quick_gelu else "gelu_exact"
+  common_ = dict(act=act, ln_eps=_LN_EPS)
+  image = dict(width=s.vision_width, depth=s.vision_layers, mlp_dim=s.vision_mlp,
+               num_heads=s.vision_heads, patch_size=(s.patch_size, s.patch_size),
+               pool_type="tok", posemb="learn", posemb_cls=True, ln_pre=True, patch_bias=False,
+               **common_)
+  text = dict(vocab_size=s.vocab_size, max_len=s.context_length, width=s.text_width,
+              depth=s.text_layers, mlp_dim=4 * s.text_width, num_heads=s.text_heads,
+              causal=True, pool_type="argmax", pad_id=None, **common_)
+  return dict(image=image, text=text, embed_dim=s.embed_dim, loss="clip")
+
+
+def preprocess(model_name: str) -> ImagePrep:
+  """open_clip's eval preprocessing of the model (resize, crop, normalisation)."""
+  s = get_spec(model_name)
+  if isinstance(s, SiglipSpec):
+    return ImagePrep(s.image_size, "squash", "bicubic")
+  return ImagePrep(s.image_size, "crop", "bicubic", OPENAI_MEAN, OPENAI_STD)
+
+
+# ------------------------------------------------------------ the key maps
+
+def _resblocks(src: str, dst: tuple, depth: int, heads: int) -> list[Rule]:
+  """open_clip's Transformer.resblocks (nn.MultiheadAttention packed in_proj)."""
+  rules = []
+  for i in range(depth):
+    s, d = f"{src}.resblocks.{i}", (*dst, "encoder", f"block{i}")
+    rules += [*common.layer_norm(f"{s}.ln_1", (*d, "ln1")),
+              *common.layer_norm(f"{s}.ln_2", (*d, "ln2")),
+              *common.linear(f"{s}.mlp.c_fc", (*d, "mlp", "Dense_0")),
+              *common.linear(f"{s}.mlp.c_proj", (*d, "mlp", "Dense_1")),
+              *common.fused_in(f"{s}.attn.in_proj_weight", f"{s}.attn.in_proj_bias",
+                               (*d, "attn"), heads),
+              *common.heads_out(f"{s}.attn.out_proj", (*d, "attn", "out"), heads)]
+  return rules
+
+
+def _text_rules(depth: int, heads: int) -> list[Rule]:
+  return [*_resblocks("transformer", ("txt",), depth, heads),
+          common.same("token_embedding.weight", ("txt", "token_embedding", "embedding")),
+          common.row("positional_embedding", ("txt", "pos_embedding")),
+          *common.layer_norm("ln_final", ("txt", "encoder", "ln_final"))]
+
+
+def _timm_rules(depth: int, heads: int) -> list[Rule]:
+  """timm's VisionTransformer with global_pool='map' (open_clip's visual.trunk)."""
+  t, rules = "visual.trunk", []
+  for i in range(depth):
+    s, d = f"{t}.blocks.{i}", ("img", "encoder", f"block{i}")
+    rules += [*common.layer_norm(f"{s}.norm1", (*d, "ln1")),
+              *common.layer_norm(f"{s}.norm2", (*d, "ln2")),
+              *common.linear(f"{s}.mlp.fc1", (*d, "mlp", "Dense_0")),
+              *common.linear(f"{s}.mlp.fc2", (*d, "mlp", "Dense_1")),
+              *common.fused_in(f"{s}.attn.qkv.weight", f"{s}.attn.qkv.bias", (*d, "attn"), heads),
+              *common.heads_out(f"{s}.attn.proj", (*d, "attn", "out"), heads)]
+  p, h = f"{t}.attn_pool", ("img", "map_head")
+  return rules + [
+      common.conv(f"{t}.patch_embed.proj.weight", ("img", "embedding", "kernel")),
+      common.same(f"{t}.patch_embed.proj.bias", ("img", "embedding", "bias")),
+      common.same(f"{t}.pos_embed", ("img", "pos_embedding")),
+      *common.layer_norm(f"{t}.norm", ("img", "encoder", "ln_final")),
+      common.same(f"{p}.latent", (*h, "probe")),
+      *common.heads_in(f"{p}.q", (*h, "attn", "query"), heads),
+      *common.fused_in(f"{p}.kv.weight", f"{p}.kv.bias", (*h, "attn"), heads,
+                       names=("key", "value")),
+      *common.heads_out(f"{p}.proj", (*h, "attn", "out"), heads),
+      *common.layer_norm(f"{p}.norm", (*h, "ln")),
+      *common.linear(f"{p}.mlp.fc1", (*h, "mlp", "Dense_0")),
+      *common.linear(f"{p}.mlp.fc2", (*h, "mlp", "Dense_1"))]
+
+
+def rules(config: Mapping) -> list[Rule]:
+  """The key map of the open_clip model `config` (open_clip_config) describes."""
+  img, txt = config["image"], config["text"]
+  out = _text_rules(txt["depth"], txt["num_heads"])
+  if config["loss"] == "siglip":
+    out += _timm_rules(img["depth"], img["num_heads"])
+    proj = config.get("text_proj", "dense")
+    if proj == "dense_bias":
+      out += common.linear("text_projection", ("txt_proj",))
+    elif proj == "dense":
+      out.append(common.same("text_projection", ("txt_proj", "kernel")))   # (in, out)
+    return out + [common.scalar("logit_scale", ("t",)), common.scalar("logit_bias", ("b",))]
+  return out + [
+      *_resblocks("visual.transformer", ("img",), img["depth"], img["num_heads"]),
+      common.conv("visual.conv1.weight", ("img", "embedding", "kernel")),
+      common.token("visual.class_embedding", ("img", "cls")),
+      common.same("visual.positional_embedding", ("img", "pos_embedding"),
+                  lambda x: x[None], lambda x: x[0]),
+      *common.layer_norm("visual.ln_pre", ("img", "ln_pre")),
+      *common.layer_norm("visual.ln_post", ("img", "encoder", "ln_final")),
+      common.same("visual.proj", ("img_proj", "kernel")),        # already (in, out)
+      common.same("text_projection", ("txt_proj", "kernel")),    # already (in, out)
+      common.scalar("logit_scale", ("t",))]
+
+
+# ------------------------------------------------------------ reading state dicts
+
+def load_state_dict(state_dict_or_path: Mapping | str | os.PathLike) -> dict[str, Any]:
+  """A state dict, or a .safetensors / .pt / .pth / .bin file of one (offline).
+
+  Unwraps open_clip's training checkpoints ({'state_dict': ...}), strips the
+  'module.' prefix of DistributedDataParallel and the 'text.' prefix of
+  open_clip's CustomTextCLIP layout (its SigLIP models).
+  """
+  sd = state_dict_or_path
+  if isinstance(sd, (str, os.PathLike)):
+    path = common.require_file(sd, "state_dict_or_path")
+    if path.endswith(".safetensors"):
+      sd = common.read_safetensors(path)
+    else:
+      try:
+        import torch
+      except ImportError as e:
+        raise ImportError(f"reading {path!r} needs torch (`pip install torch`)") from e
+      try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+      except RuntimeError as e:
+        raise ValueError(f"torch.load({path!r}, weights_only=True) failed ({e}); OpenAI's "
+                         "TorchScript .pt files: load them with open_clip and pass "
+                         "model.state_dict()") from e
+  if not isinstance(sd, Mapping):
+    raise ValueError(f"state_dict_or_path must be a mapping or a file path; got {type(sd)}")
+  if "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
+    sd = sd["state_dict"]
+  out = {}
+  for k, v in sd.items():
+    k = k.removeprefix("module.")
+    out[k.removeprefix("text.") if k.startswith("text.") else k] = v
+  return out
+
+
+def _image_size(model_name: str) -> int:
+  return get_spec(model_name).image_size
+
+
+def from_open_clip(state_dict_or_path: Mapping | str | os.PathLike, model_name: str, *,
+                   dtype: Any = np.float32) -> Converted:
+  """An open_clip ViT CLIP or SigLIP state dict -> Converted(config, params, preprocess,
+  tokenizer).
+
+  Args:
+    state_dict_or_path: {key: torch tensor or array}, or a path (load_state_dict).
+    model_name: an OPEN_CLIP_MODELS or OPEN_CLIP_SIGLIP_MODELS key, e.g.
+      'ViT-B-32' (GELU), 'ViT-B-32-quickgelu' (OpenAI's weights) or
+      'ViT-B-16-SigLIP'; decides the activations and the heads, and the state
+      dict's shapes must match it.
+    dtype: of the returned params (numpy arrays, host memory).
+
+  Returns:
+    Converted: config as `open_clip_config(model_name)` gives it; params a
+    nested dict of numpy arrays (new memory, some of them transposed views) for
+    model.apply({'params': params}, ...) (`jax.device_put(params)` once before
+    calling a jitted function many times); preprocess as open_clip's; tokenizer
+    'clip' for the CLIP models, None for SigLIP (see the module docstring).
+  """
+  config = open_clip_config(model_name)
+  sd = load_state_dict(state_dict_or_path)
+  ignore = lambda k: k == "attn_mask"   # a buffer some old checkpoints saved
+  params = common.apply_rules(rules(config), sd, config=config,
+                              image_size=_image_size(model_name),
+                              what=f"state_dict is not an open_clip {model_name!r} state dict",
+                              dtype=dtype, ignore=ignore)
+  siglip = isinstance(get_spec(model_name), SiglipSpec)
+  return Converted(config, params, preprocess(model_name), None if siglip else "clip")
+
+
+# ------------------------------------------------------------ writing state dicts
+
+def _check_siglip_layout(config: Mapping) -> None:
+  """config must be one of OPEN_CLIP_SIGLIP_MODELS: ValueError naming the first field that
+  differs from the closest of them."""
+  tries = [common.layout_mismatches(config, open_clip_config(name), f"open_clip's {name}")
+           for name in OPEN_CLIP_SIGLIP_MODELS]
+  best = min(tries, key=len)
+  if best:
+    raise ValueError(best[0])
+
+
+def _check_clip_layout(config: Mapping) -> None:
+  """The layout of open_clip's ViT CLIP models (any size), with a message naming the field."""
+  if config.get("loss") != "clip":
+    raise ValueError(f"config['loss']={config.get('loss')!r}; an open_clip CLIP model is 'clip'")
+  fixed = [("image", "pool_type", "tok"), ("image", "posemb", "learn"),
+           ("image", "posemb_cls", True), ("image", "ln_pre", True),
+           ("image", "patch_bias", False), ("image", "ln_eps", _LN_EPS),
+           ("text", "causal", True), ("text", "pool_type", "argmax"),
+           ("text", "pad_id", None), ("text", "ln_eps", _LN_EPS)]
+  for tower, key, value in fixed:
+    got = config[tower].get(key)
+    if got != value:
+      raise ValueError(f"config[{tower!r}][{key!r}]={got!r}; open_clip's CLIP layout needs "
+                       f"{value!r} (start from convert.open_clip_config(name))")
+  acts = {config["image"].get("act"), config["text"].get("act")}
+  if len(acts) != 1 or not acts <= {"gelu_exact", "quick_gelu"}:
+    raise ValueError(f"config image/text 'act' = {sorted(map(str, acts))}; open_clip needs both "
+                     "'gelu_exact' (nn.GELU) or both 'quick_gelu' ('-quickgelu' models)")
+
+
+def to_open_clip(config: Mapping, params: Mapping, *, as_torch: bool = False
+                 ) -> dict[str, Any]:
+  """mmjax (config, params) in an open_clip layout -> open_clip state dict.
+
+  Args:
+    config: two_tower.Model kwargs (as from_open_clip / open_clip_config give);
+      checked to describe open_clip's CLIP layout (any size) or one of
+      OPEN_CLIP_SIGLIP_MODELS.
+    params: the model's params (numpy or jax arrays).
+    as_torch: torch tensors (for `model.load_state_dict`) instead of numpy.
+
+  Returns:
+    {open_clip key: array} with every key of the open_clip model; load it into
+    `open_clip.create_model(name)` where, for CLIP, name ends in '-quickgelu'
+    iff config's act is 'quick_gelu'. SigLIP keys of the text tower carry
+    open_clip's 'text.' prefix.
+  """
+  if config.get("loss") == "siglip":
+    _check_siglip_layout(config)
+    sd = common.unapply_rules(rules(config), params)
+    sd = {k if k.startswith(("visual.", "logit_")) else f"text.{k}": v for k, v in sd.items()}
+  else:
+    _check_clip_layout(config)
+    sd = common.unapply_rules(rules(config), params)
+  if as_torch:
+    import torch
+    sd = {k: torch.from_numpy(v) for k, v in sd.items()}
+  return sd

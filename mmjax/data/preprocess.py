@@ -1,0 +1,56 @@
+"""How a model's eval images are prepared: resize, crop, normalise (per checkpoint)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+from PIL import Image
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)   # OpenAI CLIP's (open_clip's OPENAI_DATASET_*)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+RESIZES = ("squash", "crop")
+RESAMPLES = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
+
+
+class ImagePrep(NamedTuple):
+  """uint8 [H, W, 3] (or a PIL image) -> float32 [size, size, 3].
+
+  resize='squash': both sides to `size` (SigLIP); 'crop': the shorter side to
+  `size`, then the centre size x size (CLIP). Then (x / 255 - mean) / std; the
+  defaults (0.5) give [-1, 1], what mmjax's own runs train on.
+  """
+  size: int
+  resize: str = "squash"
+  resample: str = "bicubic"   # a key of RESAMPLES
+  mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+  std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+  def check(self) -> "ImagePrep":
+    if not isinstance(self.size, int) or self.size <= 0:
+      raise ValueError(f"ImagePrep.size must be a positive int; got {self.size!r}")
+    if self.resize not in RESIZES:
+      raise ValueError(f"ImagePrep.resize={self.resize!r} is not one of {RESIZES}")
+    if self.resample not in RESAMPLES:
+      raise ValueError(f"ImagePrep.resample={self.resample!r} is not one of {sorted(RESAMPLES)}")
+    return self
+
+  def resized(self, image) -> np.ndarray:
+    """uint8 [size, size, 3]: the resize (and crop), no normalisation."""
+    img = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
+    img = img.convert("RGB")
+    w, h = img.size
+    s, method = self.size, RESAMPLES[self.resample]
+    if self.resize == "squash":
+      out = img if (w, h) == (s, s) else img.resize((s, s), method)
+    else:
+      scale = s / min(w, h)
+      nw, nh = max(s, round(w * scale)), max(s, round(h * scale))
+      img = img if (nw, nh) == (w, h) else img.resize((nw, nh), method)
+      left, top = (nw - s) // 2, (nh - s) // 2
+      out = img.crop((left, top, left + s, top + s))
+    return np.asarray(out, np.uint8)
+
+  def __call__(self, image) -> np.ndarray:
+    x = self.resized(image).astype(np.float32) / 255.0
+    return (x - np.float32(self.mean)) / np.float32(self.std)
