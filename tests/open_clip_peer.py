@@ -38,3 +38,19 @@ def import_transformers():
   _patch_torchvision()
   return pytest.importorskip("transformers", reason="the HF parity tests need transformers: "
                              "pip install -e '.[test]'")
+
+
+def save_tiny_hf_clip(path, seed: int = 0):
+  """A small random transformers CLIPModel (CLIP's 49408-id vocabulary, so its tokenizer is
+  'clip'; 32 px images, 16 tokens, 2 layers of width 32) saved with save_pretrained."""
+  transformers = import_transformers()
+  import torch
+  torch.manual_seed(seed)
+  cfg = transformers.CLIPConfig(
+      vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, image_size=32, patch_size=8),
+      text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=2, max_position_embeddings=16),
+      projection_dim=16)
+  transformers.CLIPModel(cfg).save_pretrained(path)
+  return path

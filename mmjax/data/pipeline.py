@@ -166,8 +166,12 @@ def random_resized_crop(image: np.ndarray, size: int, rng: np.random.Generator, 
   return resize(image, size)
 
 
-def _to_float(image: np.ndarray) -> np.ndarray:
-  return image.astype(np.float32) * (2.0 / 255.0) - 1.0
+def _to_float(image: np.ndarray, normalize: tuple | None = None) -> np.ndarray:
+  """uint8 -> float32: [-1, 1], or (x / 255 - mean) / std for normalize=(mean, std)."""
+  if normalize is None:
+    return image.astype(np.float32) * (2.0 / 255.0) - 1.0
+  mean, std = (np.asarray(v, np.float32) for v in normalize)
+  return (image.astype(np.float32) / np.float32(255.0) - mean) / std
 
 
 def _rgb(image: np.ndarray) -> np.ndarray:
@@ -182,7 +186,7 @@ class _Preprocess:
   """Example -> {'image', 'text'[, 'label']}; a module-level class so grain workers can pickle it."""
 
   def __init__(self, tokenizer, image_size, text_len, augment, crop_scale_min, flip,
-               image_key, text_key, label_key, views=1):
+               image_key, text_key, label_key, views=1, normalize=None):
     self.__dict__.update(locals())
     del self.__dict__["self"]
 
@@ -193,7 +197,7 @@ class _Preprocess:
       image = resize(image, self.image_size)
     if self.flip and rng.random() < 0.5:
       image = image[:, ::-1]
-    return _to_float(image)
+    return _to_float(image, self.normalize)
 
   def __call__(self, ex: dict, rng: np.random.Generator) -> dict:
     image = _rgb(np.asarray(ex[self.image_key]))
@@ -208,13 +212,14 @@ class _Preprocess:
 
 def make_train_iterator(source, data, *, tokenizer, global_batch_size: int, seed: int,
                         process_index: int = 0, process_count: int = 1, views: int = 1,
-                        read_threads: int = 2):
+                        read_threads: int = 2, normalize: tuple | None = None):
   """An endless, seeded, shuffled iterator over this process's share of each global batch,
   with get_state/set_state.
 
   data: config.data (image_size, text_len, augment, crop_scale_min, flip,
   image_key, text_key, label_key, num_workers). views=2 adds 'image2', a
-  second independent augmentation of each image (MoCo).
+  second independent augmentation of each image (MoCo). normalize: (mean, std) of a
+  converted checkpoint's preprocessing; None maps pixels to [-1, 1].
 
   Restoring a saved state (`it.set_state(state)`) continues with exactly the
   batches the original iterator would have produced.
@@ -230,7 +235,7 @@ def make_train_iterator(source, data, *, tokenizer, global_batch_size: int, seed
     raise ValueError(f"views={views} must be 1 or 2")
   prep = _Preprocess(tokenizer, data.image_size, data.text_len, data.augment,
                      data.crop_scale_min, data.flip, data.image_key, data.text_key,
-                     data.label_key, views)
+                     data.label_key, views, normalize)
   # Few reader threads: grain's default 16 fight XLA for the cores of a small host.
   # One global shuffled stream, augmented by global position, cut into local batches;
   # process p takes local batches p, p + P, ... (batching is lazy: it reads only those).
@@ -252,7 +257,8 @@ def make_train_iterator(source, data, *, tokenizer, global_batch_size: int, seed
   return iter(ds)
 
 
-def make_eval_arrays(source, data, *, tokenizer) -> dict[str, np.ndarray]:
+def make_eval_arrays(source, data, *, tokenizer, normalize: tuple | None = None
+                     ) -> dict[str, np.ndarray]:
   """The whole (small) split in memory, no augmentation: 'image' float32
   [n, S, S, 3], 'text' int32 [n, L], 'label' int32 [n] if present.
 
@@ -263,7 +269,7 @@ def make_eval_arrays(source, data, *, tokenizer) -> dict[str, np.ndarray]:
   images, texts, labels = [], [], []
   for i in range(len(source)):
     ex = source[i]
-    images.append(_to_float(resize(_rgb(np.asarray(ex[image_key])), image_size)))
+    images.append(_to_float(resize(_rgb(np.asarray(ex[image_key])), image_size), normalize))
     texts.append(_decode_text(ex[text_key]))
     if label_key and label_key in ex:
       labels.append(int(ex[label_key]))

@@ -58,3 +58,50 @@ def zeroshot_accuracy(img_emb: np.ndarray, class_emb: np.ndarray,
   true = np.take_along_axis(scores, labels[:, None], axis=1)
   rank = (scores > true).sum(1)
   return {f"top{k}": float(np.mean(rank < k)) for k in ks if k <= scores.shape[1]}
+
+
+class ZeroShotCounts:
+  """Running sums for zero-shot classification over a stream of batches (CLIP_benchmark's
+  metrics): top-1 / top-5 hits and per-class hits and counts; memory O(classes).
+
+    counts = ZeroShotCounts(num_classes)
+    for batch: counts.update(img_emb @ class_emb.T, labels, valid)
+    counts.result()   # {'acc1', 'acc5', 'mean_per_class_recall', 'n'}
+
+  A tie with the true class counts against it (rank = classes scoring strictly higher).
+  """
+
+  def __init__(self, num_classes: int, ks: Sequence[int] = (1, 5)):
+    self.num_classes, self.ks = num_classes, tuple(k for k in ks if k <= num_classes)
+    self.hits = {k: 0 for k in self.ks}
+    self.class_hits = np.zeros(num_classes, np.int64)
+    self.class_count = np.zeros(num_classes, np.int64)
+
+  def update(self, scores: np.ndarray, labels: np.ndarray, valid: np.ndarray | None = None):
+    """scores [b, C], labels [b] int, valid [b] bool (False rows: batch padding, skipped)."""
+    scores, labels = np.asarray(scores, np.float32), np.asarray(labels)
+    if scores.ndim != 2 or scores.shape[1] != self.num_classes or labels.shape != scores.shape[:1]:
+      raise ValueError(f"scores {scores.shape} must be [b, {self.num_classes}] and labels "
+                       f"{labels.shape} [b]")
+    if valid is not None:
+      scores, labels = scores[np.asarray(valid, bool)], labels[np.asarray(valid, bool)]
+    bad = labels[(labels < 0) | (labels >= self.num_classes)]
+    if bad.size:
+      raise ValueError(f"labels outside [0, {self.num_classes}): {bad[:5]}")
+    require_finite("ZeroShotCounts.update", scores=scores)
+    true = np.take_along_axis(scores, labels[:, None], axis=1)
+    rank = (scores > true).sum(1)
+    for k in self.ks:
+      self.hits[k] += int((rank < k).sum())
+    np.add.at(self.class_count, labels, 1)
+    np.add.at(self.class_hits, labels, (rank < 1).astype(np.int64))
+
+  def result(self) -> dict[str, float]:
+    n = int(self.class_count.sum())
+    if n == 0:
+      raise ValueError("ZeroShotCounts: no examples were counted")
+    seen = self.class_count > 0
+    out = {f"acc{k}": self.hits[k] / n for k in self.ks}
+    out["mean_per_class_recall"] = float((self.class_hits[seen] / self.class_count[seen]).mean())
+    out["n"] = n
+    return out

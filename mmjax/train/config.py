@@ -45,7 +45,13 @@ def defaults() -> ml_collections.ConfigDict:
   c.frozen = ()
   # Start the subtree params[prefix] from another run's newest checkpoint (the
   # same architecture there): e.g. a LiT image tower from an MAE run's 'img'.
-  c.init_from = ml_collections.ConfigDict(dict(workdir=placeholder(str), prefix="img"))
+  # Or start the whole two-tower model from a converted checkpoint:
+  # 'big_vision:/path.npz' | 'hf:/dir' | 'open_clip:MODEL_NAME:/path' (mmjax.convert.load).
+  # Its architecture, image size and preprocessing, text length and tokenizer replace
+  # config.model's towers and config.data's image_size / text_len / tokenizer; config.loss
+  # must be its loss. total_steps=0 evaluates it; more steps fine-tune it.
+  c.init_from = ml_collections.ConfigDict(dict(workdir=placeholder(str), prefix="img",
+                                               checkpoint=placeholder(str)))
   c.log_every = 20
   # A step whose loss or gradient norm is not finite leaves the state as it was, and
   # 'stop': the run stops there with an error (exit 1), the checkpoints already saved
@@ -81,6 +87,10 @@ def defaults() -> ml_collections.ConfigDict:
       text_len=16,
       vocab_size=512,         # includes 256 byte-fallback pieces
       tokenizer_path=placeholder(str),  # None: trained on the training captions, cached
+      # A mmjax.data.tokenizers.get_tokenizer spec ('clip', 'sentencepiece:/path.model',
+      # 'gemma:/path', 'hf:/tokenizer.json') in place of the trained one; None: the
+      # init_from.checkpoint's own, else the trained sentencepiece.
+      tokenizer=placeholder(str),
       augment=True,
       crop_scale_min=0.6,
       flip=False,             # flips turn a 2 into a mirrored 2: off for digits
@@ -184,7 +194,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.loss_blocks={config.loss_blocks!r} does not apply to "
                      "config.loss_impl='gather' (its [n, N] logits are dense by design); "
                      "use config.loss_impl='ring'")
-  for key in ("batch_size", "total_steps", "log_every", "accum_steps", "nan_skip_limit",
+  steps = config.total_steps
+  if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+    raise ValueError(f"config.total_steps must be a non-negative int (0: evaluate only); "
+                     f"got {steps!r}")
+  if config.init_from.checkpoint and config.init_from.workdir:
+    raise ValueError("config.init_from.checkpoint and config.init_from.workdir are both set; "
+                     "a run starts from one of them")
+  if config.init_from.checkpoint and config.loss not in CONTRASTIVE:
+    raise ValueError(f"config.init_from.checkpoint is a two-tower model; config.loss="
+                     f"{config.loss!r} is not one of {CONTRASTIVE}")
+  for key in ("batch_size", "log_every", "accum_steps", "nan_skip_limit",
               "checkpoint.every", "checkpoint.keep"):
     value = _get(config, key)
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:

@@ -50,6 +50,7 @@ class Run:
   state_sharding: Any
   batch_sharding: NamedSharding
   t_start: float                      # when build began: results.json's wall_s counts from here
+  start_params: Any = None            # config.init_from.checkpoint's params (host numpy)
 
   def init_state(self) -> state_lib.TrainState:
     """The initial state, created on the mesh already sharded (no host copy)."""
@@ -69,25 +70,71 @@ def _data_state(data_iter) -> dict:
   return {"processes": multihost.gather_json(data_iter.get_state())}
 
 
-def _open_data(config, ddir: str):
+def _load_checkpoint(config):
+  """config.init_from.checkpoint converted (mmjax.convert.load), or None; its image size
+  and text length replace config.data's (said in one line when they differ)."""
+  spec = config.init_from.checkpoint
+  if not spec:
+    return None
+  from mmjax import convert
+  try:
+    ckpt = convert.load(spec)
+  except ValueError as e:
+    raise ValueError(f"config.init_from.checkpoint={spec!r}: {e}") from None
+  if ckpt.config["loss"] != config.loss:
+    raise ValueError(f"config.loss={config.loss!r}, but config.init_from.checkpoint={spec!r} "
+                     f"is a {ckpt.config['loss']!r} model; set --config.loss="
+                     f"{ckpt.config['loss']}")
+  d, size, length = config.data, ckpt.preprocess.size, ckpt.config["text"]["max_len"]
+  if (d.image_size, d.text_len) != (size, length):
+    if jax.process_index() == 0:
+      print(f"mmjax: config.data.image_size={size}, text_len={length} from "
+            f"config.init_from.checkpoint (the config said {d.image_size}, {d.text_len})",
+            flush=True)
+    d.image_size, d.text_len = size, length
+  return ckpt
+
+
+def _tokenizer_spec(config, ckpt) -> str | None:
+  spec = config.data.tokenizer or (ckpt.tokenizer if ckpt is not None else None)
+  if ckpt is not None and spec is None:
+    raise ValueError(f"config.data.tokenizer: config.init_from.checkpoint="
+                     f"{config.init_from.checkpoint!r} names no tokenizer (big_vision .npz "
+                     "files hold no vocabulary); set e.g. "
+                     "--config.data.tokenizer=sentencepiece:/path/to/spiece.model")
+  return spec
+
+
+def _open_data(config, ddir: str, ckpt=None):
   """(dataset, train source, tokenizer); the dataset is opened once.
 
   An I/O error (a read-only or missing data_dir that needs writing on first
   use) is a ValueError naming config.data.data_dir and the path.
   """
   d = config.data
+  spec = _tokenizer_spec(config, ckpt)
   try:
     dataset = pipeline.open_dataset(d, ddir)
     train_src = dataset.source(d.train_split)
-    tok = tokenizer_lib.get_tokenizer(
-        name=d.name, data_dir=ddir, vocab_size=d.vocab_size, path=d.tokenizer_path,
-        train_texts_fn=lambda: pipeline.iter_texts(train_src, d.text_key))
+    if spec:
+      from mmjax.data import tokenizers
+      try:
+        tok = tokenizers.get_tokenizer(spec)
+      except ValueError as e:
+        raise ValueError(f"config.data.tokenizer: {e}") from None
+      if ckpt is not None and tok.vocab_size > ckpt.config["text"]["vocab_size"]:
+        raise ValueError(f"config.data.tokenizer={spec!r} has {tok.vocab_size} ids; the "
+                         f"checkpoint's text tower embeds {ckpt.config['text']['vocab_size']}")
+    else:
+      tok = tokenizer_lib.get_tokenizer(
+          name=d.name, data_dir=ddir, vocab_size=d.vocab_size, path=d.tokenizer_path,
+          train_texts_fn=lambda: pipeline.iter_texts(train_src, d.text_key))
   except OSError as e:
     where = f" {e.filename}" if e.filename else ""
     raise ValueError(f"config.data.data_dir={ddir!r}: cannot use{where} "
                      f"({e.strerror or e}); the dataset and tokenizer are built there on first "
                      "use, so it must be writable until then") from None
-  if jax.process_index() == 0:
+  if jax.process_index() == 0 and hasattr(tok, "num_tokens"):
     _warn_truncation(train_src, tok, config)
   return dataset, train_src, tok
 
@@ -133,9 +180,9 @@ def _check_labels(config, dataset) -> None:
             "and the linear/kNN probes are skipped; retrieval is evaluated", flush=True)
 
 
-def _make_evaluator(config, objective, dataset, train_src, tok) -> Evaluator:
+def _make_evaluator(config, objective, dataset, train_src, tok, normalize=None) -> Evaluator:
   d, e = config.data, config.evaluate
-  arrays = lambda src: pipeline.make_eval_arrays(src, d, tokenizer=tok)
+  arrays = lambda src: pipeline.make_eval_arrays(src, d, tokenizer=tok, normalize=normalize)
   probe_arrays = None
   if e.probes and d.label_key:
     probe_arrays = arrays(_first(train_src, e.probe_train_examples))
@@ -164,21 +211,27 @@ def build(config: ml_collections.ConfigDict) -> Run:
                      f"{n_data} devices of the batch axes x config.accum_steps={config.accum_steps}, "
                      f"and by {jax.process_count()} processes")
   ddir = config_lib.data_dir(config)
+  ckpt = _load_checkpoint(config)
   # Process 0 builds the dataset and tokenizer (first use only); the others then read them.
   if jax.process_index() == 0:
-    dataset, train_src, tok = _open_data(config, ddir)
+    dataset, train_src, tok = _open_data(config, ddir, ckpt)
   _sync("mmjax_data_ready")
   if jax.process_index() != 0:
-    dataset, train_src, tok = _open_data(config, ddir)
+    dataset, train_src, tok = _open_data(config, ddir, ckpt)
   _check_labels(config, dataset)
   objective = objectives.make(config, tok.vocab_size, mesh=mesh,
-                              batch_axes=sharding.batch_axes(mesh))
+                              batch_axes=sharding.batch_axes(mesh),
+                              converted=None if ckpt is None else ckpt.config)
+  normalize = None if ckpt is None else (ckpt.preprocess.mean, ckpt.preprocess.std)
   rng = jax.random.PRNGKey(config.seed)
   # The model's init is traced once, for shapes: the frozen labels and the state's shardings.
   abstract_params = jax.eval_shape(objective.init, rng, _dummy_batch(config.data))
   frozen = optimizer.frozen_labels(abstract_params, config.frozen) if config.frozen else None
   objective = objective.with_frozen(frozen)
-  tx, schedule = optimizer.make_optimizer(config.optim, config.total_steps, frozen=frozen)
+  if config.total_steps == 0:   # evaluate only: no update is ever made
+    tx, schedule = optax.identity(), optax.constant_schedule(0.0)
+  else:
+    tx, schedule = optimizer.make_optimizer(config.optim, config.total_steps, frozen=frozen)
   abstract = state_lib.abstract_state(objective, tx, abstract_params, rng)
   state_sharding = sharding.state_shardings(abstract, mesh, config.sharding)
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
@@ -186,12 +239,26 @@ def build(config: ml_collections.ConfigDict) -> Run:
   data_iter = pipeline.make_train_iterator(
       train_src, config.data, tokenizer=tok, global_batch_size=config.batch_size,
       seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count(),
-      views=2 if "image2" in objective.batch_keys else 1)
-  evaluator = _make_evaluator(config, objective, dataset, train_src, tok)
+      views=2 if "image2" in objective.batch_keys else 1, normalize=normalize)
+  evaluator = _make_evaluator(config, objective, dataset, train_src, tok, normalize)
   return Run(config=config, mesh=mesh, objective=objective, tx=tx, schedule=schedule,
              data_iter=data_iter, evaluator=evaluator, rng=rng, abstract=abstract,
              state_sharding=state_sharding, batch_sharding=sharding.batch_sharding(mesh),
-             t_start=t_start)
+             t_start=t_start, start_params=None if ckpt is None else ckpt.params)
+
+
+def _init_from_checkpoint(state, built: Run):
+  """The state with every param replaced by config.init_from.checkpoint's (cast to the
+  run's param dtype, placed with the state's shardings)."""
+  want = jax.tree_util.tree_structure(state.params)
+  if jax.tree_util.tree_structure(built.start_params) != want:
+    raise ValueError(f"config.init_from.checkpoint: its params do not have this run's "
+                     f"structure ({want})")
+  params = jax.tree.map(lambda x, y: np.asarray(y, x.dtype), state.params, built.start_params)
+  params = jax.device_put(params, built.state_sharding.params)
+  if jax.process_index() == 0:
+    print(f"mmjax: params from {built.config.init_from.checkpoint}", flush=True)
+  return state.replace(params=params)
 
 
 def _init_from(state, init_from, state_sharding, objective):
@@ -287,6 +354,8 @@ def _start(built: Run, ckpt, workdir: str) -> tuple[state_lib.TrainState, int, d
     state = built.init_state()
     if config.init_from.workdir:
       state = _init_from(state, config.init_from, built.state_sharding, built.objective)
+    elif built.start_params is not None:
+      state = _init_from_checkpoint(state, built)
     # The baseline the trained numbers are compared with.
     return state, 0, built.evaluator(state.params) if config.evaluate.at_init else {}, {}
   start, state, data_state = restored

@@ -90,9 +90,23 @@ def tower_config(config: ml_collections.ConfigDict, tower: str, **extra) -> dict
     raise ValueError(f"config.model.{tower}.{e}") from None
 
 
-def build_two_tower(config: ml_collections.ConfigDict, vocab_size: int) -> two_tower.TwoTower:
-  """The two-tower model of config.model; its towers are checked here, so a bad one fails early."""
+def build_two_tower(config: ml_collections.ConfigDict, vocab_size: int,
+                    converted: dict | None = None) -> two_tower.TwoTower:
+  """The two-tower model of config.model; its towers are checked here, so a bad one fails early.
+
+  converted: the `two_tower.Model` kwargs of a converted checkpoint (Converted.config), whose
+  architecture replaces config.model's towers; config.model's dtype, param_dtype, remat,
+  attention_impl and image.patch_dropout still apply.
+  """
   m = config.model
+  if converted is not None:
+    runtime = dict(dtype=dtype(m.dtype), param_dtype=dtype(m.param_dtype), remat=m.remat,
+                   attention_impl=m.attention_impl)
+    return two_tower.Model(
+        image=dict(converted["image"], patch_dropout=m.image.patch_dropout, **runtime),
+        text=dict(converted["text"], **runtime),
+        **{k: v for k, v in converted.items() if k not in ("image", "text")},
+        dtype=runtime["dtype"], param_dtype=runtime["param_dtype"])
   return two_tower.TwoTower(
       image=tower_config(config, "image"),
       text=tower_config(config, "text", vocab_size=vocab_size, max_len=config.data.text_len),
@@ -198,8 +212,9 @@ class Contrastive(Objective):
   batch_keys = ("image", "text")
 
   def __init__(self, config: ml_collections.ConfigDict, vocab_size: int, *,
-               mesh: Mesh | None = None, batch_axes: tuple[str, ...] = ()):
-    self.model = build_two_tower(config, vocab_size)
+               mesh: Mesh | None = None, batch_axes: tuple[str, ...] = (),
+               converted: dict | None = None):
+    self.model = build_two_tower(config, vocab_size, converted)
     self.accum_steps = config.accum_steps
     self.loss_of = contrastive_loss(config.loss, config.loss_impl, config.loss_blocks,
                                     mesh=mesh, axes=batch_axes)
@@ -299,10 +314,12 @@ class MoCo(Objective):
 
 
 def make(config: ml_collections.ConfigDict, vocab_size: int, *, mesh: Mesh | None = None,
-         batch_axes: tuple[str, ...] = ()) -> Objective:
-  """The objective of config.loss (with no frozen params: see Objective.with_frozen)."""
+         batch_axes: tuple[str, ...] = (), converted: dict | None = None) -> Objective:
+  """The objective of config.loss (with no frozen params: see Objective.with_frozen);
+  converted: a converted checkpoint's model kwargs (two-tower losses only)."""
   if config.loss in CONTRASTIVE:
-    return Contrastive(config, vocab_size, mesh=mesh, batch_axes=batch_axes)
+    return Contrastive(config, vocab_size, mesh=mesh, batch_axes=batch_axes,
+                       converted=converted)
   if config.loss == "mae":
     return MAE(config)
   if config.loss == "moco":

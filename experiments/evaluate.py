@@ -1,0 +1,169 @@
+r"""Zero-shot classification or image-text retrieval of a checkpoint (CLIP_benchmark's protocol).
+
+  python -m experiments.evaluate --checkpoint hf:/ckpt/siglip-base-patch16-224 \
+      --dataset folder:/data/imagenet/val --templates openai --output imagenet.json
+  python -m experiments.evaluate --checkpoint big_vision:/ckpt/webli_en_b16_224.npz \
+      --tokenizer sentencepiece:/ckpt/c4_en.model --dataset tfds:cifar10 --split test
+
+Classification (a dataset with class labels): one embedding per class, the templates' text
+embeddings averaged and re-normalised; acc1, acc5 and the mean per-class recall (balanced
+accuracy). Retrieval (a dataset of image-caption pairs): image->text and text->image
+recall@1/5/10, identical captions counting as one text. Images stream through in fixed-size
+batches (running sums: memory does not grow with the dataset for classification; retrieval
+keeps one embedding per example). The JSON result goes to --output (written only when the
+whole evaluation succeeded) and to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+
+
+def _encoders(ckpt):
+  import jax
+  from mmjax.models import two_tower
+  model = two_tower.Model(**ckpt.config)
+  params = jax.device_put(ckpt.params)
+  img = jax.jit(lambda p, x: model.apply({"params": p}, x, method="encode_image"))
+  txt = jax.jit(lambda p, t: model.apply({"params": p}, t, method="encode_text"))
+  return (lambda x: np.asarray(img(params, x))), (lambda t: np.asarray(txt(params, t)))
+
+
+def _batched_text(encode_txt, tok, text_len: int, batch_size: int):
+  """strings -> [n, d] embeddings, in fixed-size batches (one compile)."""
+  def encode(strings):
+    out = []
+    for i in range(0, len(strings), batch_size):
+      chunk = list(strings[i:i + batch_size])
+      n = len(chunk)
+      ids = tok.encode(chunk + [chunk[0]] * (batch_size - n), text_len)
+      out.append(encode_txt(ids)[:n])
+    return np.concatenate(out)
+  return encode
+
+
+class _Clock:
+  """Images per second of the streaming loop after its first batch (which compiles)."""
+
+  def __init__(self):
+    self.start, self.images, self.end = None, 0, None
+
+  def tick(self, batch):
+    now = time.time()
+    if self.start is None:
+      self.start = now
+    else:
+      self.images += int(np.sum(batch["valid"]))
+    self.end = now
+
+  def rate(self) -> float | None:
+    if not self.images:
+      return None   # one batch: nothing measured after the compile
+    return self.images / max(self.end - self.start, 1e-9)
+
+
+def evaluate(checkpoint: str, dataset: str, *, split: str = "test", data_dir: str | None = None,
+             templates: str = "openai", tokenizer: str | None = None, batch_size: int = 64,
+             limit: int | None = None, num_threads: int = 4, progress: bool = True) -> dict:
+  """Evaluates `checkpoint` (a mmjax.convert.load spec) on `dataset`
+  (mmjax.data.eval_data.open_eval_set spec); returns the result dict."""
+  from tqdm import tqdm
+  from mmjax import convert
+  from mmjax.data import eval_data, tokenizers
+  from mmjax.evaluate.retrieval import retrieval_recall
+  from mmjax.evaluate.zeroshot import ZeroShotCounts, class_embeddings
+  t0 = time.time()
+  ds = eval_data.open_eval_set(dataset, split=split, data_dir=data_dir)
+  temps = eval_data.load_templates(templates) if ds.class_names else None
+  ckpt = convert.load(checkpoint)
+  spec = tokenizer or ckpt.tokenizer
+  if spec is None:
+    raise ValueError(f"--tokenizer: checkpoint {checkpoint!r} names no tokenizer (big_vision "
+                     ".npz files hold no vocabulary); pass e.g. --tokenizer "
+                     "sentencepiece:/path/to/spiece.model")
+  tok = tokenizers.get_tokenizer(spec)
+  text_len = ckpt.config["text"]["max_len"]
+  if tok.vocab_size > ckpt.config["text"]["vocab_size"]:
+    raise ValueError(f"--tokenizer {spec!r} has {tok.vocab_size} ids; the checkpoint's text "
+                     f"tower embeds {ckpt.config['text']['vocab_size']}")
+  encode_img, encode_txt = _encoders(ckpt)
+  encode_text = _batched_text(encode_txt, tok, text_len, batch_size)
+  n = len(ds.source) if limit is None else min(limit, len(ds.source))
+  batches = tqdm(eval_data.eval_batches(ds, ckpt.preprocess, batch_size, limit=limit,
+                                        num_threads=num_threads),
+                 total=math.ceil(n / batch_size), unit="batch", disable=not progress,
+                 desc=f"mmjax: evaluating on {ds.name}", file=sys.stderr)
+  clock = _Clock()
+  if ds.class_names:
+    class_emb = class_embeddings(encode_text, ds.class_names, temps)
+    counts = ZeroShotCounts(len(ds.class_names))
+    for batch in batches:
+      counts.update(encode_img(batch["image"]) @ class_emb.T, batch["label"], batch["valid"])
+      clock.tick(batch)
+    metrics, task = counts.result(), "zeroshot_classification"
+  else:
+    imgs, texts = [], []
+    for batch in batches:
+      imgs.append(encode_img(batch["image"])[batch["valid"]])
+      texts += [t for t, v in zip(batch["text"], batch["valid"]) if v]
+      clock.tick(batch)
+    img_emb = np.concatenate(imgs)
+    _, ids = np.unique(np.asarray(texts, dtype=object).astype(str), return_inverse=True)
+    r = retrieval_recall(img_emb, encode_text(texts), img_ids=ids, txt_ids=ids)
+    metrics = {f"image_retrieval_recall@{k}": r[f"t2i_r{k}"] for k in (1, 5, 10)}
+    metrics.update({f"text_retrieval_recall@{k}": r[f"i2t_r{k}"] for k in (1, 5, 10)})
+    metrics["n"], task = len(img_emb), "zeroshot_retrieval"
+  out = {"checkpoint": checkpoint, "dataset": ds.name, "split": split, "task": task,
+         "metrics": metrics, "tokenizer": spec, "image_size": ckpt.preprocess.size,
+         "images_per_second": clock.rate(), "seconds": time.time() - t0}
+  if temps is not None:
+    out.update(templates=templates, num_templates=len(temps), num_classes=len(ds.class_names))
+  return out
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(prog="python -m experiments.evaluate", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--checkpoint", required=True,
+                 help="hf:/dir | big_vision:/path.npz | open_clip:MODEL_NAME:/path")
+  p.add_argument("--dataset", required=True, help="tfds:NAME | folder:/path | a directory")
+  p.add_argument("--split", default="test", help="the TFDS split (default: test)")
+  p.add_argument("--data_dir", default=None, help="TFDS data dir (default: $MMJAX_DATA_DIR "
+                 "or ~/.cache/mmjax/datasets)")
+  p.add_argument("--templates", default="openai",
+                 help="openai (80) | simple (7) | a file, one template with '{}' per line")
+  p.add_argument("--tokenizer", default=None, help="override the checkpoint's tokenizer spec")
+  p.add_argument("--batch_size", type=int, default=64)
+  p.add_argument("--limit", type=int, default=None, help="the first N examples only")
+  p.add_argument("--num_threads", type=int, default=4, help="image decoding threads")
+  p.add_argument("--output", default=None, help="write the result JSON here")
+  p.add_argument("--no_progress", action="store_true")
+  a = p.parse_args(argv)
+  try:
+    result = evaluate(a.checkpoint, a.dataset, split=a.split, data_dir=a.data_dir,
+                      templates=a.templates, tokenizer=a.tokenizer, batch_size=a.batch_size,
+                      limit=a.limit, num_threads=a.num_threads, progress=not a.no_progress)
+  except (ValueError, ImportError) as e:
+    print(f"mmjax: error: {e}", file=sys.stderr)
+    return 1
+  text = json.dumps(result, indent=2)
+  if a.output:
+    path = os.path.expanduser(a.output)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+      f.write(text + "\n")
+    os.replace(tmp, path)
+  print(text)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,157 @@
+"""python -m experiments.evaluate: zero-shot classification on a generated image folder and
+retrieval on a generated caption dataset, against the same model's embeddings of the whole set
+at once and NumPy metrics (float64 class embeddings); the streaming sums; errors."""
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from experiments import evaluate as cli
+from mmjax import convert
+from mmjax.data import eval_data
+from mmjax.evaluate.zeroshot import ZeroShotCounts
+from mmjax.models import two_tower
+from tests.open_clip_peer import save_tiny_hf_clip
+
+CLASSES = ["golden_retriever", "tabby cat", "fire truck", "tench", "goose", "zebra"]
+
+
+@pytest.fixture(scope="module")
+def hf_clip(tmp_path_factory):
+  return save_tiny_hf_clip(tmp_path_factory.mktemp("hf_clip"))
+
+
+def image_folder(root, rng, per_class):
+  """root/<class>/<i>.png, random sizes and aspect ratios (the preprocessing resizes and crops)."""
+  for c, n in zip(CLASSES, per_class):
+    (root / c).mkdir(parents=True)
+    for i in range(n):
+      h, w = rng.integers(20, 60, size=2)
+      Image.fromarray(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)).save(
+          root / c / f"{i}.png")
+  (root / "notes.txt").write_text("not a class folder")
+  return root
+
+
+def reference_embeddings(ckpt, prepared_images, texts, tok):
+  model = two_tower.Model(**ckpt.config)
+  img = model.apply({"params": ckpt.params}, jnp.asarray(prepared_images), method="encode_image")
+  ids = tok.encode(texts, ckpt.config["text"]["max_len"])
+  txt = model.apply({"params": ckpt.params}, jnp.asarray(ids), method="encode_text")
+  return np.asarray(img, np.float64), np.asarray(txt, np.float64)
+
+
+def test_zeroshot_on_an_image_folder_matches_the_whole_set_at_once(hf_clip, rng, tmp_path,
+                                                                   capsys):
+  per_class = [3, 1, 4, 2, 3, 2]    # 15 images: batches of 4 leave a padded last batch
+  root = image_folder(tmp_path / "val", rng, per_class)
+  templates = tmp_path / "t.txt"
+  templates.write_text("a photo of a {}.\n\nsomething like a {}\n")
+  out = tmp_path / "out" / "r.json"
+  assert cli.main(["--checkpoint", f"hf:{hf_clip}", "--dataset", f"folder:{root}",
+                   "--templates", str(templates), "--batch_size", "4", "--output", str(out),
+                   "--no_progress"]) == 0
+  result = json.loads(out.read_text())
+  assert json.loads(capsys.readouterr().out) == result
+  assert (result["task"], result["num_classes"], result["num_templates"]) == (
+      "zeroshot_classification", 6, 2)
+
+  # The reference: every image at once, float64 prompt ensembles, ranks by NumPy.
+  from mmjax.data import tokenizers
+  ckpt = convert.from_hf(hf_clip)
+  tok = tokenizers.get_tokenizer("clip")
+  folder = eval_data.ImageFolder(root)
+  labels = np.array([label for _, label in folder.items])
+  images = np.stack([ckpt.preprocess(Image.open(p)) for p, _ in folder.items])
+  names = sorted(CLASSES)   # label order: sorted folder names, underscores read as spaces
+  prompts = [t.format(n.replace("_", " ")) for n in names
+             for t in ("a photo of a {}.", "something like a {}")]
+  img, txt = reference_embeddings(ckpt, images, prompts, tok)
+  txt /= np.linalg.norm(txt, axis=1, keepdims=True)
+  cls = txt.reshape(6, 2, -1).mean(1)
+  cls /= np.linalg.norm(cls, axis=1, keepdims=True)
+  scores = img @ cls.T
+  rank = (scores > scores[np.arange(len(labels)), labels][:, None]).sum(1)
+  recall = [np.mean(rank[labels == c] == 0) for c in range(6)]
+  want = {"acc1": np.mean(rank == 0), "acc5": np.mean(rank < 5),
+          "mean_per_class_recall": np.mean(recall), "n": 15}
+  assert result["metrics"] == pytest.approx(want, abs=1e-12)
+
+
+def test_retrieval_on_a_caption_dataset(hf_clip, rng, tmp_path):
+  from mmjax.data.image_folder import build_image_text_folder
+  rows = ["image,caption,split"]
+  for i in range(7):
+    Image.fromarray(rng.integers(0, 256, size=(24, 24, 3), dtype=np.uint8)).save(
+        tmp_path / f"{i}.png")
+    caption = "a red square" if i in (2, 5) else f"picture number {i}"   # one caption twice
+    rows.append(f"{i}.png,{caption},test")
+  (tmp_path / "captions.csv").write_text("\n".join(rows) + "\n")
+  name = build_image_text_folder(str(tmp_path / "captions.csv"), data_dir=str(tmp_path / "d"),
+                                 name="caps", image_size=32)
+  result = cli.evaluate(f"hf:{hf_clip}", f"tfds:{name}", data_dir=str(tmp_path / "d"),
+                        batch_size=3, progress=False)
+  assert result["task"] == "zeroshot_retrieval" and result["metrics"]["n"] == 7
+
+  from mmjax.data import tokenizers
+  from mmjax.evaluate.retrieval import retrieval_recall
+  ckpt = convert.from_hf(hf_clip)
+  ds = eval_data.open_eval_set(f"tfds:{name}", data_dir=str(tmp_path / "d"))
+  exs = [ds.source[i] for i in range(len(ds.source))]
+  images = np.stack([ckpt.preprocess(e["image"]) for e in exs])
+  texts = [e["text"].decode() for e in exs]
+  img, txt = reference_embeddings(ckpt, images, texts, tokenizers.get_tokenizer("clip"))
+  _, ids = np.unique(texts, return_inverse=True)
+  want = retrieval_recall(img, txt, img_ids=ids, txt_ids=ids)
+  assert result["metrics"]["image_retrieval_recall@1"] == want["t2i_r1"]
+  assert result["metrics"]["text_retrieval_recall@5"] == want["i2t_r5"]
+  assert len(set(ids)) == 6
+
+
+def test_zeroshot_counts_stream_equals_one_batch(rng):
+  """Running sums over uneven batches with padding rows == the metrics of all rows at once."""
+  scores = rng.normal(size=(50, 7)).astype(np.float32)
+  labels = rng.integers(0, 7, size=50)
+  labels[:7] = np.arange(7)
+  whole = ZeroShotCounts(7)
+  whole.update(scores, labels)
+  stream = ZeroShotCounts(7)
+  for lo, hi in ((0, 13), (13, 14), (14, 50)):
+    pad = 5
+    s = np.concatenate([scores[lo:hi], rng.normal(size=(pad, 7)).astype(np.float32)])
+    lab = np.concatenate([labels[lo:hi], rng.integers(0, 7, size=pad)])
+    stream.update(s, lab, valid=np.arange(len(s)) < hi - lo)
+  assert stream.result() == whole.result()
+  top = np.argsort(-scores, axis=1)
+  per_class = [np.mean(top[labels == c, 0] == c) for c in range(7)]
+  assert whole.result() == pytest.approx(
+      {"acc1": np.mean(top[:, 0] == labels), "acc5": np.mean((top[:, :5] == labels[:, None]).any(1)),
+       "mean_per_class_recall": np.mean(per_class), "n": 50})
+
+
+def test_errors_are_one_line_and_write_nothing(hf_clip, rng, tmp_path, capsys):
+  out = tmp_path / "r.json"
+  root = image_folder(tmp_path / "val", rng, [1] * 6)
+  cases = [
+      (["--dataset", str(tmp_path / "nowhere")], "dataset="),
+      (["--dataset", f"folder:{root}", "--templates", "fancy"], "templates='fancy': not one of"),
+      (["--dataset", f"folder:{tmp_path / 'val' / 'zebra'}"], "has no class subfolders"),
+      (["--dataset", f"folder:{root}", "--tokenizer", "nonsense"], "nonsense"),
+  ]
+  for args, message in cases:
+    code = cli.main(["--checkpoint", f"hf:{hf_clip}", *args, "--output", str(out),
+                     "--no_progress"])
+    err = capsys.readouterr().err
+    assert code == 1 and message in err and err.count("\n") == 1, (args, err)
+    assert not out.exists()
+  assert eval_data.load_templates("openai")[0].count("{}") == 1
+  assert len(eval_data.load_templates("openai")) == 80
+  assert len(eval_data.load_templates("simple")) == 7
+  names = eval_data.imagenet_classnames()
+  assert len(names) == 1000 and names[0] == "tench"
+  wnids = [f"n{i:08d}" for i in range(1000)]
+  assert eval_data.readable_names(wnids) == names
+

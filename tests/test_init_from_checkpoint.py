@@ -1,0 +1,95 @@
+"""The launcher with config.init_from.checkpoint: a converted Hugging Face CLIPModel evaluated
+(total_steps=0), fine-tuned (all params, and LiT-style with the image tower frozen) on the digits
+and resumed; the run starts from exactly the checkpoint's params."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from mmjax import convert
+from mmjax.train import checkpoint, loop
+from tests.configs import tiny_config
+from tests.open_clip_peer import save_tiny_hf_clip
+
+
+@pytest.fixture(scope="module")
+def hf_clip(tmp_path_factory):
+  return save_tiny_hf_clip(tmp_path_factory.mktemp("hf_clip"))
+
+
+def cfg(data_dir, hf_clip, **kw):
+  return tiny_config(data_dir, **{"loss": "clip", "init_from.checkpoint": f"hf:{hf_clip}",
+                                  "batch_size": 8, "total_steps": 4, "checkpoint.every": 2,
+                                  "optim.warmup_steps": 1,
+                                  "evaluate.at_init": True, "data.image_size": 24,
+                                  "data.text_len": 12, **kw})   # the checkpoint's: 32, 16
+
+
+def losses(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
+
+
+def test_total_steps_0_evaluates_the_converted_model(data_dir, hf_clip, tmp_path, capsys):
+  results = loop.train(cfg(data_dir, hf_clip, total_steps=0), str(tmp_path / "eval"))
+  out = capsys.readouterr().out
+  assert ("config.data.image_size=32, text_len=16 from config.init_from.checkpoint (the config "
+          "said 24, 12)") in out
+  assert results["steps"] == 0 and "zeroshot_top1" in results
+  # The same numbers as the Evaluator on the converted params themselves.
+  built = loop.build(cfg(data_dir, hf_clip, total_steps=0))
+  want = built.evaluator(jax.device_put(convert.from_hf(hf_clip).params))
+  assert {k: results[k] for k in want} == want
+  with open(tmp_path / "eval" / "config.json") as f:
+    saved = json.load(f)
+  assert (saved["data"]["image_size"], saved["data"]["text_len"]) == (32, 16)
+
+
+def test_fine_tunes_from_the_checkpoint_and_resumes(data_dir, hf_clip, tmp_path):
+  full = loop.train(cfg(data_dir, hf_clip), str(tmp_path / "a"))
+  # evaluate.at_init: step 0 is the converted model, before any update.
+  zero = loop.train(cfg(data_dir, hf_clip, total_steps=0), str(tmp_path / "z"))
+  assert full["init_zeroshot_top1"] == zero["zeroshot_top1"]
+
+  class Stop(Exception):
+    pass
+
+  def stop_at_3(step, metrics):   # after step 2's checkpoint
+    if step == 3:
+      raise Stop
+
+  with pytest.raises(Stop):
+    loop.train(cfg(data_dir, hf_clip), str(tmp_path / "b"), callbacks=[stop_at_3])
+  resumed = loop.train(cfg(data_dir, hf_clip), str(tmp_path / "b"))
+  assert resumed["resumed_from_step"] == 2
+  assert losses(tmp_path / "b") == losses(tmp_path / "a")
+  params, step = checkpoint.load_params(str(tmp_path / "a"))
+  start = convert.from_hf(hf_clip).params
+  assert step == 4
+  moved = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(a != b)), params, start))
+  assert all(moved), "every param trained"
+
+
+def test_lit_style_frozen_image_tower_stays_the_checkpoints(data_dir, hf_clip, tmp_path):
+  loop.train(cfg(data_dir, hf_clip, total_steps=2, frozen=("img/.*",)), str(tmp_path / "lit"))
+  params, _ = checkpoint.load_params(str(tmp_path / "lit"))
+  start = convert.from_hf(hf_clip).params
+  jax.tree.map(np.testing.assert_array_equal, params["img"], start["img"])
+  assert np.any(params["txt_proj"]["kernel"] != start["txt_proj"]["kernel"])
+
+
+def test_checkpoint_errors_name_the_field(data_dir, hf_clip, tmp_path):
+  with pytest.raises(ValueError, match=r"config.loss='siglip', but config.init_from.checkpoint="
+                                       r".* is a 'clip' model"):
+    loop.train(cfg(data_dir, hf_clip, loss="siglip"), str(tmp_path / "x"))
+  with pytest.raises(ValueError, match="config.init_from.checkpoint and config.init_from.workdir"):
+    loop.train(cfg(data_dir, hf_clip, **{"init_from.workdir": str(tmp_path)}), str(tmp_path / "y"))
+  with pytest.raises(ValueError, match=r"config.init_from.checkpoint='hf:/nowhere': path="):
+    loop.train(cfg(data_dir, "/nowhere"), str(tmp_path / "z"))
+  with pytest.raises(ValueError, match=r"config.data.tokenizer: .*nonsense"):
+    loop.train(cfg(data_dir, hf_clip, **{"data.tokenizer": "nonsense"}), str(tmp_path / "w"))
+  with pytest.raises(ValueError, match="total_steps must be a non-negative int"):
+    loop.train(cfg(data_dir, hf_clip, total_steps=-1), str(tmp_path / "v"))
