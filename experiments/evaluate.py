@@ -150,7 +150,7 @@ def main(argv=None) -> int:
     result = evaluate(a.checkpoint, a.dataset, split=a.split, data_dir=a.data_dir,
                       templates=a.templates, tokenizer=a.tokenizer, batch_size=a.batch_size,
                       limit=a.limit, num_threads=a.num_threads, progress=not a.no_progress)
-  except (ValueError, ImportError) as e:
+  except (ValueError, ImportError, OSError) as e:   # OSError: an unreadable image file
     print(f"mmjax: error: {e}", file=sys.stderr)
     return 1
   text = json.dumps(result, indent=2)

@@ -15,6 +15,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from mmjax.data import pipeline
 from mmjax.evaluate import retrieval_recall
 from mmjax.nn.layers import Encoder
 from mmjax.train import checkpoint, objectives, optimizer
@@ -463,6 +464,8 @@ def test_model_data_and_eval_keys_reach_what_the_run_builds(data_dir):
   # the first 50 of the test split, the given prompts.
   ev = built.evaluator
   assert len(ev.arrays["image"]) == 1437 and len(ev.probe["image"]) == 50
+  # Lazy: the evaluation decodes one batch of images at a time (test_data checks the values).
+  assert isinstance(ev.arrays["image"], pipeline.EvalImages)
   assert ev.zeroshot[1] == ["digit {}", "a {}"]
   plain = loop.build(tiny_config(data_dir, **{"data.eval_split": "test"}))
   np.testing.assert_array_equal(ev.probe["image"], plain.evaluator.arrays["image"][:50])

@@ -523,3 +523,34 @@ def test_pipeline_process_shards_are_disjoint_and_cover_each_epoch(count, colour
       for q in range(p):
         assert not set(shard) & set(shards[q]), f"epoch {e}: processes {q} and {p} overlap"
     assert sorted(i for shard in shards for i in shard) == list(range(N_COLOURS)), e
+
+
+def test_lazy_eval_images_are_the_stacked_ones_one_slice_at_a_time(rng, tok):
+  """make_eval_arrays(lazy_images=True) (what the launcher's evaluator reads): every slice,
+  index and np.asarray equal the stacked array bitwise, with a converted checkpoint's
+  normalisation too; walking it in batches of 8 allocates about one batch, not the split."""
+  import tracemalloc
+  n, size = 300, 40
+  src = [{"image": rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8),
+          "text": f"card {i}".encode(), "label": i % 7} for i in range(n)]
+  for normalize in (None, ((0.1, 0.2, 0.3), (0.5, 0.25, 0.125))):
+    cfg = data_config(image_size=size, text_len=8)
+    eager = pipeline.make_eval_arrays(src, cfg, tokenizer=tok, normalize=normalize)
+    lazy = pipeline.make_eval_arrays(src, cfg, tokenizer=tok, normalize=normalize,
+                                     lazy_images=True)
+    x = lazy["image"]
+    assert isinstance(x, pipeline.EvalImages) and len(x) == n and x.shape == eager["image"].shape
+    for sl in (slice(0, 7), slice(290, 400), slice(5, 5)):
+      np.testing.assert_array_equal(x[sl], eager["image"][sl])
+    np.testing.assert_array_equal(x[-1], eager["image"][-1])
+    np.testing.assert_array_equal(np.asarray(x), eager["image"])
+    np.testing.assert_array_equal(lazy["text"], eager["text"])
+    np.testing.assert_array_equal(lazy["label"], eager["label"])
+  with pytest.raises(IndexError):
+    x[n]
+  tracemalloc.start()
+  for i in range(0, n, 8):
+    x[i:i + 8].sum()
+  peak = tracemalloc.get_traced_memory()[1]
+  tracemalloc.stop()
+  assert peak < 0.1 * eager["image"].nbytes, (peak, eager["image"].nbytes)

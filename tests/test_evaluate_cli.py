@@ -141,6 +141,8 @@ def test_errors_are_one_line_and_write_nothing(hf_clip, rng, tmp_path, capsys):
       (["--dataset", f"folder:{tmp_path / 'val' / 'zebra'}"], "has no class subfolders"),
       (["--dataset", f"folder:{root}", "--tokenizer", "nonsense"], "nonsense"),
   ]
+  (root / "goose" / "broken.png").write_bytes(b"not a png")
+  cases.append((["--dataset", f"folder:{root}"], "broken.png"))
   for args, message in cases:
     code = cli.main(["--checkpoint", f"hf:{hf_clip}", *args, "--output", str(out),
                      "--no_progress"])

@@ -257,23 +257,60 @@ def make_train_iterator(source, data, *, tokenizer, global_batch_size: int, seed
   return iter(ds)
 
 
-def make_eval_arrays(source, data, *, tokenizer, normalize: tuple | None = None
-                     ) -> dict[str, np.ndarray]:
-  """The whole (small) split in memory, no augmentation: 'image' float32
-  [n, S, S, 3], 'text' int32 [n, L], 'label' int32 [n] if present.
+class EvalImages:
+  """A split's images as a lazy float32 array [n, S, S, 3]: `len`, `shape`, and `x[i:j]`
+  (or `x[i]`) decodes and preprocesses just those rows, so an evaluation that walks it in
+  batches holds one batch of images, however large the split. `np.asarray(x)` materialises it.
+  """
+
+  def __init__(self, source, image_key: str, image_size: int, normalize: tuple | None = None):
+    self.source, self.image_key, self.size, self.normalize = (source, image_key, image_size,
+                                                              normalize)
+    self.shape = (len(source), image_size, image_size, 3)
+    self.dtype = np.dtype(np.float32)
+
+  def __len__(self) -> int:
+    return self.shape[0]
+
+  def _row(self, i: int) -> np.ndarray:
+    image = _rgb(np.asarray(self.source[i][self.image_key]))
+    return _to_float(resize(image, self.size), self.normalize)
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      rows = range(*index.indices(len(self)))
+      if not rows:
+        return np.zeros((0, *self.shape[1:]), np.float32)
+      return np.stack([self._row(i) for i in rows])
+    i = int(index)
+    if not -len(self) <= i < len(self):
+      raise IndexError(f"index {i} out of range for {len(self)} images")
+    return self._row(i % len(self))
+
+  def __array__(self, dtype=None, copy=None):
+    out = self[:]
+    return out if dtype is None else out.astype(dtype)
+
+
+def make_eval_arrays(source, data, *, tokenizer, normalize: tuple | None = None,
+                     lazy_images: bool = False) -> dict:
+  """The split, no augmentation: 'image' float32 [n, S, S, 3], 'text' int32 [n, L],
+  'label' int32 [n] if present. lazy_images: 'image' is an `EvalImages` (decoded per
+  slice: memory independent of the split's size) instead of one stacked array.
 
   data: config.data (image_size, text_len, image_key, text_key, label_key).
   """
   image_size, text_len = data.image_size, data.text_len
   image_key, text_key, label_key = data.image_key, data.text_key, data.label_key
-  images, texts, labels = [], [], []
+  texts, labels = [], []
   for i in range(len(source)):
     ex = source[i]
-    images.append(_to_float(resize(_rgb(np.asarray(ex[image_key])), image_size), normalize))
     texts.append(_decode_text(ex[text_key]))
     if label_key and label_key in ex:
       labels.append(int(ex[label_key]))
-  out = {"image": np.stack(images), "text": tokenizer.encode(texts, text_len)}
+  images = EvalImages(source, image_key, image_size, normalize)
+  out = {"image": images if lazy_images else images[:],
+         "text": tokenizer.encode(texts, text_len)}
   if labels:
     out["label"] = np.asarray(labels, np.int32)
   return out

@@ -22,10 +22,11 @@ class Evaluator:
       With towers, the image embeddings are the probe features too, so the
       eval images are embedded once per evaluation.
     settings: config.evaluate (batch_size, retrieval_match, knn_k, probe_shots).
-    arrays: the eval split, {'image' [n, S, S, 3], 'text' [n, L][, 'label' [n]]}.
+    arrays: the eval split, {'image' [n, S, S, 3], 'text' [n, L][, 'label' [n]]}; 'image'
+      may be lazy (mmjax.data.pipeline.EvalImages: decoded one batch at a time).
     tokenizer, text_len: encode the zero-shot prompts.
     zeroshot: (class_names, templates), or None.
-    probe_arrays: the probe's train split ({'image', 'label'}), or None.
+    probe_arrays: the probe's train split ({'image', 'label'}, 'image' maybe lazy), or None.
   """
 
   def __init__(self, objective: Any, settings, arrays: dict, *, tokenizer=None,

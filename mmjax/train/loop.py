@@ -182,7 +182,8 @@ def _check_labels(config, dataset) -> None:
 
 def _make_evaluator(config, objective, dataset, train_src, tok, normalize=None) -> Evaluator:
   d, e = config.data, config.evaluate
-  arrays = lambda src: pipeline.make_eval_arrays(src, d, tokenizer=tok, normalize=normalize)
+  arrays = lambda src: pipeline.make_eval_arrays(src, d, tokenizer=tok, normalize=normalize,
+                                                 lazy_images=True)
   probe_arrays = None
   if e.probes and d.label_key:
     probe_arrays = arrays(_first(train_src, e.probe_train_examples))
