@@ -531,7 +531,7 @@ def test_lazy_eval_images_are_the_stacked_ones_one_slice_at_a_time(rng, tok):
   normalisation too; walking it in batches of 8 allocates about one batch, not the split."""
   import tracemalloc
   n, size = 300, 40
-  src = [{"image": rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8),
+  src = [{"image": rng.integers(0, 256, size=(32, 24 + i % 9, 3), dtype=np.uint8),
           "text": f"card {i}".encode(), "label": i % 7} for i in range(n)]
   for normalize in (None, ((0.1, 0.2, 0.3), (0.5, 0.25, 0.125))):
     cfg = data_config(image_size=size, text_len=8)
@@ -548,6 +548,18 @@ def test_lazy_eval_images_are_the_stacked_ones_one_slice_at_a_time(rng, tok):
     np.testing.assert_array_equal(lazy["label"], eager["label"])
   with pytest.raises(IndexError):
     x[n]
+  # A converted checkpoint's preprocessing (CLIP's centre crop and mean/std), as
+  # experiments.evaluate applies it; the crop is not the square resize.
+  from mmjax.data.preprocess import OPENAI_MEAN, OPENAI_STD, ImagePrep
+  prep = ImagePrep(size, "crop", "bicubic", OPENAI_MEAN, OPENAI_STD)
+  cropped = pipeline.make_eval_arrays(src, cfg, tokenizer=tok, lazy_images=True, prep=prep)
+  np.testing.assert_array_equal(np.asarray(cropped["image"]),
+                                np.stack([prep(e["image"]) for e in src]))
+  squashed = ImagePrep(size, "squash", "bicubic", OPENAI_MEAN, OPENAI_STD)
+  assert not np.array_equal(cropped["image"][1:2], squashed(src[1]["image"])[None])
+  with pytest.raises(ValueError, match="image_size=40 but the checkpoint's preprocessing makes "
+                                       "32 px"):
+    pipeline.make_eval_arrays(src, cfg, tokenizer=tok, prep=ImagePrep(32))
   tracemalloc.start()
   for i in range(0, n, 8):
     x[i:i + 8].sum()

@@ -263,9 +263,11 @@ class EvalImages:
   batches holds one batch of images, however large the split. `np.asarray(x)` materialises it.
   """
 
-  def __init__(self, source, image_key: str, image_size: int, normalize: tuple | None = None):
+  def __init__(self, source, image_key: str, image_size: int, normalize: tuple | None = None,
+               prep=None):
     self.source, self.image_key, self.size, self.normalize = (source, image_key, image_size,
                                                               normalize)
+    self.prep = prep
     self.shape = (len(source), image_size, image_size, 3)
     self.dtype = np.dtype(np.float32)
 
@@ -274,6 +276,8 @@ class EvalImages:
 
   def _row(self, i: int) -> np.ndarray:
     image = _rgb(np.asarray(self.source[i][self.image_key]))
+    if self.prep is not None:
+      return self.prep(image)
     return _to_float(resize(image, self.size), self.normalize)
 
   def __getitem__(self, index):
@@ -293,10 +297,12 @@ class EvalImages:
 
 
 def make_eval_arrays(source, data, *, tokenizer, normalize: tuple | None = None,
-                     lazy_images: bool = False) -> dict:
+                     lazy_images: bool = False, prep=None) -> dict:
   """The split, no augmentation: 'image' float32 [n, S, S, 3], 'text' int32 [n, L],
   'label' int32 [n] if present. lazy_images: 'image' is an `EvalImages` (decoded per
   slice: memory independent of the split's size) instead of one stacked array.
+  prep: a converted checkpoint's `ImagePrep` (its resize, crop and normalisation, as
+  experiments.evaluate applies them) in place of the square resize and `normalize`.
 
   data: config.data (image_size, text_len, image_key, text_key, label_key).
   """
@@ -308,7 +314,10 @@ def make_eval_arrays(source, data, *, tokenizer, normalize: tuple | None = None,
     texts.append(_decode_text(ex[text_key]))
     if label_key and label_key in ex:
       labels.append(int(ex[label_key]))
-  images = EvalImages(source, image_key, image_size, normalize)
+  if prep is not None and prep.size != image_size:
+    raise ValueError(f"config.data.image_size={image_size} but the checkpoint's preprocessing "
+                     f"makes {prep.size} px images")
+  images = EvalImages(source, image_key, image_size, normalize, prep)
   out = {"image": images if lazy_images else images[:],
          "text": tokenizer.encode(texts, text_len)}
   if labels:

@@ -180,10 +180,11 @@ def _check_labels(config, dataset) -> None:
             "and the linear/kNN probes are skipped; retrieval is evaluated", flush=True)
 
 
-def _make_evaluator(config, objective, dataset, train_src, tok, normalize=None) -> Evaluator:
+def _make_evaluator(config, objective, dataset, train_src, tok, prep=None) -> Evaluator:
+  """prep: a converted checkpoint's ImagePrep (its eval resize, crop and normalisation)."""
   d, e = config.data, config.evaluate
-  arrays = lambda src: pipeline.make_eval_arrays(src, d, tokenizer=tok, normalize=normalize,
-                                                 lazy_images=True)
+  arrays = lambda src: pipeline.make_eval_arrays(src, d, tokenizer=tok, lazy_images=True,
+                                                 prep=prep)
   probe_arrays = None
   if e.probes and d.label_key:
     probe_arrays = arrays(_first(train_src, e.probe_train_examples))
@@ -241,7 +242,8 @@ def build(config: ml_collections.ConfigDict) -> Run:
       train_src, config.data, tokenizer=tok, global_batch_size=config.batch_size,
       seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count(),
       views=2 if "image2" in objective.batch_keys else 1, normalize=normalize)
-  evaluator = _make_evaluator(config, objective, dataset, train_src, tok, normalize)
+  evaluator = _make_evaluator(config, objective, dataset, train_src, tok,
+                              None if ckpt is None else ckpt.preprocess)
   return Run(config=config, mesh=mesh, objective=objective, tx=tx, schedule=schedule,
              data_iter=data_iter, evaluator=evaluator, rng=rng, abstract=abstract,
              state_sharding=state_sharding, batch_sharding=sharding.batch_sharding(mesh),
