@@ -126,6 +126,33 @@ def _fingerprint(rows: list[dict], image_digests: list[str], image_size: int) ->
                                     str(_ImageTextFolder.VERSION)]).encode()).hexdigest()
 
 
+def read_checked(captions_file: str, *, test_fraction: float = 0.1, seed: int = 0
+                 ) -> tuple[list[dict], str, list[bytes]]:
+  """(rows, the captions file's folder, each row's image bytes): every row checked and every
+  image opened, a ValueError naming the row and file otherwise; rows without a split column
+  get one ('test' for a seeded test_fraction of them, else 'train')."""
+  rows = _read_rows(captions_file)
+  root = os.path.dirname(os.path.abspath(captions_file))
+  images = []
+  for i, row in enumerate(rows, 1):
+    path = os.path.join(root, row["image"])
+    try:
+      with open(path, "rb") as f:
+        data = f.read()
+      with Image.open(io.BytesIO(data)) as im:
+        im.verify()
+    except Exception as e:  # PIL raises many kinds
+      raise ValueError(f"{captions_file}: row {i}: cannot read image {row['image']!r} ({e})") from None
+    images.append(data)
+  if not all(r.get("split") for r in rows):
+    if not 0 <= test_fraction < 1:
+      raise ValueError(f"test_fraction must be in [0, 1); got {test_fraction}")
+    n_test = int(round(len(rows) * test_fraction))
+    test = set(np.random.default_rng(seed).permutation(len(rows))[:n_test].tolist())
+    rows = [{**r, "split": "test" if i in test else "train"} for i, r in enumerate(rows)]
+  return rows, root, images
+
+
 def build_image_text_folder(captions_file: str, *, data_dir: str,
                             name: str = "image_text_folder", image_size: int = 224,
                             test_fraction: float = 0.1, seed: int = 0,
@@ -140,25 +167,8 @@ def build_image_text_folder(captions_file: str, *, data_dir: str,
   deletes the old build and makes a new one.
   """
   captions_file = os.path.expanduser(captions_file)
-  rows = _read_rows(captions_file)
-  root = os.path.dirname(os.path.abspath(captions_file))
-  image_digests = []
-  for i, row in enumerate(rows, 1):
-    path = os.path.join(root, row["image"])
-    try:
-      with open(path, "rb") as f:
-        data = f.read()
-      image_digests.append(hashlib.sha256(data).hexdigest())
-      with Image.open(io.BytesIO(data)) as im:
-        im.verify()
-    except Exception as e:  # PIL raises many kinds
-      raise ValueError(f"{captions_file}: row {i}: cannot read image {row['image']!r} ({e})") from None
-  if not all(r.get("split") for r in rows):
-    if not 0 <= test_fraction < 1:
-      raise ValueError(f"test_fraction must be in [0, 1); got {test_fraction}")
-    n_test = int(round(len(rows) * test_fraction))
-    test = set(np.random.default_rng(seed).permutation(len(rows))[:n_test].tolist())
-    rows = [{**r, "split": "test" if i in test else "train"} for i, r in enumerate(rows)]
+  rows, root, images = read_checked(captions_file, test_fraction=test_fraction, seed=seed)
+  image_digests = [hashlib.sha256(data).hexdigest() for data in images]
   fingerprint = _fingerprint(rows, image_digests, image_size)
   attrs = dict(name=name, ROWS=rows, ROOT=root, IMAGE_SIZE=image_size,
                __module__=__name__)
