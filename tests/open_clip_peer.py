@@ -7,7 +7,13 @@ import pytest
 
 
 def _patch_torchvision():
-  """Lets open_clip and transformers import next to a torchvision built for another torch."""
+  """Lets open_clip and transformers import next to a torchvision built for another torch;
+  torch on one thread (the other xdist worker's XLA has the other core)."""
+  try:
+    import torch
+    torch.set_num_threads(1)
+  except ImportError:
+    pass
   try:
     import torchvision  # noqa: F401
   except ImportError:
