@@ -104,11 +104,15 @@ def term_sizes(name, x, y, s, b=0.0):
   """Per gradient of ref_clip / ref_siglip, the sum of its terms' sizes: for d_scale and
   d_bias, sums of n^2 terms that may cancel, what their round-off scales with; 0 (unused)
   for the embeddings'. The `scale` of assert_close."""
+  # d_scale = sum_ij g_ij <x_i, y_j>: n^2 d products, each dot itself a sum that may cancel
+  # (near-orthogonal pairs; seed 12 gave 1.02e-5 against |g . dots| with n=1), so its size is
+  # sum_ij |g_ij| <|x_i|, |y_j|>.
+  sizes = np.abs(x) @ np.abs(y).T
   if name == "clip":
-    _, g, dots = _clip(x, y, s)
-    return (0.0, 0.0, float(np.abs(g * dots).sum()))
-  _, g, dots = _siglip(x, y, s, b)
-  return (0.0, 0.0, float(np.abs(g * dots).sum()), float(np.abs(g).sum()))
+    _, g, _ = _clip(x, y, s)
+    return (0.0, 0.0, float((np.abs(g) * sizes).sum()))
+  _, g, _ = _siglip(x, y, s, b)
+  return (0.0, 0.0, float((np.abs(g) * sizes).sum()), float(np.abs(g).sum()))
 
 
 def ref_infonce(q, k, s):
