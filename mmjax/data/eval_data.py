@@ -153,7 +153,7 @@ class _Prepare:
 
   def __call__(self, ex: dict) -> dict:
     image = ex[self.image_key]
-    if isinstance(image, (str, bytes)) and not isinstance(image, np.ndarray):
+    if isinstance(image, (str, bytes)):   # a path (image folders)
       with Image.open(image) as im:
         image = self.prep(im)
     else:
