@@ -70,10 +70,11 @@ class _Clock:
 
 
 def evaluate(checkpoint: str, dataset: str, *, split: str = "test", data_dir: str | None = None,
-             templates: str = "openai", tokenizer: str | None = None, batch_size: int = 64,
+             templates: str | None = None, tokenizer: str | None = None, batch_size: int = 64,
              limit: int | None = None, num_threads: int = 4, progress: bool = True) -> dict:
   """Evaluates `checkpoint` (a mmjax.convert.load spec) on `dataset`
-  (mmjax.data.eval_data.open_eval_set spec); returns the result dict."""
+  (mmjax.data.eval_data.open_eval_set spec); returns the result dict. templates: None takes
+  the dataset's own (a CLIP_benchmark webdataset folder's), else OpenAI's 80."""
   from tqdm import tqdm
   from mmjax import convert
   from mmjax.data import eval_data, tokenizers
@@ -81,7 +82,13 @@ def evaluate(checkpoint: str, dataset: str, *, split: str = "test", data_dir: st
   from mmjax.evaluate.zeroshot import ZeroShotCounts, class_embeddings
   t0 = time.time()
   ds = eval_data.open_eval_set(dataset, split=split, data_dir=data_dir)
-  temps = eval_data.load_templates(templates) if ds.class_names else None
+  temps = None
+  if ds.class_names:
+    if templates is None and ds.templates:
+      temps, templates = ds.templates, "dataset"
+    else:
+      templates = templates or "openai"
+      temps = eval_data.load_templates(templates)
   ckpt = convert.load(checkpoint)
   spec = tokenizer or ckpt.tokenizer
   if spec is None:
@@ -133,12 +140,16 @@ def main(argv=None) -> int:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--checkpoint", required=True,
                  help="hf:/dir | big_vision:/path.npz | open_clip:MODEL_NAME:/path")
-  p.add_argument("--dataset", required=True, help="tfds:NAME | folder:/path | a directory")
-  p.add_argument("--split", default="test", help="the TFDS split (default: test)")
+  p.add_argument("--dataset", required=True,
+                 help="tfds:NAME | folder:/path | a directory | wds:/dir (CLIP_benchmark's "
+                 "webdataset layout: <dir>/<split>/*.tar, classnames.txt) | wds:SHARD_SPEC")
+  p.add_argument("--split", default="test",
+                 help="the TFDS split, or a wds folder's subfolder (default: test)")
   p.add_argument("--data_dir", default=None, help="TFDS data dir (default: $MMJAX_DATA_DIR "
                  "or ~/.cache/mmjax/datasets)")
-  p.add_argument("--templates", default="openai",
-                 help="openai (80) | simple (7) | a file, one template with '{}' per line")
+  p.add_argument("--templates", default=None,
+                 help="openai (80) | simple (7) | a file, one template with '{}' per line "
+                 "(default: the dataset's own, else openai)")
   p.add_argument("--tokenizer", default=None, help="override the checkpoint's tokenizer spec")
   p.add_argument("--batch_size", type=int, default=64)
   p.add_argument("--limit", type=int, default=None, help="the first N examples only")

@@ -157,3 +157,53 @@ def test_errors_are_one_line_and_write_nothing(hf_clip, rng, tmp_path, capsys):
   wnids = [f"n{i:08d}" for i in range(1000)]
   assert eval_data.readable_names(wnids) == names
 
+
+
+def test_clip_benchmark_webdataset_layout_gives_the_image_folder_result(hf_clip, rng, tmp_path):
+  """CLIP_benchmark's webdataset eval layout (<dir>/test/*.tar with KEY.webp and KEY.cls,
+  classnames.txt, zeroshot_classification_templates.txt): the same images, class names and
+  templates as an image folder give exactly the folder's metrics, the dataset's templates by
+  default; a retrieval shard set (txt captions) is read as one."""
+  import io as io_
+  import tarfile
+  root = image_folder(tmp_path / "val", rng, [2, 3, 1, 2, 2, 1])
+  templates = ["a photo of a {}.", "art of the {}"]
+  (tmp_path / "t.txt").write_text("\n".join(templates) + "\n")
+  folder = eval_data.ImageFolder(root)
+  d = tmp_path / "wds_set"
+  (d / "test").mkdir(parents=True)
+  (d / "classnames.txt").write_text("\n".join(c.replace("_", " ") for c in folder.classes) + "\n")
+  (d / "zeroshot_classification_templates.txt").write_text("\n".join(templates) + "\n")
+  items = folder.items
+  for s, chunk in enumerate((items[:5], items[5:])):   # two shards
+    with tarfile.open(d / "test" / f"{s}.tar", "w") as t:
+      for i, (path, label) in enumerate(chunk):
+        buf = io_.BytesIO()
+        Image.open(path).save(buf, "WEBP", lossless=True)
+        for ext, data in (("webp", buf.getvalue()), ("cls", str(label).encode())):
+          info = tarfile.TarInfo(f"s{s}_{i:04d}.{ext}")
+          info.size = len(data)
+          t.addfile(info, io_.BytesIO(data))
+  common = ["--checkpoint", f"hf:{hf_clip}", "--batch_size", "4", "--no_progress"]
+  outs = {}
+  for name, args in (("folder", ["--dataset", f"folder:{root}", "--templates",
+                                 str(tmp_path / "t.txt")]),
+                     ("wds", ["--dataset", f"wds:{d}"])):
+    assert cli.main(common + args + ["--output", str(tmp_path / f"{name}.json")]) == 0
+    outs[name] = json.loads((tmp_path / f"{name}.json").read_text())
+  assert outs["wds"]["metrics"] == outs["folder"]["metrics"]
+  assert outs["wds"]["metrics"]["n"] == len(items) and outs["wds"]["templates"] == "dataset"
+  ds = eval_data.open_eval_set(f"wds:{d}")
+  assert ds.class_names == [c.replace("_", " ") for c in folder.classes]
+  assert ds.templates == templates
+  # Captions instead of labels: a retrieval set, read through a shard spec.
+  with tarfile.open(tmp_path / "cap.tar", "w") as t:
+    for i, (path, _) in enumerate(items[:4]):
+      for ext, data in (("png", open(path, "rb").read()), ("txt", f"caption {i}".encode())):
+        info = tarfile.TarInfo(f"{i:04d}.{ext}")
+        info.size = len(data)
+        t.addfile(info, io_.BytesIO(data))
+  ds = eval_data.open_eval_set(f"wds:{tmp_path / 'cap.tar'}")
+  assert (ds.class_names, ds.text_key, len(ds.source)) == (None, "text", 4)
+  assert ds.source[2]["text"] == "caption 2"
+  np.testing.assert_array_equal(ds.source[2]["image"], np.asarray(Image.open(items[2][0]).convert("RGB")))

@@ -19,14 +19,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _WORKER = textwrap.dedent("""
   import os, signal, sys
   import jax
-  jax.config.update("jax_num_cpu_devices", 4)
+  jax.config.update("jax_num_cpu_devices", {devices})
   sys.path.insert(0, {root!r})
   from tests.configs import tiny_config
   from mmjax.train import loop
   def maybe_die(step, metrics):
     if step == {die_at} and jax.process_index() == 1:
       os.kill(os.getpid(), signal.SIGKILL)
-  cfg = tiny_config({data_dir!r}, num_devices=-1, total_steps=6, **{{"checkpoint.every": 3}})
+  cfg = tiny_config({data_dir!r}, num_devices=-1, **{overrides!r})
   cfg.distributed.heartbeat_timeout = 10
   cfg.distributed.initialization_timeout = 60
   loop.train(cfg, {workdir!r}, callbacks=[maybe_die])
@@ -39,8 +39,14 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def _launch(data_dir, workdir, die_at=-1):
-  script = _WORKER.format(root=ROOT, data_dir=data_dir, workdir=workdir, die_at=die_at)
+STEPS = {"total_steps": 6, "checkpoint.every": 3}
+
+
+def _launch(data_dir, workdir, die_at=-1, *, devices=4, overrides=STEPS):
+  """Two processes of `devices` CPU devices each, training tiny_config(**overrides); process 1
+  SIGKILLs itself after step die_at."""
+  script = _WORKER.format(root=ROOT, data_dir=data_dir, workdir=workdir, die_at=die_at,
+                          devices=devices, overrides=overrides)
   port = _free_port()
   procs = []
   for i in range(2):

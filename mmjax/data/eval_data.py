@@ -103,23 +103,30 @@ class EvalSet(NamedTuple):
   image_key: str = "image"
   label_key: str | None = "label"
   text_key: str | None = None     # captions (retrieval)
+  templates: list[str] | None = None   # the dataset's own zero-shot templates, if it ships any
 
 
 def open_eval_set(spec: str, *, split: str = "test", data_dir: str | None = None,
                   image_key: str = "image", label_key: str = "label",
                   text_key: str = "text") -> EvalSet:
   """'tfds:NAME' (a prepared array_record TFDS dataset under data_dir), 'folder:/path' or a
-  directory path (an image folder). A TFDS dataset with a ClassLabel `label_key` is a
-  classification set; one with a Text `text_key` and no labels, a retrieval set."""
+  directory path (an image folder), or 'wds:SHARDS' (webdataset shards: a folder in
+  CLIP_benchmark's layout, <dir>/<split>/*.tar with classnames.txt and
+  zeroshot_classification_templates.txt in <dir>, or a shard spec: brace range, glob, list
+  file). A TFDS dataset with a ClassLabel `label_key` is a classification set; one with a Text
+  `text_key` and no labels, a retrieval set; shards with 'cls' labels and class names are a
+  classification set, shards with 'txt' captions a retrieval set."""
   kind, sep, rest = spec.partition(":")
   if not sep and os.path.isdir(os.path.expanduser(spec)):
     kind, rest = "folder", spec
   if kind == "folder":
     folder = ImageFolder(rest)
     return EvalSet(f"folder:{folder.root}", folder, readable_names(folder.classes))
+  if kind == "wds" and rest:
+    return _open_shards(spec, rest, split)
   if kind != "tfds" or not rest:
-    raise ValueError(f"dataset={spec!r}: expected 'tfds:NAME', 'folder:/path' or an existing "
-                     "directory")
+    raise ValueError(f"dataset={spec!r}: expected 'tfds:NAME', 'folder:/path', 'wds:SHARDS' or "
+                     "an existing directory")
   import tensorflow_datasets as tfds
   from mmjax.data import pipeline
   data_dir = os.path.expanduser(data_dir or os.environ.get("MMJAX_DATA_DIR")
@@ -143,6 +150,28 @@ def open_eval_set(spec: str, *, split: str = "test", data_dir: str | None = None
     return EvalSet(f"tfds:{rest}", source, None, image_key, None, text_key)
   raise ValueError(f"dataset={spec!r} has neither a ClassLabel {label_key!r} nor a Text "
                    f"{text_key!r} feature; its features: {sorted(features)}")
+
+
+def _open_shards(spec: str, rest: str, split: str) -> EvalSet:
+  from mmjax.data import wds, wds_pipeline
+  path = os.path.expanduser(rest)
+  shards = os.path.join(path, split, "*.tar") if os.path.isdir(path) else path
+  try:
+    paths = wds.expand_shards(shards, field="dataset")
+    source = wds_pipeline.DecodedShards(wds.ShardIndex(paths))
+  except ValueError as e:
+    raise ValueError(f"dataset={spec!r}: {e}") from None
+  names = wds_pipeline.find_beside(paths, "classnames.txt")
+  temps = wds_pipeline.find_beside(paths, "zeroshot_classification_templates.txt")
+  keys = source.keys(0)
+  if names and "label" in keys:
+    return EvalSet(f"wds:{rest}", source, readable_names(wds_pipeline.read_lines(names)),
+                   templates=load_templates(temps) if temps else None)
+  if "text" in keys:
+    return EvalSet(f"wds:{rest}", source, None, label_key=None, text_key="text")
+  raise ValueError(f"dataset={spec!r}: its samples have neither a 'cls' label (with a "
+                   "classnames.txt beside the shards or in their parent folder) nor a 'txt' "
+                   "caption")
 
 
 class _Prepare:

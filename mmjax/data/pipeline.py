@@ -138,9 +138,15 @@ def get_source(name: str, split: str, *, data_dir: str, image_key: str = "image"
   return Dataset(name, data_dir=data_dir, image_key=image_key, text_key=text_key).source(split)
 
 
+def _meta(source, i: int) -> dict:
+  """Record i, or only its text and label fields where the source can skip the image
+  (`source.meta(i)`: webdataset shards)."""
+  return source.meta(i) if hasattr(source, "meta") else source[i]
+
+
 def iter_texts(source, text_key: str = "text") -> Iterator[str]:
   for i in range(len(source)):
-    t = source[i][text_key]
+    t = _meta(source, i)[text_key]
     yield t.decode() if isinstance(t, bytes) else str(t)
 
 
@@ -310,7 +316,7 @@ def make_eval_arrays(source, data, *, tokenizer, normalize: tuple | None = None,
   image_key, text_key, label_key = data.image_key, data.text_key, data.label_key
   texts, labels = [], []
   for i in range(len(source)):
-    ex = source[i]
+    ex = _meta(source, i)
     texts.append(_decode_text(ex[text_key]))
     if label_key and label_key in ex:
       labels.append(int(ex[label_key]))

@@ -94,7 +94,23 @@ def defaults() -> ml_collections.ConfigDict:
       augment=True,
       crop_scale_min=0.6,
       flip=False,             # flips turn a 2 into a mirrored 2: off for digits
-      num_workers=0,
+      num_workers=0,          # grain worker processes decoding and augmenting
+      # name='wds': webdataset tar shards (img2dataset's layout), mmjax.data.wds_pipeline.
+      # shards / eval_shards: brace ranges '/data/cc3m/{00000..00331}.tar', a glob or a
+      # file listing paths; the evaluation shards need captions (retrieval) and, for
+      # zero-shot, class labels ('cls') with classnames (a file; None: a classnames.txt
+      # beside eval_shards or in their parent folder, CLIP_benchmark's layout).
+      shards=placeholder(str),
+      eval_shards=placeholder(str),
+      classnames=placeholder(str),
+      image_ext="jpg;png;webp;jpeg",   # the first of these a sample has is its image
+      text_ext="txt",
+      label_ext="cls",
+      streams=0,              # the global batch's parts, each from its own shards; 0: one per
+                              # process (a fixed number makes the batches independent of it)
+      shuffle_buffer=2000,    # raw samples shuffled together, per stream and worker
+      shard_cycle=4,          # shards each stream (and worker) reads at once, interleaved
+      max_skip_fraction=0.5,  # a run whose bad samples and shards exceed this share stops
   ))
 
   c.model = ml_collections.ConfigDict(dict(
@@ -222,6 +238,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.model.attention_impl not in attention_impls:
     raise ValueError(f"config.model.attention_impl must be one of {attention_impls}; "
                      f"got {config.model.attention_impl!r}")
+  if config.data.name == "wds":
+    for key in ("shards", "eval_shards"):
+      if not config.data[key]:
+        raise ValueError(f"config.data.{key} must be set for config.data.name='wds' (brace "
+                         "ranges '/data/{00000..00099}.tar', a glob or a file listing shards)")
   if config.evaluate.retrieval_match not in ("pair", "label"):
     raise ValueError("config.evaluate.retrieval_match must be 'pair' or 'label'; "
                      f"got {config.evaluate.retrieval_match!r}")

@@ -51,6 +51,7 @@ class Run:
   batch_sharding: NamedSharding
   t_start: float                      # when build began: results.json's wall_s counts from here
   start_params: Any = None            # config.init_from.checkpoint's params (host numpy)
+  normalize: tuple | None = None      # (mean, std) of uint8 images, applied on the device
 
   def init_state(self) -> state_lib.TrainState:
     """The initial state, created on the mesh already sharded (no host copy)."""
@@ -63,6 +64,15 @@ class Run:
 def _dummy_batch(d) -> dict:
   return {"image": jnp.zeros((1, d.image_size, d.image_size, 3), jnp.float32),
           "text": jnp.zeros((1, d.text_len), jnp.int32)}
+
+
+def _data_metrics(data_iter) -> dict:
+  """The input pipeline's counters over all processes (webdataset runs: data/epoch, the
+  furthest any process got; data/skipped_<kind>, summed); {} for other data."""
+  if not hasattr(data_iter, "metrics"):
+    return {}
+  rows = multihost.gather_json(data_iter.metrics())
+  return {k: (max if k == "data/epoch" else sum)(r[k] for r in rows) for k in rows[0]}
 
 
 def _data_state(data_iter) -> dict:
@@ -111,11 +121,22 @@ def _open_data(config, ddir: str, ckpt=None):
   An I/O error (a read-only or missing data_dir that needs writing on first
   use) is a ValueError naming config.data.data_dir and the path.
   """
-  d = config.data
+  d, e = config.data, config.evaluate
   spec = _tokenizer_spec(config, ckpt)
   try:
-    dataset = pipeline.open_dataset(d, ddir)
-    train_src = dataset.source(d.train_split)
+    tok_name = d.name
+    if d.name == "wds":
+      from mmjax.data import wds_pipeline
+      dataset = wds_pipeline.WdsDataset(d)
+      probes = e.probes and d.label_key
+      # The probes' train set must decode; the captions for a trained tokenizer and the
+      # truncation check need no image.
+      train_src = dataset.train_samples(e.probe_train_examples if probes else 2000,
+                                        decode=bool(probes))
+      tok_name = wds_pipeline.shards_id(dataset.train_paths)
+    else:
+      dataset = pipeline.open_dataset(d, ddir)
+      train_src = dataset.source(d.train_split)
     if spec:
       from mmjax.data import tokenizers
       try:
@@ -127,7 +148,7 @@ def _open_data(config, ddir: str, ckpt=None):
                          f"checkpoint's text tower embeds {ckpt.config['text']['vocab_size']}")
     else:
       tok = tokenizer_lib.get_tokenizer(
-          name=d.name, data_dir=ddir, vocab_size=d.vocab_size, path=d.tokenizer_path,
+          name=tok_name, data_dir=ddir, vocab_size=d.vocab_size, path=d.tokenizer_path,
           train_texts_fn=lambda: pipeline.iter_texts(train_src, d.text_key))
   except OSError as e:
     where = f" {e.filename}" if e.filename else ""
@@ -158,6 +179,9 @@ def _first(source, n: int):
 
     def __getitem__(self, i):
       return source[i]
+
+    def meta(self, i):
+      return pipeline._meta(source, i)
   return Head()
 
 
@@ -238,16 +262,25 @@ def build(config: ml_collections.ConfigDict) -> Run:
   state_sharding = sharding.state_shardings(abstract, mesh, config.sharding)
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           abstract, state_sharding)
-  data_iter = pipeline.make_train_iterator(
-      train_src, config.data, tokenizer=tok, global_batch_size=config.batch_size,
-      seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count(),
-      views=2 if "image2" in objective.batch_keys else 1, normalize=normalize)
+  views = 2 if "image2" in objective.batch_keys else 1
+  if config.data.name == "wds":   # uint8 images, normalised on the device (Run.normalize)
+    from mmjax.data import wds_pipeline
+    data_iter = wds_pipeline.make_train_iterator(
+        dataset.train_paths, config.data, tokenizer=tok, global_batch_size=config.batch_size,
+        seed=config.seed, process_index=jax.process_index(),
+        process_count=jax.process_count(), views=views)
+  else:
+    data_iter = pipeline.make_train_iterator(
+        train_src, config.data, tokenizer=tok, global_batch_size=config.batch_size,
+        seed=config.seed, process_index=jax.process_index(),
+        process_count=jax.process_count(), views=views, normalize=normalize)
   evaluator = _make_evaluator(config, objective, dataset, train_src, tok,
                               None if ckpt is None else ckpt.preprocess)
   return Run(config=config, mesh=mesh, objective=objective, tx=tx, schedule=schedule,
              data_iter=data_iter, evaluator=evaluator, rng=rng, abstract=abstract,
              state_sharding=state_sharding, batch_sharding=sharding.batch_sharding(mesh),
-             t_start=t_start, start_params=None if ckpt is None else ckpt.params)
+             t_start=t_start, start_params=None if ckpt is None else ckpt.params,
+             normalize=normalize)
 
 
 def _init_from_checkpoint(state, built: Run):
@@ -473,7 +506,8 @@ def run(built: Run, workdir: str, *,
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json(indent=2))
     step_fn = jax.jit(state_lib.make_train_step(built.objective, built.tx,
-                                                schedule=built.schedule),
+                                                schedule=built.schedule,
+                                                normalize=built.normalize),
                       in_shardings=(built.state_sharding, built.batch_sharding),
                       out_shardings=(built.state_sharding, None), donate_argnums=0)
     writer = MetricWriter(workdir, resume_step=start)
@@ -500,6 +534,7 @@ def run(built: Run, workdir: str, *,
         guard.flush()
         m = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "finite"}
         m["examples_per_sec"] = speed.interval()
+        m.update(_data_metrics(data_iter))
         if config.nan_policy == "skip":
           m["skipped_steps"] = guard.skipped
         writer.write(step, m)

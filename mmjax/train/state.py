@@ -41,12 +41,29 @@ def abstract_state(objective, tx: optax.GradientTransformation, abstract_params:
                     ema=jax.eval_shape(objective.ema_init, abstract_params))
 
 
+def images_to_float(batch: dict, normalize: tuple | None = None) -> dict:
+  """The batch with its uint8 images ('image', 'image2') as float32: (x / 255 - mean) / std
+  for normalize=(mean, std), else [-1, 1]; float images pass as they are."""
+  out = dict(batch)
+  for key in ("image", "image2"):
+    x = out.get(key)
+    if x is not None and x.dtype == jnp.uint8:
+      x = x.astype(jnp.float32)
+      if normalize is None:
+        out[key] = x * (2.0 / 255.0) - 1.0
+      else:
+        mean, std = (jnp.asarray(v, jnp.float32) for v in normalize)
+        out[key] = (x / 255.0 - mean) / std
+  return out
+
+
 def make_train_step(objective, tx: optax.GradientTransformation, *,
-                    schedule: Callable[[jax.Array], jax.Array]):
+                    schedule: Callable[[jax.Array], jax.Array], normalize: tuple | None = None):
   """Returns train_step(state, batch) -> (state, metrics), pure, ready for jit.
 
   batch: the objective's batch_keys, e.g. {'image': [B, H, W, 3] float32,
-  'text': [B, L] int32}, B the global batch (split over the mesh's batch axes).
+  'text': [B, L] int32}, B the global batch (split over the mesh's batch axes). uint8
+  images are made float32 here, on the device (images_to_float with `normalize`).
   The objective computes the loss and gradients (mmjax.train.objectives); the
   optimizer step, the momentum-encoder update and the metrics are common.
   When the loss or the gradient norm is not finite the params, optimizer state
@@ -56,6 +73,7 @@ def make_train_step(objective, tx: optax.GradientTransformation, *,
   """
   def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     rng = jax.random.fold_in(state.rng, state.step)
+    batch = images_to_float(batch, normalize)
     (value, aux), grads = objective.grad_fn(state.params, state.ema, batch, rng)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(value) & jnp.isfinite(grad_norm)
