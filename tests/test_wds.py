@@ -254,6 +254,9 @@ def test_global_batches_do_not_depend_on_processes_and_resume_exactly(rng, tmp_p
   for a, b in zip(one[5:], rest):
     np.testing.assert_array_equal(a["image"], b["image"])
     np.testing.assert_array_equal(a["text"], b["text"])
+  with pytest.raises(ValueError, match=r"config.data.streams: the checkpoint's data position was "
+                     r"read with streams 2, this run has 4"):
+    _batches(paths, _data(streams=4), 1, state=state)
   other, _, _ = _batches(paths, data, 2, seed=4)
   assert not np.array_equal(other[0]["text"], one[0]["text"])   # the seed matters
 

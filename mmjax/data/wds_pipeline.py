@@ -280,8 +280,10 @@ class TrainIterator:
   (data/epoch, data/skipped_<kind>). Raises DataError when more than max_skip_fraction of
   the samples and shards read so far were bad."""
 
-  def __init__(self, ds, *, max_skip_fraction: float, process_index: int, process_count: int):
+  def __init__(self, ds, *, max_skip_fraction: float, process_index: int, process_count: int,
+               layout: dict | None = None):
     self.it = iter(ds)
+    self.layout = layout or {}
     self.max_skip_fraction = max_skip_fraction
     self.who = f"process {process_index}: " if process_count > 1 else ""
     self.good, self.skipped, self.first = 0, np.zeros(len(KINDS), np.int64), [""] * len(KINDS)
@@ -314,10 +316,20 @@ class TrainIterator:
     return out
 
   def get_state(self) -> dict:
-    return {"grain": self.it.get_state(), "good": self.good, "epoch": self.epoch,
+    return {"grain": self.it.get_state(), "layout": self.layout, "good": self.good,
+            "epoch": self.epoch,
             "skipped": [int(n) for n in self.skipped], "first": list(self.first)}
 
   def set_state(self, state: dict) -> None:
+    """Raises ValueError naming the config field when the saved position was read with
+    other shards, streams or workers (it would not resume the same batches)."""
+    saved = state.get("layout", {})
+    for key, field in (("shards", "config.data.shards"), ("streams", "config.data.streams"),
+                       ("workers", "config.data.num_workers"), ("batch", "config.batch_size")):
+      if key in saved and saved[key] != self.layout.get(key):
+        raise ValueError(f"{field}: the checkpoint's data position was read with {key} "
+                         f"{saved[key]}, this run has {self.layout.get(key)}; resume with the "
+                         "same value (or start a new --workdir)")
     self.it.set_state(state["grain"])
     self.good, self.epoch = int(state["good"]), float(state["epoch"])
     self.skipped = np.asarray(state["skipped"], np.int64)
@@ -386,8 +398,10 @@ def make_train_iterator(paths: list[str], data, *, tokenizer, global_batch_size:
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.num_workers))
   else:   # a reader thread: decoding overlaps the step (XLA releases the GIL)
     ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=2)
+  layout = {"shards": len(paths), "streams": streams, "workers": data.num_workers,
+            "batch": global_batch_size}
   return TrainIterator(ds, max_skip_fraction=data.max_skip_fraction,
-                       process_index=process_index, process_count=process_count)
+                       process_index=process_index, process_count=process_count, layout=layout)
 
 
 # --- random access: evaluation sets and the probes' / tokenizer's train samples -------------
