@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmjax.nn import precision
 from mmjax.nn.layers import Encoder, MAPHead, posemb_sincos_2d
 
 # name: (width, depth, mlp_dim, num_heads), the big_vision table.
@@ -116,6 +117,35 @@ def random_keep(rng: jax.Array, b: int, n: int, n_keep: int) -> jax.Array:
   return jnp.sort(jnp.argsort(noise, axis=1)[:, :n_keep], axis=1).astype(jnp.int32)
 
 
+class PatchEmbed(nn.Module):
+  """Non-overlapping patches times a kernel: [b, H, W, c] -> [b, H / ph, W / pw, width]. The
+  params are nn.Conv's (kernel [ph, pw, c, width], bias [width], the same initialisers); in bf16
+  where mmjax.nn.precision applies, one matmul over the patchified image (XLA:CPU upcasts a
+  bf16 convolution to f32), else nn.Conv's convolution."""
+  width: int
+  patch_size: tuple[int, int]
+  use_bias: bool = True
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, image: jax.Array) -> jax.Array:
+    (ph, pw), (b, hh, ww, c) = self.patch_size, image.shape
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (ph, pw, c, self.width),
+                        self.param_dtype)
+    x, kernel = image.astype(self.dtype), kernel.astype(self.dtype)
+    if jnp.dtype(self.dtype) in precision.LOW and precision.enabled():
+      x = x.reshape(b, hh // ph, ph, ww // pw, pw, c).transpose(0, 1, 3, 2, 4, 5)
+      y = precision.dot_general(x, kernel, (((3, 4, 5), (0, 1, 2)), ((), ())))
+    else:   # nn.Conv's computation
+      y = jax.lax.conv_general_dilated(x, kernel, (ph, pw), "VALID",
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    if self.use_bias:
+      y = y + self.param("bias", nn.initializers.zeros, (self.width,),
+                         self.param_dtype).astype(self.dtype)
+    return y
+
+
 class ViT(nn.Module):
   """ViT: image [b, H, W, C] -> (pooled [b, width], {'encoded': [b, n, width], ...}).
 
@@ -153,8 +183,7 @@ class ViT(nn.Module):
     if image.shape[1] % ph or image.shape[2] % pw:
       raise ValueError(f"image size {image.shape[1:3]} is not divisible by patch size {(ph, pw)}")
     width, kw = self.width, dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    x = nn.Conv(width, (ph, pw), strides=(ph, pw), padding="VALID", use_bias=self.patch_bias,
-                name="embedding", **kw)(image.astype(self.dtype))
+    x = PatchEmbed(width, (ph, pw), use_bias=self.patch_bias, name="embedding", **kw)(image)
     b, h, w, _ = x.shape
     x = x.reshape(b, h * w, width)
 
@@ -178,7 +207,7 @@ class ViT(nn.Module):
       # A one-hot matmul, not a gather: its backward is a matmul too, where a
       # gather's is a scatter, slow enough on CPU to eat FLIP's saving.
       pick = jax.nn.one_hot(keep, h * w, dtype=x.dtype)             # [b, k, n]
-      kept = jnp.einsum("bkn,bnd->bkd", pick, x[:, first:])
+      kept = precision.einsum("bkn,bnd->bkd", pick, x[:, first:])
       x = jnp.concatenate([x[:, :first], kept], axis=1)
     if self.pool_type == "tok" and not self.posemb_cls:
       x = add_cls(x)

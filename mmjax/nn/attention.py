@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mmjax.nn import precision
 from mmjax.nn.blockwise import AXES, blockwise_attention
 from mmjax.numerics import MASKED, check_array
 
@@ -87,7 +88,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     return flash_attention(q, k, v, is_causal=is_causal, **seg)
   if k.shape[2] != q.shape[2]:
     k, v = (jnp.repeat(x, q.shape[2] // k.shape[2], axis=2) for x in (k, v))
-  scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+  scores = precision.einsum("bqhd,bkhd->bhqk", q, k, out_dtype=jnp.float32)
   scores = scores * (q.shape[-1] ** -0.5)
   if is_causal:
     causal = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))
@@ -95,9 +96,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   if mask is not None:
     scores = jnp.where(mask, scores, MASKED)
   probs = jax.nn.softmax(scores, axis=-1)
-  out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v,
-                   preferred_element_type=jnp.float32)
-  return out.astype(q.dtype)
+  return precision.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v, out_dtype=q.dtype)
 
 
 class MultiHeadAttention(nn.Module):
@@ -117,8 +116,10 @@ class MultiHeadAttention(nn.Module):
       raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
     proj = lambda name: nn.DenseGeneral(
         (self.num_heads, width // self.num_heads), dtype=self.dtype,
-        param_dtype=self.param_dtype, kernel_init=self.kernel_init, name=name)
+        param_dtype=self.param_dtype, kernel_init=self.kernel_init,
+        dot_general=precision.dot_general, name=name)
     q, k, v = proj("query")(x_q), proj("key")(x_kv), proj("value")(x_kv)
     out = dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, impl=self.impl)
     return nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype,
-                           kernel_init=self.kernel_init, name="out")(out)
+                           kernel_init=self.kernel_init, dot_general=precision.dot_general,
+                           name="out")(out)

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmjax.nn import precision
 from mmjax.nn.attention import MultiHeadAttention
 
 
@@ -23,6 +24,7 @@ ACTIVATIONS = {
 
 def _dense(features: int, dtype, param_dtype) -> nn.Dense:
   return nn.Dense(features, dtype=dtype, param_dtype=param_dtype,
+                  dot_general=precision.dot_general,
                   kernel_init=nn.initializers.xavier_uniform(),
                   bias_init=nn.initializers.normal(1e-6))
 
