@@ -165,7 +165,7 @@ def test_clip_benchmark_webdataset_layout_gives_the_image_folder_result(hf_clip,
   templates as an image folder give exactly the folder's metrics, the dataset's templates by
   default; a retrieval shard set (txt captions) is read as one."""
   import io as io_
-  import tarfile
+  from tests.wds_digits import write_tar
   root = image_folder(tmp_path / "val", rng, [2, 3, 1, 2, 2, 1])
   templates = ["a photo of a {}.", "art of the {}"]
   (tmp_path / "t.txt").write_text("\n".join(templates) + "\n")
@@ -176,14 +176,12 @@ def test_clip_benchmark_webdataset_layout_gives_the_image_folder_result(hf_clip,
   (d / "zeroshot_classification_templates.txt").write_text("\n".join(templates) + "\n")
   items = folder.items
   for s, chunk in enumerate((items[:5], items[5:])):   # two shards
-    with tarfile.open(d / "test" / f"{s}.tar", "w") as t:
-      for i, (path, label) in enumerate(chunk):
-        buf = io_.BytesIO()
-        Image.open(path).save(buf, "WEBP", lossless=True)
-        for ext, data in (("webp", buf.getvalue()), ("cls", str(label).encode())):
-          info = tarfile.TarInfo(f"s{s}_{i:04d}.{ext}")
-          info.size = len(data)
-          t.addfile(info, io_.BytesIO(data))
+    samples = []
+    for i, (path, label) in enumerate(chunk):
+      buf = io_.BytesIO()
+      Image.open(path).save(buf, "WEBP", lossless=True)
+      samples.append((f"s{s}_{i:04d}", {"webp": buf.getvalue(), "cls": str(label).encode()}))
+    write_tar(d / "test" / f"{s}.tar", samples)
   common = ["--checkpoint", f"hf:{hf_clip}", "--batch_size", "4", "--no_progress"]
   outs = {}
   for name, args in (("folder", ["--dataset", f"folder:{root}", "--templates",
@@ -197,12 +195,9 @@ def test_clip_benchmark_webdataset_layout_gives_the_image_folder_result(hf_clip,
   assert ds.class_names == [c.replace("_", " ") for c in folder.classes]
   assert ds.templates == templates
   # Captions instead of labels: a retrieval set, read through a shard spec.
-  with tarfile.open(tmp_path / "cap.tar", "w") as t:
-    for i, (path, _) in enumerate(items[:4]):
-      for ext, data in (("png", open(path, "rb").read()), ("txt", f"caption {i}".encode())):
-        info = tarfile.TarInfo(f"{i:04d}.{ext}")
-        info.size = len(data)
-        t.addfile(info, io_.BytesIO(data))
+  write_tar(tmp_path / "cap.tar", [(f"{i:04d}", {"png": open(path, "rb").read(),
+                                                  "txt": f"caption {i}".encode()})
+                                    for i, (path, _) in enumerate(items[:4])])
   ds = eval_data.open_eval_set(f"wds:{tmp_path / 'cap.tar'}")
   assert (ds.class_names, ds.text_key, len(ds.source)) == (None, "text", 4)
   assert ds.source[2]["text"] == "caption 2"

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from mmjax.data import wds
+from tests.wds_digits import write_tar
 
 
 def captions_folder(root, rng, n=11, broken=None):
@@ -89,18 +90,6 @@ def test_writer_errors_name_the_row_and_write_nothing(rng, tmp_path):
 
 # --- reading ------------------------------------------------------------------------------
 
-def _tar(path, samples):
-  """A tar of samples [(key, {ext: bytes})], members in that order."""
-  import tarfile
-  with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as t:
-    for key, members in samples:
-      for ext, data in members.items():
-        info = tarfile.TarInfo(f"{key}.{ext}")
-        info.size = len(data)
-        t.addfile(info, io.BytesIO(data))
-  return str(path)
-
-
 def _jpeg(rng, h, w):
   """A smooth (photo-like) JPEG: a random gradient, so draft decoding is well defined."""
   y, x = np.mgrid[0:h, 0:w] / max(h, w)
@@ -117,7 +106,7 @@ def test_read_shard_resumes_at_every_sample_and_reports_damage(rng, tmp_path):
   file that is not a tar, a corrupt header and a missing file."""
   samples = [(f"k{i:03d}", {"jpg": rng.bytes(int(rng.integers(100, 900))),
                             "txt": f"caption {i}".encode()}) for i in range(6)]
-  path = _tar(tmp_path / "a.tar", samples)
+  path = write_tar(tmp_path / "a.tar", samples)
   got = list(wds.read_shard(path))
   assert [s["__key__"] for s, _ in got] == [k for k, _ in samples]
   assert all(s["jpg"] == m["jpg"] and s["txt"] == m["txt"] for (s, _), (_, m) in zip(got, samples))
@@ -166,7 +155,6 @@ def test_shard_order_reads_every_shard_once_per_epoch_over_the_streams():
   assert all(sorted(seen[e]) == sorted(paths) for e in range(4)), seen
   assert seen[0] != seen[1]                      # reshuffled per epoch
   assert [order[j].path for j in range(7)] == [wp.ShardOrder(paths, 5)[j].path for j in range(7)]
-  assert wp.ShardOrder(paths, 6)[0:7] is not None
   assert [order[j].path for j in range(7)] != [wp.ShardOrder(paths, 6)[j].path for j in range(7)]
   k, note = wp.stream_layout(7, 0, 2)
   assert k == 2 and "7 shards over 2 streams: each epoch 1 of them read 4 shards" in note
@@ -202,7 +190,7 @@ def _shards(rng, tmp_path, n_shards=5, per=9, broken=()):
       if ("caption", row) in broken:
         del members["txt"]
       samples.append((f"{row:06d}", members))
-    paths.append(_tar(tmp_path / f"{s:05d}.tar", samples))
+    paths.append(write_tar(tmp_path / f"{s:05d}.tar", samples))
   return paths
 
 
@@ -356,4 +344,3 @@ def test_uint8_images_normalise_on_the_device_as_on_the_host(rng):
     got = jax.jit(lambda b: images_to_float(b, normalize))({"image": x, "text": np.zeros(3)})
     np.testing.assert_allclose(np.asarray(got["image"]), pipeline._to_float(x, normalize),
                                rtol=1e-6, atol=1e-6)
-    assert got["text"].dtype != np.float32 or True

@@ -2,9 +2,22 @@
 (`mmjax.data.wds.write_shards`: an image folder plus a captions file)."""
 
 import csv
+import io
 import os
+import tarfile
 
 from PIL import Image
+
+
+def write_tar(path, samples) -> str:
+  """A tar of samples [(key, {ext: bytes})], members in that order (webdataset's layout)."""
+  with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as t:
+    for key, members in samples:
+      for ext, data in members.items():
+        info = tarfile.TarInfo(f"{key}.{ext}")
+        info.size = len(data)
+        t.addfile(info, io.BytesIO(data))
+  return str(path)
 
 
 def write_digits_shards(data_dir: str, out: str, shard_size: int = 250) -> dict:
@@ -45,8 +58,6 @@ def corrupt_shards(paths: list[str], *, every: int = 2) -> dict:
   sample's image is cut to a third (a truncated PNG) and the second sample loses its caption;
   the last shard is cut in half; a file that is not a tar joins the shard folder. Returns
   {kind: number of damaged samples or shards}."""
-  import io
-  import tarfile
   damaged = {"image": 0, "caption": 0, "tar": 2}
   for n, path in enumerate(paths[:-1]):
     if n % every:
@@ -54,21 +65,17 @@ def corrupt_shards(paths: list[str], *, every: int = 2) -> dict:
     with tarfile.open(path) as t:
       members = [(m, t.extractfile(m).read()) for m in t.getmembers()]
     keys = sorted({m.name.split(".")[0] for m, _ in members})
-    out = []
+    samples = {}
     for m, data in members:
       key, ext = m.name.split(".", 1)
       if key == keys[0] and ext == "png":
         data = data[:len(data) // 3]
       if key == keys[1] and ext == "txt":
         continue
-      out.append((m.name, data))
+      samples.setdefault(key, {})[ext] = data
     damaged["image"] += 1
     damaged["caption"] += 1
-    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as t:
-      for name, data in out:
-        info = tarfile.TarInfo(name)
-        info.size = len(data)
-        t.addfile(info, io.BytesIO(data))
+    write_tar(path, list(samples.items()))
   with open(paths[-1], "rb") as f:
     data = f.read()
   with open(paths[-1], "wb") as f:

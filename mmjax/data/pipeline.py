@@ -19,6 +19,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from mmjax.data import digits
+from mmjax.data.preprocess import crop_box
 
 # Datasets mmjax ships and can build offline on first use.
 _EMBEDDED = {"mmjax_digits": digits.MmjaxDigits}
@@ -159,17 +160,13 @@ def resize(image: np.ndarray, size: int) -> np.ndarray:
 
 def random_resized_crop(image: np.ndarray, size: int, rng: np.random.Generator, *,
                         scale=(0.6, 1.0), ratio=(3 / 4, 4 / 3)) -> np.ndarray:
-  """Inception-style crop: random area share in `scale`, aspect in `ratio`, then resize."""
-  h, w = image.shape[:2]
-  for _ in range(10):
-    area = h * w * rng.uniform(*scale)
-    aspect = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1])))
-    ch, cw = int(round(np.sqrt(area / aspect))), int(round(np.sqrt(area * aspect)))
-    if 0 < ch <= h and 0 < cw <= w:
-      top, left = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
-      crop = Image.fromarray(image[top:top + ch, left:left + cw])
-      return np.asarray(crop.resize((size, size), Image.BICUBIC))
-  return resize(image, size)
+  """Inception-style crop (preprocess.crop_box), then resize."""
+  box = crop_box(*image.shape[:2], rng, scale, ratio)
+  if box is None:
+    return resize(image, size)
+  top, left, ch, cw = box
+  crop = Image.fromarray(image[top:top + ch, left:left + cw])
+  return np.asarray(crop.resize((size, size), Image.BICUBIC))
 
 
 def _to_float(image: np.ndarray, normalize: tuple | None = None) -> np.ndarray:

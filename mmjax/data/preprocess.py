@@ -54,3 +54,16 @@ class ImagePrep(NamedTuple):
   def __call__(self, image) -> np.ndarray:
     x = self.resized(image).astype(np.float32) / 255.0
     return (x - np.float32(self.mean)) / np.float32(self.std)
+
+
+def crop_box(h: int, w: int, rng: np.random.Generator, scale=(0.6, 1.0),
+             ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int] | None:
+  """Inception-style random crop (top, left, height, width): a random share of the area in
+  `scale`, aspect in `ratio`; None after 10 misses (then use the whole image)."""
+  for _ in range(10):
+    area = h * w * rng.uniform(*scale)
+    aspect = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1])))
+    ch, cw = int(round(np.sqrt(area / aspect))), int(round(np.sqrt(area * aspect)))
+    if 0 < ch <= h and 0 < cw <= w:
+      return int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1)), ch, cw
+  return None

@@ -121,17 +121,17 @@ def _open_data(config, ddir: str, ckpt=None):
   An I/O error (a read-only or missing data_dir that needs writing on first
   use) is a ValueError naming config.data.data_dir and the path.
   """
-  d, e = config.data, config.evaluate
+  d, ev = config.data, config.evaluate
   spec = _tokenizer_spec(config, ckpt)
   try:
     tok_name = d.name
     if d.name == "wds":
       from mmjax.data import wds_pipeline
       dataset = wds_pipeline.WdsDataset(d)
-      probes = e.probes and d.label_key
+      probes = ev.probes and d.label_key
       # The probes' train set must decode; the captions for a trained tokenizer and the
       # truncation check need no image.
-      train_src = dataset.train_samples(e.probe_train_examples if probes else 2000,
+      train_src = dataset.train_samples(ev.probe_train_examples if probes else 2000,
                                         decode=bool(probes))
       tok_name = wds_pipeline.shards_id(dataset.train_paths)
     else:
