@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.models import vit
-from mmjax.nn import precision
 from mmjax.nn.layers import Encoder, posemb_sincos_2d
+from mmjax.nn.linear import Dense
 
 
 def patchify(image: jax.Array, patch: tuple[int, int]) -> jax.Array:
@@ -50,15 +50,13 @@ class MAE(nn.Module):
       raise ValueError(f"mask_ratio={self.mask_ratio} must be in [0, 1)")
     self.img = vit.ViT(**self.image, name="img")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    self.decoder_embed = nn.Dense(self.decoder_width, name="decoder_embed",
-                                  dot_general=precision.dot_general, **kw)
+    self.decoder_embed = Dense(self.decoder_width, name="decoder_embed", **kw)
     self.mask_token = self.param("mask_token", nn.initializers.normal(0.02),
                                  (1, 1, self.decoder_width), self.param_dtype)
     self.decoder = Encoder(depth=self.decoder_depth, num_heads=self.decoder_heads,
                            mlp_dim=self.decoder_mlp_dim, name="decoder", **kw)
     self.patch = self.image["patch_size"]
-    self.decoder_pred = nn.Dense(self.patch[0] * self.patch[1] * 3, name="decoder_pred",
-                                 dot_general=precision.dot_general, **kw)
+    self.decoder_pred = Dense(self.patch[0] * self.patch[1] * 3, name="decoder_pred", **kw)
 
   def image_features(self, image: jax.Array) -> jax.Array:
     """[b, H, W, 3] -> [b, width]: the encoder on all patches, pooled (for probes)."""

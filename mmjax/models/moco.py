@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.models import vit
-from mmjax.nn import precision
+from mmjax.nn.linear import Dense
 
 EMA_KEYS = ("img", "projector")   # the parameter subtrees the momentum encoder copies
 
@@ -49,10 +49,10 @@ class MLP(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, dot_general=precision.dot_general)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     for i in range(self.layers - 1):
-      x = nn.relu(BatchStatNorm(name=f"norm{i}")(nn.Dense(self.hidden, name=f"dense{i}", **kw)(x)))
-    x = nn.Dense(self.out_dim, name=f"dense{self.layers - 1}", **kw)(x)
+      x = nn.relu(BatchStatNorm(name=f"norm{i}")(Dense(self.hidden, name=f"dense{i}", **kw)(x)))
+    x = Dense(self.out_dim, name=f"dense{self.layers - 1}", **kw)(x)
     return BatchStatNorm(affine=False, name="norm_out")(x) if self.last_norm else x
 
 

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from mmjax.models import text as text_lib
 from mmjax.models import vit
-from mmjax.nn import precision
+from mmjax.nn.linear import Dense
 from mmjax.numerics import l2_normalize
 
 LOSSES = ("clip", "siglip")
@@ -64,9 +64,8 @@ class TwoTower(nn.Module):
     def proj(kind: str, name: str):
       if kind == "none":
         return lambda x: x
-      return nn.Dense(self.embed_dim, use_bias=kind == "dense_bias", dtype=self.dtype,
-                      param_dtype=self.param_dtype, dot_general=precision.dot_general,
-                      name=name)
+      return Dense(self.embed_dim, use_bias=kind == "dense_bias", dtype=self.dtype,
+                   param_dtype=self.param_dtype, name=name)
 
     self.img_proj = proj(self.image_proj, "img_proj")
     self.txt_proj = proj(self.text_proj, "txt_proj")

@@ -12,6 +12,7 @@ import numpy as np
 
 from mmjax.nn import precision
 from mmjax.nn.layers import Encoder, MAPHead, posemb_sincos_2d
+from mmjax.nn.linear import LayerNorm, add_bias
 
 # name: (width, depth, mlp_dim, num_heads), the big_vision table.
 VARIANTS = {
@@ -141,8 +142,8 @@ class PatchEmbed(nn.Module):
       y = jax.lax.conv_general_dilated(x, kernel, (ph, pw), "VALID",
                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
     if self.use_bias:
-      y = y + self.param("bias", nn.initializers.zeros, (self.width,),
-                         self.param_dtype).astype(self.dtype)
+      y = add_bias(y, self.param("bias", nn.initializers.zeros, (self.width,),
+                                 self.param_dtype))
     return y
 
 
@@ -212,7 +213,7 @@ class ViT(nn.Module):
     if self.pool_type == "tok" and not self.posemb_cls:
       x = add_cls(x)
     if self.ln_pre:
-      x = nn.LayerNorm(epsilon=self.ln_eps, name="ln_pre", **kw)(x)
+      x = LayerNorm(epsilon=self.ln_eps, name="ln_pre", **kw)(x)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     x = Encoder(depth=self.depth, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
                 dropout=self.dropout, attention_impl=self.attention_impl, remat=self.remat,

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from mmjax.nn import precision
 from mmjax.nn.blockwise import AXES, blockwise_attention
+from mmjax.nn.linear import Dense
 from mmjax.numerics import MASKED, check_array
 
 IMPLS = ("xla", "blockwise", "pallas", "auto")
@@ -114,12 +115,10 @@ class MultiHeadAttention(nn.Module):
     width = x_q.shape[-1]
     if width % self.num_heads:
       raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
-    proj = lambda name: nn.DenseGeneral(
-        (self.num_heads, width // self.num_heads), dtype=self.dtype,
-        param_dtype=self.param_dtype, kernel_init=self.kernel_init,
-        dot_general=precision.dot_general, name=name)
+    proj = lambda name: Dense((self.num_heads, width // self.num_heads), dtype=self.dtype,
+                              param_dtype=self.param_dtype, kernel_init=self.kernel_init,
+                              name=name)
     q, k, v = proj("query")(x_q), proj("key")(x_kv), proj("value")(x_kv)
     out = dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, impl=self.impl)
-    return nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype,
-                           kernel_init=self.kernel_init, dot_general=precision.dot_general,
-                           name="out")(out)
+    return Dense(width, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype,
+                 kernel_init=self.kernel_init, name="out")(out)

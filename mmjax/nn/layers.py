@@ -3,30 +3,59 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmjax.nn import precision
 from mmjax.nn.attention import MultiHeadAttention
+from mmjax.nn.linear import Dense, LayerNorm
 
 
-# MLP nonlinearities. 'gelu' is the tanh approximation (big_vision's default);
-# open_clip uses the erf form ('gelu_exact') or, for OpenAI's weights, 'quick_gelu'.
+# MLP nonlinearities. 'gelu' is the tanh approximation (big_vision's default); open_clip uses
+# the erf form ('gelu_exact': x/2 (1 + erf(x/sqrt 2)), torch's formula, faster in XLA than
+# jax.nn.gelu's erfc) or, for OpenAI's weights, 'quick_gelu'.
 ACTIVATIONS = {
     "gelu": nn.gelu,
-    "gelu_exact": lambda x: nn.gelu(x, approximate=False),
+    "gelu_exact": lambda x: x * 0.5 * (1.0 + jax.lax.erf(x * np.sqrt(0.5).astype(x.dtype))),
     "quick_gelu": lambda x: x * nn.sigmoid(1.702 * x),
 }
 
 
-def _dense(features: int, dtype, param_dtype) -> nn.Dense:
-  return nn.Dense(features, dtype=dtype, param_dtype=param_dtype,
-                  dot_general=precision.dot_general,
-                  kernel_init=nn.initializers.xavier_uniform(),
-                  bias_init=nn.initializers.normal(1e-6))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 2))
+def _activate(act: str, h: jax.Array, dtype) -> jax.Array:
+  return ACTIVATIONS[act](h.astype(jnp.float32)).astype(dtype)
+
+
+def _activate_fwd(act, h, dtype):
+  return _activate(act, h, dtype), h
+
+
+def _activate_bwd(act, dtype, h, g):
+  _, vjp = jax.vjp(ACTIVATIONS[act], h.astype(jnp.float32))
+  return (vjp(g.astype(jnp.float32))[0].astype(h.dtype),)
+
+
+_activate.defvjp(_activate_fwd, _activate_bwd)
+
+
+def activate(act: str, h: jax.Array, dtype=None) -> jax.Array:
+  """ACTIVATIONS[act](h) computed in float32, returned in dtype (default h's). The backward
+  pass recomputes it from h (its only residual) in one fused pass: XLA:CPU runs bf16
+  elementwise ops one by one through f32 with a rounding after each (the GELU's forward +
+  backward on [32, 50, 3072] ran 2.6x faster in f32, jax 0.10.2), and left to autodiff the f32
+  forward saves its intermediates in f32."""
+  if act not in ACTIVATIONS:
+    raise ValueError(f"act={act!r}; expected one of {sorted(ACTIVATIONS)}")
+  return _activate(act, h, jnp.dtype(dtype or h.dtype))
+
+
+def _dense(features: int, dtype, param_dtype) -> Dense:
+  return Dense(features, dtype=dtype, param_dtype=param_dtype,
+               kernel_init=nn.initializers.xavier_uniform(),
+               bias_init=nn.initializers.normal(1e-6))
 
 
 class MlpBlock(nn.Module):
@@ -39,10 +68,9 @@ class MlpBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-    if self.act not in ACTIVATIONS:
-      raise ValueError(f"act={self.act!r}; expected one of {sorted(ACTIVATIONS)}")
     width = x.shape[-1]
-    x = ACTIVATIONS[self.act](_dense(self.mlp_dim, self.dtype, self.param_dtype)(x))
+    h = _dense(self.mlp_dim, self.dtype, self.param_dtype)(x, out_dtype=jnp.float32)
+    x = activate(self.act, h, self.dtype)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     return _dense(width, self.dtype, self.param_dtype)(x)
 
@@ -70,11 +98,11 @@ class EncoderBlock(BlockSettings):
   def __call__(self, x: jax.Array, mask: jax.Array | None = None, is_causal: bool = False,
                train: bool = False) -> jax.Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    y = nn.LayerNorm(epsilon=self.ln_eps, name="ln1", **kw)(x)
+    y = LayerNorm(epsilon=self.ln_eps, name="ln1", **kw)(x)
     y = MultiHeadAttention(self.num_heads, impl=self.attention_impl, name="attn", **kw)(
         y, mask=mask, is_causal=is_causal)
     x = x + nn.Dropout(self.dropout, deterministic=not train)(y)
-    y = nn.LayerNorm(epsilon=self.ln_eps, name="ln2", **kw)(x)
+    y = LayerNorm(epsilon=self.ln_eps, name="ln2", **kw)(x)
     y = MlpBlock(self.mlp_dim, self.dropout, act=self.act, name="mlp", **kw)(y, train=train)
     return x + nn.Dropout(self.dropout, deterministic=not train)(y)
 
@@ -94,7 +122,7 @@ class Encoder(BlockSettings):
     block = nn.remat(EncoderBlock, static_argnums=(3, 4)) if self.remat else EncoderBlock
     for i in range(self.depth):
       x = block(**self.block_settings(), name=f"block{i}")(x, mask, is_causal, train)
-    return nn.LayerNorm(epsilon=self.ln_eps, name="ln_final", dtype=self.dtype,
+    return LayerNorm(epsilon=self.ln_eps, name="ln_final", dtype=self.dtype,
                         param_dtype=self.param_dtype)(x)
 
 
@@ -133,6 +161,6 @@ class MAPHead(nn.Module):
     key_mask = None if mask is None else mask[:, None, None, :]
     x = MultiHeadAttention(self.num_heads, impl=self.attention_impl, name="attn", **kw)(
         probe, x, mask=key_mask)
-    y = nn.LayerNorm(epsilon=self.ln_eps, name="ln", **kw)(x)
+    y = LayerNorm(epsilon=self.ln_eps, name="ln", **kw)(x)
     x = x + MlpBlock(self.mlp_dim or 4 * width, act=self.act, name="mlp", **kw)(y)
     return x[:, 0]
