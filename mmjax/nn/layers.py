@@ -125,7 +125,8 @@ class Encoder(BlockSettings):
     policy = remat_policy(self.remat_policy)
     remat = self.remat or self.remat_policy is not None
     block = _ScannedBlock if self.scan else EncoderBlock
-    if remat:   # static: is_causal, train (self is argument 0)
+    if remat:   # static: is_causal, train (self is argument 0). Under scan no CSE can merge
+      # the recomputation into the forward pass, so jax's barrier against it is not needed.
       block = nn.remat(block, static_argnums=(3, 4), policy=policy, prevent_cse=not self.scan)
     if self.scan:
       block = nn.scan(block, variable_axes={True: 0}, split_rngs={"params": True, "dropout": True},
