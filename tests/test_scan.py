@@ -1,6 +1,6 @@
 """Scanned encoder blocks (Encoder scan=True) and remat policies: the same params (stacked), values
 and gradients as the unrolled towers; stack / unstack round trips; converters taking either
-tree; init_from between the forms; a train run with config.model.scan."""
+tree; MAE's decoder; init_from between the forms; a train run with config.model.scan."""
 
 import jax
 import jax.extend
@@ -11,7 +11,7 @@ import pytest
 
 from mmjax import convert
 from mmjax.convert import common, openclip
-from mmjax.models import text, two_tower, vit
+from mmjax.models import mae, text, two_tower, vit
 from mmjax.models.scan import is_scanned, match_blocks, stack_blocks, unstack_blocks
 from mmjax.nn.layers import REMAT_POLICIES, Encoder
 from mmjax.train import checkpoint, config as config_lib, loop
@@ -44,8 +44,8 @@ def _loss(model, inputs):
 
 
 def _check_same(unrolled, scanned, params, *inputs) -> list:
-  """scanned on stack_blocks(params) == unrolled on params: the init's tree, the outputs and
-  the gradients (of a loss of the pooled and encoded outputs), f32. Returns the policies of
+  """scanned on stack_blocks(params) == unrolled (no remat) on params: the init's tree, the
+  outputs and the gradients (of a loss of the pooled and encoded outputs), f32. Returns the policies of
   the remat equations in the scanned model's gradient."""
   stacked = stack_blocks(params)
   want = jax.eval_shape(scanned.init, jax.random.PRNGKey(0), *inputs)["params"]
@@ -67,8 +67,8 @@ def _check_same(unrolled, scanned, params, *inputs) -> list:
 def test_scanned_vit_matches_unrolled(policy, rng):
   image = jnp.asarray(rng.normal(size=(2, 16, 16, 3)), jnp.float32)
   kw = dict(**TINY, patch_size=(4, 4), pool_type="tok", posemb="learn", posemb_cls=True,
-            ln_pre=True, remat_policy=policy)
-  unrolled, scanned = vit.Model(**kw), vit.Model(**kw, scan=True)
+            ln_pre=True)
+  unrolled, scanned = vit.Model(**kw), vit.Model(**kw, scan=True, remat_policy=policy)
   params = unrolled.init(jax.random.PRNGKey(0), image)["params"]
   assert "block1" in params["encoder"] and "blocks" not in params["encoder"]
   assert params["encoder"]["block0"]["attn"]["query"]["kernel"].shape == (32, 2, 16)
@@ -84,9 +84,9 @@ def test_scanned_text_tower_matches_unrolled(policy, rng):
   tokens = np.asarray(rng.integers(1, 50, size=(3, 10)), np.int32)
   tokens[0, 6:] = 0
   tokens[1, 3:] = 0
-  kw = dict(**TINY, vocab_size=50, max_len=12, causal=True, pool_type="eos", remat=True,
-            remat_policy=policy)
-  unrolled, scanned = text.Model(**kw), text.Model(**kw, scan=True)
+  kw = dict(**TINY, vocab_size=50, max_len=12, causal=True, pool_type="eos")
+  unrolled = text.Model(**kw)   # no remat: the reference
+  scanned = text.Model(**kw, scan=True, remat=True, remat_policy=policy)
   params = unrolled.init(jax.random.PRNGKey(1), tokens)["params"]
   policies = _check_same(unrolled, scanned, params, jnp.asarray(tokens))
   # remat=True with no policy: jax's default (nothing saved), as the unscanned remat.
@@ -200,52 +200,45 @@ def test_open_clip_export_of_scanned_equals_unrolled_and_import_stacks(rng):
   jax.tree.map(np.testing.assert_array_equal, unrolled.params, back)
 
 
-def test_big_vision_export_takes_either_tree(tmp_path):
-  """to_big_vision (per-layer and its own scan=True layout) of a scanned tree writes the
-  unrolled tree's file."""
-  config = dict(image=dict(TINY, patch_size=(8, 8), pool_type="map", posemb="learn"),
-                text=dict(TINY, vocab_size=64, max_len=8, pool_type="last", pad_id=None),
-                embed_dim=32, loss="siglip")
-  _, params = _init(config)
-  for bv_scan in (False, True):
-    a, b = tmp_path / f"a{bv_scan}.npz", tmp_path / f"b{bv_scan}.npz"
-    convert.to_big_vision(config, params, a, scan=bv_scan)
-    convert.to_big_vision(_scan(config), stack_blocks(params), b, scan=bv_scan)
-    with np.load(a) as x, np.load(b) as y:
-      assert sorted(x) == sorted(y)
-      for k in x:
-        np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+def test_mae_decoder_scans_with_the_encoder(rng):
+  """MAE(image=dict(scan=True, ...)): its decoder is scanned too; the loss is the unrolled
+  model's on the stacked params."""
+  image = jnp.asarray(rng.normal(size=(2, 16, 16, 3)), jnp.float32)
+  kw = dict(decoder_width=32, decoder_depth=2, decoder_heads=2, decoder_mlp_dim=64)
+  unrolled = mae.Model(image=dict(variant="mu/4", depth=2), **kw)
+  scanned = mae.Model(image=dict(variant="mu/4", depth=2, scan=True,
+                                 remat_policy="nothing_saveable"), **kw)
+  params = jax.eval_shape(unrolled.init, {"params": jax.random.PRNGKey(0),
+                                           "mask": jax.random.PRNGKey(1)}, image)["params"]
+  params = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape) * 0.1, x.dtype), params)
+  stacked = stack_blocks(params)
+  assert sorted(stacked["decoder"]) == ["blocks", "ln_final"]
+  loss = lambda m, p: jax.jit(lambda p: m.apply({"params": p}, image,
+                                                rngs={"mask": jax.random.PRNGKey(2)})[0])(p)
+  np.testing.assert_allclose(loss(scanned, stacked), loss(unrolled, params), rtol=1e-5)
 
 
 # ---------------------------------------------------------------- the trainer
 
-def test_train_with_scan_and_init_from_between_forms(data_dir, tmp_path):
-  """A scan=True run (remat_policy dots_saveable) trains; a per-layer run initialised from its
-  image tower (config.init_from.workdir) starts from those params unstacked, and a scanned
-  run from a per-layer run's, stacked."""
-  steps = {"total_steps": 3, "checkpoint.every": 3, "optim.warmup_steps": 1,
+def test_train_with_scan_then_init_a_per_layer_run_from_it(data_dir, tmp_path):
+  """A scan=True run (remat_policy dots_saveable) trains and saves stacked params; a per-layer
+  run initialised from its image tower (config.init_from.workdir) starts from them unstacked.
+  (The other way, per-layer into scan=True: the next test; both go through match_blocks.)"""
+  steps = {"total_steps": 2, "checkpoint.every": 2, "optim.warmup_steps": 1,
            "model.image.depth": 2, "model.text.depth": 2}
   a = loop.train(tiny_config(data_dir, **steps, **{"model.scan": True,
                                                    "model.remat_policy": "dots_saveable"}),
                  str(tmp_path / "a"))
-  assert a["steps"] == 3 and np.isfinite(a["zeroshot_top1"])
+  assert a["steps"] == 2 and np.isfinite(a["zeroshot_top1"])
   saved, _ = checkpoint.load_params(str(tmp_path / "a"))
   assert saved["img"]["encoder"]["blocks"]["ln1"]["scale"].shape == (2, 32)
-  for src, dst, scan in (("a", "b", False), ("b", "c", True)):
-    cfg = tiny_config(data_dir, **{**steps, "model.scan": scan,
-                                   "init_from.workdir": str(tmp_path / src)})
-    built = loop.build(cfg)
-    state = loop._init_from(built.init_state(), cfg.init_from, built.state_sharding,
-                            built.objective)
-    want = (stack_blocks if scan else unstack_blocks)(saved["img"])
-    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state.params["img"]),
-                 want)
-    if dst == "b":   # a per-layer checkpoint for c to start from
-      with checkpoint.make_manager(str(tmp_path / "b"), every=1, keep=1) as manager:
-        checkpoint.save(manager, 1, state, {}, force=True)
-        manager.wait_until_finished()
-      saved, _ = checkpoint.load_params(str(tmp_path / "b"))
-      assert "block1" in saved["img"]["encoder"]
+  cfg = tiny_config(data_dir, **steps, **{"init_from.workdir": str(tmp_path / "a")})
+  built = loop.build(cfg)
+  state = loop._init_from(built.init_state(), cfg.init_from, built.state_sharding,
+                          built.objective)
+  assert "block1" in state.params["img"]["encoder"]
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state.params["img"]),
+               unstack_blocks(saved["img"]))
 
 
 def test_init_from_converted_checkpoint_into_scanned_run(data_dir, tmp_path):
