@@ -37,6 +37,14 @@ class Converted(NamedTuple):
   preprocess: ImagePrep
   tokenizer: str | None
 
+  def with_scan(self, scan: bool = True) -> "Converted":
+    """The same checkpoint for `Encoder(scan=scan)` towers: config's image and text get
+    scan=scan, params their blocks stacked (scan=True) or per-layer (mmjax.models.scan)."""
+    from mmjax.models.scan import stack_blocks, unstack_blocks
+    config = {**self.config, **{t: {**self.config[t], "scan": scan} for t in ("image", "text")}}
+    params = (stack_blocks if scan else unstack_blocks)(self.params)
+    return self._replace(config=config, params=params)
+
 
 class Rule(NamedTuple):
   """Checkpoint keys `src` <-> mmjax param paths `dst`: fwd(*src arrays) -> dst arrays,
@@ -199,7 +207,9 @@ def model_shapes(config: Mapping, image_size: int) -> dict[Path, jax.ShapeDtypeS
 def _model_shapes(config_json: str, image_size: int) -> tuple:
   from mmjax.models import two_tower
   config = json.loads(config_json)
-  model = two_tower.Model(**config)
+  # The per-layer tree whatever config's scan says: the rules map one block at a time.
+  model = two_tower.Model(**{**config, **{t: {**config[t], "scan": False}
+                                         for t in ("image", "text")}})
   shapes = jax.eval_shape(lambda: model.init(
       jax.random.PRNGKey(0), jnp.zeros((1, image_size, image_size, 3)),
       jnp.zeros((1, config["text"]["max_len"]), jnp.int32)))["params"]
@@ -251,8 +261,10 @@ def apply_rules(rules: Sequence[Rule], arrays: Mapping[str, Any], *, config: Map
 
 
 def unapply_rules(rules: Sequence[Rule], params: Mapping) -> dict[str, np.ndarray]:
-  """mmjax params -> {checkpoint key: numpy array}; ValueError naming absent params."""
-  flat = traverse_util.flatten_dict(dict(params))
+  """mmjax params, per-layer or scanned (Encoder scan=True), -> {checkpoint key: numpy array};
+  ValueError naming absent params."""
+  from mmjax.models.scan import unstack_blocks
+  flat = traverse_util.flatten_dict(unstack_blocks(dict(params)))
   missing = [p for r in rules for p in r.dst if p not in flat]
   if missing:
     raise ValueError(f"params lack {['/'.join(p) for p in missing[:8]]}")

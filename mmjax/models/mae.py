@@ -53,8 +53,10 @@ class MAE(nn.Module):
     self.decoder_embed = Dense(self.decoder_width, name="decoder_embed", **kw)
     self.mask_token = self.param("mask_token", nn.initializers.normal(0.02),
                                  (1, 1, self.decoder_width), self.param_dtype)
+    # The decoder is scanned / rematerialised as the encoder is (config.model.scan, remat).
+    runtime = {k: self.image[k] for k in ("scan", "remat", "remat_policy") if k in self.image}
     self.decoder = Encoder(depth=self.decoder_depth, num_heads=self.decoder_heads,
-                           mlp_dim=self.decoder_mlp_dim, name="decoder", **kw)
+                           mlp_dim=self.decoder_mlp_dim, name="decoder", **runtime, **kw)
     self.patch = self.image["patch_size"]
     self.decoder_pred = Dense(self.patch[0] * self.patch[1] * 3, name="decoder_pred", **kw)
 

@@ -72,6 +72,8 @@ class TextTransformer(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   remat: bool = False
+  remat_policy: str | None = None   # mmjax.nn.layers.REMAT_POLICIES; implies remat
+  scan: bool = False         # the encoder blocks under nn.scan (params encoder/blocks, [depth])
   attention_impl: str = "xla"
   act: str = "gelu"         # mmjax.nn.layers.ACTIVATIONS
   ln_eps: float = 1e-6
@@ -91,7 +93,8 @@ class TextTransformer(nn.Module):
     mask = None if real is None else real[:, None, None, :]        # keys: never attend to padding
     x = Encoder(depth=self.depth, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
                 dropout=self.dropout, attention_impl=self.attention_impl, remat=self.remat,
-                act=self.act, ln_eps=self.ln_eps, name="encoder", **kw)(
+                remat_policy=self.remat_policy, scan=self.scan, act=self.act,
+                ln_eps=self.ln_eps, name="encoder", **kw)(
                     x, mask=mask, is_causal=self.causal, train=train)
     if self.pool_type == "eos":
       # The tokenizer ends every text with EOS: the last real token.

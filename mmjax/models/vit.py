@@ -165,6 +165,8 @@ class ViT(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   remat: bool = False
+  remat_policy: str | None = None   # mmjax.nn.layers.REMAT_POLICIES; implies remat
+  scan: bool = False         # the encoder blocks under nn.scan (params encoder/blocks, [depth])
   attention_impl: str = "xla"
   # open_clip / OpenAI CLIP layout (the defaults are big_vision's):
   patch_bias: bool = True    # open_clip's patch embedding has no bias
@@ -217,7 +219,8 @@ class ViT(nn.Module):
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     x = Encoder(depth=self.depth, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
                 dropout=self.dropout, attention_impl=self.attention_impl, remat=self.remat,
-                act=self.act, ln_eps=self.ln_eps, name="encoder", **kw)(x, train=train)
+                remat_policy=self.remat_policy, scan=self.scan, act=self.act,
+                ln_eps=self.ln_eps, name="encoder", **kw)(x, train=train)
     out = {"encoded": x}
     if self.pool_type == "tok":
       pooled = x[:, 0]

@@ -107,21 +107,62 @@ class EncoderBlock(BlockSettings):
     return x + nn.Dropout(self.dropout, deterministic=not train)(y)
 
 
+# config.model.remat_policy: jax.checkpoint_policies by name (what the backward pass keeps).
+REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable",
+                  "everything_saveable")
+
+
+def remat_policy(name: str | None):
+  """A REMAT_POLICIES name -> the jax.checkpoint policy; None -> None (jax's default: nothing
+  saved)."""
+  if name is None:
+    return None
+  if name not in REMAT_POLICIES:
+    raise ValueError(f"remat_policy={name!r} is not one of {REMAT_POLICIES}")
+  return getattr(jax.checkpoint_policies, name)
+
+
+class _ScannedBlock(EncoderBlock):
+  """An EncoderBlock in nn.scan's form: (carry x, broadcast args) -> (x, None)."""
+
+  @nn.compact
+  def __call__(self, x, mask=None, is_causal=False, train=False):
+    return super().__call__(x, mask, is_causal, train), None
+
+
 class Encoder(BlockSettings):
   """`depth` EncoderBlocks then a final LayerNorm; [b, n, width] -> [b, n, width].
 
   remat=True recomputes each block's activations in the backward pass
-  (memory of one block instead of all of them, ~1.3x the compute).
+  (memory of one block instead of all of them, ~1.3x the compute); remat_policy (a
+  REMAT_POLICIES name, implies remat) says which of them are kept instead, e.g.
+  'dots_saveable' keeps the matmul outputs and recomputes the rest.
+
+  scan=False: the blocks are params['block{i}'], one subtree each. scan=True: one block under
+  nn.scan, params['blocks'] with every leaf stacked on a leading [depth] axis (traced and
+  compiled once, not depth times); mmjax.models.scan converts between the two trees.
   """
   depth: int = 1
   remat: bool = False
+  remat_policy: str | None = None   # REMAT_POLICIES; None with remat=True: nothing saved
+  scan: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, *, mask: jax.Array | None = None, is_causal: bool = False,
                train: bool = False) -> jax.Array:
-    block = nn.remat(EncoderBlock, static_argnums=(3, 4)) if self.remat else EncoderBlock
-    for i in range(self.depth):
-      x = block(**self.block_settings(), name=f"block{i}")(x, mask, is_causal, train)
+    policy = remat_policy(self.remat_policy)
+    remat = self.remat or self.remat_policy is not None
+    block = _ScannedBlock if self.scan else EncoderBlock
+    if remat:   # static: is_causal, train (self is argument 0). Under scan no CSE can merge
+      # the recomputation into the forward pass, so jax's barrier against it is not needed.
+      block = nn.remat(block, static_argnums=(3, 4), policy=policy, prevent_cse=not self.scan)
+    if self.scan:
+      block = nn.scan(block, variable_axes={True: 0}, split_rngs={"params": True, "dropout": True},
+                      in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=self.depth)
+      x, _ = block(**self.block_settings(), name="blocks")(x, mask, is_causal, train)
+    else:
+      for i in range(self.depth):
+        x = block(**self.block_settings(), name=f"block{i}")(x, mask, is_causal, train)
     return LayerNorm(epsilon=self.ln_eps, name="ln_final", dtype=self.dtype,
                         param_dtype=self.param_dtype)(x)
 

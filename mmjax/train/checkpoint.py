@@ -87,9 +87,12 @@ def check_same_model(manager: ocp.CheckpointManager, step: int, abstract_state: 
     if saved.get(name) != want.get(name):
       there = saved.get(name, "absent")
       here = want.get(name, "absent")
+      scans = [any(".blocks." in n for n in names) for names in (saved, want)]
+      hint = (" (config.model.scan differs from the run's; init_from converts between the "
+              "two, a resume does not)" if scans[0] != scans[1] else "")
       raise DifferentModelError(
           f"workdir {workdir!r} holds a different model: {name} is {there} in its checkpoint "
-          f"(step {step}) and {here} in this config; use another --workdir, or the config "
+          f"(step {step}) and {here} in this config{hint}; use another --workdir, or the config "
           "that wrote it")
 
 

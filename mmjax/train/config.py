@@ -15,6 +15,7 @@ from ml_collections.config_dict import placeholder
 from mmjax.losses import BLOCKS, IMPLS
 from mmjax.models import two_tower
 from mmjax.nn.attention import IMPLS as attention_impls
+from mmjax.nn.layers import REMAT_POLICIES
 from mmjax.numerics import DTYPES
 
 CONTRASTIVE = two_tower.LOSSES             # two towers, image-text pairs
@@ -117,7 +118,9 @@ def defaults() -> ml_collections.ConfigDict:
       embed_dim=128,
       dtype="float32",        # compute dtype: 'float32' | 'bfloat16'
       param_dtype="float32",
-      remat=False,
+      remat=False,            # recompute each encoder block's activations in the backward pass
+      remat_policy=placeholder(str),  # what remat keeps (layers.REMAT_POLICIES); implies remat
+      scan=False,             # encoder blocks under nn.scan: params encoder/blocks, a [depth] axis
       attention_impl="xla",   # 'xla' | 'blockwise' | 'pallas' | 'auto' (mmjax.nn.attention)
       temperature_init=placeholder(float),  # None: CLIP 1/0.07, SigLIP 10
       bias_init=placeholder(float),  # None: SigLIP -10
@@ -235,6 +238,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.model[key] not in DTYPES:
       raise ValueError(f"config.model.{key} must be one of {tuple(DTYPES)}; "
                        f"got {config.model[key]!r}")
+  if config.model.remat_policy is not None and config.model.remat_policy not in REMAT_POLICIES:
+    raise ValueError(f"config.model.remat_policy must be None or one of {REMAT_POLICIES}; "
+                     f"got {config.model.remat_policy!r}")
   if config.model.attention_impl not in attention_impls:
     raise ValueError(f"config.model.attention_impl must be one of {attention_impls}; "
                      f"got {config.model.attention_impl!r}")

@@ -27,6 +27,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from mmjax.data import pipeline, tokenizer as tokenizer_lib
 from mmjax.evaluate import Evaluator
+from mmjax.models import scan as scan_lib
 from mmjax.train import checkpoint, config as config_lib, multihost, objectives, optimizer
 from mmjax.train import sharding
 from mmjax.train import state as state_lib
@@ -285,12 +286,14 @@ def build(config: ml_collections.ConfigDict) -> Run:
 
 def _init_from_checkpoint(state, built: Run):
   """The state with every param replaced by config.init_from.checkpoint's (cast to the
-  run's param dtype, placed with the state's shardings)."""
+  run's param dtype, placed with the state's shardings); its per-layer blocks stacked when
+  config.model.scan is set."""
   want = jax.tree_util.tree_structure(state.params)
-  if jax.tree_util.tree_structure(built.start_params) != want:
+  start = scan_lib.match_blocks(built.start_params, state.params)
+  if jax.tree_util.tree_structure(start) != want:
     raise ValueError(f"config.init_from.checkpoint: its params do not have this run's "
                      f"structure ({want})")
-  params = jax.tree.map(lambda x, y: np.asarray(y, x.dtype), state.params, built.start_params)
+  params = jax.tree.map(lambda x, y: np.asarray(y, x.dtype), state.params, start)
   params = jax.device_put(params, built.state_sharding.params)
   if jax.process_index() == 0:
     print(f"mmjax: params from {built.config.init_from.checkpoint}", flush=True)
@@ -298,13 +301,15 @@ def _init_from_checkpoint(state, built: Run):
 
 
 def _init_from(state, init_from, state_sharding, objective):
-  """Replaces the params under init_from.prefix with those of another run's checkpoint."""
+  """Replaces the params under init_from.prefix with those of another run's checkpoint (its
+  encoder blocks scanned or per-layer, converted to this run's config.model.scan)."""
   loaded, step = checkpoint.load_params(init_from.workdir)
   prefix = init_from.prefix
   if prefix not in state.params or prefix not in loaded:
     raise ValueError(f"config.init_from.prefix={prefix!r} must be a top-level params key of both "
                      f"runs; this run has {sorted(state.params)}, {init_from.workdir!r} has "
                      f"{sorted(loaded)}")
+  loaded = {**loaded, prefix: scan_lib.match_blocks(loaded[prefix], state.params[prefix])}
   want = jax.tree_util.tree_leaves_with_path(state.params[prefix])
   got = dict(jax.tree_util.tree_leaves_with_path(loaded[prefix]))
   for path, leaf in want:

@@ -82,7 +82,8 @@ def tower_config(config: ml_collections.ConfigDict, tower: str, **extra) -> dict
   if tower == "text":
     fields.pop("patch_dropout", None)
   fields.update(dtype=dtype(m.dtype), param_dtype=dtype(m.param_dtype), remat=m.remat,
-                attention_impl=m.attention_impl, **extra)
+                remat_policy=m.remat_policy, scan=m.scan, attention_impl=m.attention_impl,
+                **extra)
   resolve = vit.config if tower == "image" else text_model.config
   try:
     return resolve(**fields)
@@ -96,12 +97,13 @@ def build_two_tower(config: ml_collections.ConfigDict, vocab_size: int,
 
   converted: the `two_tower.Model` kwargs of a converted checkpoint (Converted.config), whose
   architecture replaces config.model's towers; config.model's dtype, param_dtype, remat,
-  attention_impl and image.patch_dropout still apply.
+  remat_policy, scan, attention_impl and image.patch_dropout still apply (the loop stacks the
+  checkpoint's per-layer params for scan=True: mmjax.models.scan.match_blocks).
   """
   m = config.model
   if converted is not None:
     runtime = dict(dtype=dtype(m.dtype), param_dtype=dtype(m.param_dtype), remat=m.remat,
-                   attention_impl=m.attention_impl)
+                   remat_policy=m.remat_policy, scan=m.scan, attention_impl=m.attention_impl)
     return two_tower.Model(
         image=dict(converted["image"], patch_dropout=m.image.patch_dropout, **runtime),
         text=dict(converted["text"], **runtime),
