@@ -10,7 +10,8 @@ dtype float32 (bf16 compute, f32 params and AdamW state, as the launcher's
 `config.model.dtype=bfloat16`). open_clip: `open_clip.create_model(MODEL, pretrained=None)`,
 its ClipLoss and torch.optim.AdamW, bf16 as `torch.autocast("cpu", torch.bfloat16)`, in a
 subprocess on the same threads. Each prints the median of `--steps` timed steps after two
-warm-up steps. mmjax's FLOPs per step come from XLA's cost analysis, and the matmul peak
+warm-up steps; mmjax's step donates params and optimizer state, as the train loop's does
+(torch updates in place). mmjax's FLOPs per step come from XLA's cost analysis, and the matmul peak
 (4096^3, f32 and bf16 operands with f32 accumulation) is measured in the same run, so its
 share of the peak is flops / step time / peak. One JSON line per (library, dtype), then a
 summary line with the ratios.
@@ -19,12 +20,15 @@ summary line with the ratios.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
 import subprocess
 import sys
 import time
+
+import mmjax  # noqa: F401  (before JAX's CPU client starts: mmjax/hostmem.py)
 
 TORCH_CHILD = r"""
 import json, statistics, sys, time
@@ -108,7 +112,7 @@ def mmjax_step(model_name: str, batch: int, dtype: str, steps: int) -> dict:
     zimg, ztxt, out = model.apply({"params": p}, images, texts, train=True)
     return clip_loss(zimg, ztxt, out["scale"])
 
-  @jax.jit
+  @functools.partial(jax.jit, donate_argnums=(0, 1))   # as the train loop's step
   def step(p, s):
     loss, grads = jax.value_and_grad(loss_fn)(p)
     updates, s = tx.update(grads, s, p)

@@ -1,0 +1,42 @@
+"""mmjax.hostmem: after `import mmjax`, XLA:CPU's per-execution temporaries reuse freed heap
+instead of faulting in fresh pages every call (run in fresh processes: the setting is made once
+per process, before JAX's CPU client starts)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+CHILD = r"""
+import json, resource, sys
+import mmjax, mmjax.hostmem
+import jax, jax.numpy as jnp
+x = jnp.ones((4096, 4096), jnp.float32)
+f = jax.jit(lambda x: (x @ x.T).sum() + jnp.sin(x).sum())   # a 64 MB temporary, and more
+f(x).block_until_ready()
+r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(3):
+  f(x).block_until_ready()
+print(json.dumps({"faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0,
+                  "applied": mmjax.hostmem.applied}))
+"""
+
+
+def _run(env_value):
+  env = {**os.environ, "MMJAX_KEEP_FREED_MEMORY": env_value}
+  out = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True,
+                       check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc only")
+def test_import_mmjax_keeps_xla_temporaries_mapped():
+  """Three calls of a matmul with a 64 MB result: off, each call faults its temporaries in
+  again (> 30,000 4 KiB faults in all; 6.4 million for six calls when measured); on, the heap
+  is reused (under a tenth of that; 15,874 for six)."""
+  on, off = _run("1"), _run("0")
+  assert on["applied"] and not off["applied"]
+  assert off["faults"] > 30_000, off
+  assert on["faults"] < off["faults"] / 10, (on, off)
