@@ -28,7 +28,9 @@ import subprocess
 import sys
 import time
 
-import mmjax  # noqa: F401  (before JAX's CPU client starts: mmjax/hostmem.py)
+from mmjax import hostmem
+
+hostmem.keep_freed_memory()   # before JAX's CPU client starts (import mmjax does it too)
 
 TORCH_CHILD = r"""
 import json, statistics, sys, time
