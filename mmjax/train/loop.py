@@ -512,7 +512,7 @@ def run(built: Run, workdir: str, *,
       f.write(config.to_json(indent=2))
     step_fn = jax.jit(state_lib.make_train_step(built.objective, built.tx,
                                                 schedule=built.schedule,
-                                                normalize=built.normalize),
+                                                normalize=built.normalize, mesh=built.mesh),
                       in_shardings=(built.state_sharding, built.batch_sharding),
                       out_shardings=(built.state_sharding, None), donate_argnums=0)
     writer = MetricWriter(workdir, resume_step=start)
