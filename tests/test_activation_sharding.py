@@ -12,6 +12,7 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from mmjax.models import vit
 from mmjax.nn import partitioning
 from mmjax.nn.partitioning import constrain, logical_rules, logical_spec
 from mmjax.train import objectives, sharding
@@ -74,12 +75,14 @@ def test_logical_spec_maps_names_through_the_rules():
 def test_constrain_is_a_no_op_without_rules(rng):
   x = jnp.asarray(rng.normal(size=(B, 4, 6)), jnp.float32)
   assert constrain(x, "batch", "seq", "embed") is x
-  obj, params, batch = _setup(rng, scan=False)
+  model = vit.Model("mu/8")
+  image = jnp.zeros((B, IMAGE, IMAGE, 3), jnp.float32)
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), image)
 
   def constraints(mesh):   # a fresh function each time: jit (and make_jaxpr) cache the trace
-    loss = lambda p: obj.grad_fn(p, None, batch, jax.random.PRNGKey(1))[0][0]
     with logical_rules(mesh):
-      return str(jax.make_jaxpr(loss)(params)).count("sharding_constraint")
+      return str(jax.make_jaxpr(lambda p: model.apply(p, image))(params)).count(
+          "sharding_constraint")
 
   assert constraints(None) == 0
   assert partitioning.active() is None
@@ -103,7 +106,8 @@ def test_fsdp_grads_equal_one_device_and_activations_are_batch_sharded(rng, scan
   sharded = jax.jit(lambda p, b: grads(p, b, mesh),
                     in_shardings=(param_sh, sharding.batch_sharding(mesh)))
   lowered = sharded.lower(params, batch)
-  got_loss, got = lowered.compile()(params, batch)
+  compiled = lowered.compile()
+  got_loss, got = compiled(params, batch)
   np.testing.assert_allclose(float(got_loss), float(want_loss), rtol=1e-5)
   _assert_trees_close(got, want)
 
@@ -118,7 +122,7 @@ def test_fsdp_grads_equal_one_device_and_activations_are_batch_sharded(rng, scan
   if scan:
     assert "stablehlo.while" in txt
   # Compiled: the per-device residual stream is one example's; no device holds the batch's.
-  hlo = lowered.compile().as_text()
+  hlo = compiled.as_text()
   assert "f32[1,16,32]" in hlo and "f32[8,16,32]" not in hlo
 
 
@@ -135,8 +139,9 @@ def test_train_step_with_mesh_equals_one_device(rng):
   step = jax.jit(state_lib.make_train_step(obj, tx, schedule=schedule, mesh=mesh),
                  in_shardings=(state_sh, sharding.batch_sharding(mesh)),
                  out_shardings=(state_sh, None))
-  assert "sharding_constraint" in step.lower(state, batch).as_text()
-  got_state, got = step(state, batch)
+  lowered = step.lower(state, batch)
+  assert "sharding_constraint" in lowered.as_text()
+  got_state, got = lowered.compile()(state, batch)
   for k in ("loss", "grad_norm"):
     np.testing.assert_allclose(float(got[k]), float(want[k]), rtol=1e-5)
   _assert_trees_close(got_state.params, want_state.params)
