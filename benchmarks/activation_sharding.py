@@ -2,7 +2,8 @@
 activation sharding constraints (mmjax.nn.partitioning).
 
   python -m benchmarks.activation_sharding [--variants So400m/14 g/14] [--batch 32]
-      [--mesh 2 4] [--image-size 224] [--dtype bfloat16] [--scan 1] [--out FILE.jsonl]
+      [--mesh 2 4] [--image-size 224] [--dtype bfloat16] [--scan 1]
+      [--remat-policies none nothing_saveable] [--out FILE.jsonl]
 
 The step is value_and_grad of a stand-in loss (mean square of the pooled features) and one
 AdamW update over the ViT's params, sharded as the trainer shards them
@@ -23,7 +24,7 @@ from benchmarks import emit
 
 
 def point(variant: str, batch: int, mesh_shape, image_size: int, dtype: str, scan: bool,
-          constrain: bool) -> dict:
+          policy: str, constrain: bool) -> dict:
   import jax
   import jax.numpy as jnp
   import optax
@@ -35,7 +36,8 @@ def point(variant: str, batch: int, mesh_shape, image_size: int, dtype: str, sca
 
   mesh = jax.make_mesh(tuple(mesh_shape), ("data", "fsdp"),
                        axis_types=(jax.sharding.AxisType.Auto,) * 2)
-  model = vit.Model(variant, dtype=jnp.dtype(dtype), scan=scan)
+  model = vit.Model(variant, dtype=jnp.dtype(dtype), scan=scan,
+                    remat_policy=None if policy == "none" else policy)
   images = jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.float32)
   params = jax.eval_shape(model.init, jax.random.PRNGKey(0), images)["params"]
   tx = optax.adamw(1e-4, weight_decay=0.1)
@@ -59,7 +61,7 @@ def point(variant: str, batch: int, mesh_shape, image_size: int, dtype: str, sca
   mem = compiled.memory_analysis()
   gib = lambda k: getattr(mem, f"{k}_size_in_bytes") / 2 ** 30
   return {"variant": variant, "batch": batch, "mesh": list(mesh_shape), "dtype": dtype,
-          "scan": scan, "constraints": constrain, "temp_gib": gib("temp"),
+          "scan": scan, "remat_policy": policy, "constraints": constrain, "temp_gib": gib("temp"),
           "argument_gib": gib("argument"), "output_gib": gib("output"),
           "compile_s": time.perf_counter() - t0, "backend": jax.default_backend()}
 
@@ -72,15 +74,18 @@ def main():
   p.add_argument("--image-size", type=int, default=224)
   p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
   p.add_argument("--scan", type=int, default=1, choices=[0, 1])
+  p.add_argument("--remat-policies", nargs="+", default=["none"],
+                 help="'none' (no remat) or mmjax.nn.layers.REMAT_POLICIES names")
   p.add_argument("--out", help="also append each JSON line to this file")
   a = p.parse_args()
   n = a.mesh[0] * a.mesh[1]
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                              + f" --xla_force_host_platform_device_count={n}").strip()
   for variant in a.variants:
-    for constrain in (False, True):
-      emit(json.dumps(point(variant, a.batch, a.mesh, a.image_size, a.dtype, bool(a.scan),
-                            constrain)), a.out)
+    for policy in a.remat_policies:
+      for constrain in (False, True):
+        emit(json.dumps(point(variant, a.batch, a.mesh, a.image_size, a.dtype, bool(a.scan),
+                              policy, constrain)), a.out)
 
 
 if __name__ == "__main__":

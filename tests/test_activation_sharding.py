@@ -119,8 +119,9 @@ def test_fsdp_grads_equal_one_device_and_activations_are_batch_sharded(rng, scan
   stream = {s for s, t in kinds if t in (f"{B}x16x32", f"{B}x{TEXT_LEN}x32")}
   assert stream == {'{"data", "fsdp"}, {}, {}'}, kinds
   assert ('{"data", "fsdp"}, {}, {}, {}', f"{B}x16x2x16") in kinds
-  if scan:
-    assert "stablehlo.while" in txt
+  # The blocks' MLP hidden [b, 16, mlp_dim]: only in the blocks, so inside the scan's body.
+  assert ('{"data", "fsdp"}, {}, {}', f"{B}x16x128") in kinds
+  assert ("stablehlo.while" in txt) == scan
   # Compiled: the per-device residual stream is one example's; no device holds the batch's.
   hlo = compiled.as_text()
   assert "f32[1,16,32]" in hlo and "f32[8,16,32]" not in hlo

@@ -10,7 +10,10 @@ without a mesh). The rules are read while tracing: activate them inside the jitt
 Why: with FSDP the params are sharded over 'fsdp' along a feature dim, and XLA's propagation
 may carry that sharding into the activations (feature-sharded, batch-replicated residual
 streams) instead of gathering the params; the constraints pin the activations to the batch
-sharding of the inputs, so every device keeps 1 / (data x fsdp) of them.
+sharding of the inputs, so every device keeps 1 / (data x fsdp) of them. Measured (So400m/14
+bf16 train step, batch 32, data=2 x fsdp=4, benchmarks/activation_sharding.py): without them
+the residual stream per device was [16, 256, 288] (batch over 'data' only, width over 'fsdp'),
+with them [4, 256, 1152]; compiled temporaries 7.53 -> 4.44 GiB per device.
 """
 
 from __future__ import annotations
