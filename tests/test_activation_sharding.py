@@ -67,6 +67,8 @@ def test_logical_spec_maps_names_through_the_rules():
   assert logical_spec((8, 5), ("batch", "embed"), one) == P("data", None)   # no 'fsdp' there
   with pytest.raises(ValueError, match="axes"):
     logical_spec((8, 5), ("batch",), mesh)
+  with pytest.raises(ValueError, match="axes: unknown logical name 'btach'"):
+    logical_spec((8, 5), ("btach", "embed"), mesh)
   with pytest.raises(ValueError, match="rules"):
     with logical_rules(mesh, rules=(("batch",),)):
       pass

@@ -30,6 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 # wins, unnamed axes and mesh axes absent from the mesh are replicated. 'batch' goes over
 # mmjax.train.sharding's batch axes.
 DEFAULT_RULES = (("batch", ("data", "fsdp")),)
+# The towers' names: batch, tokens, width, MLP hidden, attention heads, head dim.
 LOGICAL_AXES = ("batch", "seq", "embed", "mlp", "heads", "kv")
 
 _ACTIVE: contextvars.ContextVar = contextvars.ContextVar("mmjax_logical_rules", default=None)
@@ -66,6 +67,10 @@ def logical_spec(shape: Sequence[int], axes: Sequence[str | None], mesh: Mesh,
   table = {}
   for name, target in rules:
     table.setdefault(name, target)
+  unknown = [a for a in axes if a is not None and a not in LOGICAL_AXES and a not in table]
+  if unknown:
+    raise ValueError(f"axes: unknown logical name {unknown[0]!r}; known: {LOGICAL_AXES} and "
+                     "the rules' names")
   used, spec = set(), []
   for size, name in zip(shape, axes):
     target = table.get(name) if name is not None else None
