@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from mmjax.models import vit
 from mmjax.nn.layers import Encoder, MAPHead
+from mmjax.nn.partitioning import constrain
 
 
 def decode_variant(variant: str) -> dict[str, Any]:
@@ -88,7 +89,7 @@ class TextTransformer(nn.Module):
                  name="token_embedding", **kw)(tokens)
     pe = self.param("pos_embedding", nn.initializers.normal(0.01), (1, self.max_len, width),
                     self.param_dtype)
-    x = x + pe[:, :length].astype(x.dtype)
+    x = constrain(x + pe[:, :length].astype(x.dtype), "batch", "seq", "embed")
     real = None if self.pad_id is None else tokens != self.pad_id   # [b, L]
     mask = None if real is None else real[:, None, None, :]        # keys: never attend to padding
     x = Encoder(depth=self.depth, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
@@ -109,4 +110,4 @@ class TextTransformer(nn.Module):
     else:
       pooled = MAPHead(self.num_heads, self.mlp_dim, attention_impl=self.attention_impl,
                        act=self.act, ln_eps=self.ln_eps, name="map_head", **kw)(x, real)
-    return pooled, {"encoded": x}
+    return constrain(pooled, "batch", "embed"), {"encoded": x}

@@ -13,6 +13,7 @@ import numpy as np
 from mmjax.nn import precision
 from mmjax.nn.layers import Encoder, MAPHead, posemb_sincos_2d
 from mmjax.nn.linear import LayerNorm, add_bias
+from mmjax.nn.partitioning import constrain
 
 # name: (width, depth, mlp_dim, num_heads), the big_vision table.
 VARIANTS = {
@@ -188,7 +189,7 @@ class ViT(nn.Module):
     width, kw = self.width, dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = PatchEmbed(width, (ph, pw), use_bias=self.patch_bias, name="embedding", **kw)(image)
     b, h, w, _ = x.shape
-    x = x.reshape(b, h * w, width)
+    x = constrain(x.reshape(b, h * w, width), "batch", "seq", "embed")
 
     def add_cls(x):
       cls = self.param("cls", nn.initializers.zeros, (1, 1, width), self.param_dtype)
@@ -231,4 +232,6 @@ class ViT(nn.Module):
                        act=self.act, ln_eps=self.ln_eps, name="map_head", **kw)(x)
     else:
       pooled = x
+    if pooled.ndim == 2:
+      pooled = constrain(pooled, "batch", "embed")
     return pooled, out

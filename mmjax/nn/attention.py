@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from mmjax.nn import precision
 from mmjax.nn.blockwise import AXES, blockwise_attention
 from mmjax.nn.linear import Dense
+from mmjax.nn.partitioning import constrain
 from mmjax.numerics import MASKED, check_array
 
 IMPLS = ("xla", "blockwise", "pallas", "auto")
@@ -118,7 +119,8 @@ class MultiHeadAttention(nn.Module):
     proj = lambda name: Dense((self.num_heads, width // self.num_heads), dtype=self.dtype,
                               param_dtype=self.param_dtype, kernel_init=self.kernel_init,
                               name=name)
-    q, k, v = proj("query")(x_q), proj("key")(x_kv), proj("value")(x_kv)
+    q, k, v = (constrain(proj(name)(x), "batch", "seq", "heads", "kv")
+               for name, x in (("query", x_q), ("key", x_kv), ("value", x_kv)))
     out = dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, impl=self.impl)
     return Dense(width, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype,
                  kernel_init=self.kernel_init, name="out")(out)

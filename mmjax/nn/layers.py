@@ -12,6 +12,7 @@ import numpy as np
 
 from mmjax.nn.attention import MultiHeadAttention
 from mmjax.nn.linear import Dense, LayerNorm
+from mmjax.nn.partitioning import constrain
 
 
 # MLP nonlinearities. 'gelu' is the tanh approximation (big_vision's default); open_clip uses
@@ -70,6 +71,8 @@ class MlpBlock(nn.Module):
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
     width = x.shape[-1]
     h = _dense(self.mlp_dim, self.dtype, self.param_dtype)(x, out_dtype=jnp.float32)
+    if h.ndim == 3:
+      h = constrain(h, "batch", "seq", "mlp")
     x = activate(self.act, h, self.dtype)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     return _dense(width, self.dtype, self.param_dtype)(x)
@@ -98,13 +101,15 @@ class EncoderBlock(BlockSettings):
   def __call__(self, x: jax.Array, mask: jax.Array | None = None, is_causal: bool = False,
                train: bool = False) -> jax.Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    x = constrain(x, "batch", "seq", "embed")
     y = LayerNorm(epsilon=self.ln_eps, name="ln1", **kw)(x)
     y = MultiHeadAttention(self.num_heads, impl=self.attention_impl, name="attn", **kw)(
         y, mask=mask, is_causal=is_causal)
     x = x + nn.Dropout(self.dropout, deterministic=not train)(y)
     y = LayerNorm(epsilon=self.ln_eps, name="ln2", **kw)(x)
     y = MlpBlock(self.mlp_dim, self.dropout, act=self.act, name="mlp", **kw)(y, train=train)
-    return x + nn.Dropout(self.dropout, deterministic=not train)(y)
+    return constrain(x + nn.Dropout(self.dropout, deterministic=not train)(y),
+                     "batch", "seq", "embed")
 
 
 # config.model.remat_policy: jax.checkpoint_policies by name (what the backward pass keeps).

@@ -510,9 +510,12 @@ def run(built: Run, workdir: str, *,
     data_state = lambda: {**_data_state(data_iter), "skipped_steps": guard.skipped}
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json(indent=2))
+    # Activations batch-sharded over the mesh (mmjax.nn.partitioning); one device: no
+    # constraints, the step's program as before.
+    mesh = built.mesh if built.mesh.size > 1 else None
     step_fn = jax.jit(state_lib.make_train_step(built.objective, built.tx,
                                                 schedule=built.schedule,
-                                                normalize=built.normalize),
+                                                normalize=built.normalize, mesh=mesh),
                       in_shardings=(built.state_sharding, built.batch_sharding),
                       out_shardings=(built.state_sharding, None), donate_argnums=0)
     writer = MetricWriter(workdir, resume_step=start)

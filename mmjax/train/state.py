@@ -8,6 +8,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh
+
+from mmjax.nn import partitioning
 
 
 @flax.struct.dataclass
@@ -58,7 +61,8 @@ def images_to_float(batch: dict, normalize: tuple | None = None) -> dict:
 
 
 def make_train_step(objective, tx: optax.GradientTransformation, *,
-                    schedule: Callable[[jax.Array], jax.Array], normalize: tuple | None = None):
+                    schedule: Callable[[jax.Array], jax.Array], normalize: tuple | None = None,
+                    mesh: Mesh | None = None):
   """Returns train_step(state, batch) -> (state, metrics), pure, ready for jit.
 
   batch: the objective's batch_keys, e.g. {'image': [B, H, W, 3] float32,
@@ -70,8 +74,14 @@ def make_train_step(objective, tx: optax.GradientTransformation, *,
   and EMA stay as they were (the optimizer's count, so its lr schedule, does not
   advance) and metrics['finite'] is False: the loop stops or skips
   (config.nan_policy), and no state holding a non-finite update exists.
+  mesh: the towers' activations are constrained to it (batch-sharded over its batch axes,
+  mmjax.nn.partitioning's default rules) while the step is traced; None: no constraints.
   """
   def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    with partitioning.logical_rules(mesh):
+      return _step(state, batch)
+
+  def _step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     rng = jax.random.fold_in(state.rng, state.step)
     batch = images_to_float(batch, normalize)
     (value, aux), grads = objective.grad_fn(state.params, state.ema, batch, rng)
