@@ -15,7 +15,9 @@ included) and whether the last loss was finite. Runs:
       the parent polls the child's RSS and kills it above the cap);
   (c) tiled + GradCache (micro-batch --micro) at the largest batch (b) fitted: the step-time
       ratio at equal batch.
-The digits train split has 1,437 examples: a batch of 16,384 holds each about 11 times.
+The digits train split has 1,437 examples: a batch of 16,384 holds each about 11 times. The
+learning rate warms up in one step: the losses are no training curve, but dense and tiled +
+GradCache runs of one batch size see the same data and gradients, so the same final loss.
 """
 
 import argparse
@@ -143,7 +145,10 @@ def main():
   data_dir = a.data_dir or tmp.name
   rows = []
 
+  command = " ".join(["python -m benchmarks.large_batch", *sys.argv[1:]])
+
   def emit(row):
+    row = {**row, "command": command}
     rows.append(row)
     print(json.dumps(row), flush=True)
     if a.out:
