@@ -4,6 +4,7 @@ import csv
 import json
 import os
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -523,6 +524,52 @@ def test_pipeline_process_shards_are_disjoint_and_cover_each_epoch(count, colour
       for q in range(p):
         assert not set(shard) & set(shards[q]), f"epoch {e}: processes {q} and {p} overlap"
     assert sorted(i for shard in shards for i in shard) == list(range(N_COLOURS)), e
+
+
+def test_pipeline_batch_larger_than_the_dataset_spans_reshuffled_epochs(colours, tok, rng,
+                                                                          capsys):
+  """A global batch of 128 over the 61 cards (GradCache's 16,384 over the 1,437 digits): the
+  stream runs on through the epochs, each of 61 consecutive positions a permutation of all the
+  cards, reshuffled each epoch, every image with its own caption; one line says so."""
+  text_index = {tok.encode([_colour_caption(i)], 12)[0].tobytes(): i for i in range(N_COLOURS)}
+  it = _iterator(colours, tok, global_batch_size=128, augment=False,
+                 seed=int(rng.integers(2**31)))
+  assert "larger than the dataset (61 examples)" in capsys.readouterr().out
+  stream = []
+  for b in _batches(it, 2):                   # positions 0..255: four whole epochs and a bit
+    assert b["image"].shape == (128, 32, 32, 3) and b["text"].shape == (128, 12)
+    for image, text in zip(b["image"], b["text"]):
+      stream.append(text_index[text.tobytes()])
+      assert _card_index(image) == stream[-1]
+  epochs = [stream[e * N_COLOURS:(e + 1) * N_COLOURS] for e in range(4)]
+  for e, order in enumerate(epochs):
+    assert sorted(order) == list(range(N_COLOURS)), f"epoch {e} is not a permutation"
+  assert len({tuple(order) for order in epochs}) == 4, "an epoch repeats another's order"
+
+
+class _CountingSource(_Prefix):
+  """The whole source, counting the records read."""
+
+  def __init__(self, source):
+    super().__init__(source, len(source))
+    self.reads = 0
+
+  def __getitem__(self, i):
+    self.reads += 1
+    return super().__getitem__(i)
+
+
+def test_pipeline_reads_ahead_a_few_batches_not_a_few_per_example(colours, tok):
+  """The read-ahead counts whole local batches: 2 of them (prefetch_batches), not 2 x local
+  batches, which at a batch of 16,384 would be 32,768 batches held in memory."""
+  src = _CountingSource(colours)
+  it = _iterator(src, tok, global_batch_size=8, augment=False)
+  next(it)
+  deadline = time.time() + 3
+  while time.time() < deadline and src.reads < 3 * 8:    # the two read-ahead batches
+    time.sleep(0.05)
+  time.sleep(0.5)                                        # time to read more, were it allowed
+  assert 3 * 8 <= src.reads <= 4 * 8, src.reads          # 2 x 8 read-ahead batches: 136
 
 
 def test_lazy_eval_images_are_the_stacked_ones_one_slice_at_a_time(rng, tok):

@@ -62,3 +62,40 @@ def test_accumulated_sharded_ring_equals_single_device(rng):
 def test_bad_accum_steps():
   with pytest.raises(ValueError, match="accum_steps"):
     make_grad_fn(None, None, accum_steps=0)
+
+
+@pytest.mark.parametrize("loss", ["siglip", "clip"])
+def test_gradcache_of_tiled_blocks_in_the_train_step_equals_dense_full_batch(loss, rng,
+                                                                              monkeypatch):
+  """The launcher's path at a tiny size: config.accum_steps=3 with config.loss_blocks='tiled'
+  (tiles of 8: 3 x 3 of them over the batch of 24) gives the objective's loss and gradients (and,
+  for SigLIP, the train step's loss and gradient norm) of dense blocks without accumulation."""
+  from mmjax.losses import tiled
+  from mmjax.train import objectives, optimizer, state as state_lib
+  from tests.configs import tiny_config
+  monkeypatch.setattr(tiled, "DEFAULT_BLOCK", 8)
+  b, n_vocab = 24, 64
+  batch = {"image": jnp.asarray(rng.uniform(-1, 1, size=(b, 32, 32, 3)), jnp.float32),
+           "text": jnp.asarray(rng.integers(1, n_vocab, size=(b, 16)), jnp.int32)}
+  key = jax.random.PRNGKey(int(rng.integers(1 << 30)))
+  runs = {}
+  for name, over in (("dense", dict(accum_steps=1, loss_blocks="dense")),
+                     ("tiled_gradcache", dict(accum_steps=3, loss_blocks="tiled"))):
+    config = tiny_config("unused", loss=loss, batch_size=b, **over)
+    objective = objectives.make(config, n_vocab)
+    params = objective.init(jax.random.PRNGKey(0), batch)
+    (value, _), grads = jax.jit(objective.grad_fn)(params, None, batch, key)
+    metrics = {}
+    if loss == "siglip":   # the digits job's train step too (a compile costs ~8 s)
+      tx, schedule = optimizer.make_optimizer(config.optim, config.total_steps)
+      state = state_lib.init_state(objective, tx, jax.random.PRNGKey(0), batch)
+      step = jax.jit(state_lib.make_train_step(objective, tx, schedule=schedule))
+      metrics = step(state, batch)[1]
+      assert bool(metrics["finite"])
+    runs[name] = value, grads, metrics
+  (want, want_g, want_m), (got, got_g, got_m) = runs["dense"], runs["tiled_gradcache"]
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  _assert_tree_close(got_g, want_g)
+  assert float(np.abs(got_g["t"])) > 0
+  for k in set(want_m) & {"loss", "grad_norm"}:
+    np.testing.assert_allclose(got_m[k], want_m[k], rtol=1e-5, err_msg=k)

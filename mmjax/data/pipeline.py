@@ -215,14 +215,16 @@ class _Preprocess:
 
 def make_train_iterator(source, data, *, tokenizer, global_batch_size: int, seed: int,
                         process_index: int = 0, process_count: int = 1, views: int = 1,
-                        read_threads: int = 2, normalize: tuple | None = None):
+                        read_threads: int = 2, prefetch_batches: int = 2,
+                        normalize: tuple | None = None):
   """An endless, seeded, shuffled iterator over this process's share of each global batch,
   with get_state/set_state.
 
   data: config.data (image_size, text_len, augment, crop_scale_min, flip,
   image_key, text_key, label_key, num_workers). views=2 adds 'image2', a
   second independent augmentation of each image (MoCo). normalize: (mean, std) of a
-  converted checkpoint's preprocessing; None maps pixels to [-1, 1].
+  converted checkpoint's preprocessing; None maps pixels to [-1, 1]. prefetch_batches: local
+  batches read ahead by the read_threads. A batch may be larger than the dataset.
 
   Restoring a saved state (`it.set_state(state)`) continues with exactly the
   batches the original iterator would have produced.
@@ -231,15 +233,21 @@ def make_train_iterator(source, data, *, tokenizer, global_batch_size: int, seed
     raise ValueError(f"config.batch_size={global_batch_size} is not divisible by "
                      f"{process_count} processes")
   local = global_batch_size // process_count
-  if len(source) < global_batch_size:
-    raise ValueError(f"config.batch_size={global_batch_size} is larger than the dataset "
-                     f"({len(source)} examples)")
+  if len(source) < global_batch_size and process_index == 0:
+    # Allowed: the stream is endless and each epoch reshuffled (grain seeds each epoch's
+    # permutation), so a batch spans epochs and holds each example about B / n times, each
+    # with its own augmentation (GradCache batches of 16,384 on the 1,437 digits).
+    print(f"mmjax: config.batch_size={global_batch_size} is larger than the dataset "
+          f"({len(source)} examples): each batch holds every example about "
+          f"{global_batch_size / len(source):.1f} times", flush=True)
   if views not in (1, 2):
     raise ValueError(f"views={views} must be 1 or 2")
   prep = _Preprocess(tokenizer, data.image_size, data.text_len, data.augment,
                      data.crop_scale_min, data.flip, data.image_key, data.text_key,
                      data.label_key, views, normalize)
-  # Few reader threads: grain's default 16 fight XLA for the cores of a small host.
+  # Few reader threads: grain's default 16 fight XLA for the cores of a small host. The
+  # elements read ahead are whole local batches (batched before to_iter_dataset), so
+  # prefetch_batches counts batches (2 * local of them would be 32,768 batches of 16,384).
   # One global shuffled stream, augmented by global position, cut into local batches;
   # process p takes local batches p, p + P, ... (batching is lazy: it reads only those).
   # Global batch t, the processes' batches stacked in process order as the loop does
@@ -249,7 +257,7 @@ def make_train_iterator(source, data, *, tokenizer, global_batch_size: int, seed
         .batch(local, drop_remainder=True)
         [process_index::process_count]
         .to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
-                                           prefetch_buffer_size=2 * local)))
+                                           prefetch_buffer_size=prefetch_batches)))
   if data.num_workers > 0:
     # grain 0.2.18's mp_prefetch reads an absl flag (google/grain#1355): outside absl.app
     # (notebooks, scripts) the flags were never parsed and it would raise.
