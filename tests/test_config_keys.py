@@ -17,7 +17,8 @@ import pytest
 
 from mmjax.data import pipeline
 from mmjax.evaluate import retrieval_recall
-from mmjax.nn.layers import Encoder
+from mmjax.nn.layers import Encoder, MlpBlock
+from mmjax.nn.linear import Dense
 from mmjax.train import checkpoint, objectives, optimizer
 from tests import reference as ref
 from tests.configs import tiny_config
@@ -253,17 +254,19 @@ def test_bfloat16_computes_in_bf16_keeps_f32_params_and_loss(towers):
 
   def catch(next_fun, args, kwargs, context):
     out = next_fun(*args, **kwargs)
-    if (isinstance(context.module, (Encoder, nn.Dense, nn.Conv))
-        and context.method_name == "__call__"):
-      seen.append((context.module.name, jnp.result_type(out)))
+    if isinstance(context.module, (Encoder, Dense)) and context.method_name == "__call__":
+      # an MLP's first Dense hands its f32 accumulator to the f32 activation
+      first_mlp = isinstance(context.module.parent, MlpBlock) and context.module.name == "Dense_0"
+      seen.append((context.module.name, jnp.result_type(out), first_mlp))
     return out
 
   with nn.intercept_methods(catch):
     zimg, ztxt, _ = jax.eval_shape(
         lambda p: bf.model.apply({"params": p}, batch["image"], batch["text"]), params)
-  encoders = [d for name, d in seen if name == "encoder"]
+  encoders = [d for name, d, _ in seen if name == "encoder"]
   assert len(encoders) == 2 and len(seen) >= 6, seen
-  assert {d for _, d in seen} == {jnp.dtype(jnp.bfloat16)}, seen
+  assert {d for _, d, first in seen if not first} == {jnp.dtype(jnp.bfloat16)}, seen
+  assert {d for _, d, first in seen if first} == {jnp.dtype(jnp.float32)}, seen
   assert zimg.dtype == ztxt.dtype == jnp.float32
   *_, loss32 = _forward(obj, params, batch)
   *_, loss16 = _forward(bf, params, batch)
