@@ -13,7 +13,7 @@ from mmjax import convert
 from mmjax.convert import common, openclip
 from mmjax.models import mae, text, two_tower, vit
 from mmjax.models.scan import is_scanned, match_blocks, stack_blocks, unstack_blocks
-from mmjax.nn.layers import REMAT_POLICIES, Encoder
+from mmjax.nn.layers import REMAT_POLICIES, Encoder, remat_policy
 from mmjax.train import checkpoint, config as config_lib, loop
 from tests.configs import tiny_config
 
@@ -73,7 +73,7 @@ def test_scanned_vit_matches_unrolled(policy, rng):
   assert "block1" in params["encoder"] and "blocks" not in params["encoder"]
   assert params["encoder"]["block0"]["attn"]["query"]["kernel"].shape == (32, 2, 16)
   # The whole stack is one scan: one remat (inside it) per tower, not one per block.
-  want = [] if policy is None else [getattr(jax.checkpoint_policies, policy)]
+  want = [] if policy is None else [remat_policy(policy)]
   assert _check_same(unrolled, scanned, params, image) == want
 
 
@@ -90,7 +90,7 @@ def test_scanned_text_tower_matches_unrolled(policy, rng):
   params = unrolled.init(jax.random.PRNGKey(1), tokens)["params"]
   policies = _check_same(unrolled, scanned, params, jnp.asarray(tokens))
   # remat=True with no policy: jax's default (nothing saved), as the unscanned remat.
-  assert policies == [None if policy is None else getattr(jax.checkpoint_policies, policy)]
+  assert policies == [None if policy is None else remat_policy(policy)]
 
 
 def test_scanned_blocks_each_have_their_init_and_dropout_applies(rng):
@@ -253,3 +253,21 @@ def test_init_from_converted_checkpoint_into_scanned_run(data_dir, tmp_path):
   want = stack_blocks(convert.from_hf(hf).params)
   assert is_scanned(state.params)
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state.params), want)
+
+
+def test_dot_policies_save_the_bf16_paths_dots(monkeypatch):
+  """On the bf16 path the dots are custom-VJP calls, which jax's dots_saveable does not see;
+  they carry checkpoint names, so the policies still differ: nothing_saveable keeps fewest
+  residuals, dots_with_no_batch_dims_saveable adds the projections' and MLP's results,
+  dots_saveable also the attention einsums'."""
+  from jax._src.ad_checkpoint import saved_residuals
+  monkeypatch.setenv("MMJAX_BF16_DOTS", "1")
+  x = jnp.ones((2, 8, 64), jnp.bfloat16)
+  counts = {}
+  for policy in ("nothing_saveable", "dots_with_no_batch_dims_saveable", "dots_saveable"):
+    model = Encoder(num_heads=2, mlp_dim=128, depth=2, dtype=jnp.bfloat16, remat_policy=policy)
+    params = model.init(jax.random.PRNGKey(0), x)
+    counts[policy] = len(saved_residuals(
+        lambda p: model.apply(p, x).astype(jnp.float32).sum(), params))
+  assert (counts["nothing_saveable"] < counts["dots_with_no_batch_dims_saveable"]
+          < counts["dots_saveable"]), counts

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmjax.nn import precision
 from mmjax.nn.attention import MultiHeadAttention
 from mmjax.nn.linear import Dense, LayerNorm
 from mmjax.nn.partitioning import constrain
@@ -117,6 +118,7 @@ REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_
                   "everything_saveable")
 
 
+@functools.lru_cache(maxsize=None)   # one object per name: remat's static argument
 def remat_policy(name: str | None):
   """A REMAT_POLICIES name -> the jax.checkpoint policy; None -> None (jax's default: nothing
   saved)."""
@@ -124,7 +126,12 @@ def remat_policy(name: str | None):
     return None
   if name not in REMAT_POLICIES:
     raise ValueError(f"remat_policy={name!r} is not one of {REMAT_POLICIES}")
-  return getattr(jax.checkpoint_policies, name)
+  cp = jax.checkpoint_policies
+  names = {"dots_saveable": (precision.DOT, precision.BATCHED_DOT),
+           "dots_with_no_batch_dims_saveable": (precision.DOT,)}.get(name)
+  if names:   # the bf16 path's dots are custom-VJP calls: they are saved by name
+    return cp.save_from_both_policies(getattr(cp, name), cp.save_only_these_names(*names))
+  return getattr(cp, name)
 
 
 class _ScannedBlock(EncoderBlock):

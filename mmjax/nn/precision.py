@@ -29,8 +29,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
 LOW = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+# The bf16 path's matmul results carry these checkpoint names (jax.checkpoint policies see its
+# custom-VJP calls as opaque, not as dots): DOT without batch dimensions, BATCHED_DOT with.
+DOT, BATCHED_DOT = "mmjax_dot", "mmjax_batched_dot"
+
+
+def _named(y, specs):
+  sa, sb, out = specs
+  batched = any(c in sb and c in out for c in sa)
+  return checkpoint_name(y, BATCHED_DOT if batched else DOT)
 
 
 @functools.lru_cache(maxsize=1)
@@ -159,7 +169,8 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
   if not low:
     return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                            preferred_element_type=preferred_element_type, **kwargs)
-  return _mixed_einsum(lhs, rhs, _specs(lhs.ndim, rhs.ndim, dimension_numbers), lhs.dtype)
+  specs = _specs(lhs.ndim, rhs.ndim, dimension_numbers)
+  return _named(_mixed_einsum(lhs, rhs, specs, lhs.dtype), specs)
 
 
 def einsum(spec: str, a, b, *, out_dtype=None):
@@ -172,7 +183,7 @@ def einsum(spec: str, a, b, *, out_dtype=None):
     return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32).astype(out_dtype)
   ins, out = spec.replace(" ", "").split("->")
   sa, sb = ins.split(",")
-  return _mixed_einsum(a, b, (sa, sb, out), jnp.dtype(out_dtype))
+  return _named(_mixed_einsum(a, b, (sa, sb, out), jnp.dtype(out_dtype)), (sa, sb, out))
 
 
 def dense(x: jax.Array, kernel: jax.Array, contract: int, out_dtype=None) -> jax.Array:
@@ -189,7 +200,7 @@ def dense(x: jax.Array, kernel: jax.Array, contract: int, out_dtype=None) -> jax
   w2 = kernel.reshape(x2.shape[1], -1)
   out_dtype = jnp.dtype(out_dtype or x.dtype)
   if x.dtype in LOW and enabled():
-    y = _mixed_einsum(x2, w2, ("mk", "kn", "mn"), out_dtype)
+    y = checkpoint_name(_mixed_einsum(x2, w2, ("mk", "kn", "mn"), out_dtype), DOT)
   else:
     y = lax.dot_general(x2, w2.astype(x.dtype), (((1,), (0,)), ((), ())),
                         preferred_element_type=jnp.float32 if x.dtype in LOW else None)
