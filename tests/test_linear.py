@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from mmjax.nn import layers, linear, precision
-from tests.reference import assert_close
+from tests.reference import assert_close, rel_err
 
 
 @pytest.fixture(autouse=True)
@@ -56,8 +56,10 @@ def test_dense_kernel_and_bias_gradients_accumulate_in_float32(rng):
                               .astype(jnp.float32) * gb.astype(jnp.float32)).sum())(params)
   xb, gg = _bf16(x).reshape(-1, 32), _bf16(g).reshape(-1, 16)
   assert grads["kernel"].dtype == grads["bias"].dtype == jnp.float32
-  assert_close((grads["bias"], grads["kernel"]), (gg.sum(0), xb.T @ gg), dtype=jnp.float32,
-               name=("bias", "kernel"))
+  # f32 accumulation: ~1e-5 (3e-5 seen); a bf16-rounded result is ~1e-3 off
+  for name, want in (("bias", gg.sum(0)), ("kernel", xb.T @ gg)):
+    got = grads[name]
+    assert rel_err(got, want) < 2e-4, (name, rel_err(got, want))
 
 
 def test_add_bias_gradient_is_a_float32_sum(rng):
