@@ -2,8 +2,8 @@
 Flax's (`nn.Dense` / `nn.DenseGeneral`, `nn.LayerNorm`), so checkpoints and converters see no
 difference; what differs is where the arithmetic happens.
 
-- Every matmul is `mmjax.nn.precision.dot_general` (bf16 operands, f32 accumulation, forward
-  and backward, where that module applies).
+- Every matmul is `mmjax.nn.precision.dense` (bf16 operands, f32 accumulation, forward and
+  backward, where that module applies; the kernel's gradient in its own dtype).
 - The gradient of a bias or LayerNorm param (a sum over every token of the batch) accumulates
   in float32. Through Flax's modules in bf16, JAX transposes the bias broadcast into a bf16
   reduce_sum, which XLA:CPU runs as a chain of bf16-rounded partial sums (reduce-windows): in
