@@ -250,7 +250,7 @@ def test_default_platform_under_vmap_matches_the_gpu_layout(rng):
 
 # ------------------------------------------------------------ in the models
 
-@pytest.mark.parametrize("impl", ["blockwise", "pallas"])
+@pytest.mark.parametrize("impl", ["blockwise", "pallas", "auto"])
 def test_two_tower_first_step_matches_xla(impl, rng):
   """SigLIP loss and every parameter's gradient of a ViT + text tower (padded
   captions, so key padding is exercised) with attention_impl=impl equal 'xla' in f32."""

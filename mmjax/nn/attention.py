@@ -5,14 +5,20 @@ Layout is [batch, seq, heads, head_dim], as in `jax.nn.dot_product_attention`.
   "blockwise": pure-JAX online softmax over key/value blocks with a custom VJP
     (mmjax/nn/blockwise.py); memory linear in the sequence; long sequences on CPU.
   "pallas": mmjax.pallas.flash_attention (Mosaic on TPU, Triton on GPU,
-    interpret mode on CPU: correct but slow there).
-  "auto": "pallas" on TPU and GPU, "xla" otherwise.
+    interpret mode on CPU: correct but slow there). The Triton layout is only
+    ever an explicit choice: JAX 0.11 deprecated the Pallas Triton backend.
+  "auto": chosen when the computation is lowered, per platform (see _auto
+    below): the Mosaic flash kernels on TPU, cuDNN's fused attention on GPU
+    where jax accepts it, and otherwise "blockwise" for sequences of at least
+    BLOCKWISE_MIN_SEQ, "xla" below.
 "blockwise" and "pallas" take key-padding masks ([b, 1, 1, kv_len]) only: the
-point of them is that no [q_len, kv_len] array exists.
+point of them is that no [q_len, kv_len] array exists; "auto" takes any mask
+("xla" on every platform for a mask that is not key padding).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import flax.linen as nn
@@ -20,10 +26,10 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.nn import precision
-from mmjax.nn.blockwise import AXES, blockwise_attention
+from mmjax.nn.blockwise import AXES, blockwise_attention, blockwise_backward, blockwise_forward
 from mmjax.nn.linear import Dense
 from mmjax.nn.partitioning import constrain
-from mmjax.numerics import MASKED, check_array
+from mmjax.numerics import MASKED, attention_vjp, check_array
 
 IMPLS = ("xla", "blockwise", "pallas", "auto")
 
@@ -81,13 +87,24 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     raise ValueError(f"impl={impl!r} is not one of {IMPLS}")
   _check(q, k, v, mask)
   if impl == "auto":
-    impl = "pallas" if jax.default_backend() in ("tpu", "gpu") else "xla"
+    if mask is not None and (mask.ndim != 4 or mask.shape[1] != 1 or mask.shape[2] != 1):
+      return _xla(q, k, v, mask, is_causal)   # a general mask: only "xla" takes one
+    seg = _key_padding_segments(mask, q, k, impl) or dict(
+        q_segment_ids=jnp.zeros(q.shape[:2], jnp.int32),
+        kv_segment_ids=jnp.zeros(k.shape[:2], jnp.int32))
+    return _auto((bool(is_causal), mask is not None), q, k, v, seg["q_segment_ids"],
+                 seg["kv_segment_ids"])
   if impl in ("blockwise", "pallas"):
     seg = _key_padding_segments(mask, q, k, impl)
     if impl == "blockwise":
       return blockwise_attention(q, k, v, is_causal=is_causal, **seg)
     from mmjax.pallas.flash_attention import flash_attention   # Pallas loads only when chosen
     return flash_attention(q, k, v, is_causal=is_causal, **seg)
+  return _xla(q, k, v, mask, is_causal)
+
+
+def _xla(q, k, v, mask, is_causal: bool, *, with_lse: bool = False):
+  """The scores in memory: o [b, q_len, h, d] (and lse [b, h, q_len] f32 with_lse)."""
   if k.shape[2] != q.shape[2]:
     k, v = (jnp.repeat(x, q.shape[2] // k.shape[2], axis=2) for x in (k, v))
   scores = precision.einsum("bqhd,bkhd->bhqk", q, k, out_dtype=jnp.float32)
@@ -98,7 +115,115 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   if mask is not None:
     scores = jnp.where(mask, scores, MASKED)
   probs = jax.nn.softmax(scores, axis=-1)
-  return precision.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v, out_dtype=q.dtype)
+  o = precision.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v, out_dtype=q.dtype)
+  return (o, jax.nn.logsumexp(scores, axis=-1)) if with_lse else o
+
+
+# "auto": the implementation is chosen when the computation is lowered, per lowering platform
+# (mmjax/pallas/per_platform.py), in the forward and in the backward of one custom VJP whose
+# residuals (o and a per-row lse [b, h, q_len] f32) every branch returns:
+#   TPU: the Pallas Mosaic flash kernels (mmjax.pallas.flash_attention, layout "tpu"); where the
+#     TPU computation is partitioned over several devices outside shard_map, the CPU rule below
+#     (Mosaic kernels cannot be partitioned automatically).
+#   CUDA/ROCm: cuDNN's fused attention (jax.nn.dot_product_attention(implementation="cudnn"))
+#     where jax accepts the call for this host's GPU (bf16/fp16, head_dim a multiple of 8 up to
+#     128 or 256, ...); its backward recomputes cuDNN's forward under jax.vjp (jax exposes no
+#     separate cuDNN backward). Where cuDNN does not apply (f32, a host without a GPU: an export
+#     for CUDA from a CPU machine), the CPU rule.
+#   elsewhere (CPU): "blockwise" where q_len * kv_len >= BLOCKWISE_MIN_SEQ ** 2, "xla" below.
+# The Pallas Triton kernels (impl="pallas" on GPU) stay an explicit choice: JAX 0.11 deprecated
+# the Pallas Triton backend.
+BLOCKWISE_MIN_SEQ = 6144   # where blockwise overtakes xla on CPU: benchmarks/attention.py (README)
+
+
+def _segment_mask(q_seg, kv_seg):
+  return (q_seg[:, :, None] == kv_seg[:, None, :])[:, None]   # [b, 1, q_len, kv_len]
+
+
+def _cpu_rule(static, q, k, v, q_seg, kv_seg):
+  """(o, lse) and a backward, by length: blockwise for long sequences, xla for short."""
+  causal, masked = static
+  if q.shape[1] * k.shape[1] >= BLOCKWISE_MIN_SEQ ** 2:
+    fwd = functools.partial(blockwise_forward, is_causal=causal)
+    bwd = functools.partial(blockwise_backward, is_causal=causal)
+    return fwd, bwd
+  mask_of = (lambda qs, ks: _segment_mask(qs, ks)) if masked else (lambda qs, ks: None)
+
+  def fwd(q, k, v, q_seg, kv_seg):
+    return _xla(q, k, v, mask_of(q_seg, kv_seg), causal, with_lse=True)
+
+  def bwd(q, k, v, q_seg, kv_seg, o, lse, do):   # recompute: the scores are not residuals
+    f = lambda q, k, v: _xla(q, k, v, mask_of(q_seg, kv_seg), causal)
+    return jax.vjp(f, q, k, v)[1](do)
+  return fwd, bwd
+
+
+def _cudnn_fn(static, q_seg, kv_seg):
+  causal, masked = static
+
+  def f(q, k, v):
+    mask = _segment_mask(q_seg, kv_seg) if masked else None
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal,
+                                        implementation="cudnn")
+  return f
+
+
+def _cudnn_applies(static, q, k, v, q_seg, kv_seg) -> bool:
+  """Whether jax traces cuDNN attention, forward and backward, for these shapes on this host."""
+  if q.dtype not in (jnp.bfloat16, jnp.float16) or not (q.dtype == k.dtype == v.dtype):
+    return False
+  structs = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v, q_seg, kv_seg))
+  return _cudnn_traces(static, structs)
+
+
+@functools.lru_cache(maxsize=256)
+def _cudnn_traces(static, structs) -> bool:
+  def grad(q, k, v, q_seg, kv_seg):
+    f = _cudnn_fn(static, q_seg, kv_seg)
+    return jax.vjp(f, q, k, v)[1](f(q, k, v))
+  try:
+    jax.eval_shape(grad, *structs)
+  except Exception:   # noqa: BLE001: jax raises RuntimeError / NotImplementedError / ValueError
+    return False
+  return True
+
+
+def _gpu_rule(static, q, k, v, q_seg, kv_seg):
+  if not _cudnn_applies(static, q, k, v, q_seg, kv_seg):
+    return _cpu_rule(static, q, k, v, q_seg, kv_seg)
+
+  def fwd(q, k, v, q_seg, kv_seg):
+    o = _cudnn_fn(static, q_seg, kv_seg)(q, k, v)
+    return o, jnp.zeros((q.shape[0], q.shape[2], q.shape[1]), jnp.float32)   # lse unused
+
+  def bwd(q, k, v, q_seg, kv_seg, o, lse, do):
+    return jax.vjp(_cudnn_fn(static, q_seg, kv_seg), q, k, v)[1](do)
+  return fwd, bwd
+
+
+def _tpu_rule(static, q, k, v, q_seg, kv_seg):
+  from mmjax.pallas.flash_attention import flash_backward, flash_forward   # Pallas loads lazily
+  causal, _ = static
+  return (functools.partial(flash_forward, platform="tpu", is_causal=causal),
+          functools.partial(flash_backward, platform="tpu", is_causal=causal))
+
+
+def _auto_forward(static, q, k, v, q_seg, kv_seg):
+  from mmjax.pallas.per_platform import per_platform
+  args = (q, k, v, q_seg, kv_seg)
+  return per_platform(*args, tpu=_tpu_rule(static, *args)[0], gpu=_gpu_rule(static, *args)[0],
+                      default=_cpu_rule(static, *args)[0], tpu_partitioned="default")
+
+
+def _auto_backward(static, q, k, v, q_seg, kv_seg, o, lse, do):
+  from mmjax.pallas.per_platform import per_platform
+  args = (q, k, v, q_seg, kv_seg)
+  return per_platform(*args, o, lse, do, tpu=_tpu_rule(static, *args)[1],
+                      gpu=_gpu_rule(static, *args)[1], default=_cpu_rule(static, *args)[1],
+                      tpu_partitioned="default")
+
+
+_auto = attention_vjp(_auto_forward, _auto_backward)
 
 
 class MultiHeadAttention(nn.Module):

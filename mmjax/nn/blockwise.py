@@ -143,21 +143,56 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, is_causal: 
   """
   for name, x in (("q", q), ("k", k), ("v", v)):
     check_array(name, x, AXES)
+  if block_q < 1 or block_k < 1:
+    raise ValueError(f"block_q={block_q} and block_k={block_k} must be positive")
   b, q_len, hq, d = q.shape
-  kv_len, hk = k.shape[1], k.shape[2]
+  hk = k.shape[2]
   if hq % hk:
     raise ValueError(f"q heads ({hq}) must be a multiple of k/v heads ({hk}); "
                      f"q {q.shape}, k {k.shape}")
-  if block_q < 1 or block_k < 1:
-    raise ValueError(f"block_q={block_q} and block_k={block_k} must be positive")
+  if q_segment_ids is None:
+    q_segment_ids = jnp.zeros((b, q_len), jnp.int32)
+    kv_segment_ids = jnp.zeros((b, k.shape[1]), jnp.int32)
+  static, qg, k, v, q_seg, kv_seg = _prepare(q, k, v, q_segment_ids, kv_segment_ids, is_causal,
+                                             scale, block_q, block_k)
+  o = _blockwise(static, qg, k, v, q_seg, kv_seg)
+  return o.reshape(b, -1, hq, d)[:, :q_len]
+
+
+def _prepare(q, k, v, q_seg, kv_seg, is_causal, scale, block_q: int, block_k: int):
+  """Unpadded [b, n, h, d] arrays and int [b, n] segment ids -> (static, q as [b, Sq, hk, g, d],
+  k, v as [b, Sk, hk, d], segment ids [b, S]), zero-padded to whole blocks."""
+  b, q_len, hq, d = q.shape
+  kv_len, hk = k.shape[1], k.shape[2]
   bq, bk = min(block_q, q_len), min(block_k, kv_len)
   sq, sk = round_up(q_len, bq), round_up(kv_len, bk)
   static = (bool(is_causal), float(d ** -0.5 if scale is None else scale), q_len, kv_len, bq, bk)
-  if q_segment_ids is None:
-    q_seg, kv_seg = jnp.zeros((b, sq), jnp.int32), jnp.zeros((b, sk), jnp.int32)
-  else:
-    q_seg = _pad(q_segment_ids.astype(jnp.int32), 1, sq)
-    kv_seg = _pad(kv_segment_ids.astype(jnp.int32), 1, sk)
-  qg = _pad(q, 1, sq).reshape(b, sq, hk, hq // hk, d)
-  o = _blockwise(static, qg, _pad(k, 1, sk), _pad(v, 1, sk), q_seg, kv_seg)
-  return o.reshape(b, sq, hq, d)[:, :q_len]
+  return (static, _pad(q, 1, sq).reshape(b, sq, hk, hq // hk, d), _pad(k, 1, sk), _pad(v, 1, sk),
+          _pad(q_seg.astype(jnp.int32), 1, sq), _pad(kv_seg.astype(jnp.int32), 1, sk))
+
+
+def blockwise_forward(q, k, v, q_seg, kv_seg, *, is_causal: bool, block_q: int = 256,
+                      block_k: int = 512):
+  """The forward pass on unpadded arrays, for a custom VJP built elsewhere (attention's "auto").
+
+  q [b, q_len, hq, d], k/v [b, kv_len, hk, d], int32 segment ids [b, q_len] / [b, kv_len]
+  -> (o [b, q_len, hq, d] in q's dtype, lse [b, hq, q_len] float32).
+  """
+  b, q_len, hq, d = q.shape
+  static, *padded = _prepare(q, k, v, q_seg, kv_seg, is_causal, None, block_q, block_k)
+  o, lse = _forward(static, *padded)
+  return o.reshape(b, -1, hq, d)[:, :q_len], lse.reshape(b, hq, -1)[:, :, :q_len]
+
+
+def blockwise_backward(q, k, v, q_seg, kv_seg, o, lse, do, *, is_causal: bool,
+                       block_q: int = 256, block_k: int = 512):
+  """dq, dk, dv (unpadded, like q, k, v) from blockwise_forward's o and lse and the cotangent do."""
+  b, q_len, hq, d = q.shape
+  kv_len, hk = k.shape[1], k.shape[2]
+  static, qg, kp, vp, q_seg, kv_seg = _prepare(q, k, v, q_seg, kv_seg, is_causal, None,
+                                               block_q, block_k)
+  sq, g = qg.shape[1], hq // hk
+  grouped = lambda x: _pad(x, 1, sq).reshape(b, sq, hk, g, d)
+  lse = _pad(lse, 2, sq).reshape(b, hk, g, sq)   # padded rows: o = do = 0, so they add nothing
+  dq, dk, dv = _backward(static, qg, kp, vp, q_seg, kv_seg, grouped(o), lse, grouped(do))
+  return dq.reshape(b, sq, hq, d)[:, :q_len], dk[:, :kv_len], dv[:, :kv_len]

@@ -470,6 +470,24 @@ def _layout_backward(opts, platform, interpret, q, k, v, q_seg, kv_seg, o, lse, 
   return _unprep(dq, q_len, d), _unprep(dk, kv_len, d), _unprep(dv, kv_len, d)
 
 
+def flash_forward(q, k, v, q_seg, kv_seg, *, platform: str, is_causal: bool,
+                  interpret=False, block_q: int = 128, block_k: int = 128):
+  """One layout's forward on unpadded arrays, for a custom VJP built elsewhere (attention's
+  "auto"): q [b, q_len, hq, d], k/v [b, kv_len, hk, d], int32 segment ids [b, q_len] /
+  [b, kv_len] -> (o like q, lse [b, hq, q_len] float32). Scale head_dim ** -0.5."""
+  opts = _Opts(causal=bool(is_causal), scale=float(q.shape[-1] ** -0.5), block_q=block_q,
+               block_k=block_k)
+  return _layout_forward(opts, platform, interpret, q, k, v, q_seg, kv_seg)
+
+
+def flash_backward(q, k, v, q_seg, kv_seg, o, lse, do, *, platform: str, is_causal: bool,
+                   interpret=False, block_q: int = 128, block_k: int = 128):
+  """dq, dk, dv (like q, k, v) from flash_forward's o and lse and the cotangent do."""
+  opts = _Opts(causal=bool(is_causal), scale=float(q.shape[-1] ** -0.5), block_q=block_q,
+               block_k=block_k)
+  return _layout_backward(opts, platform, interpret, q, k, v, q_seg, kv_seg, o, lse, do)
+
+
 def _branches(layout_fn, opts: _Opts, interpret):
   """The per_platform branches: Mosaic on TPU, Triton on CUDA/ROCm, and elsewhere (CPU) the
   Triton layout interpreted. interpret=None: compiled on TPU and GPU, interpreted elsewhere."""

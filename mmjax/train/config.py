@@ -121,7 +121,7 @@ def defaults() -> ml_collections.ConfigDict:
       remat=False,            # recompute each encoder block's activations in the backward pass
       remat_policy=placeholder(str),  # what remat keeps (layers.REMAT_POLICIES); implies remat
       scan=False,             # encoder blocks under nn.scan: params encoder/blocks, a [depth] axis
-      attention_impl="xla",   # 'xla' | 'blockwise' | 'pallas' | 'auto' (mmjax.nn.attention)
+      attention_impl="auto",  # 'auto' (per platform, when lowered) | 'xla' | 'blockwise' | 'pallas'
       temperature_init=placeholder(float),  # None: CLIP 1/0.07, SigLIP 10
       bias_init=placeholder(float),  # None: SigLIP -10
       # Unset (None) fields take the model's default (vit.ViT, text.TextTransformer:
