@@ -6,18 +6,18 @@
 # Writes OUTDIR/bench.jsonl (one JSON object per measurement, each with "benchmark"),
 # OUTDIR/summary.md (markdown tables from it: benchmarks/gpu_summary.py) and OUTDIR/log.txt
 # (every part's stderr). Parts, each with its own time budget in seconds (env overrides):
-#   tests     BUDGET_TESTS=45       pytest -m accelerator tests/test_accelerator.py (the
+#   tests     BUDGET_TESTS=60       pytest -m accelerator tests/test_accelerator.py (the
 #                                   compiled Pallas kernels against float64), one summary row
-#   attention BUDGET_ATTENTION=170  benchmarks.attention: mmjax flash attention (Pallas/Triton),
+#   attention BUDGET_ATTENTION=150  benchmarks.attention: mmjax flash attention (Pallas/Triton),
 #                                   cuDNN and XLA, bf16, fwd and fwd+bwd, head_dim 64 and 128,
 #                                   seq 1k-16k at 16k tokens (batch = 16384 / seq), width 1024
 #                                   (16 heads of 64, 8 of 128); non-causal first, then causal
-#   losses    BUDGET_LOSSES=110     benchmarks.loss_memory: siglip / clip loss + grad, blocks
+#   losses    BUDGET_LOSSES=130     benchmarks.loss_memory: siglip / clip loss + grad, blocks
 #                                   dense / tiled / pallas, batch 65,536-262,144, dim 768, f32
 #                                   embeddings (as the towers give them), one process per point
 #   train     BUDGET_TRAIN=140      benchmarks.train_step: ViT-B-16-SigLIP at batch 256, bf16,
 #                                   AdamW, attention_impl xla and auto: samples/s and MFU
-# 465 s in all by default, plus start-up. A part that fails, runs out of memory or hits its
+# 480 s in all by default, plus start-up. A part that fails, runs out of memory or hits its
 # budget leaves rows with "error" or "skipped" and the next part runs; a part that dies
 # altogether leaves one row saying so. PARTS="attention losses" runs a subset.
 # --quick (or GPU_BENCH_QUICK=1): tiny sizes that run on a CPU in about a minute (cuDNN rows
@@ -79,13 +79,13 @@ part() {
 }
 
 if [ "$QUICK" = 1 ]; then
-  ATT=(--seq 128 200 --head_dim 64 --width 128 --tokens 256 --masks none causal --repeats 2)
+  ATT=(--seq 200 --head_dim 64 --width 128 --tokens 256 --masks none causal --repeats 1)
   LOSS=(--batch 600 --dim 32 --repeats 1 --same_process)
   TRAIN=(ViT-B-16-SigLIP 4 --tiny --steps 2 --attention_impl auto --peak_n 256)
 else
   ATT=(--seq 1024 2048 4096 8192 16384 --head_dim 64 128 --width 1024 --tokens 16384
        --masks none causal --repeats 5)
-  LOSS=(--batch 65536 131072 262144 --dim 768 --repeats 3 --point_budget_s 10)
+  LOSS=(--batch 65536 131072 262144 --dim 768 --repeats 3 --point_budget_s 5)
   TRAIN=(ViT-B-16-SigLIP 256 --steps 10 --attention_impl xla auto --peak_n 8192)
 fi
 
@@ -117,18 +117,18 @@ tests_part() {
   return 0
 }
 case " $PARTS " in *" tests "*)
-  echo "== tests (budget ${BUDGET_TESTS:-45} s)" | tee -a "$LOG" >&2
+  echo "== tests (budget ${BUDGET_TESTS:-60} s)" | tee -a "$LOG" >&2
   export -f tests_part row; export PY JSONL LOG
-  timeout -k 10 "${BUDGET_TESTS:-45}" bash -c tests_part \
-      || row tests error="over its budget (${BUDGET_TESTS:-45} s) or failed; see log.txt" ;;
+  timeout -k 10 "${BUDGET_TESTS:-60}" bash -c tests_part \
+      || row tests error="over its budget (${BUDGET_TESTS:-60} s) or failed; see log.txt" ;;
 esac
 
-part attention "${BUDGET_ATTENTION:-170}" "$PY" -m benchmarks.attention "${ATT[@]}" \
+part attention "${BUDGET_ATTENTION:-150}" "$PY" -m benchmarks.attention "${ATT[@]}" \
     --impl pallas cudnn xla --mode fwd fwd_bwd --dtype bfloat16 --same_process \
-    --budget_s "${BUDGET_ATTENTION:-170}"
-part losses "${BUDGET_LOSSES:-110}" "$PY" -m benchmarks.loss_memory "${LOSS[@]}" \
+    --budget_s "${BUDGET_ATTENTION:-150}"
+part losses "${BUDGET_LOSSES:-130}" "$PY" -m benchmarks.loss_memory "${LOSS[@]}" \
     --devices 1 --impl global --blocks dense tiled pallas --dtype float32 \
-    --budget_s "${BUDGET_LOSSES:-110}"
+    --budget_s "${BUDGET_LOSSES:-130}"
 part train "${BUDGET_TRAIN:-140}" "$PY" -m benchmarks.train_step "${TRAIN[@]}" \
     --dtypes bfloat16 --no_torch --budget_s "${BUDGET_TRAIN:-140}"
 

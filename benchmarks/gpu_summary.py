@@ -13,6 +13,11 @@ import argparse
 import json
 
 
+def _g(x: float) -> str:
+  """3 significant figures, no exponent for the usual sizes."""
+  return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
+
+
 def _cell(r: dict | None, fmt) -> str:
   if r is None:
     return "-"
@@ -50,7 +55,7 @@ def attention(rows: list[dict]) -> list[str]:
       for seq in dict.fromkeys(r["seq"] for r in sel):
         at = {(r["mode"], r["impl"]): r for r in sel if r["seq"] == seq}
         body.append([f"{seq:,}", str(at[cols[0]]["batch"]) if cols[0] in at else "-"]
-                    + [_cell(at.get(c), lambda r: f"{r['tflop_per_s']:.1f}") for c in cols])
+                    + [_cell(at.get(c), lambda r: _g(r["tflop_per_s"])) for c in cols])
       out += _table(["seq", "batch"] + [f"{i} {m}" for m, i in cols], body) + [""]
   return out
 
@@ -68,7 +73,7 @@ def losses(rows: list[dict]) -> list[str]:
 
   def fmt(r):
     peak = r.get("device_peak_mib") or r.get("per_device_peak_mib")
-    return f"{peak / 1024:.2f} / {r['median_s'] * 1e3:.1f}"
+    return f"{_g(peak / 1024)} / {_g(r['median_s'] * 1e3)}"
 
   body = []
   for loss in dict.fromkeys(r["loss"] for r in rows):
@@ -87,14 +92,15 @@ def train(rows: list[dict]) -> list[str]:
   peak = summary.get("matmul_peak_gflop_per_second") or {}
   out = ["## Train step", "",
          f"{first.get('model')} at batch {first.get('batch')}, AdamW, "
-         f"{first.get('device_kind', '?')}; MFU = model FLOPs / step time / "
-         f"{first.get('peak_tflop_per_s')} TFLOP/s ({first.get('peak_source', 'no peak')}); "
-         f"model FLOPs: {first.get('model_flops_source', 'XLA cost analysis')}. Measured "
-         f"matmul peak: " + ", ".join(f"{k} {v / 1e3:.0f} TFLOP/s" for k, v in peak.items())
-         + ".", ""]
+         f"{first.get('device_kind', '?')}; "
+         + (f"MFU = model FLOPs / step time / {first['peak_tflop_per_s']:.0f} TFLOP/s "
+            f"({first.get('peak_source')}); model FLOPs: {first.get('model_flops_source')}. "
+            if first.get("peak_tflop_per_s") else "no datasheet peak for this device (no MFU). ")
+         + "Measured matmul peak (bf16/f32 operands, f32 accumulation): "
+         + ", ".join(f"{k} {_g(v / 1e3)} TFLOP/s" for k, v in peak.items()) + ".", ""]
   body = [[r.get("library", "mmjax"), str(r.get("attention_impl")), r.get("dtype", "?"),
-           _cell(r, lambda r: f"{r['samples_per_second']:.1f}"),
-           _cell(r, lambda r: f"{r['step_s'] * 1e3:.1f}"),
+           _cell(r, lambda r: _g(r["samples_per_second"])),
+           _cell(r, lambda r: _g(r["step_s"] * 1e3)),
            _cell(r, lambda r: "-" if r.get("mfu") is None else f"{r['mfu']:.3f}"),
            _cell(r, lambda r: "-" if r.get("device_peak_mib") is None
                  else f"{r['device_peak_mib'] / 1024:.1f}")] for r in runs]

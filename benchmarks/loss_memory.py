@@ -24,6 +24,15 @@ from benchmarks import add_child_args, child_main, device_peak_mib, partial, run
 IMPLS = ("global", "gather", "ring")
 
 
+def embeddings(batch: int, dim: int, dtype: str):
+  """The benchmark's inputs: unit-norm random x [batch, dim] and y = x rolled by one row."""
+  import jax
+  import jax.numpy as jnp
+  x = jax.random.normal(jax.random.PRNGKey(0), (batch, dim), jnp.float32)
+  x = x / jnp.linalg.norm(x, axis=1, keepdims=True)
+  return x.astype(dtype), jnp.roll(x, 1, 0).astype(dtype)
+
+
 def point(loss: str, impl: str, batch: int, dim: int, devices: int, repeats: int,
           blocks: str = "dense", dtype: str = "float32", point_budget_s: float | None = None) -> dict:
   import jax
@@ -48,12 +57,8 @@ def point(loss: str, impl: str, batch: int, dim: int, devices: int, repeats: int
   step = jax.jit(jax.value_and_grad(fn, argnums=(0, 1, 2, 3)))
   shard = NamedSharding(mesh, P("data"))
 
-  def embeddings(key):   # made on the devices: 262,144 x 1,024 floats are 1 GiB
-    x = jax.random.normal(key, (batch, dim), jnp.float32)
-    x = x / jnp.linalg.norm(x, axis=1, keepdims=True)
-    return x.astype(dtype), jnp.roll(x, 1, 0).astype(dtype)
-
-  x, y = jax.jit(embeddings, out_shardings=(shard, shard))(jax.random.PRNGKey(0))
+  # Made on the devices: 262,144 x 1,024 floats are 1 GiB.
+  x, y = jax.jit(lambda: embeddings(batch, dim, dtype), out_shardings=(shard, shard))()
   args = (x, y, jnp.float32(10.0), jnp.float32(-10.0))
   compiled = step.lower(*args).compile()
   mem = compiled.memory_analysis()
