@@ -2,7 +2,7 @@
 
 Marked `accelerator`: deselected by default (pyproject's addopts), so a CPU run neither runs
 nor counts them. On a machine with a GPU or TPU: `python -m pytest -q -m accelerator tests`
-(a later benchmarks/gpu.sh runs this). Run on CPU with `-m accelerator`, they skip, saying why.
+(`bash benchmarks/gpu.sh` runs this before its benchmarks). Run on CPU with `-m accelerator`, they skip, saying why.
 
 Compiled f32 matmuls on accelerators default to reduced precision (TF32 on NVIDIA, bf16
 passes on the TPU MXU), so f32 runs are held to the bf16 tolerance of tests/reference.TOL.
