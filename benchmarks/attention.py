@@ -17,6 +17,9 @@ it, its peak device memory (both meaningful with fresh processes only). Implemen
   cudnn:     jax.nn.dot_product_attention(implementation="cudnn"): GPU only, bf16/f16
              (elsewhere the point is a "skipped" row)
   blockwise: mmjax.nn.attention.dot_product_attention(impl="blockwise")
+  mmjax_xla: mmjax.nn.attention.dot_product_attention(impl="xla"): what impl="auto" runs on
+             CPU below BLOCKWISE_MIN_SEQ (the two points give that threshold)
+  auto:      mmjax.nn.attention.dot_product_attention(impl="auto"): chosen when lowered
   pallas:    mmjax.pallas.flash_attention (platform=None: Triton on GPU, Mosaic on TPU,
              interpret mode on CPU, which is correct but slow)
   tokamax:   tokamax.dot_product_attention(implementation="xla_chunked"), the
@@ -33,7 +36,7 @@ import time
 
 from benchmarks import add_child_args, child_main, device_peak_mib, partial, run_points, timed
 
-IMPLS = ("xla", "cudnn", "blockwise", "pallas", "tokamax")
+IMPLS = ("xla", "cudnn", "blockwise", "mmjax_xla", "auto", "pallas", "tokamax")
 MODES = ("fwd", "fwd_bwd")
 FLOP_CONVENTION = ("FlashAttention's: fwd 4*batch*heads*seq^2*head_dim (halved when causal), "
                    "bwd 2.5x fwd, fwd_bwd 3.5x fwd")
@@ -59,11 +62,12 @@ def _attention_fn(impl: str, causal: bool):
   if impl in ("xla", "cudnn"):
     def attn(q, k, v):
       return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=impl)
-  elif impl == "blockwise":
+  elif impl in ("blockwise", "mmjax_xla", "auto"):
     from mmjax.nn.attention import dot_product_attention
+    name = "xla" if impl == "mmjax_xla" else impl
 
     def attn(q, k, v):
-      return dot_product_attention(q, k, v, is_causal=causal, impl="blockwise")
+      return dot_product_attention(q, k, v, is_causal=causal, impl=name)
   elif impl == "pallas":
     from mmjax.pallas import flash_attention
 
