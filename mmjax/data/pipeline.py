@@ -1,7 +1,8 @@
 """Input pipeline without TensorFlow: TFDS array_record sources read by grain.
 
 Train batches are dicts of numpy arrays: 'image' float32 [b, S, S, 3] in
-[-1, 1], 'text' int32 [b, L] (and 'label' int32 [b] when the data has one),
+[-1, 1], 'text' int32 [b, L] (and 'label' int32 [b] when the data has one,
+'targets' float32 [b, V] when make_train_iterator is given a targets function),
 b = global batch // process count: each process reads its own shard.
 """
 

@@ -40,7 +40,7 @@ def defaults() -> ml_collections.ConfigDict:
   c.seed = 0
   c.batch_size = 128          # global, over all devices and processes
   c.total_steps = 1000
-  c.loss = "siglip"           # 'siglip' | 'clip' (two towers) | 'mae' | 'moco' | 'catlip' (image only)
+  c.loss = "siglip"           # 'siglip' | 'clip' (two towers) | 'mae' | 'moco' | 'catlip' (images)
   # LiT: regexes over parameter paths ('img/encoder/block0/attn/query/kernel') that
   # stay as initialised: no gradient computed, no optimizer state, e.g. ('img/.*',).
   c.frozen = ()
