@@ -235,6 +235,11 @@ def test_catlip_run_probes_transfer_and_a_vocabulary_kept_with_the_run(data_dir,
   batch = next(built.data_iter)
   assert batch["targets"].shape == (16, 30) and batch["targets"].dtype == np.float32
   assert set(np.unique(batch["targets"])) <= {0.0, 1.0} and (batch["targets"].sum(1) >= 1).all()
+  # Each row is the vocabulary's target of that example's caption (read back from its tokens).
+  texts = built.evaluator.tok.decode(batch["text"])
+  assert all(t and t == t.strip() for t in texts)
+  np.testing.assert_array_equal(batch["targets"], np.stack([vocab(t) for t in texts]))
+  built.data_iter.close()
   results = loop.train(tiny_config(data_dir, loss="catlip", **keys), workdir)
   for k in ("linear_probe_top1", "linear_probe_10shot_top1", "knn_top1", "transfer_top1",
             "transfer_10shot_top1", "transfer_10shot_from_zero_top1"):
