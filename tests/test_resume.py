@@ -1,5 +1,5 @@
 """Exact resumption beyond the plain two-tower run: MoCo's momentum encoder, MAE's mask
-rng, an FSDP-sharded state on 8 devices and GradCache accumulation.
+rng, CatLIP's caption targets, an FSDP-sharded state on 8 devices and GradCache accumulation.
 
 Each case trains 6 steps once, checkpointing every 2 steps. A copy of that workdir
 is cut back to the step-2 checkpoint (later checkpoints, results.json and the later
@@ -41,6 +41,7 @@ def _fsdp(config):
 CASES = {
     "moco": lambda d: tiny_config(d, loss="moco"),
     "mae": lambda d: tiny_config(d, loss="mae"),
+    "catlip": lambda d: tiny_config(d, loss="catlip"),
     "fsdp_gradcache": lambda d: _fsdp(tiny_config(d, loss="siglip", loss_impl="ring_bidir",
                                                   loss_blocks="tiled", accum_steps=2)),
 }

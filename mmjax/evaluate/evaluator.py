@@ -7,7 +7,7 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 
-from mmjax.evaluate.probe import knn_accuracy, linear_probe_accuracy
+from mmjax.evaluate.probe import knn_accuracy, linear_probe_accuracy, softmax_regression_accuracy
 from mmjax.evaluate.retrieval import retrieval_recall
 from mmjax.evaluate.zeroshot import class_embeddings, zeroshot_accuracy
 
@@ -27,16 +27,23 @@ class Evaluator:
     tokenizer, text_len: encode the zero-shot prompts.
     zeroshot: (class_names, templates), or None.
     probe_arrays: the probe's train split ({'image', 'label'}, 'image' maybe lazy), or None.
+    class_names: the labels' names; with an objective whose transfer_head gives a classifier
+      for them (CatLIP), transfer_top1 is that classifier's top-1 on the eval split as it is,
+      and transfer_{k}shot_top1 / transfer_{k}shot_from_zero_top1 the top-1 after 100 steps
+      of gradient descent on k examples per class from it / from zeros
+      (probe.softmax_regression_accuracy).
   """
 
   def __init__(self, objective: Any, settings, arrays: dict, *, tokenizer=None,
                text_len: int = 0, zeroshot: tuple[Sequence[str], Sequence[str]] | None = None,
-               probe_arrays: dict | None = None):
+               probe_arrays: dict | None = None, class_names: Sequence[str] | None = None):
     self.arrays, self.tok, self.text_len = arrays, tokenizer, text_len
     self.zeroshot, self.probe = zeroshot, probe_arrays
     self.batch_size, self.match = settings.batch_size, settings.retrieval_match
     self.knn_k, self.probe_shots = settings.knn_k, tuple(settings.probe_shots)
     self._features = jax.jit(objective.features)
+    self.class_names = list(class_names) if class_names else None
+    self._transfer = getattr(objective, "transfer_head", None)
     towers = objective.towers()
     self._img, self._txt = (None, None) if towers is None else (jax.jit(f) for f in towers)
 
@@ -64,6 +71,16 @@ class Evaluator:
            "knn_top1": knn_accuracy(*args, k=self.knn_k)}
     for k in self.probe_shots:
       out[f"linear_probe_{k}shot_top1"] = linear_probe_accuracy(*args, shots=k)
+    head = None if self._transfer is None or not self.class_names else (
+        self._transfer(params, self.class_names))
+    if head is not None:
+      w, b, found = head
+      out["transfer_classes_found"] = int(found)
+      out["transfer_top1"] = float(np.mean((test_x @ w + b).argmax(1) == self.arrays["label"]))
+      for k in self.probe_shots:
+        out[f"transfer_{k}shot_top1"] = softmax_regression_accuracy(*args, w0=w, b0=b, shots=k)
+        out[f"transfer_{k}shot_from_zero_top1"] = softmax_regression_accuracy(
+            *args, w0=np.zeros_like(w), b0=np.zeros_like(b), shots=k)
     return out
 
   def __call__(self, params) -> dict[str, float]:

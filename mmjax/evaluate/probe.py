@@ -83,3 +83,47 @@ def knn_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
   votes = np.zeros((len(test_x), n_cls))
   np.add.at(votes, (np.arange(len(test_x))[:, None], train_y[top]), weights)
   return float(np.mean(votes.argmax(1) == test_y))
+
+
+def softmax_regression_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
+                                test_y: np.ndarray, *, w0: np.ndarray | None = None,
+                                b0: np.ndarray | None = None, steps: int = 100,
+                                shots: int | None = None) -> float:
+  """Top-1 of a multinomial logistic regression on raw features after a fixed budget of
+  full-batch gradient descent started from (w0, b0), for comparing starting points.
+
+  No penalty, no standardisation (a transferred head's rows apply to the raw features);
+  the step is 1 / L with L = lambda_max([x, 1]^T [x, 1] / n) / 2, a bound on the mean
+  cross-entropy's curvature, so every step lowers the loss. float64.
+
+  Args:
+    train_x: [n, d], train_y: [n] int labels in [0, c); test_x [m, d], test_y [m].
+    w0: [d, c], b0: [c] the start (default zeros, c = the labels' max + 1).
+    shots: fit on that many examples per class only (few_shot_indices).
+
+  Returns:
+    accuracy on the test split, in [0, 1].
+  """
+  train_x, test_x = np.asarray(train_x, np.float64), np.asarray(test_x, np.float64)
+  train_y, test_y = np.asarray(train_y), np.asarray(test_y)
+  _check("softmax_regression_accuracy", train_x, train_y, test_x, test_y)
+  if shots is not None:
+    keep = few_shot_indices(train_y, shots)
+    train_x, train_y = train_x[keep], train_y[keep]
+  n, d = train_x.shape
+  c = int(max(train_y.max(), test_y.max())) + 1 if w0 is None else np.shape(w0)[1]
+  w = np.zeros((d, c)) if w0 is None else np.array(w0, np.float64)
+  b = np.zeros(c) if b0 is None else np.array(b0, np.float64)
+  if w.shape != (d, c) or b.shape != (c,) or train_y.max() >= c:
+    raise ValueError(f"w0 {w.shape} / b0 {b.shape} must be [d={d}, c] / [c] with c > every "
+                     f"label (max {train_y.max()})")
+  ones = np.concatenate([train_x, np.ones((n, 1))], 1)
+  lr = 2.0 / np.linalg.eigvalsh(ones.T @ ones / n)[-1]
+  onehot = np.eye(c)[train_y]
+  for _ in range(steps):
+    z = train_x @ w + b
+    p = np.exp(z - z.max(1, keepdims=True))
+    g = (p / p.sum(1, keepdims=True) - onehot) / n            # dL/dz of the mean loss
+    w -= lr * train_x.T @ g
+    b -= lr * g.sum(0)
+  return float(np.mean((test_x @ w + b).argmax(1) == test_y))

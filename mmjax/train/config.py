@@ -19,7 +19,7 @@ from mmjax.nn.layers import REMAT_POLICIES
 from mmjax.numerics import DTYPES
 
 CONTRASTIVE = two_tower.LOSSES             # two towers, image-text pairs
-LOSSES = CONTRASTIVE + ("mae", "moco")     # config.loss: each an objective in objectives.py
+LOSSES = CONTRASTIVE + ("mae", "moco", "catlip")  # config.loss: each an objective in objectives.py
 NAN_POLICIES = ("stop", "skip")            # config.nan_policy
 
 
@@ -40,7 +40,7 @@ def defaults() -> ml_collections.ConfigDict:
   c.seed = 0
   c.batch_size = 128          # global, over all devices and processes
   c.total_steps = 1000
-  c.loss = "siglip"           # 'siglip' | 'clip' (two towers) | 'mae' | 'moco' (image only)
+  c.loss = "siglip"           # 'siglip' | 'clip' (two towers) | 'mae' | 'moco' | 'catlip' (images)
   # LiT: regexes over parameter paths ('img/encoder/block0/attn/query/kernel') that
   # stay as initialised: no gradient computed, no optimizer state, e.g. ('img/.*',).
   c.frozen = ()
@@ -136,6 +136,14 @@ def defaults() -> ml_collections.ConfigDict:
                decoder_mlp_dim=512, norm_pix_loss=True),
       moco=dict(hidden=512, out_dim=128, temperature=0.2,
                 momentum=0.99),   # EMA momentum at step 0, rising to 1 (cosine)
+      # CatLIP: the image tower classifies the captions' labels (mmjax.data.catlip_vocab):
+      # labels 'words' (content words) | 'wordnet' (their first noun synsets; needs nltk and
+      # its WordNet data); stop_words 'sklearn' (scikit-learn's English list) | 'none';
+      # keep_words: words never removed as stop words (scikit-learn's list holds 'one' ..
+      # 'nine'); a label must be in >= min_count training captions; the max_labels most
+      # frequent are kept (0: all).
+      catlip=dict(labels="words", stop_words="sklearn", keep_words=(), min_count=5,
+                  max_labels=1000),
   ))
 
   c.optim = ml_collections.ConfigDict(dict(
@@ -249,9 +257,31 @@ def validate(config: ml_collections.ConfigDict) -> None:
       if not config.data[key]:
         raise ValueError(f"config.data.{key} must be set for config.data.name='wds' (brace "
                          "ranges '/data/{00000..00099}.tar', a glob or a file listing shards)")
+  if config.loss == "catlip":
+    _validate_catlip(config)
   if config.evaluate.retrieval_match not in ("pair", "label"):
     raise ValueError("config.evaluate.retrieval_match must be 'pair' or 'label'; "
                      f"got {config.evaluate.retrieval_match!r}")
+
+
+def _validate_catlip(config: ml_collections.ConfigDict) -> None:
+  from mmjax.data.catlip_vocab import LABELS as catlip_labels
+  c = config.model.catlip
+  if c.labels not in catlip_labels:
+    raise ValueError(f"config.model.catlip.labels must be one of {catlip_labels}; got {c.labels!r}")
+  if c.stop_words not in ("sklearn", "none"):
+    raise ValueError(f"config.model.catlip.stop_words must be 'sklearn' or 'none'; "
+                     f"got {c.stop_words!r}")
+  if isinstance(c.keep_words, str) or not all(isinstance(w, str) for w in c.keep_words):
+    raise ValueError(f"config.model.catlip.keep_words must be a tuple of words; "
+                     f"got {c.keep_words!r}")
+  for key, low in (("min_count", 1), ("max_labels", 0)):
+    v = c[key]
+    if not isinstance(v, int) or isinstance(v, bool) or v < low:
+      raise ValueError(f"config.model.catlip.{key} must be an int >= {low}; got {v!r}")
+  if config.data.name == "wds":
+    raise ValueError("config.loss='catlip' reads its caption labels through the TFDS pipeline; "
+                     "config.data.name='wds' is not supported for it yet")
 
 
 def data_dir(config: ml_collections.ConfigDict) -> str:

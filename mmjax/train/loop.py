@@ -25,7 +25,7 @@ import tqdm
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
-from mmjax.data import pipeline, tokenizer as tokenizer_lib
+from mmjax.data import catlip_vocab, pipeline, tokenizer as tokenizer_lib
 from mmjax.evaluate import Evaluator
 from mmjax.models import scan as scan_lib
 from mmjax.train import checkpoint, config as config_lib, multihost, objectives, optimizer
@@ -221,7 +221,23 @@ def _make_evaluator(config, objective, dataset, train_src, tok, prep=None) -> Ev
       templates = dataset.templates or DEFAULT_TEMPLATES
     zeroshot = (names, list(templates))
   return Evaluator(objective, e, arrays(dataset.source(d.eval_split)), tokenizer=tok,
-                   text_len=d.text_len, zeroshot=zeroshot, probe_arrays=probe_arrays)
+                   text_len=d.text_len, zeroshot=zeroshot, probe_arrays=probe_arrays,
+                   class_names=names)
+
+
+def _label_vocab(config, train_src) -> catlip_vocab.Vocabulary | None:
+  """CatLIP's labels, built from the training captions (config.model.catlip); else None."""
+  if config.loss != "catlip":
+    return None
+  c = config.model.catlip
+  vocab = catlip_vocab.build_vocabulary(
+      pipeline.iter_texts(train_src, config.data.text_key), labels=c.labels,
+      stop_words=() if c.stop_words == "none" else c.stop_words, keep_words=tuple(c.keep_words),
+      min_count=c.min_count, max_labels=c.max_labels)
+  if jax.process_index() == 0:
+    print(f"mmjax: CatLIP: {len(vocab)} labels from the training captions, most frequent "
+          f"{', '.join(vocab.labels[:8])}", flush=True)
+  return vocab
 
 
 def build(config: ml_collections.ConfigDict) -> Run:
@@ -246,9 +262,11 @@ def build(config: ml_collections.ConfigDict) -> Run:
   if jax.process_index() != 0:
     dataset, train_src, tok = _open_data(config, ddir, ckpt)
   _check_labels(config, dataset)
+  label_vocab = _label_vocab(config, train_src)
   objective = objectives.make(config, tok.vocab_size, mesh=mesh,
                               batch_axes=sharding.batch_axes(mesh),
-                              converted=None if ckpt is None else ckpt.config)
+                              converted=None if ckpt is None else ckpt.config,
+                              label_vocab=label_vocab)
   normalize = None if ckpt is None else (ckpt.preprocess.mean, ckpt.preprocess.std)
   rng = jax.random.PRNGKey(config.seed)
   # The model's init is traced once, for shapes: the frozen labels and the state's shardings.
@@ -274,7 +292,8 @@ def build(config: ml_collections.ConfigDict) -> Run:
     data_iter = pipeline.make_train_iterator(
         train_src, config.data, tokenizer=tok, global_batch_size=config.batch_size,
         seed=config.seed, process_index=jax.process_index(),
-        process_count=jax.process_count(), views=views, normalize=normalize)
+        process_count=jax.process_count(), views=views, normalize=normalize,
+        targets=label_vocab)
   evaluator = _make_evaluator(config, objective, dataset, train_src, tok,
                               None if ckpt is None else ckpt.preprocess)
   return Run(config=config, mesh=mesh, objective=objective, tx=tx, schedule=schedule,
@@ -477,7 +496,7 @@ class _Guard:
 
 
 _KEY_METRICS = ("zeroshot_top1", "retrieval_i2t_r1", "retrieval_t2i_r1", "linear_probe_top1",
-                "knn_top1")
+                "knn_top1", "transfer_top1")
 
 
 def _summary(results: dict) -> str:
@@ -501,6 +520,7 @@ def run(built: Run, workdir: str, *,
   done = _finished(workdir, config.total_steps)
   if done is not None:
     return done
+  built.objective.save_or_check(workdir)   # CatLIP's label vocabulary
   ckpt = checkpoint.make_manager(workdir, every=config.checkpoint.every,
                                  keep=config.checkpoint.keep)
   primary, bar = jax.process_index() == 0, None

@@ -1,4 +1,4 @@
-"""What a run optimises (config.loss): CLIP / SigLIP two towers, MAE, MoCo v3.
+"""What a run optimises (config.loss): CLIP / SigLIP two towers, MAE, MoCo v3, CatLIP.
 
 One train step and one loop serve them all; an `Objective` supplies what
 differs, and owns its loss. LiT is a contrastive run with config.frozen and
@@ -8,16 +8,19 @@ config.init_from; FLIP one with config.model.image.patch_dropout.
 from __future__ import annotations
 
 import copy
+import os
 from typing import Any, Callable, Protocol
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
-from mmjax.losses import clip_loss, infonce_loss, siglip_loss
-from mmjax.models import mae, moco, text as text_model, two_tower, vit
+from mmjax.data import catlip_vocab
+from mmjax.losses import clip_loss, infonce_loss, multilabel_bce_loss, siglip_loss
+from mmjax.models import catlip, mae, moco, text as text_model, two_tower, vit
 from mmjax.numerics import dtype, l2_normalize
 from mmjax.train.config import CONTRASTIVE, LOSSES
 from mmjax.train.optimizer import stop_frozen
@@ -62,6 +65,17 @@ class Objective(Protocol):
     """(embed_image(params, image), embed_text(params, tokens)) -> unit-norm
     [b, e] for zero-shot and retrieval; None for an image-only objective."""
     return None
+
+  def transfer_head(self, params: Params, class_names: list[str]
+                    ) -> tuple[np.ndarray, np.ndarray, int] | None:
+    """(w [d, c], b [c], classes found): a classifier of features() for the named
+    classes taken from what was learnt (CatLIP: the head's rows of the class names); None
+    when the objective has no such head."""
+    return None
+
+  def save_or_check(self, workdir: str) -> None:
+    """Writes what a run keeps beside its checkpoints (CatLIP: its label vocabulary) on a
+    fresh run, or checks a resumed run's equals it; nothing for most objectives."""
 
   def with_frozen(self, frozen: Any) -> "Objective":
     """A copy whose grad_fn stops gradients at the leaves labelled 'frozen'."""
@@ -315,10 +329,69 @@ class MoCo(Objective):
     return self.model.apply({"params": params}, image, method="image_features")
 
 
+VOCAB_FILE = "catlip_vocab.json"
+
+
+class CatLIP(Objective):
+  """CatLIP: the image tower and a linear head classify each image's caption labels
+  (multi-label binary cross-entropy over the vocabulary's V labels; the text is not read)."""
+  batch_keys = ("image", "targets")
+
+  def __init__(self, config: ml_collections.ConfigDict, vocab: catlip_vocab.Vocabulary):
+    m = config.model
+    self.vocab = vocab
+    self.model = catlip.Model(image=tower_config(config, "image"), num_labels=len(vocab),
+                              dtype=dtype(m.dtype), param_dtype=dtype(m.param_dtype))
+
+  def init(self, rng, batch):
+    return self.model.init(rng, batch["image"])["params"]
+
+  def grad_fn(self, params, ema, batch, rng):
+    del ema
+
+    def loss(p):
+      logits = self.model.apply({"params": self._freeze(p)}, batch["image"], train=True,
+                                rngs={"dropout": rng})
+      return multilabel_bce_loss(logits, batch["targets"]), {}
+    return jax.value_and_grad(loss, has_aux=True)(params)
+
+  def features(self, params, image):
+    return self.model.apply({"params": params}, image, method="image_features")
+
+  def transfer_head(self, params, class_names):
+    """Each class's row: the mean of the head's rows (kernel columns) and biases of the
+    labels of its name's words; zeros for a class none of whose words is a label."""
+    head = jax.device_get(params["head"])
+    kernel, bias = np.asarray(head["kernel"], np.float64), np.asarray(head["bias"], np.float64)
+    ids = catlip_vocab.class_label_ids(self.vocab, class_names)
+    w = np.zeros((kernel.shape[0], len(ids)))
+    b = np.zeros(len(ids))
+    for c, rows in enumerate(ids):
+      if rows:
+        w[:, c], b[c] = kernel[:, rows].mean(1), bias[rows].mean()
+    return w, b, sum(bool(r) for r in ids)
+
+  def save_or_check(self, workdir):
+    path = os.path.join(workdir, VOCAB_FILE)
+    if not os.path.exists(path):
+      if jax.process_index() == 0:
+        self.vocab.save(path)
+      return
+    saved = catlip_vocab.Vocabulary.load(path)
+    if saved.to_json() != self.vocab.to_json():
+      diff = sorted(set(saved.labels) ^ set(self.vocab.labels))[:5]
+      raise ValueError(f"config.model.catlip: the label vocabulary built now ({len(self.vocab)} "
+                       f"labels) differs from the one in {path} ({len(saved)} labels; e.g. "
+                       f"{diff or 'the same labels, another order or word map'}): resume with "
+                       "that run's config.model.catlip and data, or use another --workdir")
+
+
 def make(config: ml_collections.ConfigDict, vocab_size: int, *, mesh: Mesh | None = None,
-         batch_axes: tuple[str, ...] = (), converted: dict | None = None) -> Objective:
+         batch_axes: tuple[str, ...] = (), converted: dict | None = None,
+         label_vocab: catlip_vocab.Vocabulary | None = None) -> Objective:
   """The objective of config.loss (with no frozen params: see Objective.with_frozen);
-  converted: a converted checkpoint's model kwargs (two-tower losses only)."""
+  converted: a converted checkpoint's model kwargs (two-tower losses only); label_vocab:
+  CatLIP's labels (mmjax.data.catlip_vocab.build_vocabulary of the training captions)."""
   if config.loss in CONTRASTIVE:
     return Contrastive(config, vocab_size, mesh=mesh, batch_axes=batch_axes,
                        converted=converted)
@@ -326,4 +399,8 @@ def make(config: ml_collections.ConfigDict, vocab_size: int, *, mesh: Mesh | Non
     return MAE(config)
   if config.loss == "moco":
     return MoCo(config)
+  if config.loss == "catlip":
+    if label_vocab is None:
+      raise ValueError("config.loss='catlip' needs label_vocab (its caption labels)")
+    return CatLIP(config, label_vocab)
   raise ValueError(f"config.loss must be one of {LOSSES}; got {config.loss!r}")
