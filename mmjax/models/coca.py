@@ -342,8 +342,9 @@ def beam_search(step, cache, first: jax.Array, *, batch: int, beams: int, max_le
   """Beam search with fixed shapes (beams = 1 is greedy search).
 
   step(cache, token [batch*beams], index, seq [batch*beams, max_len]) -> (log-probs
-  [batch*beams, vocab], cache). first: the start token (int). A beam that emits eos_id is
-  finished: it continues with pad_id at no cost, so its score stays. Finished and live beams
+  [batch*beams, vocab], cache). first: the start token (int). A live beam never emits
+  pad_id; one that emits eos_id is finished: it continues with pad_id at no cost, so its
+  score stays. Finished and live beams
   compete for the `beams` places by their summed log-probabilities; the result is ranked by
   score / length ** length_penalty (length: tokens after the start, eos included).
 
@@ -364,7 +365,7 @@ def beam_search(step, cache, first: jax.Array, *, batch: int, beams: int, max_le
     lp = lp.astype(jnp.float32).reshape(batch, beams, -1)
     vocab = lp.shape[-1]
     stay = jnp.full((vocab,), -jnp.inf).at[pad_id].set(0.0)   # a finished beam's one way on
-    lp = jnp.where(done[..., None], stay, lp)
+    lp = jnp.where(done[..., None], stay, lp.at[..., pad_id].set(-jnp.inf))   # live: no pad
     cand = (logp[..., None] + lp).reshape(batch, beams * vocab)
     logp, flat = jax.lax.top_k(cand, beams)
     parent, token = flat // vocab, (flat % vocab).astype(jnp.int32)
