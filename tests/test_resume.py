@@ -1,5 +1,6 @@
 """Exact resumption beyond the plain two-tower run: MoCo's momentum encoder, MAE's mask
-rng, CatLIP's caption targets, an FSDP-sharded state on 8 devices and GradCache accumulation.
+rng, CatLIP's caption targets, CoCa's captioning and matching losses, an FSDP-sharded state on
+8 devices and GradCache accumulation.
 
 Each case trains 6 steps once, checkpointing every 2 steps. A copy of that workdir
 is cut back to the step-2 checkpoint (later checkpoints, results.json and the later
@@ -42,6 +43,10 @@ CASES = {
     "moco": lambda d: tiny_config(d, loss="moco"),
     "mae": lambda d: tiny_config(d, loss="mae"),
     "catlip": lambda d: tiny_config(d, loss="catlip"),
+    # CoCa with the matching head: the hard negatives' rng and the decoder's dropout key.
+    "coca": lambda d: tiny_config(d, loss="coca", **{
+        "model.image.pool_type": "none", "coca.n_queries": 5, "coca.pool_heads": 2,
+        "coca.itm_weight": 1.0, "coca.rerank_k": 3}),
     "fsdp_gradcache": lambda d: _fsdp(tiny_config(d, loss="siglip", loss_impl="ring_bidir",
                                                   loss_blocks="tiled", accum_steps=2)),
 }

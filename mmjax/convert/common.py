@@ -217,11 +217,13 @@ def _model_shapes(config_json: str, image_size: int) -> tuple:
                for p, v in traverse_util.flatten_dict(shapes).items())
 
 
-def checkpoint_shapes(rules: Sequence[Rule], config: Mapping, image_size: int
+def checkpoint_shapes(rules: Sequence[Rule], config: Mapping, image_size: int,
+                      shapes: Mapping[Path, jax.ShapeDtypeStruct] | None = None
                       ) -> dict[str, tuple[int, ...]]:
   """{checkpoint key: shape} that the model `config` describes, through the rules' back
-  maps; RuntimeError if the rules and the model's params are not the same set."""
-  shapes = model_shapes(config, image_size)
+  maps; RuntimeError if the rules and the model's params are not the same set.
+  shapes: the model's {param path: shape} (default: model_shapes, a two-tower model's)."""
+  shapes = model_shapes(config, image_size) if shapes is None else shapes
   covered = [p for r in rules for p in r.dst]
   if set(covered) != set(shapes) or len(covered) != len(shapes):
     odd = sorted(set(covered) ^ set(shapes))[:8]
@@ -235,13 +237,15 @@ def checkpoint_shapes(rules: Sequence[Rule], config: Mapping, image_size: int
 
 def apply_rules(rules: Sequence[Rule], arrays: Mapping[str, Any], *, config: Mapping,
                 image_size: int, what: str, dtype=np.float32,
-                ignore: Callable[[str], bool] = lambda k: False) -> dict:
+                ignore: Callable[[str], bool] = lambda k: False,
+                shapes: Mapping[Path, jax.ShapeDtypeStruct] | None = None) -> dict:
   """Checkpoint arrays -> nested mmjax params of the model `config` describes.
 
   ValueError naming every missing, unexpected and misshapen key (`what` names
-  the checkpoint in the message); a scalar stored as [1] counts as [].
+  the checkpoint in the message); a scalar stored as [1] counts as []. shapes: as in
+  checkpoint_shapes (another model than a two-tower one).
   """
-  want = checkpoint_shapes(rules, config, image_size)
+  want = checkpoint_shapes(rules, config, image_size, shapes)
   missing = [k for k in want if k not in arrays]
   unexpected = [k for k in arrays if k not in want and not ignore(k)]
   got = {k: tuple(np.shape(arrays[k])) for k in want if k in arrays}

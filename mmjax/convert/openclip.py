@@ -290,7 +290,8 @@ def from_open_clip(state_dict_or_path: Mapping | str | os.PathLike, model_name: 
 
   Args:
     state_dict_or_path: {key: torch tensor or array}, or a path (load_state_dict).
-    model_name: an OPEN_CLIP_MODELS or OPEN_CLIP_SIGLIP_MODELS key, e.g.
+    model_name: an OPEN_CLIP_MODELS or OPEN_CLIP_SIGLIP_MODELS key (or a coca_* name of
+      OPEN_CLIP_COCA_MODELS: mmjax.convert.coca, a CoCa model config), e.g.
       'ViT-B-32' (GELU), 'ViT-B-32-quickgelu' (OpenAI's weights) or
       'ViT-B-16-SigLIP'; decides the activations and the heads, and the state
       dict's shapes must match it.
@@ -303,6 +304,9 @@ def from_open_clip(state_dict_or_path: Mapping | str | os.PathLike, model_name: 
     calling a jitted function many times); preprocess as open_clip's; tokenizer
     'clip' for the CLIP models, None for SigLIP (see the module docstring).
   """
+  if str(model_name).startswith("coca_"):   # open_clip's CoCa models: mmjax.convert.coca
+    from mmjax.convert.coca import from_open_clip_coca
+    return from_open_clip_coca(state_dict_or_path, model_name, dtype=dtype)
   config = open_clip_config(model_name)
   sd = load_state_dict(state_dict_or_path)
   ignore = lambda k: k == "attn_mask"   # a buffer some old checkpoints saved
@@ -363,6 +367,9 @@ def to_open_clip(config: Mapping, params: Mapping, *, as_torch: bool = False
     iff config's act is 'quick_gelu'. SigLIP keys of the text tower carry
     open_clip's 'text.' prefix.
   """
+  if "decoder" in config:   # a CoCa model: mmjax.convert.coca
+    from mmjax.convert.coca import to_open_clip_coca
+    return to_open_clip_coca(config, params, as_torch=as_torch)
   if config.get("loss") == "siglip":
     _check_siglip_layout(config)
     sd = common.unapply_rules(rules(config), params)

@@ -7,8 +7,9 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 
+from mmjax.evaluate.captioning import class_word_match, corpus_bleu
 from mmjax.evaluate.probe import knn_accuracy, linear_probe_accuracy, softmax_regression_accuracy
-from mmjax.evaluate.retrieval import retrieval_recall
+from mmjax.evaluate.retrieval import rerank_recall, retrieval_recall
 from mmjax.evaluate.zeroshot import class_embeddings, zeroshot_accuracy
 
 
@@ -46,6 +47,13 @@ class Evaluator:
     self._transfer = getattr(objective, "transfer_head", None)
     towers = objective.towers()
     self._img, self._txt = (None, None) if towers is None else (jax.jit(f) for f in towers)
+    # Captioning objectives (CoCa): captioner() -> tokens of generated captions; itm_scorer()
+    # -> (image tokens, pair scores) for re-ranking retrieval.
+    captioner = getattr(objective, "captioner", None)
+    self._caption = captioner() if captioner else None
+    scorer = getattr(objective, "itm_scorer", lambda: None)()
+    self._itm = None if scorer is None else (jax.jit(scorer[0]), jax.jit(scorer[1]))
+    self.rerank_k = getattr(getattr(objective, "settings", None), "rerank_k", 8)
 
   def _batched(self, fn: Callable, params, x: np.ndarray) -> np.ndarray:
     """Fixed-size batches (one compile); the last one padded with its first row."""
@@ -102,4 +110,46 @@ class Evaluator:
       _, ids = np.unique(a["text"], axis=0, return_inverse=True)
     recall = retrieval_recall(img, txt, img_ids=ids, txt_ids=ids)
     results.update({f"retrieval_{k}": v for k, v in recall.items()})
+    if self._caption is not None:
+      results.update(self.captions(params))
+    if self._itm is not None:
+      results.update(self.itm_rerank(params, img, txt, ids))
     return results
+
+  def captions(self, params) -> dict[str, float]:
+    """caption_exact_match and caption_bleu of the captions generated for the eval images
+    (mmjax.evaluate.captioning); references: the eval captions of the image's class
+    (retrieval_match='label') or its own caption."""
+    a = self.arrays
+    tokens = self._batched(self._caption, params, a["image"])
+    generated = self.tok.decode(tokens)
+    captions = self.tok.decode(a["text"])
+    if self.match == "label" and "label" in a:
+      by_class = {c: sorted({t for t, l in zip(captions, a["label"]) if l == c})
+                  for c in np.unique(a["label"])}
+      refs = [by_class[c] for c in a["label"]]
+    else:
+      refs = [[t] for t in captions]
+    out = {"caption_bleu": corpus_bleu(generated, refs)}
+    if self.zeroshot is not None and "label" in a:
+      out["caption_exact_match"] = class_word_match(generated, a["label"], self.zeroshot[0])
+    return out
+
+  def itm_rerank(self, params, img: np.ndarray, txt: np.ndarray, ids) -> dict[str, float]:
+    """itm_retrieval_{i2t,t2i}_r1: the top rerank_k of the contrastive similarities
+    re-ranked by the matching head (mmjax.evaluate.retrieval.rerank_recall)."""
+    tokens_fn, score_fn = self._itm
+    image_tokens = self._batched(tokens_fn, params, self.arrays["image"])
+    texts, b = self.arrays["text"], self.batch_size
+
+    def score(ii: np.ndarray, jj: np.ndarray) -> np.ndarray:
+      out = []
+      for s in range(0, len(ii), b):
+        i, j = ii[s:s + b], jj[s:s + b]
+        pad = b - len(i)
+        i, j = np.r_[i, np.repeat(i[:1], pad)], np.r_[j, np.repeat(j[:1], pad)]
+        out.append(np.asarray(score_fn(params, image_tokens[i], texts[j]))[:b - pad])
+      return np.concatenate(out)
+
+    recall = rerank_recall(img @ txt.T, score, k=self.rerank_k, img_ids=ids, txt_ids=ids)
+    return {f"itm_retrieval_{k}": v for k, v in recall.items()}

@@ -57,3 +57,41 @@ def retrieval_recall(img_emb: np.ndarray, txt_emb: np.ndarray, *,
       raise ValueError(f"{name}: some queries have no correct candidate; check img_ids/txt_ids")
     out.update({f"{name}_r{k}": v for k, v in _recall(s, m, ks).items()})
   return out
+
+
+def rerank_recall(sim: np.ndarray, score, *, k: int, img_ids: np.ndarray | None = None,
+                  txt_ids: np.ndarray | None = None) -> dict[str, float]:
+  """Recall@1 after re-ranking: each query's top-k candidates by `sim` re-ordered by
+  `score` (BLIP's ITM re-ranking); a query whose correct candidates are all outside the
+  top k counts as missed.
+
+  Args:
+    sim: [n_img, n_txt] first-stage scores (contrastive similarities).
+    score: (img_idx [m] int, txt_idx [m] int) -> [m] float, higher = better match.
+    k: candidates re-ranked per query.
+    img_ids, txt_ids: as in retrieval_recall (default: positions).
+
+  Returns:
+    {"i2t_r1": ..., "t2i_r1": ...}.
+  """
+  sim = np.asarray(sim, np.float32)
+  if sim.ndim != 2:
+    raise ValueError(f"sim must be [n_img, n_txt]; got shape {sim.shape}")
+  require_finite("rerank_recall", sim=sim)
+  n, m = sim.shape
+  if not 1 <= k:
+    raise ValueError(f"k={k} must be >= 1")
+  img_ids = np.arange(n) if img_ids is None else np.asarray(img_ids)
+  txt_ids = np.arange(m) if txt_ids is None else np.asarray(txt_ids)
+  out = {}
+  for name, s, q_ids, c_ids, pair in (
+      ("i2t", sim, img_ids, txt_ids, lambda q, c: (q, c)),
+      ("t2i", sim.T, txt_ids, img_ids, lambda q, c: (c, q))):
+    kk = min(k, s.shape[1])
+    top = np.argsort(-s, axis=1, kind="stable")[:, :kk]            # [queries, kk]
+    q = np.repeat(np.arange(s.shape[0]), kk)
+    ii, jj = pair(q, top.reshape(-1))
+    scores = np.asarray(score(ii, jj), np.float32).reshape(-1, kk)
+    best = top[np.arange(len(top)), np.argmax(scores, axis=1)]
+    out[f"{name}_r1"] = float(np.mean(c_ids[best] == q_ids))
+  return out

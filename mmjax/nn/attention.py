@@ -233,6 +233,10 @@ class MultiHeadAttention(nn.Module):
   param_dtype: jnp.dtype = jnp.float32
   impl: str = "xla"          # dot_product_attention's impl
   kernel_init: Callable = nn.initializers.xavier_uniform()
+  # Autoregressive decoding with a cache of keys and values in Flax's 'cache' collection:
+  # the first call, on the full-length input, makes it (zeros, index 0: see _cached);
+  # every later call takes one query position and attends to the keys cached so far.
+  decode: bool = False
 
   @nn.compact
   def __call__(self, x_q: jax.Array, x_kv: jax.Array | None = None, *,
@@ -246,6 +250,31 @@ class MultiHeadAttention(nn.Module):
                               name=name)
     q, k, v = (constrain(proj(name)(x), "batch", "seq", "heads", "kv")
                for name, x in (("query", x_q), ("key", x_kv), ("value", x_kv)))
+    if self.decode:
+      k, v, mask, is_causal = self._cached(k, v, mask, is_causal)
     out = dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, impl=self.impl)
     return Dense(width, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype,
                  kernel_init=self.kernel_init, name="out")(out)
+
+  def _cached(self, k, v, mask, is_causal):
+    """decode=True: cached_key / cached_value [b, max_len, h_kv, d] and index (int32 []) in
+    the 'cache' collection. Made on the first call (their shape is that call's k, v; the
+    call itself attends as usual); a later call's k, v [b, 1, h_kv, d] are written at index,
+    the query attends to cache positions <= index (and to those `mask` [b, 1, 1, max_len]
+    allows), and index advances by one."""
+    ready = self.has_variable("cache", "cached_key")
+    ck = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
+    cv = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+    index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+    if not ready:
+      return k, v, mask, is_causal
+    if k.shape[1] != 1:
+      raise ValueError(f"decode=True takes one position per call after the cache is made; "
+                       f"got a key/value of length {k.shape[1]}")
+    i = index.value
+    ck.value = jax.lax.dynamic_update_slice(ck.value, k.astype(ck.value.dtype), (0, i, 0, 0))
+    cv.value = jax.lax.dynamic_update_slice(cv.value, v.astype(cv.value.dtype), (0, i, 0, 0))
+    index.value = i + 1
+    seen = (jnp.arange(ck.value.shape[1]) <= i)[None, None, None, :]
+    mask = seen if mask is None else jnp.logical_and(mask, seen)
+    return ck.value, cv.value, mask, False   # causality is `seen`

@@ -89,6 +89,7 @@ class BlockSettings(nn.Module):
   attention_impl: str = "xla"   # mmjax.nn.attention.IMPLS
   act: str = "gelu"             # a key of ACTIVATIONS
   ln_eps: float = 1e-6          # torch's LayerNorm (open_clip) uses 1e-5
+  decode: bool = False          # self-attention keys/values cached for decoding (attention.py)
 
   def block_settings(self) -> dict:
     return {f.name: getattr(self, f.name) for f in dataclasses.fields(BlockSettings)
@@ -104,8 +105,8 @@ class EncoderBlock(BlockSettings):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = constrain(x, "batch", "seq", "embed")
     y = LayerNorm(epsilon=self.ln_eps, name="ln1", **kw)(x)
-    y = MultiHeadAttention(self.num_heads, impl=self.attention_impl, name="attn", **kw)(
-        y, mask=mask, is_causal=is_causal)
+    y = MultiHeadAttention(self.num_heads, impl=self.attention_impl, decode=self.decode,
+                           name="attn", **kw)(y, mask=mask, is_causal=is_causal)
     x = x + nn.Dropout(self.dropout, deterministic=not train)(y)
     y = LayerNorm(epsilon=self.ln_eps, name="ln2", **kw)(x)
     y = MlpBlock(self.mlp_dim, self.dropout, act=self.act, name="mlp", **kw)(y, train=train)
@@ -158,10 +159,13 @@ class Encoder(BlockSettings):
   remat: bool = False
   remat_policy: str | None = None   # REMAT_POLICIES; None with remat=True: nothing saved
   scan: bool = False
+  final_ln: bool = True   # False: the last block's output as it is (CoCa's text tower)
 
   @nn.compact
   def __call__(self, x: jax.Array, *, mask: jax.Array | None = None, is_causal: bool = False,
                train: bool = False) -> jax.Array:
+    if self.decode and self.scan:
+      raise ValueError("decode=True is not supported with scan=True (per-layer caches)")
     policy = remat_policy(self.remat_policy)
     remat = self.remat or self.remat_policy is not None
     block = _ScannedBlock if self.scan else EncoderBlock
@@ -175,6 +179,8 @@ class Encoder(BlockSettings):
     else:
       for i in range(self.depth):
         x = block(**self.block_settings(), name=f"block{i}")(x, mask, is_causal, train)
+    if not self.final_ln:
+      return x
     return LayerNorm(epsilon=self.ln_eps, name="ln_final", dtype=self.dtype,
                         param_dtype=self.param_dtype)(x)
 

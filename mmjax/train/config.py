@@ -19,7 +19,7 @@ from mmjax.nn.layers import REMAT_POLICIES
 from mmjax.numerics import DTYPES
 
 CONTRASTIVE = two_tower.LOSSES             # two towers, image-text pairs
-LOSSES = CONTRASTIVE + ("mae", "moco", "catlip")  # config.loss: each an objective in objectives.py
+LOSSES = CONTRASTIVE + ("mae", "moco", "catlip", "coca")  # config.loss: each an objective in objectives.py
 NAN_POLICIES = ("stop", "skip")            # config.nan_policy
 
 
@@ -40,7 +40,7 @@ def defaults() -> ml_collections.ConfigDict:
   c.seed = 0
   c.batch_size = 128          # global, over all devices and processes
   c.total_steps = 1000
-  c.loss = "siglip"           # 'siglip' | 'clip' (two towers) | 'mae' | 'moco' | 'catlip' (images)
+  c.loss = "siglip"           # 'siglip' | 'clip' (two towers) | 'mae' | 'moco' | 'catlip' (images) | 'coca'
   # LiT: regexes over parameter paths ('img/encoder/block0/attn/query/kernel') that
   # stay as initialised: no gradient computed, no optimizer state, e.g. ('img/.*',).
   c.frozen = ()
@@ -170,6 +170,26 @@ def defaults() -> ml_collections.ConfigDict:
 
   c.checkpoint = ml_collections.ConfigDict(dict(every=250, keep=2))
 
+  # config.loss='coca' (mmjax.models.coca): contrastive + captioning (+ BLIP's image-text
+  # matching); the towers are config.model.image / .text, the decoder reads the text tower.
+  c.coca = ml_collections.ConfigDict(dict(
+      contrastive_weight=1.0,   # open_clip's defaults: 1 x CLIP loss + 2 x caption loss
+      caption_weight=2.0,
+      label_smoothing=0.0,
+      itm_weight=0.0,           # > 0: the matching head on hard negatives (and eval re-ranking)
+      decoder_depth=2,
+      decoder_heads=placeholder(int),  # None: the text tower's
+      n_queries=256,            # the image pooler's queries: 1 contrastive + n - 1 image tokens
+      pool_heads=8,             # the image pooler's heads (open_clip: 8); must divide embed_dim
+      correct_cls_mask=True,    # False: open_clip's legacy text padding mask (its checkpoints)
+      bos_id=2,                 # prepended to every text (the trained sentencepiece's BOS);
+                                # None: the tokenizer's texts start with one (CLIP's SOT)
+      eos_id=3,                 # ends a generated caption (sentencepiece's EOS; CLIP: 49407)
+      eval_beams=1,             # captions at evaluation: 1 greedy, > 1 beam search
+      eval_length_penalty=0.0,
+      rerank_k=8,               # ITM re-ranks the top k of the contrastive similarities
+  ))
+
   # Multi-host: unset fields fall back to $MMJAX_COORDINATOR_ADDRESS,
   # $MMJAX_NUM_PROCESSES, $MMJAX_PROCESS_ID; no coordinator = one process.
   c.distributed = ml_collections.ConfigDict(dict(
@@ -206,6 +226,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.loss must be one of {LOSSES}; got {config.loss!r}")
   impls = tuple(i for i in IMPLS if i != "ring_bidir" or config.loss == "siglip")
   blocks = BLOCKS
+  if config.loss == "coca":
+    for key in ("contrastive_weight", "caption_weight", "itm_weight"):
+      if not config.coca[key] >= 0:
+        raise ValueError(f"config.coca.{key} must be >= 0; got {config.coca[key]!r}")
+    if not 0.0 <= config.coca.label_smoothing < 1.0:
+      raise ValueError(f"config.coca.label_smoothing must be in [0, 1); got "
+                       f"{config.coca.label_smoothing!r}")
+    for key, least in (("decoder_depth", 1), ("n_queries", 2), ("eval_beams", 1),
+                       ("rerank_k", 1)):
+      value = config.coca[key]
+      if not isinstance(value, int) or isinstance(value, bool) or value < least:
+        raise ValueError(f"config.coca.{key} must be an int >= {least}; got {value!r}")
   if config.loss not in CONTRASTIVE:
     impls, blocks = ("global",), ("dense",)
     if config.accum_steps != 1:

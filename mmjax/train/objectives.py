@@ -1,4 +1,4 @@
-"""What a run optimises (config.loss): CLIP / SigLIP two towers, MAE, MoCo v3, CatLIP.
+"""What a run optimises (config.loss): CLIP / SigLIP two towers, MAE, MoCo v3, CatLIP, CoCa.
 
 One train step and one loop serve them all; an `Objective` supplies what
 differs, and owns its loss. LiT is a contrastive run with config.frozen and
@@ -20,7 +20,8 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from mmjax.data import catlip_vocab
 from mmjax.losses import clip_loss, infonce_loss, multilabel_bce_loss, siglip_loss
-from mmjax.models import catlip, mae, moco, text as text_model, two_tower, vit
+from mmjax.losses.captioning import caption_loss, hard_negatives, itm_loss
+from mmjax.models import catlip, coca, mae, moco, text as text_model, two_tower, vit
 from mmjax.numerics import dtype, l2_normalize
 from mmjax.train.config import CONTRASTIVE, LOSSES
 from mmjax.train.optimizer import stop_frozen
@@ -386,6 +387,109 @@ class CatLIP(Objective):
                        "that run's config.model.catlip and data, or use another --workdir")
 
 
+def build_coca(config: ml_collections.ConfigDict, vocab_size: int) -> coca.CoCa:
+  """The CoCa model of config.model (towers) and config.coca (decoder, pooler, text ids)."""
+  m, c = config.model, config.coca
+  image = tower_config(config, "image", pool_type=m.image.pool_type or "none")
+  try:
+    dims = vit.dims(m.text.variant, decode=text_model.decode_variant,
+                    **{k: m.text[k] for k in ("width", "depth", "mlp_dim", "num_heads")})
+  except ValueError as e:
+    raise ValueError(f"config.model.text.{e}") from None
+  runtime = dict(dtype=dtype(m.dtype), param_dtype=dtype(m.param_dtype), remat=m.remat,
+                 remat_policy=m.remat_policy, attention_impl=m.attention_impl)
+  text = dict(dims, vocab_size=vocab_size, pad_id=0, correct_cls_mask=c.correct_cls_mask,
+              max_len=config.data.text_len + (c.bos_id is not None), scan=m.scan, **runtime)
+  decoder = dict(depth=c.decoder_depth, num_heads=c.decoder_heads or dims["num_heads"],
+                 mlp_dim=dims["mlp_dim"])
+  return coca.Model(image=image, text=text, decoder=decoder, embed_dim=m.embed_dim,
+                    n_queries=c.n_queries, pool_heads=c.pool_heads,
+                    bos_id=c.bos_id, itm=c.itm_weight > 0, temperature_init=m.temperature_init,
+                    dtype=dtype(m.dtype), param_dtype=dtype(m.param_dtype))
+
+
+class CoCa(Objective):
+  """CoCa: config.coca.contrastive_weight x CLIP loss + caption_weight x teacher-forced
+  caption cross-entropy (+ itm_weight x BLIP's image-text matching on hard negatives drawn
+  from the contrastive similarities). Zero-shot and retrieval use the contrastive
+  embeddings; `captioner` and `itm_scorer` give the evaluator captions and re-ranking."""
+  batch_keys = ("image", "text")
+
+  def __init__(self, config: ml_collections.ConfigDict, vocab_size: int):
+    self.model = build_coca(config, vocab_size)
+    self.settings = config.coca
+    self.text_len = config.data.text_len
+
+  def init(self, rng, batch):
+    return self.model.init(rng, batch["image"], batch["text"])["params"]
+
+  def losses(self, params, batch, rng) -> tuple[jax.Array, dict]:
+    """(the weighted total, {'contrastive_loss', 'caption_loss'[, 'itm_loss'], 'scale'})."""
+    c, model = self.settings, self.model
+    r_drop, r_txt, r_img = jax.random.split(rng, 3)
+    kw = dict(train=True, rngs={"dropout": r_drop})
+    zimg, ztxt, out = model.apply({"params": params}, batch["image"], batch["text"], **kw)
+    parts = {"contrastive_loss": clip_loss(zimg, ztxt, out["scale"]),
+             "caption_loss": caption_loss(out["logits"], out["labels"],
+                                          pad_id=model.text["pad_id"],
+                                          label_smoothing=c.label_smoothing)}
+    total = c.contrastive_weight * parts["contrastive_loss"] + c.caption_weight * parts["caption_loss"]
+    if c.itm_weight > 0:
+      text = batch["text"]
+      # Never a negative: the pair itself, or an identical caption (digits repeat them).
+      exclude = (text[:, None, :] == text[None, :, :]).all(-1)
+      sim = out["scale"] * zimg @ ztxt.T
+      neg_txt = hard_negatives(r_txt, sim, exclude)        # per image, a text
+      neg_img = hard_negatives(r_img, sim.T, exclude.T)    # per text, an image
+      states, labels, tokens = out["states"], out["labels"], out["image_tokens"]
+      _, h_txt = model.apply({"params": params}, states[neg_txt], tokens, method="decode_states",
+                             **kw)
+      _, h_img = model.apply({"params": params}, states, tokens[neg_img], method="decode_states",
+                             **kw)
+      hidden = jnp.concatenate([out["hidden"], h_txt, h_img])
+      logits = model.apply({"params": params}, hidden,
+                           jnp.concatenate([labels, labels[neg_txt], labels]),
+                           method="itm_logits")
+      n = text.shape[0]
+      parts["itm_loss"] = itm_loss(logits, jnp.arange(3 * n) < n)
+      total = total + c.itm_weight * parts["itm_loss"]
+    return total, {**parts, "scale": out["scale"]}
+
+  def grad_fn(self, params, ema, batch, rng):
+    del ema
+    return jax.value_and_grad(lambda p: self.losses(self._freeze(p), batch, rng),
+                              has_aux=True)(params)
+
+  def features(self, params, image):
+    return self.towers()[0](params, image)
+
+  def towers(self):
+    model = self.model
+    return (lambda p, x: model.apply({"params": p}, x, method="encode_image"),
+            lambda p, t: model.apply({"params": p}, t, method="encode_text"))
+
+  def captioner(self):
+    """gen(params, images [b, H, W, 3]) -> tokens [b, text_len] (the best beam, start token
+    dropped, padding after EOS), jitted; the evaluator decodes them."""
+    c = self.settings
+    gen = coca.make_generate(self.model, max_len=self.model.text["max_len"], eos_id=c.eos_id,
+                             beams=c.eval_beams, length_penalty=c.eval_length_penalty)
+
+    def captions(params, image):
+      seqs = gen(params, image)[0][:, 0, 1:]
+      return seqs[:, :self.text_len] if c.bos_id is not None else seqs
+    return captions
+
+  def itm_scorer(self):
+    """(image_tokens(params, images) -> [b, n, e], score(params, image_tokens, texts) -> [b])
+    for re-ranking retrieval; None without the matching head."""
+    if not self.model.itm:
+      return None
+    model = self.model
+    return (lambda p, x: model.apply({"params": p}, x, method="encode_image_tokens")[1],
+            lambda p, tok, t: model.apply({"params": p}, tok, t, method="itm_score"))
+
+
 def make(config: ml_collections.ConfigDict, vocab_size: int, *, mesh: Mesh | None = None,
          batch_axes: tuple[str, ...] = (), converted: dict | None = None,
          label_vocab: catlip_vocab.Vocabulary | None = None) -> Objective:
@@ -403,4 +507,6 @@ def make(config: ml_collections.ConfigDict, vocab_size: int, *, mesh: Mesh | Non
     if label_vocab is None:
       raise ValueError("config.loss='catlip' needs label_vocab (its caption labels)")
     return CatLIP(config, label_vocab)
+  if config.loss == "coca":
+    return CoCa(config, vocab_size)
   raise ValueError(f"config.loss must be one of {LOSSES}; got {config.loss!r}")
