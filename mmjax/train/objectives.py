@@ -250,9 +250,13 @@ class Contrastive(Objective):
     return self.towers()[0](params, image)
 
   def towers(self):
-    model = self.model
-    return (lambda p, x: model.apply({"params": p}, x, method="encode_image"),
-            lambda p, t: model.apply({"params": p}, t, method="encode_text"))
+    return _encoders(self.model)
+
+
+def _encoders(model):
+  """(image(params, images) -> [b, e], text(params, texts) -> [b, e]) of a two-tower-like model."""
+  return (lambda p, x: model.apply({"params": p}, x, method="encode_image"),
+          lambda p, t: model.apply({"params": p}, t, method="encode_text"))
 
 
 class MAE(Objective):
@@ -464,9 +468,7 @@ class CoCa(Objective):
     return self.towers()[0](params, image)
 
   def towers(self):
-    model = self.model
-    return (lambda p, x: model.apply({"params": p}, x, method="encode_image"),
-            lambda p, t: model.apply({"params": p}, t, method="encode_text"))
+    return _encoders(self.model)
 
   def captioner(self):
     """gen(params, images [b, H, W, 3]) -> tokens [b, text_len] (the best beam, start token
