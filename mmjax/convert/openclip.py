@@ -1,4 +1,5 @@
-"""open_clip <-> mmjax: open_clip's ViT CLIP models and its SigLIP models (timm ViT trunk).
+"""open_clip <-> mmjax: open_clip's CLIP models (ViT and ModifiedResNet image towers) and its
+SigLIP models (timm ViT trunk).
 
   ckpt = from_open_clip("open_clip_pytorch_model.bin", "ViT-B-32")   # or "ViT-B-16-SigLIP"
   model = two_tower.Model(**ckpt.config)
@@ -19,6 +20,12 @@ only to read .pt/.bin files and for `as_torch=True`.
 Which name to give: open_clip's ViT-B-32 / ViT-B-16 / ViT-L-14 use the erf
 GELU; OpenAI's original weights (pretrained='openai') need the '-quickgelu'
 names, as in open_clip. The state dict's shapes are checked against the name.
+
+The ResNet models (RN50, RN101, RN50x4, RN50x16, RN50x64 and their '-quickgelu' twins, the
+ones OpenAI's weights need) convert into mmjax.models.resnet with norm='frozen_bn': each
+BatchNorm's running mean and var become params that get no gradient (open_clip's
+`lock(freeze_bn_stats=True)`); the attention pool's output projection is the image
+projection (image_proj='none'). `num_batches_tracked` is not read and is written as 0.
 """
 
 from __future__ import annotations
@@ -121,16 +128,37 @@ OPEN_CLIP_SIGLIP_MODELS: dict[str, SiglipSpec] = {
     **{f"ViT-gopt-16-SigLIP2-{n}": _sig(n, 16, _G, _T, _SO, _T, 256000) for n in (256, 384)},
 }
 
+
+
+class ResNetSpec(NamedTuple):
+  """One open_clip ModifiedResNet CLIP model: the image tower is mmjax.models.resnet's
+  variant of the same name; the text tower is CLIP's."""
+  embed_dim: int
+  image_size: int
+  text_width: int
+  text_heads: int
+  quick_gelu: bool = False
+  text_layers: int = 12
+  context_length: int = 77
+  vocab_size: int = 49408
+
+
+_RN = {"RN50": ResNetSpec(1024, 224, 512, 8), "RN101": ResNetSpec(512, 224, 512, 8),
+       "RN50x4": ResNetSpec(640, 288, 640, 10), "RN50x16": ResNetSpec(768, 384, 768, 12),
+       "RN50x64": ResNetSpec(1024, 448, 1024, 16)}
+OPEN_CLIP_RESNET_MODELS: dict[str, ResNetSpec] = {
+    **_RN, **{f"{n}-quickgelu": s._replace(quick_gelu=True) for n, s in _RN.items()}}
+
 _LN_EPS = 1e-5   # torch.nn.LayerNorm's default
 
 
-def get_spec(model_name: str) -> OpenClipSpec | SiglipSpec:
-  if model_name in OPEN_CLIP_MODELS:
-    return OPEN_CLIP_MODELS[model_name]
-  if model_name in OPEN_CLIP_SIGLIP_MODELS:
-    return OPEN_CLIP_SIGLIP_MODELS[model_name]
+def get_spec(model_name: str) -> OpenClipSpec | SiglipSpec | ResNetSpec:
+  for table in (OPEN_CLIP_MODELS, OPEN_CLIP_SIGLIP_MODELS, OPEN_CLIP_RESNET_MODELS):
+    if model_name in table:
+      return table[model_name]
   raise ValueError(f"model_name={model_name!r} is not a supported open_clip model; "
-                   f"supported: {sorted(OPEN_CLIP_MODELS) + sorted(OPEN_CLIP_SIGLIP_MODELS)}")
+                   f"supported: {sorted(OPEN_CLIP_MODELS) + sorted(OPEN_CLIP_SIGLIP_MODELS)}"
+                   f" + {sorted(OPEN_CLIP_RESNET_MODELS)}")
 
 
 def _dims(w: tuple[int, int, int, int]) -> dict:
@@ -149,6 +177,14 @@ def open_clip_config(model_name: str) -> dict[str, Any]:
                 image_proj="none", text_proj=s.text_proj)
   act = "quick_gelu" if s.quick_gelu else "gelu_exact"
   common_ = dict(act=act, ln_eps=_LN_EPS)
+  if isinstance(s, ResNetSpec):
+    from mmjax.models import resnet
+    image = dict(resnet.decode_variant(model_name.removesuffix("-quickgelu")), norm="frozen_bn",
+                 pool_type="attn", output_dim=s.embed_dim)
+    text = dict(vocab_size=s.vocab_size, max_len=s.context_length, width=s.text_width,
+                depth=s.text_layers, mlp_dim=4 * s.text_width, num_heads=s.text_heads,
+                causal=True, pool_type="argmax", pad_id=None, **common_)
+    return dict(image=image, text=text, embed_dim=s.embed_dim, loss="clip", image_proj="none")
   image = dict(width=s.vision_width, depth=s.vision_layers, mlp_dim=s.vision_mlp,
                num_heads=s.vision_heads, patch_size=(s.patch_size, s.patch_size),
                pool_type="tok", posemb="learn", posemb_cls=True, ln_pre=True, patch_bias=False,
@@ -218,10 +254,44 @@ def _timm_rules(depth: int, heads: int) -> list[Rule]:
       *common.linear(f"{p}.mlp.fc2", (*h, "mlp", "Dense_1"))]
 
 
+def _batch_norm(src: str, dst: tuple) -> list[Rule]:
+  """torch BatchNorm2d (weight, bias, running_mean, running_var) <-> resnet.Norm('frozen_bn')."""
+  return [common.same(f"{src}.{a}", (*dst, b)) for a, b in (
+      ("weight", "scale"), ("bias", "bias"), ("running_mean", "mean"), ("running_var", "var"))]
+
+
+def _resnet_rules(img: Mapping) -> list[Rule]:
+  """open_clip's ModifiedResNet (visual.*) <-> mmjax.models.resnet.ResNet(style='clip')."""
+  out = []
+  for i in (1, 2, 3):
+    out += [common.conv(f"visual.conv{i}.weight", ("img", f"stem_conv{i}", "kernel")),
+            *_batch_norm(f"visual.bn{i}", ("img", f"stem_norm{i}"))]
+  for stage, depth in enumerate(img["layers"], start=1):
+    for i in range(depth):
+      s, d = f"visual.layer{stage}.{i}", ("img", f"stage{stage}_{i}")
+      for j in (1, 2, 3):
+        out += [common.conv(f"{s}.conv{j}.weight", (*d, f"conv{j}", "kernel")),
+                *_batch_norm(f"{s}.bn{j}", (*d, f"norm{j}"))]
+      if i == 0:   # every stage's first block has a projected shortcut (planes x 4 out)
+        out += [common.conv(f"{s}.downsample.0.weight", (*d, "down_conv", "kernel")),
+                *_batch_norm(f"{s}.downsample.1", (*d, "down_norm"))]
+  p, h, heads = "visual.attnpool", ("img", "attnpool"), img["num_heads"]
+  return out + [
+      common.same(f"{p}.positional_embedding", (*h, "pos_embedding")),
+      *common.heads_in(f"{p}.q_proj", (*h, "attn", "query"), heads),
+      *common.heads_in(f"{p}.k_proj", (*h, "attn", "key"), heads),
+      *common.heads_in(f"{p}.v_proj", (*h, "attn", "value"), heads),
+      *common.heads_out(f"{p}.c_proj", (*h, "attn", "out"), heads)]
+
+
 def rules(config: Mapping) -> list[Rule]:
   """The key map of the open_clip model `config` (open_clip_config) describes."""
   img, txt = config["image"], config["text"]
   out = _text_rules(txt["depth"], txt["num_heads"])
+  if "layers" in img:   # a ModifiedResNet
+    return out + [*_resnet_rules(img),
+                  common.same("text_projection", ("txt_proj", "kernel")),
+                  common.scalar("logit_scale", ("t",))]
   if config["loss"] == "siglip":
     out += _timm_rules(img["depth"], img["num_heads"])
     proj = config.get("text_proj", "dense")
@@ -309,7 +379,8 @@ def from_open_clip(state_dict_or_path: Mapping | str | os.PathLike, model_name: 
     return from_open_clip_coca(state_dict_or_path, model_name, dtype=dtype)
   config = open_clip_config(model_name)
   sd = load_state_dict(state_dict_or_path)
-  ignore = lambda k: k == "attn_mask"   # a buffer some old checkpoints saved
+  # Buffers: the attention mask some old checkpoints saved, BatchNorm's step counters.
+  ignore = lambda k: k == "attn_mask" or k.endswith(".num_batches_tracked")
   params = common.apply_rules(rules(config), sd, config=config,
                               image_size=_image_size(model_name),
                               what=f"state_dict is not an open_clip {model_name!r} state dict",
@@ -331,19 +402,38 @@ def _check_siglip_layout(config: Mapping) -> None:
 
 
 def _check_clip_layout(config: Mapping) -> None:
-  """The layout of open_clip's ViT CLIP models (any size), with a message naming the field."""
+  """The layout of open_clip's CLIP models (any size; a ViT or a ModifiedResNet image tower),
+  with a message naming the field."""
   if config.get("loss") != "clip":
     raise ValueError(f"config['loss']={config.get('loss')!r}; an open_clip CLIP model is 'clip'")
-  fixed = [("image", "pool_type", "tok"), ("image", "posemb", "learn"),
-           ("image", "posemb_cls", True), ("image", "ln_pre", True),
-           ("image", "patch_bias", False), ("image", "ln_eps", _LN_EPS),
-           ("text", "causal", True), ("text", "pool_type", "argmax"),
-           ("text", "pad_id", None), ("text", "ln_eps", _LN_EPS)]
+  text = [("text", "causal", True), ("text", "pool_type", "argmax"),
+          ("text", "pad_id", None), ("text", "ln_eps", _LN_EPS)]
+  if "layers" in config["image"]:   # ModifiedResNet
+    import dataclasses
+    from mmjax.models import resnet
+    image = {**{f.name: f.default for f in dataclasses.fields(resnet.ResNet)},
+             **resnet.config(**config["image"])}
+    fixed = [("image", "style", "clip"), ("image", "norm", "frozen_bn"),
+             ("image", "pool_type", "attn"), ("image", "output_dim", config.get("embed_dim")),
+             *text]
+    config = {**config, "image": image}
+    if config.get("image_proj") != "none":
+      raise ValueError(f"config['image_proj']={config.get('image_proj')!r}; open_clip's "
+                       "ResNet projects in its attention pool: needs 'none'")
+  else:
+    fixed = [("image", "pool_type", "tok"), ("image", "posemb", "learn"),
+             ("image", "posemb_cls", True), ("image", "ln_pre", True),
+             ("image", "patch_bias", False), ("image", "ln_eps", _LN_EPS), *text]
   for tower, key, value in fixed:
     got = config[tower].get(key)
     if got != value:
       raise ValueError(f"config[{tower!r}][{key!r}]={got!r}; open_clip's CLIP layout needs "
                        f"{value!r} (start from convert.open_clip_config(name))")
+  if "layers" in config["image"]:
+    if config["text"].get("act") not in ("gelu_exact", "quick_gelu"):
+      raise ValueError(f"config['text']['act']={config['text'].get('act')!r}; open_clip needs "
+                       "'gelu_exact' (nn.GELU) or 'quick_gelu' ('-quickgelu' models)")
+    return
   acts = {config["image"].get("act"), config["text"].get("act")}
   if len(acts) != 1 or not acts <= {"gelu_exact", "quick_gelu"}:
     raise ValueError(f"config image/text 'act' = {sorted(map(str, acts))}; open_clip needs both "
@@ -377,6 +467,8 @@ def to_open_clip(config: Mapping, params: Mapping, *, as_torch: bool = False
   else:
     _check_clip_layout(config)
     sd = common.unapply_rules(rules(config), params)
+    sd.update({k.replace(".running_mean", ".num_batches_tracked"): np.zeros((), np.int64)
+               for k in list(sd) if k.endswith(".running_mean")})
   if as_torch:
     import torch
     sd = {k: torch.from_numpy(v) for k, v in sd.items()}

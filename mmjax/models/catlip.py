@@ -1,6 +1,6 @@
 """CatLIP (Mehta et al. 2024): an image tower trained as a classifier over caption labels.
 
-The tower is an ordinary `vit.Model` named 'img' (the same parameter tree as a
+The tower is an ordinary image tower (a ViT or a ResNet) named 'img' (the same parameter tree as a
 two-tower model's image tower, so a LiT run can start from it: config.init_from);
 a linear head [width -> V] scores the V labels of mmjax.data.catlip_vocab, trained
 by multi-label binary cross-entropy (mmjax.losses.multilabel_bce_loss). The head's
@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmjax.models import vit
+from mmjax.models import image as image_lib
 from mmjax.nn.linear import Dense
 
 
@@ -24,7 +24,8 @@ class CatLIP(nn.Module):
   """image [b, H, W, 3] -> logits [b, num_labels] float32.
 
   `Model(image=dict(variant=...), num_labels=V)` builds it; `image` here holds the
-  tower's complete vit.ViT fields. The head's kernel is [width, V], its bias [V].
+  tower's complete fields (a ViT's or a ResNet's). The head's kernel is [width, V], its
+  bias [V].
   """
   image: dict
   num_labels: int
@@ -34,7 +35,7 @@ class CatLIP(nn.Module):
   def setup(self):
     if not isinstance(self.num_labels, int) or self.num_labels < 1:
       raise ValueError(f"num_labels must be a positive int; got {self.num_labels!r}")
-    self.img = vit.ViT(**self.image, name="img")
+    self.img = image_lib.Tower(self.image)
     self.head = Dense(self.num_labels, name="head", dtype=self.dtype,
                       param_dtype=self.param_dtype)
 
@@ -50,5 +51,5 @@ class CatLIP(nn.Module):
 
 
 def Model(image: dict, **fields) -> CatLIP:  # noqa: N802
-  """CatLIP from its tower as vit.Model arguments (decoded once) and CatLIP's fields."""
-  return vit.around(CatLIP, image, **fields)
+  """CatLIP from its tower as image tower arguments (a ViT or ResNet variant) (decoded once) and CatLIP's fields."""
+  return image_lib.around(CatLIP, image, **fields)

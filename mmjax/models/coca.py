@@ -28,6 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mmjax.models import image as image_lib
 from mmjax.models import vit
 from mmjax.nn.attention import MultiHeadAttention
 from mmjax.nn.layers import BlockSettings, Encoder, EncoderBlock, MlpBlock, remat_policy
@@ -177,10 +178,11 @@ class Decoder(nn.Module):
 
 
 def Model(image: dict, text: dict, decoder: dict, embed_dim: int, **fields) -> "CoCa":  # noqa: N802
-  """A CoCa whose image tower is given as vit.Model arguments (variant and overrides) and
+  """A CoCa whose image tower is given as variant and overrides (a ViT, or a ResNet whose
+  final grid is the tokens: mmjax.models.image) and
   decoded once here; text and decoder are CocaText / Decoder fields (text's variant, if
   given, decoded like a text tower's; the decoder's width and vocabulary are the text's)."""
-  image = vit.config(**image)
+  image = image_lib.config(**image)
   text = dict(text)
   if "variant" in text:
     text.update(vit.dims(text.pop("variant"), **{k: text.pop(k, None) for k in
@@ -231,7 +233,7 @@ class CoCa(nn.Module):
   def setup(self):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     eps = self.image.get("ln_eps", 1e-6)
-    self.img = vit.ViT(**self.image, name="img")
+    self.img = image_lib.Tower(self.image)
     self.img_pool = AttentionalPooler(self.embed_dim, self.n_queries, self.pool_heads, eps,
                                       self.image.get("attention_impl", "xla"), **kw)
     self.img_ln = LayerNorm(epsilon=eps, **kw)

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmjax.models import vit
+from mmjax.models import image as image_lib
 from mmjax.nn.linear import Dense
 
 EMA_KEYS = ("img", "projector")   # the parameter subtrees the momentum encoder copies
@@ -58,7 +58,7 @@ class MLP(nn.Module):
 
 class MoCo(nn.Module):
   """image [b, H, W, 3] -> (q [b, out_dim] predictor output, z [b, out_dim] projector output)."""
-  image: dict   # the backbone's complete vit.ViT fields; Model(image=dict(variant=...)) decodes them
+  image: dict   # the backbone's complete fields (a ViT's or ResNet's): Model() decodes them
   hidden: int = 512
   out_dim: int = 128
   dtype: Any = jnp.float32
@@ -66,7 +66,7 @@ class MoCo(nn.Module):
 
   def setup(self):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    self.img = vit.ViT(**self.image, name="img")
+    self.img = image_lib.Tower(self.image)
     self.projector = MLP(self.hidden, self.out_dim, layers=3, last_norm=True, name="projector",
                          **kw)
     self.predictor = MLP(self.hidden, self.out_dim, layers=2, name="predictor", **kw)
@@ -87,5 +87,5 @@ def momentum(step: jax.Array, total_steps: int, base: float = 0.99) -> jax.Array
 
 
 def Model(image: dict, **fields) -> MoCo:  # noqa: N802
-  """MoCo from its backbone as vit.Model arguments (decoded once) and MoCo's fields."""
-  return vit.around(MoCo, image, **fields)
+  """MoCo from its backbone as image tower arguments (a ViT or ResNet variant) (decoded once) and MoCo's fields."""
+  return image_lib.around(MoCo, image, **fields)

@@ -9,8 +9,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mmjax.models import image as image_lib
 from mmjax.models import text as text_lib
-from mmjax.models import vit
 from mmjax.nn.linear import Dense
 from mmjax.numerics import l2_normalize
 
@@ -21,17 +21,18 @@ PROJECTIONS = ("dense", "dense_bias", "none")
 
 
 def Model(image: dict, text: dict, embed_dim: int, **fields) -> "TwoTower":  # noqa: N802
-  """A TwoTower whose towers are given as vit.Model / text.Model arguments
-  (variant and overrides), decoded and checked once here."""
+  """A TwoTower whose towers are given as image / text tower arguments (variant and
+  overrides: 'B/16' or 'RN50' for the image, mmjax.models.image), decoded and checked once."""
   if fields.get("loss", "siglip") not in LOSSES:
     raise ValueError(f"loss={fields['loss']!r} is not one of {LOSSES}")
-  image, text = vit.config(**image), text_lib.config(**text)
+  image, text = image_lib.config(**image), text_lib.config(**text)
   for field, tower in (("image_proj", image), ("text_proj", text)):
     proj = fields.get(field, "dense")
     if proj not in PROJECTIONS:
       raise ValueError(f"{field}={proj!r} is not one of {PROJECTIONS}")
-    if proj == "none" and tower["width"] != embed_dim:
-      raise ValueError(f"{field}='none' needs the tower's width ({tower['width']}) to equal "
+    out_width = image_lib.width(tower) if field == "image_proj" else tower["width"]
+    if proj == "none" and out_width != embed_dim:
+      raise ValueError(f"{field}='none' needs the tower's width ({out_width}) to equal "
                        f"embed_dim ({embed_dim})")
   return TwoTower(image=image, text=text, embed_dim=embed_dim, **fields)
 
@@ -40,7 +41,8 @@ class TwoTower(nn.Module):
   """(image [b, H, W, 3], tokens [b, L]) -> (zimg [b, e], ztxt [b, e], out).
 
   Build it with `Model(image=..., text=..., embed_dim=...)`: image and text
-  here are the complete fields of vit.ViT and text.TextTransformer.
+  here are the complete fields of the image tower (vit.ViT or resnet.ResNet) and
+  text.TextTransformer.
 
   zimg, ztxt are float32 and unit-norm (either is None when its input is).
   out['scale'] = exp(t), the positive logit multiplier; out['bias'] = b for
@@ -58,7 +60,7 @@ class TwoTower(nn.Module):
   param_dtype: Any = jnp.float32
 
   def setup(self):
-    self.img = vit.ViT(**self.image, name="img")
+    self.img = image_lib.Tower(self.image)
     self.txt = text_lib.TextTransformer(**self.text, name="txt")
 
     def proj(kind: str, name: str):

@@ -237,6 +237,7 @@ class MultiHeadAttention(nn.Module):
   # the first call, on the full-length input, makes it (zeros, index 0: see _cached);
   # every later call takes one query position and attends to the keys cached so far.
   decode: bool = False
+  out_features: int | None = None   # the output projection's width; None: x_q's
 
   @nn.compact
   def __call__(self, x_q: jax.Array, x_kv: jax.Array | None = None, *,
@@ -253,7 +254,7 @@ class MultiHeadAttention(nn.Module):
     if self.decode:
       k, v, mask, is_causal = self._cached(k, v, mask, is_causal)
     out = dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, impl=self.impl)
-    return Dense(width, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype,
+    return Dense(self.out_features or width, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype,
                  kernel_init=self.kernel_init, name="out")(out)
 
   def _cached(self, k, v, mask, is_causal):

@@ -129,6 +129,10 @@ def defaults() -> ml_collections.ConfigDict:
       image=dict(variant="Ti/4", pool_type=placeholder(str), posemb=placeholder(str),
                  patch_size=placeholder(int),
                  patch_dropout=0.0,   # FLIP: share of patch tokens dropped at train time
+                 # ResNet towers (variant 'RN50' .. 'RN50x64', 'BiT-R50x1': mmjax.models.resnet):
+                 # layers, 4 stage depths; norm 'group' | 'frozen_bn'; width the stem's,
+                 # num_heads the attention pool's; pool_type 'attn' | 'gap' | 'none'.
+                 layers=placeholder(tuple), norm=placeholder(str),
                  **_tower_overrides()),
       text=dict(variant="Ti", pool_type=placeholder(str), causal=placeholder(bool),
                 **_tower_overrides()),

@@ -21,7 +21,8 @@ from jax.sharding import Mesh, PartitionSpec as P
 from mmjax.data import catlip_vocab
 from mmjax.losses import clip_loss, infonce_loss, multilabel_bce_loss, siglip_loss
 from mmjax.losses.captioning import caption_loss, hard_negatives, itm_loss
-from mmjax.models import catlip, coca, mae, moco, text as text_model, two_tower, vit
+from mmjax.models import catlip, coca, image as image_model, mae, moco, resnet
+from mmjax.models import text as text_model, two_tower, vit
 from mmjax.numerics import dtype, l2_normalize
 from mmjax.train.config import CONTRASTIVE, LOSSES
 from mmjax.train.optimizer import stop_frozen
@@ -89,7 +90,8 @@ class Objective(Protocol):
 
 
 def tower_config(config: ml_collections.ConfigDict, tower: str, **extra) -> dict:
-  """The complete fields of config.model.<tower> (vit.ViT or text.TextTransformer),
+  """The complete fields of config.model.<tower> (vit.ViT or resnet.ResNet, by variant:
+  mmjax.models.image; text.TextTransformer),
   decoded and checked once; a bad field raises one ValueError naming
   config.model.<tower>.<field>. extra: fields the config does not hold."""
   m = config.model
@@ -99,7 +101,7 @@ def tower_config(config: ml_collections.ConfigDict, tower: str, **extra) -> dict
   fields.update(dtype=dtype(m.dtype), param_dtype=dtype(m.param_dtype), remat=m.remat,
                 remat_policy=m.remat_policy, scan=m.scan, attention_impl=m.attention_impl,
                 **extra)
-  resolve = vit.config if tower == "image" else text_model.config
+  resolve = image_model.config if tower == "image" else text_model.config
   try:
     return resolve(**fields)
   except ValueError as e:
@@ -124,8 +126,13 @@ def build_two_tower(config: ml_collections.ConfigDict, vocab_size: int,
         text=dict(converted["text"], **runtime),
         **{k: v for k, v in converted.items() if k not in ("image", "text")},
         dtype=runtime["dtype"], param_dtype=runtime["param_dtype"])
+  image = tower_config(config, "image")
+  image_proj = "dense"
+  if image_model.is_resnet(image) and resnet.pool_type(image) == "attn":
+    # CLIP's ResNet: the attention pool's output projection is the one to embed_dim.
+    image, image_proj = dict(image, output_dim=m.embed_dim), "none"
   return two_tower.TwoTower(
-      image=tower_config(config, "image"),
+      image=image, image_proj=image_proj,
       text=tower_config(config, "text", vocab_size=vocab_size, max_len=config.data.text_len),
       embed_dim=m.embed_dim, loss=config.loss,
       temperature_init=m.temperature_init, bias_init=m.bias_init,
@@ -265,6 +272,9 @@ class MAE(Objective):
 
   def __init__(self, config: ml_collections.ConfigDict):
     m = config.model
+    if resnet.is_variant(m.image.variant) or m.image.layers is not None:
+      raise ValueError(f"config.model.image.variant={m.image.variant!r}: MAE masks and "
+                       "reconstructs a ViT's patches; use a ViT variant ('Ti/4', 'B/16')")
     self.model = mae.MAE(image=tower_config(config, "image"), **m.mae,
                            dtype=dtype(m.dtype), param_dtype=dtype(m.param_dtype))
 

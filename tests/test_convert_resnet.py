@@ -1,0 +1,149 @@
+"""open_clip's ModifiedResNet CLIP models <-> mmjax (resnet.ResNet, norm='frozen_bn'):
+embeddings against open_clip in float64 on a random init, exact round trips, errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mmjax import convert
+from mmjax.models import resnet, two_tower
+from tests.open_clip_peer import import_open_clip
+from tests.reference import assert_close
+
+open_clip = import_open_clip()
+import torch  # noqa: E402  (after the skip above)
+
+
+def random_resnet_clip(name: str):
+  """open_clip's random init, `moved_off_init`."""
+  return moved_off_init(open_clip.create_model(name, pretrained=None))
+
+
+def moved_off_init(model):
+  """model with every vector (norm scales and biases, projections' biases, the logit scale)
+  and the BatchNorm statistics moved off their init, so that a swapped weight / bias or mean /
+  var shows up; in eval mode (BatchNorm on its running statistics)."""
+  model = model.eval()
+  with torch.no_grad():
+    for p in model.parameters():
+      if p.ndim <= 1:
+        p.add_(0.2 * torch.randn_like(p))
+    for key, b in model.named_buffers():
+      if key.endswith("running_mean"):
+        b.copy_(0.2 * torch.randn_like(b))
+      elif key.endswith("running_var"):
+        b.copy_(0.5 + torch.rand_like(b))
+  return model
+
+
+@pytest.fixture(scope="module")
+def rn50():
+  torch.manual_seed(0)
+  return random_resnet_clip("RN50")
+
+
+def test_embeddings_match_open_clip(rn50, rng):
+  """RN50 image and text features and the logit scale, mmjax float32 on the converted float32
+  weights against open_clip float64 on the same weights (1e-5 relative: TOL['float32'])."""
+  config, params, prep, tok = convert.from_open_clip(rn50.state_dict(), "RN50")
+  assert (prep.size, prep.resize, tok) == (224, "crop", "clip")
+  assert config["image"]["norm"] == "frozen_bn" and config["image_proj"] == "none"
+  images = rng.normal(size=(2, 3, 224, 224)).astype(np.float32)
+  tokens = np.zeros((2, 77), np.int64)
+  for row, n in zip(tokens, (77, 9)):
+    row[0], row[1:n - 1], row[n - 1] = 49406, rng.integers(0, 49406, size=n - 2), 49407
+  model, params = two_tower.Model(**config), jax.device_put(params)
+  proj = lambda tower: lambda m, x: getattr(m, f"{tower}_proj")(getattr(m, tower)(x)[0])
+  zimg = jax.jit(lambda p, x: model.apply({"params": p}, x, method=proj("img")))(
+      params, jnp.asarray(images.transpose(0, 2, 3, 1)))
+  ztxt = jax.jit(lambda p, t: model.apply({"params": p}, t, method=proj("txt")))(
+      params, jnp.asarray(tokens, jnp.int32))
+  oc = rn50.double()
+  try:
+    with torch.no_grad():
+      want_img = oc.encode_image(torch.from_numpy(images).double()).numpy()
+      want_txt = oc.encode_text(torch.from_numpy(tokens)).numpy()
+    want_scale = oc.logit_scale.exp().item()
+  finally:
+    rn50.float()
+  assert want_img.dtype == np.float64
+  assert_close([zimg, ztxt, float(np.exp(params["t"]))], [want_img, want_txt, want_scale],
+               dtype=jnp.float32, name=["RN50 image features", "RN50 text features", "scale"])
+
+
+def test_round_trips_are_exact(rn50, rng):
+  """mmjax -> open_clip (strict load) -> mmjax and open_clip -> mmjax -> open_clip, bitwise."""
+  want = {k: v.numpy() for k, v in rn50.state_dict().items()}
+  back = convert.to_open_clip(*convert.from_open_clip(want, "RN50")[:2])
+  assert back.keys() == want.keys()
+  for k, v in want.items():
+    if k.endswith("num_batches_tracked"):
+      assert back[k].shape == () and back[k] == 0, k
+      continue
+    assert back[k].dtype == np.float32 and back[k].flags.c_contiguous, k
+    np.testing.assert_array_equal(back[k], v, err_msg=k)
+
+  config = convert.open_clip_config("RN101-quickgelu")
+  assert config["text"]["act"] == "quick_gelu" and config["image"]["layers"] == (3, 4, 23, 3)
+  shapes = jax.eval_shape(two_tower.Model(**config).init, jax.random.PRNGKey(0),
+                          jnp.zeros((1, 224, 224, 3)), jnp.zeros((1, 77), jnp.int32))["params"]
+  params = jax.tree.map(lambda s: rng.standard_normal(s.shape, np.float32), shapes)
+  oc = open_clip.create_model("RN101-quickgelu", pretrained=None)
+  oc.load_state_dict(convert.to_open_clip(config, params, as_torch=True))   # strict
+  config2, params2, *_ = convert.from_open_clip(oc.state_dict(), "RN101-quickgelu")
+  assert config2 == config
+  jax.tree.map(np.testing.assert_array_equal, params2, params)
+
+
+def test_table_matches_open_clip_configs():
+  for name, spec in convert.OPEN_CLIP_RESNET_MODELS.items():
+    c = open_clip.get_model_config(name)
+    v, t = c["vision_cfg"], c["text_cfg"]
+    layers, width = resnet.CLIP_VARIANTS[name.removesuffix("-quickgelu")]
+    assert (tuple(v["layers"]), v["width"], v["image_size"]) == (
+        layers, width, spec.image_size), name
+    assert v.get("head_width", 64) == 64, name   # the pool's heads: width * 32 / 64
+    assert (c["embed_dim"], t["width"], t["heads"], t["layers"], t["context_length"],
+            t["vocab_size"], c.get("quick_gelu", False)) == (
+        spec.embed_dim, spec.text_width, spec.text_heads, spec.text_layers,
+        spec.context_length, spec.vocab_size, spec.quick_gelu), name
+
+
+def test_bad_inputs_are_named(rn50):
+  sd = {k: v.numpy() for k, v in rn50.state_dict().items()}
+  with pytest.raises(ValueError, match=r"missing keys: \['visual.layer3.6.conv1.weight', "):
+    convert.from_open_clip(sd, "RN101")   # 23 blocks in stage 3, RN50 has 6
+  del sd["visual.layer3.0.bn2.running_var"]
+  with pytest.raises(ValueError, match=r"missing keys: \['visual.layer3.0.bn2.running_var'\]"):
+    convert.from_open_clip(sd, "RN50")
+  config, params, *_ = convert.from_open_clip(rn50.state_dict(), "RN50")
+  with pytest.raises(ValueError, match=r"config\['image'\]\['norm'\]='group'; .* 'frozen_bn'"):
+    convert.to_open_clip({**config, "image": {**config["image"], "norm": "group"}}, params)
+  with pytest.raises(ValueError, match=r"config\['image_proj'\]='dense'"):
+    convert.to_open_clip({**config, "image_proj": "dense"}, params)
+
+
+def test_odd_sized_images_pool_as_open_clips_resnet(rng, torch_seed):
+  """A small ModifiedResNet (open_clip's class) on 40 x 56 px, not multiples of 32: the
+  anti-aliasing average pools drop the same odd rows (10 x 14 -> 5 x 7 -> 2 x 3 -> 1 x 1);
+  the pool's output is 24 wide, not its 512 input."""
+  from flax import traverse_util
+  from mmjax.convert import common, openclip
+  from open_clip.modified_resnet import ModifiedResNet
+  oc = moved_off_init(ModifiedResNet(layers=[1, 2, 1, 1], output_dim=24, heads=4,
+                                     image_size=32, width=16))
+  fields = dict(layers=(1, 2, 1, 1), width=16, num_heads=4, output_dim=24, norm="frozen_bn")
+  model = resnet.Model(**fields)
+  x = rng.normal(size=(2, 3, 40, 56)).astype(np.float32)
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 40, 56, 3)))["params"]
+  shapes = {("img", *k): v for k, v in traverse_util.flatten_dict(shapes).items()}
+  sd = {f"visual.{k}": v for k, v in oc.state_dict().items()}
+  params = common.apply_rules(openclip._resnet_rules(fields), sd, config={}, image_size=0,
+                              what="ModifiedResNet", shapes=shapes,
+                              ignore=lambda k: k.endswith("num_batches_tracked"))
+  got = model.apply({"params": params["img"]}, jnp.asarray(x.transpose(0, 2, 3, 1)))[0]
+  with torch.no_grad():
+    want = oc.double()(torch.from_numpy(x).double()).numpy()
+  assert want.shape == got.shape == (2, 24)
+  assert_close(got, want, dtype=jnp.float32, name="ModifiedResNet at 40 x 56")

@@ -1,0 +1,154 @@
+"""ResNet towers (mmjax.models.resnet): norms against float64, weight standardisation, shapes,
+variants, the tower as every objective's image tower, and the config's errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mmjax.data import catlip_vocab
+from mmjax.models import image as image_lib
+from mmjax.models import resnet
+from mmjax.train import objectives
+from tests.configs import tiny_config
+from tests.reference import assert_close
+
+TINY = dict(layers=(1, 1, 1, 1), width=8, num_heads=2)
+
+
+def test_frozen_batch_norm_matches_float64_and_its_statistics_get_no_gradient(rng):
+  x = rng.normal(size=(3, 5, 4, 6))
+  p = {k: rng.normal(size=6) for k in ("scale", "bias", "mean")}
+  p["var"] = rng.uniform(0.5, 2.0, size=6)
+  norm = resnet.Norm("frozen_bn")
+  params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), p)
+  got = norm.apply({"params": params}, jnp.asarray(x, jnp.float32))
+  want = (x - p["mean"]) / np.sqrt(p["var"] + 1e-5) * p["scale"] + p["bias"]
+  assert_close(got, want, dtype=jnp.float32, name="frozen_bn")
+  grads = jax.grad(lambda q: norm.apply({"params": q}, jnp.asarray(x, jnp.float32)).sum())(params)
+  assert float(jnp.abs(grads["mean"]).max()) == float(jnp.abs(grads["var"]).max()) == 0.0
+  assert float(jnp.abs(grads["scale"]).min()) > 0 and float(jnp.abs(grads["bias"]).min()) > 0
+
+
+def test_group_norm_matches_float64(rng):
+  c = 48   # gcd(32, 48) = 16 groups of 3 channels
+  x = rng.normal(size=(2, 5, 3, c)) * 3 + 1
+  scale, bias = rng.normal(size=c), rng.normal(size=c)
+  got = resnet.Norm("group").apply(
+      {"params": {"scale": jnp.asarray(scale, jnp.float32), "bias": jnp.asarray(bias, jnp.float32)}},
+      jnp.asarray(x, jnp.float32))
+  g = x.reshape(2, 5, 3, 16, 3)
+  mean, var = g.mean(axis=(1, 2, 4), keepdims=True), g.var(axis=(1, 2, 4), keepdims=True)
+  want = ((g - mean) / np.sqrt(var + 1e-5)).reshape(x.shape) * scale + bias
+  assert_close(got, want, dtype=jnp.float32, name="group_norm")
+
+
+def test_weight_standardisation_ignores_each_filters_offset_and_scale(rng):
+  """BiT's convolution sees each output channel's kernel standardised: an affine change of one
+  filter (a * w + b) leaves its output as it was; without standardisation it would not."""
+  x = jnp.asarray(rng.normal(size=(2, 9, 7, 5)), jnp.float32)
+  w = rng.normal(size=(3, 3, 5, 4))
+  a, b = rng.uniform(0.5, 3.0, size=4), rng.normal(size=4)
+  for standardize in (True, False):
+    conv = resnet.Conv(4, 3, 2, standardize=standardize)
+    run = lambda k: conv.apply({"params": {"kernel": jnp.asarray(k, jnp.float32)}}, x)
+    same = np.allclose(run(w), run(w * a + b), rtol=1e-4, atol=1e-4)
+    assert same == standardize
+  assert run(w).shape == (2, 5, 4, 4)   # 3x3, stride 2, padding 1: ceil(9 / 2), ceil(7 / 2)
+
+
+@pytest.mark.parametrize("variant,n_params", [
+    # torchvision's resnet50 without its fc layer: 25,557,032 - 2,049,000 (its BatchNorm has
+    # as many params as GroupNorm).
+    ("BiT-R50x1", 23_508_032),
+    # open_clip's RN50 visual (38,316,896 params: its attention pool projects to 1024) with
+    # the pool's output at the features' 2048 (+ 2048 x 1024 + 1024) and each BatchNorm's
+    # running mean and var (2 x 26,624 channels).
+    ("RN50", 38_316_896 + 2048 * 1024 + 1024 + 2 * 26_624),
+])
+def test_variants_have_the_reference_architectures_sizes(variant, n_params):
+  norm = "frozen_bn" if variant == "RN50" else "group"
+  model = resnet.Model(variant, norm=norm)
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3)))
+  assert sum(x.size for x in jax.tree.leaves(shapes)) == n_params
+  pooled, out = jax.eval_shape(model.apply, shapes, jnp.zeros((2, 224, 224, 3)))
+  assert pooled.shape == (2, 2048) and out["encoded"].shape == (2, 49, 2048)
+
+
+def test_variant_names_decode_and_bad_ones_are_named():
+  assert resnet.decode_variant("RN50x16") == dict(style="clip", layers=(6, 8, 18, 8), width=96,
+                                                   num_heads=48)
+  assert resnet.decode_variant("BiT-R101x3") == dict(style="bit", layers=(3, 4, 23, 3),
+                                                      width=192)
+  for bad, match in [(dict(variant="RN51"), r"variant: Unknown ResNet variant 'RN51'"),
+                     (dict(variant="BiT-R34x1"), r"variant: Unknown ResNet variant"),
+                     (dict(variant="RN50", patch_size=16), r"patch_size: not a ResNet field"),
+                     (dict(variant="RN50", patch_dropout=0.5), r"patch_dropout=0.5: FLIP"),
+                     (dict(variant="RN50", norm="batch"), r"norm='batch' is not one of"),
+                     (dict(variant="RN50", num_heads=3), r"num_heads=3 must divide"),
+                     (dict(variant="BiT-R50x1", pool_type="attn"), r"pool_type='attn': BiT"),
+                     (dict(layers=(1, 1, 1), width=8), r"layers=\(1, 1, 1\) must be 4"),
+                     (dict(layers=(1, 1, 1, 1)), r"width: not given; name a variant")]:
+    with pytest.raises(ValueError, match=match):
+      image_lib.config(**bad)
+
+
+def test_odd_sizes_pool_like_torch_and_blocks_start_as_their_shortcut(rng):
+  """40 x 56 px: stem /4 -> 10 x 14, then /2 per stage with floor (avg pool, CLIP) or ceil
+  (strided convolution, BiT); the zero-initialised last norm makes each block relu(shortcut)."""
+  x = jnp.asarray(rng.normal(size=(2, 40, 56, 3)), jnp.float32)
+  for style, grid in (("clip", 1 * 1), ("bit", 2 * 2)):
+    model = resnet.Model(**TINY, style=style, pool_type="none" if style == "clip" else "gap")
+    params = model.init(jax.random.PRNGKey(0), x)
+    pooled, out = model.apply(params, x)
+    assert out["encoded"].shape == (2, grid, 8 * 32)
+    if style == "clip":
+      assert pooled.shape == out["encoded"].shape
+    else:
+      np.testing.assert_allclose(pooled, out["encoded"].mean(axis=1), rtol=1e-6)
+  block = resnet.Bottleneck(4, stride=1, style="clip")
+  y = jnp.asarray(rng.normal(size=(2, 6, 6, 16)), jnp.float32)
+  np.testing.assert_array_equal(block.apply(block.init(jax.random.PRNGKey(1), y), y),
+                                jax.nn.relu(y))
+
+
+def _config(loss, **image):
+  c = tiny_config("/nonexistent", loss=loss)
+  c.model.image.variant = None
+  for k, v in {**TINY, **image}.items():
+    c.model.image[k] = v
+  return c
+
+
+@pytest.mark.parametrize("loss", ["siglip", "clip", "moco", "catlip", "coca"])
+def test_every_objective_takes_a_resnet_tower(loss, rng):
+  """The objective's model built from config.model.image with ResNet fields; init and one
+  gradient traced (shapes only): the gradient reaches the tower's first convolution."""
+  c = _config(loss)
+  vocab = catlip_vocab.build_vocabulary(["a cat", "a dog", "the cat"] * 5)
+  obj = objectives.make(c, vocab_size=64, label_vocab=vocab)
+  b, size = 4, c.data.image_size
+  batch = {"image": jnp.zeros((b, size, size, 3)), "image2": jnp.zeros((b, size, size, 3)),
+           "text": jnp.ones((b, c.data.text_len), jnp.int32),
+           "targets": jnp.zeros((b, len(vocab)))}
+  batch = {k: batch[k] for k in obj.batch_keys}
+  params = jax.eval_shape(obj.init, jax.random.PRNGKey(0), batch)
+  assert params["img"]["stem_conv1"]["kernel"].shape == (3, 3, 3, 4)
+  ema = jax.eval_shape(obj.ema_init, params)
+  (loss_value, _), grads = jax.eval_shape(obj.grad_fn, params, ema, batch, jax.random.PRNGKey(1))
+  assert loss_value.shape == ()
+  assert grads["img"]["stem_conv1"]["kernel"].shape == (3, 3, 3, 4)
+  if loss in ("siglip", "clip"):   # CLIP's layout: the attention pool projects to embed_dim
+    assert obj.model.image_proj == "none" and "img_proj" not in params
+    assert params["img"]["attnpool"]["attn"]["out"]["kernel"].shape == (2, 128, 16)
+
+
+def test_config_errors_name_the_field():
+  with pytest.raises(ValueError, match=r"config.model.image.variant: Unknown ResNet variant"):
+    objectives.make(_config("siglip", variant="RN51", layers=None, width=None), vocab_size=64)
+  with pytest.raises(ValueError, match=r"config.model.image.variant=None: MAE masks"):
+    objectives.make(_config("mae"), vocab_size=64)
+  c = tiny_config("/nonexistent")
+  c.model.image.norm = "group"
+  with pytest.raises(ValueError, match=r"config.model.image.norm: not a ViT field"):
+    objectives.make(c, vocab_size=64)
