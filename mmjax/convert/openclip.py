@@ -129,7 +129,6 @@ OPEN_CLIP_SIGLIP_MODELS: dict[str, SiglipSpec] = {
 }
 
 
-
 class ResNetSpec(NamedTuple):
   """One open_clip ModifiedResNet CLIP model: the image tower is mmjax.models.resnet's
   variant of the same name; the text tower is CLIP's."""
@@ -177,21 +176,18 @@ def open_clip_config(model_name: str) -> dict[str, Any]:
                 image_proj="none", text_proj=s.text_proj)
   act = "quick_gelu" if s.quick_gelu else "gelu_exact"
   common_ = dict(act=act, ln_eps=_LN_EPS)
+  text = dict(vocab_size=s.vocab_size, max_len=s.context_length, width=s.text_width,
+              depth=s.text_layers, mlp_dim=4 * s.text_width, num_heads=s.text_heads,
+              causal=True, pool_type="argmax", pad_id=None, **common_)
   if isinstance(s, ResNetSpec):
     from mmjax.models import resnet
     image = dict(resnet.decode_variant(model_name.removesuffix("-quickgelu")), norm="frozen_bn",
                  pool_type="attn", output_dim=s.embed_dim)
-    text = dict(vocab_size=s.vocab_size, max_len=s.context_length, width=s.text_width,
-                depth=s.text_layers, mlp_dim=4 * s.text_width, num_heads=s.text_heads,
-                causal=True, pool_type="argmax", pad_id=None, **common_)
     return dict(image=image, text=text, embed_dim=s.embed_dim, loss="clip", image_proj="none")
   image = dict(width=s.vision_width, depth=s.vision_layers, mlp_dim=s.vision_mlp,
                num_heads=s.vision_heads, patch_size=(s.patch_size, s.patch_size),
                pool_type="tok", posemb="learn", posemb_cls=True, ln_pre=True, patch_bias=False,
                **common_)
-  text = dict(vocab_size=s.vocab_size, max_len=s.context_length, width=s.text_width,
-              depth=s.text_layers, mlp_dim=4 * s.text_width, num_heads=s.text_heads,
-              causal=True, pool_type="argmax", pad_id=None, **common_)
   return dict(image=image, text=text, embed_dim=s.embed_dim, loss="clip")
 
 
@@ -355,15 +351,15 @@ def _image_size(model_name: str) -> int:
 
 def from_open_clip(state_dict_or_path: Mapping | str | os.PathLike, model_name: str, *,
                    dtype: Any = np.float32) -> Converted:
-  """An open_clip ViT CLIP or SigLIP state dict -> Converted(config, params, preprocess,
-  tokenizer).
+  """An open_clip CLIP (ViT or ResNet) or SigLIP state dict -> Converted(config, params,
+  preprocess, tokenizer).
 
   Args:
     state_dict_or_path: {key: torch tensor or array}, or a path (load_state_dict).
-    model_name: an OPEN_CLIP_MODELS or OPEN_CLIP_SIGLIP_MODELS key (or a coca_* name of
-      OPEN_CLIP_COCA_MODELS: mmjax.convert.coca, a CoCa model config), e.g.
-      'ViT-B-32' (GELU), 'ViT-B-32-quickgelu' (OpenAI's weights) or
-      'ViT-B-16-SigLIP'; decides the activations and the heads, and the state
+    model_name: an OPEN_CLIP_MODELS, OPEN_CLIP_SIGLIP_MODELS or OPEN_CLIP_RESNET_MODELS
+      key (or a coca_* name of OPEN_CLIP_COCA_MODELS: mmjax.convert.coca, a CoCa model
+      config), e.g. 'ViT-B-32' (GELU), 'ViT-B-32-quickgelu' / 'RN50-quickgelu' (OpenAI's
+      weights), 'RN50' or 'ViT-B-16-SigLIP'; decides the activations and the heads, and the state
       dict's shapes must match it.
     dtype: of the returned params (numpy arrays, host memory).
 
