@@ -124,26 +124,56 @@ def test_bad_inputs_are_named(rn50):
     convert.to_open_clip({**config, "image_proj": "dense"}, params)
 
 
-def test_odd_sized_images_pool_as_open_clips_resnet(rng, torch_seed):
-  """A small ModifiedResNet (open_clip's class) on 40 x 56 px, not multiples of 32: the
-  anti-aliasing average pools drop the same odd rows (10 x 14 -> 5 x 7 -> 2 x 3 -> 1 x 1);
-  the pool's output is 24 wide, not its 512 input."""
+def _small_resnet(norm: str):
+  """A small open_clip ModifiedResNet (moved off its init) and the same mmjax ResNet with its
+  converted params: 4 attention heads, a 24-wide output, one grid cell at 32 .. 63 px."""
   from flax import traverse_util
   from mmjax.convert import common, openclip
   from open_clip.modified_resnet import ModifiedResNet
   oc = moved_off_init(ModifiedResNet(layers=[1, 2, 1, 1], output_dim=24, heads=4,
                                      image_size=32, width=16))
-  fields = dict(layers=(1, 2, 1, 1), width=16, num_heads=4, output_dim=24, norm="frozen_bn")
+  fields = dict(layers=(1, 2, 1, 1), width=16, num_heads=4, output_dim=24, norm=norm)
   model = resnet.Model(**fields)
-  x = rng.normal(size=(2, 3, 40, 56)).astype(np.float32)
   shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 40, 56, 3)))["params"]
   shapes = {("img", *k): v for k, v in traverse_util.flatten_dict(shapes).items()}
   sd = {f"visual.{k}": v for k, v in oc.state_dict().items()}
   params = common.apply_rules(openclip._resnet_rules(fields), sd, config={}, image_size=0,
                               what="ModifiedResNet", shapes=shapes,
                               ignore=lambda k: k.endswith("num_batches_tracked"))
-  got = model.apply({"params": params["img"]}, jnp.asarray(x.transpose(0, 2, 3, 1)))[0]
+  return oc, model, params["img"]
+
+
+def test_odd_sized_images_pool_as_open_clips_resnet(rng, torch_seed):
+  """On 40 x 56 px, not multiples of 32, the anti-aliasing average pools drop the same odd
+  rows (10 x 14 -> 5 x 7 -> 2 x 3 -> 1 x 1); the pool's output is 24 wide, not its 512 input."""
+  oc, model, params = _small_resnet("frozen_bn")
+  x = rng.normal(size=(2, 3, 40, 56)).astype(np.float32)
+  got = model.apply({"params": params}, jnp.asarray(x.transpose(0, 2, 3, 1)))[0]
   with torch.no_grad():
     want = oc.double()(torch.from_numpy(x).double()).numpy()
   assert want.shape == got.shape == (2, 24)
   assert_close(got, want, dtype=jnp.float32, name="ModifiedResNet at 40 x 56")
+
+
+def test_batch_norm_trains_as_torchs(rng, torch_seed):
+  """norm='batch' at train time = torch's BatchNorm2d in train mode: the same features from
+  the batch's statistics and, after resnet.update_batch_stats, the same running mean and var
+  as torch keeps (momentum 0.1, unbiased variance)."""
+  oc, model, params = _small_resnet("batch")
+  x = rng.normal(size=(4, 3, 48, 40)).astype(np.float32)
+  got, state = model.apply({"params": params}, jnp.asarray(x.transpose(0, 2, 3, 1)), train=True,
+                           mutable=["batch_stats"])
+  new = resnet.update_batch_stats(params, state["batch_stats"])
+  oc = oc.double().train()
+  with torch.no_grad():
+    want = oc(torch.from_numpy(x).double()).numpy()
+  assert_close(got[0], want, dtype=jnp.float32, name="train-mode features")
+  sd = oc.state_dict()
+  for src, dst in (("layer2.1.bn2", ("stage2_1", "norm2")), ("bn1", ("stem_norm1",)),
+                   ("layer4.0.downsample.1", ("stage4_0", "down_norm"))):
+    node = new
+    for k in dst:
+      node = node[k]
+    assert_close([node["mean"], node["var"]],
+                 [sd[f"{src}.running_mean"].numpy(), sd[f"{src}.running_var"].numpy()],
+                 dtype=jnp.float32, name=[f"{src} running mean", f"{src} running var"])

@@ -30,6 +30,39 @@ def test_frozen_batch_norm_matches_float64_and_its_statistics_get_no_gradient(rn
   assert float(jnp.abs(grads["scale"]).min()) > 0 and float(jnp.abs(grads["bias"]).min()) > 0
 
 
+def test_batch_norm_normalises_by_the_batch_at_train_time_and_sows_its_statistics(rng):
+  """norm='batch': train=True normalises by the batch's mean and biased variance over
+  (b, H, W) and sows the mean and the unbiased variance; train=False is the running ones'
+  (frozen_bn's formula); update_batch_stats moves the running ones as torch (momentum 0.1,
+  the sown passes averaged)."""
+  x = rng.normal(size=(3, 5, 4, 6)) * 2 + 1
+  p = {k: rng.normal(size=6) for k in ("scale", "bias", "mean")}
+  p["var"] = rng.uniform(0.5, 2.0, size=6)
+  params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), p)
+  norm = resnet.Norm("batch")
+  got, state = norm.apply({"params": params}, jnp.asarray(x, jnp.float32), True,
+                          mutable=["batch_stats"])
+  mean, var = x.mean(axis=(0, 1, 2)), x.var(axis=(0, 1, 2))
+  assert_close(got, (x - mean) / np.sqrt(var + 1e-5) * p["scale"] + p["bias"],
+               dtype=jnp.float32, name="batch norm, train")
+  stats = state["batch_stats"]
+  assert_close([stats["mean"][0], stats["var"][0]], [mean, var * 60 / 59], dtype=jnp.float32,
+               name=["sown mean", "sown unbiased var"])
+  evaluated = norm.apply({"params": params}, jnp.asarray(x, jnp.float32))
+  assert_close(evaluated, (x - p["mean"]) / np.sqrt(p["var"] + 1e-5) * p["scale"] + p["bias"],
+               dtype=jnp.float32, name="batch norm, eval")
+  second = {"mean": (jnp.asarray(rng.normal(size=6), jnp.float32),),
+            "var": (jnp.asarray(rng.uniform(size=6), jnp.float32),)}
+  both = {"n": {k: (stats[k][0], second[k][0]) for k in ("mean", "var")}}   # two passes
+  new = resnet.update_batch_stats({"n": params}, both)["n"]
+  for k in ("mean", "var"):
+    want = 0.9 * p[k] + 0.1 * (np.asarray(stats[k][0]) + np.asarray(second[k][0])) / 2
+    assert_close(new[k], want, dtype=jnp.float32, name=f"running {k}")
+  np.testing.assert_array_equal(new["scale"], params["scale"])
+  with pytest.raises(ValueError, match="batch_stats x/mean has no param"):
+    resnet.update_batch_stats({"n": params}, {"x": {"mean": (stats["mean"][0],)}})
+
+
 def test_group_norm_matches_float64(rng):
   c = 48   # gcd(32, 48) = 16 groups of 3 channels
   x = rng.normal(size=(2, 5, 3, c)) * 3 + 1
@@ -84,7 +117,7 @@ def test_variant_names_decode_and_bad_ones_are_named():
                      (dict(variant="BiT-R34x1"), r"variant: Unknown ResNet variant"),
                      (dict(variant="RN50", patch_size=16), r"patch_size: not a ResNet field"),
                      (dict(variant="RN50", patch_dropout=0.5), r"patch_dropout=0.5: FLIP"),
-                     (dict(variant="RN50", norm="batch"), r"norm='batch' is not one of"),
+                     (dict(variant="RN50", norm="sync"), r"norm='sync' is not one of"),
                      (dict(variant="RN50", num_heads=3), r"num_heads=3 must divide"),
                      (dict(variant="BiT-R50x1", pool_type="attn"), r"pool_type='attn': BiT"),
                      (dict(layers=(1, 1, 1), width=8), r"layers=\(1, 1, 1\) must be 4"),
@@ -112,8 +145,8 @@ def test_odd_sizes_pool_like_torch_and_blocks_start_as_their_shortcut(rng):
                                 jax.nn.relu(y))
 
 
-def _config(loss, **image):
-  c = tiny_config("/nonexistent", loss=loss)
+def _config(loss, accum_steps=1, **image):
+  c = tiny_config("/nonexistent", loss=loss, accum_steps=accum_steps)
   c.model.image.variant = None
   for k, v in {**TINY, **image}.items():
     c.model.image[k] = v
@@ -143,6 +176,17 @@ def test_every_objective_takes_a_resnet_tower(loss, rng):
     assert params["img"]["attnpool"]["attn"]["out"]["kernel"].shape == (2, 128, 16)
 
 
+def test_batch_norm_refuses_gradcache_and_a_frozen_tower(data_dir, tmp_path):
+  with pytest.raises(ValueError, match=r"config.accum_steps=2: GradCache's micro-batches"):
+    objectives.make(_config("siglip", norm="batch", accum_steps=2), vocab_size=64)
+  from mmjax.train import loop
+  c = _config("siglip", norm="batch")
+  c.data.data_dir, c.frozen = data_dir, ("img/.*",)
+  with pytest.raises(ValueError, match=r"config.frozen=\('img/.\*',\) locks BatchNorm "
+                                       r"statistics \(img/attnpool|img/stage|img/stem"):
+    loop.train(c, str(tmp_path / "run"))
+
+
 def test_config_errors_name_the_field():
   with pytest.raises(ValueError, match=r"config.model.image.variant: Unknown ResNet variant"):
     objectives.make(_config("siglip", variant="RN51", layers=None, width=None), vocab_size=64)
@@ -152,3 +196,20 @@ def test_config_errors_name_the_field():
   c.model.image.norm = "group"
   with pytest.raises(ValueError, match=r"config.model.image.norm: not a ViT field"):
     objectives.make(c, vocab_size=64)
+
+
+def test_batch_norm_on_8_devices_uses_the_global_batch(rng):
+  """The ResNet with norm='batch' at train time, jitted with 16 images split over 8 devices (2
+  each): its features and sown statistics equal one device's (XLA all-reduces them)."""
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  assert len(jax.devices()) >= 8
+  mesh = Mesh(np.asarray(jax.devices()[:8]), ("data",))
+  model = resnet.Model(**TINY, norm="batch")
+  x = jnp.asarray(rng.normal(size=(16, 32, 32, 3)), jnp.float32)
+  params = model.init(jax.random.PRNGKey(0), x[:1])
+  run = jax.jit(lambda p, x: model.apply(p, x, train=True, mutable=["batch_stats"]))
+  (pooled8, _), stats8 = run(jax.device_put(params, NamedSharding(mesh, P())),
+                             jax.device_put(x, NamedSharding(mesh, P("data"))))
+  assert len(pooled8.sharding.device_set) == 8
+  (pooled1, _), stats1 = run(params, x)
+  assert_close([pooled8, stats8], [pooled1, stats1], dtype=jnp.float32, name="8 devices vs 1")

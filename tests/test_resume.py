@@ -1,6 +1,6 @@
 """Exact resumption beyond the plain two-tower run: MoCo's momentum encoder, MAE's mask
-rng, CatLIP's caption targets, CoCa's captioning and matching losses, an FSDP-sharded state on
-8 devices and GradCache accumulation.
+rng, CatLIP's caption targets, CoCa's captioning and matching losses, a ResNet's BatchNorm
+statistics, an FSDP-sharded state on 8 devices and GradCache accumulation.
 
 Each case trains 6 steps once, checkpointing every 2 steps. A copy of that workdir
 is cut back to the step-2 checkpoint (later checkpoints, results.json and the later
@@ -47,6 +47,10 @@ CASES = {
     "coca": lambda d: tiny_config(d, loss="coca", **{
         "model.image.pool_type": "none", "coca.n_queries": 5, "coca.pool_heads": 2,
         "coca.itm_weight": 1.0, "coca.rerank_k": 3}),
+    # A ResNet with BatchNorm: its running statistics are params moved outside the optimizer.
+    "resnet_batchnorm": lambda d: tiny_config(d, loss="siglip", **{
+        "model.image.variant": None, "model.image.layers": (1, 1, 1, 1),
+        "model.image.width": 8, "model.image.num_heads": 2, "model.image.norm": "batch"}),
     "fsdp_gradcache": lambda d: _fsdp(tiny_config(d, loss="siglip", loss_impl="ring_bidir",
                                                   loss_blocks="tiled", accum_steps=2)),
 }
@@ -122,6 +126,9 @@ def test_resume_from_a_checkpoint_reproduces_the_uninterrupted_run(data_dir, tmp
   assert jax.tree.structure(have) == jax.tree.structure(want)
   if case == "moco":
     assert want["ema"], "MoCo's checkpoint holds the momentum encoder"
+  if case == "resnet_batchnorm":   # the running statistics moved, by the batches' alone
+    mean = np.asarray(want["params"]["img"]["stem_norm1"]["mean"])
+    assert np.abs(mean).max() > 0
   if case == "fsdp_gradcache":   # the resumed run's params and Adam moments were sharded
     assert _fsdp_sharded(have["params"]) > 0 and _fsdp_sharded(have["opt_state"]) > 0
   if case in ONE_DEVICE:   # and the sharded run trains like one device (float32 reassociation)

@@ -16,6 +16,12 @@ def is_resnet(fields: dict) -> bool:
   return "layers" in fields
 
 
+def uses_batch_stats(fields: dict) -> bool:
+  """Whether complete tower fields describe a tower with BatchNorm on batch statistics at
+  train time (resnet norm='batch'): its train-time forward sows 'batch_stats'."""
+  return is_resnet(fields) and fields.get("norm") == "batch"
+
+
 def config(variant: str | None = None, **fields) -> dict[str, Any]:
   """The complete, checked fields of the tower `variant` names (resnet.config for 'RN50',
   'BiT-R50x1', or when `layers` is given; else vit.config), decoded once."""

@@ -8,9 +8,13 @@
       with GroupNorm, a 7x7 stride-2 stem and a 3x3 max pool, strided 3x3 convolutions, global
       average pooling.
 
-Norms: 'frozen_bn' is BatchNorm with fixed statistics, its mean and var params that get no
-gradient (open_clip's checkpoints, as open_clip's `lock(freeze_bn_stats=True)`); 'group'
-GroupNorm, the one to train from scratch (the trainer keeps no running batch statistics).
+Norms: 'group' GroupNorm; 'batch' BatchNorm as torch trains it (at train time the batch's
+statistics, over the global batch under jit on a mesh, and running averages kept for
+evaluation); 'frozen_bn' BatchNorm on fixed statistics (open_clip's checkpoints convert to it,
+as open_clip's `lock(freeze_bn_stats=True)`). BatchNorm's running mean and var are params
+(so checkpoints, converters and shardings treat them as any other) that no gradient reaches;
+in 'batch' mode the train step moves them (`update_batch_stats`) with what the forward pass
+sowed into the 'batch_stats' collection.
 """
 
 from __future__ import annotations
@@ -38,7 +42,8 @@ CLIP_VARIANTS = {
 }
 BIT_DEPTHS = {26: (2, 2, 2, 2), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 STYLES = ("clip", "bit")
-NORMS = ("frozen_bn", "group")
+NORMS = ("group", "batch", "frozen_bn")
+BN_MOMENTUM = 0.1   # torch's: running = (1 - m) * running + m * batch statistic
 POOL_TYPES = ("attn", "gap", "none")
 _BIT = re.compile(r"BiT-R(\d+)x(\d+)$")
 
@@ -149,22 +154,31 @@ class Conv(nn.Module):
 class Norm(nn.Module):
   """A per-channel norm of [b, H, W, c]: 'frozen_bn' (x - mean) / sqrt(var + 1e-5) * scale +
   bias, the statistics params that no gradient reaches (torch's BatchNorm2d in eval mode);
-  'group' GroupNorm over gcd(32, c) groups (BiT's 32, fewer for narrow towers)."""
+  'batch' the same at evaluation and, at train time, the batch's mean and (biased) variance
+  over (b, H, W) in their place, sowing the mean and the unbiased variance into
+  'batch_stats' (torch's BatchNorm2d in train mode); 'group' GroupNorm over gcd(32, c)
+  groups (BiT's 32, fewer for narrow towers)."""
   kind: str = "group"
   zero_init: bool = False      # scale starts at 0 (a block's last norm)
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     c = x.shape[-1]
     p = lambda name, init: self.param(name, init, (c,), self.param_dtype).astype(jnp.float32)
     scale = p("scale", nn.initializers.zeros if self.zero_init else nn.initializers.ones)
     bias = p("bias", nn.initializers.zeros)
     x32 = x.astype(jnp.float32)
-    if self.kind == "frozen_bn":
+    if self.kind in ("frozen_bn", "batch"):
       mean = jax.lax.stop_gradient(p("mean", nn.initializers.zeros))
       var = jax.lax.stop_gradient(p("var", nn.initializers.ones))
+      if self.kind == "batch" and train:
+        mean = x32.mean(axis=(0, 1, 2))
+        var = ((x32 - mean) ** 2).mean(axis=(0, 1, 2))
+        n = x.size // c
+        self.sow("batch_stats", "mean", jax.lax.stop_gradient(mean))
+        self.sow("batch_stats", "var", jax.lax.stop_gradient(var) * (n / max(n - 1, 1)))
       mul = scale * jax.lax.rsqrt(var + 1e-5)
       return (x32 * mul + (bias - mean * mul)).astype(self.dtype)
     g = math.gcd(32, c)
@@ -186,11 +200,11 @@ class Bottleneck(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     bit, s, out = self.style == "bit", self.stride, self.planes * 4
     conv = lambda f, k, name, stride=1: Conv(f, k, stride, standardize=bit, name=name, **kw)
-    norm = lambda name, zero=False: Norm(self.norm, zero, name=name, **kw)
+    norm = lambda name, zero=False: lambda y: Norm(self.norm, zero, name=name, **kw)(y, train)
     y = nn.relu(norm("norm1")(conv(self.planes, 1, "conv1")(x)))
     y = nn.relu(norm("norm2")(conv(self.planes, 3, "conv2", s if bit else 1)(y)))
     if s > 1 and not bit:
@@ -227,15 +241,15 @@ class ResNet(nn.Module):
 
   @nn.compact
   def __call__(self, image: jax.Array, *, train: bool = False, keep=None):
-    """train: unused (no dropout, no batch statistics); keep: must be None (MAE's)."""
-    del train
+    """train: BatchNorm ('batch') on the batch's statistics, sown into 'batch_stats';
+    keep: must be None (MAE's)."""
     if keep is not None:
       raise ValueError("keep: MAE's patch subset applies to a ViT, not a ResNet")
     if image.ndim != 4 or min(image.shape[1:3]) < 32:
       raise ValueError(f"image must be [b, H, W, C] with H, W >= 32; got shape {image.shape}")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     bit, w = self.style == "bit", self.width
-    norm = lambda name: Norm(self.norm, name=name, **kw)
+    norm = lambda name: lambda y: Norm(self.norm, name=name, **kw)(y, train)
     x = image.astype(self.dtype)
     if bit:
       x = nn.relu(norm("stem_norm")(Conv(w, 7, 2, standardize=True, name="stem_conv", **kw)(x)))
@@ -246,12 +260,12 @@ class ResNet(nn.Module):
       x = nn.avg_pool(x, (2, 2), (2, 2))
     block = Bottleneck
     if self.remat or self.remat_policy:
-      block = nn.remat(Bottleneck, policy=remat_policy(self.remat_policy))
+      block = nn.remat(Bottleneck, policy=remat_policy(self.remat_policy), static_argnums=(2,))
     for stage, depth in enumerate(self.layers):
       for i in range(depth):
         stride = 2 if stage > 0 and i == 0 else 1
         x = block(w * 2 ** stage, stride, self.style, self.norm, name=f"stage{stage + 1}_{i}",
-                  **kw)(x)
+                  **kw)(x, train)
     b, h, ww, c = x.shape
     tokens = x.reshape(b, h * ww, c)
     out = {"encoded": tokens}
@@ -286,6 +300,22 @@ class AttentionPool(nn.Module):
                            impl=self.impl, kernel_init=nn.initializers.normal(c ** -0.5),
                            out_features=self.output_dim, name="attn")(x[:, :1], x)
     return y[:, 0]
+
+
+def update_batch_stats(params, stats, momentum: float = BN_MOMENTUM):
+  """params with each BatchNorm's running mean and var moved towards what a train-time
+  forward pass sowed: stats is the 'batch_stats' collection ({path: {'mean': (m, ...),
+  'var': (v, ...)}}, one entry per pass, averaged); running = (1 - momentum) * running +
+  momentum * statistic, as torch. Params not in stats are returned as they are."""
+  from flax import traverse_util
+  flat = traverse_util.flatten_dict(dict(params))
+  for path, value in traverse_util.flatten_dict(dict(stats)).items():
+    if path not in flat:
+      raise ValueError(f"batch_stats {'/'.join(path)} has no param to update")
+    new = jnp.mean(jnp.stack([jnp.asarray(v, jnp.float32) for v in value]), axis=0)
+    old = flat[path]
+    flat[path] = ((1 - momentum) * old.astype(jnp.float32) + momentum * new).astype(old.dtype)
+  return traverse_util.unflatten_dict(flat)
 
 
 def Model(variant: str | None = None, **fields) -> ResNet:  # noqa: N802  (big_vision's factory)

@@ -130,8 +130,10 @@ def defaults() -> ml_collections.ConfigDict:
                  patch_size=placeholder(int),
                  patch_dropout=0.0,   # FLIP: share of patch tokens dropped at train time
                  # ResNet towers (variant 'RN50' .. 'RN50x64', 'BiT-R50x1': mmjax.models.resnet):
-                 # layers, 4 stage depths; norm 'group' | 'frozen_bn'; width the stem's,
-                 # num_heads the attention pool's; pool_type 'attn' | 'gap' | 'none'.
+                 # layers, 4 stage depths; norm 'group' | 'batch' (BatchNorm, running
+                 # statistics kept) | 'frozen_bn'; width the stem's, num_heads the attention
+                 # pool's; pool_type 'attn' | 'gap' | 'none'. With init_from.checkpoint an
+                 # open_clip RN's BatchNorm is 'frozen_bn' unless norm says 'batch'.
                  layers=placeholder(tuple), norm=placeholder(str),
                  **_tower_overrides()),
       text=dict(variant="Ti", pool_type=placeholder(str), causal=placeholder(bool),

@@ -22,11 +22,13 @@ import ml_collections
 import numpy as np
 import optax
 import tqdm
+from flax import traverse_util
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
 from mmjax.data import catlip_vocab, pipeline, tokenizer as tokenizer_lib
 from mmjax.evaluate import Evaluator
+from mmjax.models import image as image_model
 from mmjax.models import scan as scan_lib
 from mmjax.train import checkpoint, config as config_lib, multihost, objectives, optimizer
 from mmjax.train import sharding
@@ -240,6 +242,21 @@ def _label_vocab(config, train_src) -> catlip_vocab.Vocabulary | None:
   return vocab
 
 
+def _check_frozen_batch_norm(objective, frozen, config) -> None:
+  """A locked tower must not normalise by batch statistics (which change with every batch):
+  ValueError when config.frozen covers a BatchNorm of config.model.image.norm='batch'."""
+  image = getattr(objective.model, "image", None)
+  if frozen is None or not isinstance(image, dict) or not image_model.uses_batch_stats(image):
+    return
+  locked = [p for p, label in traverse_util.flatten_dict(frozen).items()
+            if label == "frozen" and p[-1] in ("mean", "var")]
+  if locked:
+    raise ValueError(f"config.frozen={tuple(config.frozen)} locks BatchNorm statistics "
+                     f"({'/'.join(locked[0])}) of a tower with config.model.image.norm='batch', "
+                     "which normalises by each batch's at train time; lock a BatchNorm tower "
+                     "with norm='frozen_bn'")
+
+
 def build(config: ml_collections.ConfigDict) -> Run:
   """Validates the config and makes everything but the train state: the mesh,
   the data (built on first use by process 0), the objective and optimizer with
@@ -272,6 +289,7 @@ def build(config: ml_collections.ConfigDict) -> Run:
   # The model's init is traced once, for shapes: the frozen labels and the state's shardings.
   abstract_params = jax.eval_shape(objective.init, rng, _dummy_batch(config.data))
   frozen = optimizer.frozen_labels(abstract_params, config.frozen) if config.frozen else None
+  _check_frozen_batch_norm(objective, frozen, config)
   objective = objective.with_frozen(frozen)
   if config.total_steps == 0:   # evaluate only: no update is ever made
     tx, schedule = optax.identity(), optax.constant_schedule(0.0)

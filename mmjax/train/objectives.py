@@ -89,6 +89,19 @@ class Objective(Protocol):
     return params if self.frozen is None else stop_frozen(params, self.frozen)
 
 
+def train_apply(model, params: Params, *args, **kwargs):
+  """model.apply({'params': params}, *args, train=True, **kwargs) -> (outputs, the
+  'batch_stats' the pass sowed: {} unless a tower has BatchNorm on batch statistics)."""
+  out, state = model.apply({"params": params}, *args, train=True, mutable=["batch_stats"],
+                           **kwargs)
+  return out, dict(state).get("batch_stats", {})
+
+
+def _with_stats(aux: dict, stats: dict) -> dict:
+  """aux with stats under 'batch_stats' (the train step pops them: resnet.update_batch_stats)."""
+  return {**aux, "batch_stats": stats} if stats else aux
+
+
 def tower_config(config: ml_collections.ConfigDict, tower: str, **extra) -> dict:
   """The complete fields of config.model.<tower> (vit.ViT or resnet.ResNet, by variant:
   mmjax.models.image; text.TextTransformer),
@@ -121,8 +134,14 @@ def build_two_tower(config: ml_collections.ConfigDict, vocab_size: int,
   if converted is not None:
     runtime = dict(dtype=dtype(m.dtype), param_dtype=dtype(m.param_dtype), remat=m.remat,
                    remat_policy=m.remat_policy, scan=m.scan, attention_impl=m.attention_impl)
+    image = dict(converted["image"], patch_dropout=m.image.patch_dropout, **runtime)
+    if m.image.norm is not None:   # e.g. 'batch': fine-tune an open_clip RN's BatchNorm
+      if not image_model.is_resnet(image):
+        raise ValueError(f"config.model.image.norm={m.image.norm!r}: the checkpoint's image "
+                         "tower is a ViT, which has no such field")
+      image["norm"] = m.image.norm
     return two_tower.Model(
-        image=dict(converted["image"], patch_dropout=m.image.patch_dropout, **runtime),
+        image=image,
         text=dict(converted["text"], **runtime),
         **{k: v for k, v in converted.items() if k not in ("image", "text")},
         dtype=runtime["dtype"], param_dtype=runtime["param_dtype"])
@@ -186,10 +205,10 @@ def make_grad_fn(model, loss_of: Callable, *, accum_steps: int = 1,
     raise ValueError(f"config.accum_steps must be >= 1; got {accum_steps}")
   freeze = freeze or (lambda p: p)
 
-  def embed(params, image, text, rng):
-    zimg, ztxt, _ = model.apply({"params": freeze(params)}, image, text, train=True,
-                                rngs={"dropout": rng})
-    return zimg, ztxt
+  def embed(params, image, text, rng, with_stats=False):
+    (zimg, ztxt, _), stats = train_apply(model, freeze(params), image, text,
+                                         rngs={"dropout": rng})
+    return ((zimg, ztxt), stats) if with_stats else (zimg, ztxt)
 
   def head_loss(zimg, ztxt, params):
     _, _, out = model.apply({"params": params}, None, None)   # scale, bias from t, b
@@ -198,7 +217,9 @@ def make_grad_fn(model, loss_of: Callable, *, accum_steps: int = 1,
   if accum_steps == 1:
     def full(params, batch, rng):
       def loss_fn(p):
-        return head_loss(*embed(p, batch["image"], batch["text"], rng), p)
+        z, stats = embed(p, batch["image"], batch["text"], rng, with_stats=True)
+        value, out = head_loss(*z, p)
+        return value, _with_stats(out, stats)
       return jax.value_and_grad(loss_fn, has_aux=True)(params)
     return full
 
@@ -240,6 +261,10 @@ class Contrastive(Objective):
                converted: dict | None = None):
     self.model = build_two_tower(config, vocab_size, converted)
     self.accum_steps = config.accum_steps
+    if self.accum_steps > 1 and image_model.uses_batch_stats(self.model.image):
+      raise ValueError(f"config.accum_steps={self.accum_steps}: GradCache's micro-batches "
+                       "would each normalise by their own BatchNorm statistics "
+                       "(config.model.image.norm='batch'); use norm='group' or accum_steps=1")
     self.loss_of = contrastive_loss(config.loss, config.loss_impl, config.loss_blocks,
                                     mesh=mesh, axes=batch_axes)
 
@@ -289,7 +314,7 @@ class MAE(Objective):
     def loss(p):
       value, _ = self.model.apply({"params": self._freeze(p)}, batch["image"], train=True,
                                   rngs={"mask": r1, "dropout": r2})
-      return value, {}
+      return value, {}   # a ViT: no batch statistics
     return jax.value_and_grad(loss, has_aux=True)(params)
 
   def features(self, params, image):
@@ -325,19 +350,21 @@ class MoCo(Objective):
     # The momentum encoder: the EMA params in place of the online ones (its
     # predictor is never used); no gradient flows into it.
     target = jax.lax.stop_gradient({**params, **ema})
-    keys = [l2_normalize(self.model.apply({"params": target}, v, train=True,
-                                          rngs={"dropout": r})[1])
+    # (Its BatchNorm statistics, if any, are not kept: the EMA moves its running ones.)
+    keys = [l2_normalize(train_apply(self.model, target, v, rngs={"dropout": r})[0][1])
             for v, r in zip(views, (r1, r2))]
     scale = 1.0 / self.temperature
 
     def loss(p):
       p = self._freeze(p)
-      q = [l2_normalize(self.model.apply({"params": p}, v, train=True, rngs={"dropout": r})[0])
-           for v, r in zip(views, (r1, r2))]
+      outs = [train_apply(self.model, p, v, rngs={"dropout": r})
+              for v, r in zip(views, (r1, r2))]
+      q = [l2_normalize(out[0]) for out, _ in outs]
       # MoCo v3 scales each InfoNCE by 2 * temperature.
       value = 2 * self.temperature * (infonce_loss(q[0], keys[1], scale)
                                       + infonce_loss(q[1], keys[0], scale))
-      return value, {}
+      stats = jax.tree.map(lambda a, b: (a + b) / 2, outs[0][1], outs[1][1])   # the two views
+      return value, _with_stats({}, stats)
     return jax.value_and_grad(loss, has_aux=True)(params)
 
   def features(self, params, image):
@@ -365,9 +392,9 @@ class CatLIP(Objective):
     del ema
 
     def loss(p):
-      logits = self.model.apply({"params": self._freeze(p)}, batch["image"], train=True,
-                                rngs={"dropout": rng})
-      return multilabel_bce_loss(logits, batch["targets"]), {}
+      logits, stats = train_apply(self.model, self._freeze(p), batch["image"],
+                                  rngs={"dropout": rng})
+      return multilabel_bce_loss(logits, batch["targets"]), _with_stats({}, stats)
     return jax.value_and_grad(loss, has_aux=True)(params)
 
   def features(self, params, image):
@@ -442,7 +469,8 @@ class CoCa(Objective):
     c, model = self.settings, self.model
     r_drop, r_txt, r_img = jax.random.split(rng, 3)
     kw = dict(train=True, rngs={"dropout": r_drop})
-    zimg, ztxt, out = model.apply({"params": params}, batch["image"], batch["text"], **kw)
+    (zimg, ztxt, out), stats = train_apply(model, params, batch["image"], batch["text"],
+                                           rngs={"dropout": r_drop})
     parts = {"contrastive_loss": clip_loss(zimg, ztxt, out["scale"]),
              "caption_loss": caption_loss(out["logits"], out["labels"],
                                           pad_id=model.text["pad_id"],
@@ -467,7 +495,7 @@ class CoCa(Objective):
       n = text.shape[0]
       parts["itm_loss"] = itm_loss(logits, jnp.arange(3 * n) < n)
       total = total + c.itm_weight * parts["itm_loss"]
-    return total, {**parts, "scale": out["scale"]}
+    return total, _with_stats({**parts, "scale": out["scale"]}, stats)
 
   def grad_fn(self, params, ema, batch, rng):
     del ema

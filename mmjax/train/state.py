@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
+from mmjax.models import resnet
 from mmjax.nn import partitioning
 
 
@@ -69,7 +70,9 @@ def make_train_step(objective, tx: optax.GradientTransformation, *,
   'text': [B, L] int32}, B the global batch (split over the mesh's batch axes). uint8
   images are made float32 here, on the device (images_to_float with `normalize`).
   The objective computes the loss and gradients (mmjax.train.objectives); the
-  optimizer step, the momentum-encoder update and the metrics are common.
+  optimizer step, the momentum-encoder update, BatchNorm's running statistics (the
+  'batch_stats' an objective returns in its aux: mmjax.models.resnet.update_batch_stats)
+  and the metrics are common.
   When the loss or the gradient norm is not finite the params, optimizer state
   and EMA stay as they were (the optimizer's count, so its lr schedule, does not
   advance) and metrics['finite'] is False: the loop stops or skips
@@ -85,10 +88,14 @@ def make_train_step(objective, tx: optax.GradientTransformation, *,
     rng = jax.random.fold_in(state.rng, state.step)
     batch = images_to_float(batch, normalize)
     (value, aux), grads = objective.grad_fn(state.params, state.ema, batch, rng)
+    aux = dict(aux)
+    stats = aux.pop("batch_stats", None)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(value) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    if stats:   # BatchNorm's running statistics (resnet norm='batch'), outside the optimizer
+      params = resnet.update_batch_stats(params, stats)
     ema = objective.ema_update(state.ema, params, state.step)
     # A non-finite loss or gradient changes nothing but the step count.
     params, opt_state, ema = jax.tree.map(
