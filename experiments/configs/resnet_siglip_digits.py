@@ -3,8 +3,8 @@
   python -m experiments.train --config experiments/configs/resnet_siglip_digits.py --workdir /tmp/rn
 
 A four-block ResNet (one bottleneck per stage, stem width 32: 1,024 features, pooled by
-attention to embed_dim); 'RN50' .. 'RN50x64' are the same tower at CLIP's sizes. GroupNorm:
-the trainer keeps no running batch statistics (open_clip checkpoints convert to 'frozen_bn').
+attention to embed_dim); 'RN50' .. 'RN50x64' are the same tower at CLIP's sizes. GroupNorm;
+`--config.model.image.norm=batch` trains it with BatchNorm, as CLIP did.
 """
 
 from experiments.configs import siglip_digits
