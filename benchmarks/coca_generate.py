@@ -54,7 +54,8 @@ def main():
     if beams == 1:
       greedy = np.asarray(r["out"][0][:, 0])
     steps = args.batch * beams * (args.max_len - 1)
-    emit(json.dumps({"bench": "coca_generate", "impl": "mmjax", "model": args.model, "batch": args.batch,
+    emit(json.dumps({"bench": "coca_generate", "impl": "mmjax", "model": args.model,
+                     "batch": args.batch,
                      "beams": beams, "max_len": args.max_len, "compile_s": round(compile_s, 2),
                      "median_s": round(r["median_s"], 4),
                      "captions_per_s": round(args.batch / r["median_s"], 2),

@@ -68,7 +68,8 @@ def test_group_norm_matches_float64(rng):
   x = rng.normal(size=(2, 5, 3, c)) * 3 + 1
   scale, bias = rng.normal(size=c), rng.normal(size=c)
   got = resnet.Norm("group").apply(
-      {"params": {"scale": jnp.asarray(scale, jnp.float32), "bias": jnp.asarray(bias, jnp.float32)}},
+      {"params": {"scale": jnp.asarray(scale, jnp.float32),
+                  "bias": jnp.asarray(bias, jnp.float32)}},
       jnp.asarray(x, jnp.float32))
   g = x.reshape(2, 5, 3, 16, 3)
   mean, var = g.mean(axis=(1, 2, 4), keepdims=True), g.var(axis=(1, 2, 4), keepdims=True)
@@ -132,8 +133,8 @@ def test_odd_sizes_pool_like_torch_and_blocks_start_as_their_shortcut(rng):
   x = jnp.asarray(rng.normal(size=(2, 40, 56, 3)), jnp.float32)
   for style, grid in (("clip", 1 * 1), ("bit", 2 * 2)):
     model = resnet.Model(**TINY, style=style, pool_type="none" if style == "clip" else "gap")
-    params = model.init(jax.random.PRNGKey(0), x)
-    pooled, out = model.apply(params, x)
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), x)   # one compile, not one per op
+    pooled, out = jax.jit(model.apply)(params, x)
     assert out["encoded"].shape == (2, grid, 8 * 32)
     if style == "clip":
       assert pooled.shape == out["encoded"].shape
@@ -141,8 +142,8 @@ def test_odd_sizes_pool_like_torch_and_blocks_start_as_their_shortcut(rng):
       np.testing.assert_allclose(pooled, out["encoded"].mean(axis=1), rtol=1e-6)
   block = resnet.Bottleneck(4, stride=1, style="clip")
   y = jnp.asarray(rng.normal(size=(2, 6, 6, 16)), jnp.float32)
-  np.testing.assert_array_equal(block.apply(block.init(jax.random.PRNGKey(1), y), y),
-                                jax.nn.relu(y))
+  block_params = jax.jit(block.init)(jax.random.PRNGKey(1), y)
+  np.testing.assert_array_equal(jax.jit(block.apply)(block_params, y), jax.nn.relu(y))
 
 
 def _config(loss, accum_steps=1, **image):
@@ -206,7 +207,7 @@ def test_batch_norm_on_8_devices_uses_the_global_batch(rng):
   mesh = Mesh(np.asarray(jax.devices()[:8]), ("data",))
   model = resnet.Model(**TINY, norm="batch")
   x = jnp.asarray(rng.normal(size=(16, 32, 32, 3)), jnp.float32)
-  params = model.init(jax.random.PRNGKey(0), x[:1])
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), x[:1])
   run = jax.jit(lambda p, x: model.apply(p, x, train=True, mutable=["batch_stats"]))
   (pooled8, _), stats8 = run(jax.device_put(params, NamedSharding(mesh, P())),
                              jax.device_put(x, NamedSharding(mesh, P("data"))))

@@ -51,5 +51,6 @@ class CatLIP(nn.Module):
 
 
 def Model(image: dict, **fields) -> CatLIP:  # noqa: N802
-  """CatLIP from its tower as image tower arguments (a ViT or ResNet variant) (decoded once) and CatLIP's fields."""
+  """CatLIP from its tower's variant ('Ti/8', 'RN50') and overrides, decoded once, and
+  CatLIP's fields."""
   return image_lib.around(CatLIP, image, **fields)

@@ -40,11 +40,6 @@ def width(fields: dict) -> int:
   return resnet.features(fields) if is_resnet(fields) else fields["width"]
 
 
-def token_width(fields: dict) -> int:
-  """The width of the tower's 'encoded' tokens."""
-  return fields["width"] * 32 if is_resnet(fields) else fields["width"]
-
-
 def around(cls, image: dict, **fields):
   """cls(image=config(**image), **fields): a model built around an image tower (MoCo,
   CatLIP), the tower given as variant and overrides and decoded once here."""

@@ -87,5 +87,6 @@ def momentum(step: jax.Array, total_steps: int, base: float = 0.99) -> jax.Array
 
 
 def Model(image: dict, **fields) -> MoCo:  # noqa: N802
-  """MoCo from its backbone as image tower arguments (a ViT or ResNet variant) (decoded once) and MoCo's fields."""
+  """MoCo from its backbone's variant ('Ti/8', 'RN50') and overrides, decoded once, and
+  MoCo's fields."""
   return image_lib.around(MoCo, image, **fields)

@@ -102,7 +102,7 @@ def config(variant: str | None = None, **fields) -> dict[str, Any]:
   if s["style"] == "bit" and s["pool_type"] == "attn":
     raise ValueError("pool_type='attn': BiT pools by its global average ('gap'); 'attn' is "
                      "CLIP's ResNet's")
-  if s["width"] % 2:
+  if s["style"] == "clip" and s["width"] % 2:
     raise ValueError(f"width={s['width']} must be even (the stem's first convolutions are "
                      "width / 2 wide)")
   heads = s["num_heads"]
@@ -269,7 +269,7 @@ class ResNet(nn.Module):
     b, h, ww, c = x.shape
     tokens = x.reshape(b, h * ww, c)
     out = {"encoded": tokens}
-    kind = self.pool_type or ("gap" if bit else "attn")
+    kind = pool_type(dict(pool_type=self.pool_type, style=self.style))
     if kind == "gap":
       pooled = tokens.mean(axis=1)
     elif kind == "attn":
