@@ -3,8 +3,9 @@
   python -m benchmarks.train_step [MODEL] [BATCH] [--steps 5] [--dtypes float32 bfloat16]
       [--attention_impl xla] [--no_torch] [--tiny] [--budget_s S] [--output FILE]
 
-MODEL is any open_clip model name with a ViT tower (default ViT-B-32; mmjax builds the same
-architecture from `mmjax.convert.open_clip_config`), BATCH the batch size (default 32), random
+MODEL is any open_clip model name with a ViT or ResNet tower (default ViT-B-32; mmjax builds
+the same architecture from `mmjax.convert.open_clip_config`; a ResNet's BatchNorm trains on
+batch statistics in both, mmjax's norm='batch'), BATCH the batch size (default 32), random
 224-px images (the model's size) and tokens. mmjax: the jit step with `model.dtype` and param
 dtype float32 (bf16 compute, f32 params and AdamW state, as the launcher's
 `config.model.dtype=bfloat16`). open_clip: `open_clip.create_model(MODEL, pretrained=None)`,
@@ -107,6 +108,11 @@ def matmul_peak(n: int = 4096, reps: int = 3) -> dict:
   return out
 
 
+def open_clip_image_size(model_name: str) -> int:
+  from mmjax.convert import get_spec
+  return get_spec(model_name).image_size
+
+
 def _tiny(cfg: dict) -> dict:
   """The same architecture family, shrunk to check the script in seconds."""
   dims = dict(width=64, depth=2, num_heads=2, mlp_dim=128)
@@ -128,7 +134,9 @@ def mmjax_step(model_name: str, batch: int, dtype: str, steps: int,
   cfg = open_clip_config(model_name)
   if tiny:
     cfg = _tiny(cfg)
-  size = cfg["image"].pop("image_size", 224)
+  size = cfg["image"].pop("image_size", open_clip_image_size(model_name))
+  if "layers" in cfg["image"]:   # a ResNet: BatchNorm in train mode, as open_clip trains it
+    cfg["image"]["norm"] = "batch"
   dt = jnp.dtype(dtype)
   impl = {} if attention_impl is None else {"attention_impl": attention_impl}
   cfg = {**cfg, "image": {**cfg["image"], "dtype": dt, **impl},

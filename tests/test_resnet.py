@@ -35,7 +35,11 @@ def test_batch_norm_normalises_by_the_batch_at_train_time_and_sows_its_statistic
   (b, H, W) and sows the mean and the unbiased variance; train=False is the running ones'
   (frozen_bn's formula); update_batch_stats moves the running ones as torch (momentum 0.1,
   the sown passes averaged)."""
-  x = rng.normal(size=(3, 5, 4, 6)) * 2 + 1
+  # Three channels whose batch mean is 30 standard deviations from 0 and from the running
+  # mean: there a one-pass variance E[x^2] - E[x]^2 loses ~3 digits (the shifted one does not).
+  x = (rng.normal(size=(3, 5, 4, 6)) * np.r_[2.0, 2.0, 2.0, 0.1, 0.1, 1.0]
+       + np.r_[1.0, -1.0, 0.0, 3.0, -3.0, 30.0])
+  x = np.asarray(np.float32(x), np.float64)   # the float32 input, exactly
   p = {k: rng.normal(size=6) for k in ("scale", "bias", "mean")}
   p["var"] = rng.uniform(0.5, 2.0, size=6)
   params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), p)

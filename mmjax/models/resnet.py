@@ -126,7 +126,7 @@ def features(fields: dict) -> int:
 
 class Conv(nn.Module):
   """A bias-free 2-D convolution, NHWC; kernel [k, k, in, out] (torch's OIHW transposed),
-  symmetric zero padding k // 2. standardize: BiT's weight standardisation (each output
+  symmetric zero padding k // 2; a 1x1 one is computed as the matmul it is. standardize: BiT's weight standardisation (each output
   channel's kernel to zero mean, unit variance)."""
   features: int
   kernel: int
@@ -145,6 +145,9 @@ class Conv(nn.Module):
       mean = w32.mean(axis=(0, 1, 2), keepdims=True)
       var = ((w32 - mean) ** 2).mean(axis=(0, 1, 2), keepdims=True)
       w = (w32 - mean) * jax.lax.rsqrt(var + 1e-6)
+    if k == 1:   # a matmul over the channels (XLA:CPU's convolution backward is slow)
+      x = x[:, ::self.stride, ::self.stride] if self.stride > 1 else x
+      return jnp.einsum("bhwc,cd->bhwd", x.astype(self.dtype), w[0, 0].astype(self.dtype))
     p = k // 2
     return jax.lax.conv_general_dilated(
         x.astype(self.dtype), w.astype(self.dtype), (self.stride, self.stride),
@@ -174,13 +177,20 @@ class Norm(nn.Module):
       mean = jax.lax.stop_gradient(p("mean", nn.initializers.zeros))
       var = jax.lax.stop_gradient(p("var", nn.initializers.ones))
       if self.kind == "batch" and train:
-        mean = x32.mean(axis=(0, 1, 2))
-        var = ((x32 - mean) ** 2).mean(axis=(0, 1, 2))
+        # One pass over x for both moments (XLA fuses the two reductions), shifted by the
+        # first example's mean so that E[d^2] - E[d]^2 does not cancel (the batch's mean may
+        # sit many standard deviations from 0 or from the running mean).
+        mean = jax.lax.stop_gradient(x32[0].mean(axis=(0, 1)))
+        d = x32 - mean
+        shift, sq = d.mean(axis=(0, 1, 2)), (d * d).mean(axis=(0, 1, 2))
+        var = jnp.maximum(sq - shift * shift, 0.0)
+        mean = mean + shift
         n = x.size // c
         self.sow("batch_stats", "mean", jax.lax.stop_gradient(mean))
         self.sow("batch_stats", "var", jax.lax.stop_gradient(var) * (n / max(n - 1, 1)))
       mul = scale * jax.lax.rsqrt(var + 1e-5)
-      return (x32 * mul + (bias - mean * mul)).astype(self.dtype)
+      # (x - mean) first: x * mul - mean * mul would cancel where mean >> std.
+      return ((x32 - mean) * mul + bias).astype(self.dtype)
     g = math.gcd(32, c)
     xg = x32.reshape(*x.shape[:-1], g, c // g)
     mean = xg.mean(axis=(1, 2, 4), keepdims=True)
