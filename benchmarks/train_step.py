@@ -108,11 +108,6 @@ def matmul_peak(n: int = 4096, reps: int = 3) -> dict:
   return out
 
 
-def open_clip_image_size(model_name: str) -> int:
-  from mmjax.convert import get_spec
-  return get_spec(model_name).image_size
-
-
 def _tiny(cfg: dict) -> dict:
   """The same architecture family, shrunk to check the script in seconds."""
   dims = dict(width=64, depth=2, num_heads=2, mlp_dim=128)
@@ -127,14 +122,14 @@ def mmjax_step(model_name: str, batch: int, dtype: str, steps: int,
   import jax.numpy as jnp
   import numpy as np
   import optax
-  from mmjax.convert import open_clip_config
+  from mmjax.convert import get_spec, open_clip_config
   from mmjax.losses import clip_loss
   from mmjax.models import two_tower
   from mmjax.losses import siglip_loss
   cfg = open_clip_config(model_name)
   if tiny:
     cfg = _tiny(cfg)
-  size = cfg["image"].pop("image_size", open_clip_image_size(model_name))
+  size = cfg["image"].pop("image_size", get_spec(model_name).image_size)
   if "layers" in cfg["image"]:   # a ResNet: BatchNorm in train mode, as open_clip trains it
     cfg["image"]["norm"] = "batch"
   dt = jnp.dtype(dtype)

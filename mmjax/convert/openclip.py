@@ -405,10 +405,8 @@ def _check_clip_layout(config: Mapping) -> None:
   text = [("text", "causal", True), ("text", "pool_type", "argmax"),
           ("text", "pad_id", None), ("text", "ln_eps", _LN_EPS)]
   if "layers" in config["image"]:   # ModifiedResNet
-    import dataclasses
     from mmjax.models import resnet
-    image = {**{f.name: f.default for f in dataclasses.fields(resnet.ResNet)},
-             **resnet.config(**config["image"])}
+    image = resnet.settings(**config["image"])
     fixed = [("image", "style", "clip"), ("image", "norm", "frozen_bn"),
              ("image", "pool_type", "attn"), ("image", "output_dim", config.get("embed_dim")),
              *text]

@@ -27,6 +27,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import traverse_util
 
 from mmjax.nn import precision
 from mmjax.nn.attention import MultiHeadAttention
@@ -94,9 +95,7 @@ def config(variant: str | None = None, **fields) -> dict[str, Any]:
   out["layers"] = tuple(int(n) for n in out["layers"])
   if len(out["layers"]) != 4 or min(out["layers"]) < 1:
     raise ValueError(f"layers={out['layers']} must be 4 stage depths >= 1")
-  defaults = {f.name: f.default for f in dataclasses.fields(ResNet)
-              if f.default is not dataclasses.MISSING}
-  s = {**defaults, **out}
+  s = _with_defaults(out)
   for field, choices in (("style", STYLES), ("norm", NORMS), ("pool_type", POOL_TYPES)):
     if s[field] is not None and s[field] not in choices:
       raise ValueError(f"{field}={s[field]!r} is not one of {choices}")
@@ -110,6 +109,17 @@ def config(variant: str | None = None, **fields) -> dict[str, Any]:
   if pool_type(s) == "attn" and (not heads or (s["width"] * 32) % heads):
     raise ValueError(f"num_heads={s['num_heads']} must divide the features ({s['width'] * 32})")
   return out
+
+
+def _with_defaults(fields: dict) -> dict:
+  return {**{f.name: f.default for f in dataclasses.fields(ResNet)
+             if f.default is not dataclasses.MISSING and f.name not in ("parent", "name")},
+          **fields}
+
+
+def settings(**fields) -> dict[str, Any]:
+  """Every field of a ResNet: `config(**fields)` (decoded, checked), the rest the defaults."""
+  return _with_defaults(config(**fields))
 
 
 def pool_type(fields: dict) -> str:
@@ -127,8 +137,8 @@ def features(fields: dict) -> int:
 
 class Conv(nn.Module):
   """A bias-free 2-D convolution, NHWC; kernel [k, k, in, out] (torch's OIHW transposed),
-  symmetric zero padding k // 2; a 1x1 one is computed as the matmul it is. standardize: BiT's weight standardisation (each output
-  channel's kernel to zero mean, unit variance)."""
+  symmetric zero padding k // 2; a 1x1 one is computed as the matmul it is. standardize:
+  BiT's weight standardisation (each output channel's kernel to zero mean, unit variance)."""
   features: int
   kernel: int
   stride: int = 1
@@ -181,11 +191,10 @@ class Norm(nn.Module):
         # One pass over x for both moments (XLA fuses the two reductions), shifted by the
         # first example's mean so that E[d^2] - E[d]^2 does not cancel (the batch's mean may
         # sit many standard deviations from 0 or from the running mean).
-        mean = jax.lax.stop_gradient(x32[0].mean(axis=(0, 1)))
-        d = x32 - mean
+        ref = jax.lax.stop_gradient(x32[0].mean(axis=(0, 1)))
+        d = x32 - ref
         shift, sq = d.mean(axis=(0, 1, 2)), (d * d).mean(axis=(0, 1, 2))
-        var = jnp.maximum(sq - shift * shift, 0.0)
-        mean = mean + shift
+        mean, var = ref + shift, jnp.maximum(sq - shift * shift, 0.0)
         n = x.size // c
         self.sow("batch_stats", "mean", jax.lax.stop_gradient(mean))
         self.sow("batch_stats", "var", jax.lax.stop_gradient(var) * (n / max(n - 1, 1)))
@@ -318,7 +327,6 @@ def update_batch_stats(params, stats, momentum: float = BN_MOMENTUM):
   forward pass sowed: stats is the 'batch_stats' collection ({path: {'mean': (m, ...),
   'var': (v, ...)}}, one entry per pass, averaged); running = (1 - momentum) * running +
   momentum * statistic, as torch. Params not in stats are returned as they are."""
-  from flax import traverse_util
   flat = traverse_util.flatten_dict(dict(params))
   for path, value in traverse_util.flatten_dict(dict(stats)).items():
     if path not in flat:

@@ -297,10 +297,11 @@ class MAE(Objective):
 
   def __init__(self, config: ml_collections.ConfigDict):
     m = config.model
-    if resnet.is_variant(m.image.variant) or m.image.layers is not None:
+    image = tower_config(config, "image")
+    if image_model.is_resnet(image):
       raise ValueError(f"config.model.image.variant={m.image.variant!r}: MAE masks and "
                        "reconstructs a ViT's patches; use a ViT variant ('Ti/4', 'B/16')")
-    self.model = mae.MAE(image=tower_config(config, "image"), **m.mae,
+    self.model = mae.MAE(image=image, **m.mae,
                            dtype=dtype(m.dtype), param_dtype=dtype(m.param_dtype))
 
   def init(self, rng, batch):
