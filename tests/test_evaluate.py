@@ -41,13 +41,91 @@ def test_zeroshot_accuracy_matches_loop(rng):
   labels = rng.integers(0, 7, size=50)
   acc = zeroshot_accuracy(img, cls, labels, ks=(1, 3))
   # The loop ranks the float32 scores zeroshot_accuracy ranks (a float64 loop can order a
-  # near-tie the other way), with its tie rule: rank = classes scoring strictly higher.
+  # near-tie the other way), with its tie rule: rank = other classes scoring at least as high.
   s = img.astype(np.float32) @ cls.astype(np.float32).T
-  rank = [sum(s[i, c] > s[i, y] for c in range(7)) for i, y in enumerate(labels)]
+  rank = [sum(s[i, c] >= s[i, y] for c in range(7) if c != y) for i, y in enumerate(labels)]
   top1, top3 = np.mean([r < 1 for r in rank]), np.mean([r < 3 for r in rank])
-  assert acc == pytest.approx({"top1": top1, "top3": top3})
+  assert acc == pytest.approx({"top1": top1, "top3": top3}, abs=1e-12)
+  assert 0 < top1 < top3 < 1, (top1, top3)   # the ks differ on these data
   perfect = zeroshot_accuracy(cls[labels], cls, labels)
   assert perfect["top1"] == 1.0
+
+
+# Hand-made scores (the image embeddings, against identity class embeddings): 6 images of
+# classes 0, 0, 1, 2, 2, 2 (class 3 absent), row 2 tied between its class 1 and class 0.
+# Ranks (other classes scoring >= the true one): 0, 1, 1, 1, 0, 3.
+_HAND_SCORES = np.array([[0.9, 0.1, 0.0, 0.5],
+                         [0.2, 0.1, 0.0, 0.7],
+                         [0.3, 0.3, 0.1, 0.0],
+                         [0.0, 0.1, 0.2, 0.9],
+                         [0.1, 0.0, 0.8, 0.3],
+                         [0.5, 0.6, 0.1, 0.7]], np.float32)
+_HAND_LABELS = np.array([0, 0, 1, 2, 2, 2])
+
+
+def test_zeroshot_exact_values_ties_and_an_absent_class():
+  """Hand-counted top-k and mean per-class recall (over the classes that occur: class 0 1/2,
+  class 1 0/1 (its tie counts against it), class 2 1/3); a collapsed model (every class
+  scored alike) ranks every true class last."""
+  from mmjax.evaluate.zeroshot import ZeroShotCounts
+  acc = zeroshot_accuracy(_HAND_SCORES, np.eye(4, dtype=np.float32), _HAND_LABELS, ks=(1, 2, 3))
+  assert acc == {"top1": 2 / 6, "top2": 5 / 6, "top3": 5 / 6}
+  counts = ZeroShotCounts(4, ks=(1, 3, 5))   # 5 > 4 classes: not reported
+  counts.update(_HAND_SCORES, _HAND_LABELS)
+  assert counts.result() == pytest.approx({"acc1": 2 / 6, "acc3": 5 / 6, "n": 6,
+                                           "mean_per_class_recall": (1 / 2 + 0 + 1 / 3) / 3},
+                                          abs=1e-12)
+  flat = np.zeros((6, 4), np.float32)
+  assert zeroshot_accuracy(flat, np.eye(4, dtype=np.float32), _HAND_LABELS, ks=(1, 3)) == {
+      "top1": 0.0, "top3": 0.0}
+  collapsed = ZeroShotCounts(4, ks=(1, 3))
+  collapsed.update(flat, _HAND_LABELS)
+  assert collapsed.result() == {"acc1": 0.0, "acc3": 0.0, "mean_per_class_recall": 0.0, "n": 6}
+
+
+def test_zeroshot_counts_match_sklearn_with_absent_and_single_example_classes(rng):
+  """ZeroShotCounts over uneven batches with padding rows (valid=False, labelled with classes
+  the valid rows never have) == scikit-learn on the valid rows: accuracy_score, top_k_accuracy_score
+  (k=5) and balanced_accuracy_score (CLIP_benchmark's mean per-class recall: the mean over the
+  classes that occur, also when the model predicts others). 12 classes, 3 absent from the
+  evaluated subset, 2 with one example."""
+  import warnings
+  from sklearn.metrics import accuracy_score, balanced_accuracy_score, top_k_accuracy_score
+  from mmjax.evaluate.zeroshot import ZeroShotCounts
+  c, absent, single = 12, [2, 7, 11], [0, 5]
+  many = [k for k in range(c) if k not in absent + single]
+  labels = rng.permutation(np.r_[single, rng.choice(many, 88), many]).astype(np.int64)
+  n = len(labels)
+  scores = rng.normal(size=(n, c)).astype(np.float32)
+  scores[np.arange(n), labels] += 1.2          # informative, far from perfect
+  scores[:, absent] += 0.8                     # the absent classes are predicted now and then
+  counts, lo = ZeroShotCounts(c), 0
+  for size in (13, 1, 40, n):                  # the last batch takes the rest
+    hi = min(n, lo + size)
+    pad = int(rng.integers(1, 4))
+    pad_labels = rng.choice(absent, pad)
+    pad_scores = rng.normal(size=(pad, c)).astype(np.float32)
+    pad_scores[np.arange(pad), pad_labels] += 5.0   # padding rows would be hits of absent classes
+    counts.update(np.concatenate([scores[lo:hi], pad_scores]),
+                  np.concatenate([labels[lo:hi], pad_labels]),
+                  valid=np.arange(hi - lo + pad) < hi - lo)
+    lo = hi
+  assert lo == n
+  pred = scores.argmax(1)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")   # "y_pred contains classes not in y_true": intended here
+    balanced = balanced_accuracy_score(labels, pred)
+  want = {"acc1": accuracy_score(labels, pred), "n": n, "mean_per_class_recall": balanced,
+          "acc5": top_k_accuracy_score(labels, scores, k=5, labels=np.arange(c))}
+  assert counts.result() == pytest.approx(want, abs=1e-12)
+  # The data tell the averages apart: sklearn's (over the true classes) differs from the mean
+  # over the predicted classes, over all 12 and from the plain accuracy.
+  recall = {k: np.mean(pred[labels == k] == k) for k in np.unique(labels)}
+  assert set(pred) - set(labels) and {recall[k] for k in single} <= {0.0, 1.0}
+  predicted = np.mean([np.mean(pred[labels == k] == k) if k in recall else 0.0
+                       for k in np.unique(pred)])
+  everyone = sum(recall.values()) / c
+  assert min(abs(balanced - v) for v in (predicted, everyone, want["acc1"])) > 1e-3
 
 
 def test_retrieval_recall_matches_loop(rng):
@@ -80,8 +158,32 @@ def test_retrieval_with_label_ids_counts_any_same_class_text(rng):
   ids = labels[::-1]
   r = retrieval_recall(img, txt, img_ids=labels, txt_ids=ids, ks=(1,))
   assert r == {"i2t_r1": 1.0, "t2i_r1": 1.0}
-  # Exact-pair matching on the same embeddings mostly fails: the pairs were shuffled.
-  assert retrieval_recall(img, txt, ks=(1,))["i2t_r1"] < 0.5
+  # Exact-pair matching on the same embeddings: the float32 loop with the pessimistic tie rule.
+  s = img.astype(np.float32) @ txt.astype(np.float32).T
+  pair = np.eye(30, dtype=bool)
+  assert retrieval_recall(img, txt, ks=(1, 5)) == pytest.approx(
+      {"i2t_r1": _ref_recall(s, pair, 1), "t2i_r1": _ref_recall(s.T, pair, 1),
+       "i2t_r5": _ref_recall(s, pair, 5), "t2i_r5": _ref_recall(s.T, pair, 5)}, abs=1e-12)
+  # Noisier class-level retrieval, not perfect: the loop with label ids.
+  txt = centers[labels][::-1] + 0.6 * rng.normal(size=(30, 8))
+  s, same = img.astype(np.float32) @ txt.astype(np.float32).T, labels[:, None] == ids[None, :]
+  r = retrieval_recall(img, txt, img_ids=labels, txt_ids=ids, ks=(1, 2))
+  want = {"i2t_r1": _ref_recall(s, same, 1), "t2i_r1": _ref_recall(s.T, same.T, 1),
+          "i2t_r2": _ref_recall(s, same, 2), "t2i_r2": _ref_recall(s.T, same.T, 2)}
+  assert r == pytest.approx(want, abs=1e-12)
+
+
+def test_retrieval_exact_values_with_ties_and_several_correct_texts():
+  """Hand-counted recall@k: image 0's correct text ties with a wrong one (counts as a miss at
+  k=1), image 1 has two correct texts (the better one counts), text 2 shares image 1's id."""
+  scores = np.array([[0.9, 0.2, 0.9, 0.1],
+                     [0.1, 0.3, 0.5, 0.4],
+                     [0.6, 0.7, 0.8, 0.5]], np.float32)
+  r = retrieval_recall(scores, np.eye(4, dtype=np.float32), img_ids=[0, 1, 2],
+                       txt_ids=[0, 1, 1, 2], ks=(1, 2, 3))
+  # i2t ranks 1, 0, 3; t2i ranks 0, 1, 2, 0.
+  assert r == {"i2t_r1": 1 / 3, "i2t_r2": 2 / 3, "i2t_r3": 2 / 3,
+               "t2i_r1": 2 / 4, "t2i_r2": 3 / 4, "t2i_r3": 1.0}
 
 
 def test_retrieval_bad_shapes():
@@ -216,8 +318,8 @@ def _ref_class_embeddings(towers, tok, names, templates):
 
 
 def _ref_topk(scores, labels, k):
-  """Share of rows whose true class has fewer than k classes scoring strictly higher."""
-  hits = [sum(s[c] > s[y] for c in range(len(s)) if c != y) < k for s, y in zip(scores, labels)]
+  """Share of rows whose true class has fewer than k other classes scoring at least as high."""
+  hits = [sum(s[c] >= s[y] for c in range(len(s)) if c != y) < k for s, y in zip(scores, labels)]
   return float(np.mean(hits))
 
 

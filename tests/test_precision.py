@@ -1,5 +1,6 @@
-"""bf16 matmuls on the fast path: mmjax.nn.precision's dot_general and einsum against float64
-NumPy (values and both gradients), and the compiled backward pass of a bf16 ViT: every dot takes
+"""bf16 matmuls on the fast path: mmjax.nn.precision's dot_general, einsum and dense against
+float64 NumPy on the same bf16 operands (values and both gradients: one rounding of a float32
+accumulation, element by element), and the compiled backward pass of a bf16 ViT: every dot takes
 bf16 operands (XLA:CPU runs a bf16-output dot, or one with an f32 operand, as f32 dots)."""
 
 import re
@@ -10,7 +11,6 @@ import numpy as np
 import pytest
 
 from mmjax.nn import precision
-from tests.reference import assert_close
 
 
 @pytest.fixture(autouse=True)
@@ -18,48 +18,102 @@ def _bf16_dots(monkeypatch):
   """The bf16 path on, whatever this host's CPU (off by default without bf16 instructions)."""
   monkeypatch.setenv("MMJAX_BF16_DOTS", "1")
 
-CASES = [  # (dimension numbers, lhs shape, rhs shape): Dense, multi-contraction, batched heads
+CASES = [  # (dimension numbers, lhs shape, rhs shape): Dense, multi-contraction, batched heads,
+    # and square ones (a transposed or swapped operand in the backward pass keeps the shapes)
     ((((2,), (0,)), ((), ())), (3, 5, 7), (7, 6)),
     ((((1, 2), (0, 1)), ((), ())), (4, 3, 5), (3, 5, 6)),
     ((((3,), (3,)), ((0, 2), (0, 2))), (2, 7, 3, 4), (2, 5, 3, 4)),
+    ((((1,), (0,)), ((), ())), (24, 24), (24, 24)),
+    ((((2,), (1,)), ((0,), (0,))), (3, 16, 16), (3, 16, 16)),
 ]
+_U = {jnp.dtype(jnp.bfloat16): 2.0 ** -8, jnp.dtype(jnp.float32): 2.0 ** -24}   # unit round-off
 
 
-def _ref_dot(a, b, dims):
-  specs = precision._specs(a.ndim, b.ndim, dims)
-  return np.einsum(f"{specs[0]},{specs[1]}->{specs[2]}", a, b)
+def _rounded(rng, shape, dtype):
+  """Normal numbers exactly representable in `dtype`, as float64 (the reference's inputs)."""
+  return np.asarray(jnp.asarray(rng.normal(size=shape), dtype).astype(jnp.float32), np.float64)
+
+
+def _check_rounding(name, got, spec, a, b, dtype):
+  """got (computed in `dtype`, from float32 accumulation) vs float64 einsum(spec, a, b) on the
+  same (exactly representable) operands: per element, |got - want| <= u(dtype) |want| (the one
+  rounding of the result to its dtype) + 2 k 2^-24 (|a| . |b|) (float32 accumulation of k
+  terms; the textbook bound is k u |a| . |b|). A second rounding to bf16, bf16 accumulation or
+  a bf16 operand where float32 was due breaks it (errors ~2^-9 |want|, not 2^-24)."""
+  assert got.dtype == jnp.dtype(dtype), (name, got.dtype, dtype)
+  ins, out = spec.split("->")
+  sizes = {c: n for s_, x in zip(ins.split(","), (a, b)) for c, n in zip(s_, x.shape)}
+  k = int(np.prod([n for c, n in sizes.items() if c not in out]))
+  want, mag = np.einsum(spec, a, b), np.einsum(spec, np.abs(a), np.abs(b))
+  err = np.abs(np.asarray(got.astype(jnp.float32), np.float64) - want)
+  bound = _U[jnp.dtype(dtype)] * np.abs(want) + 2 * k * 2.0 ** -24 * mag
+  worst = np.unravel_index(np.argmax(err / bound), err.shape)
+  assert np.all(err <= bound), (f"{name} ({jnp.dtype(dtype).name}): |error| {err[worst]:.3g} > "
+                                f"bound {bound[worst]:.3g} at {worst} (want {want[worst]:.6g})")
+
+
+def _ref_specs(a, b, dims):
+  sa, sb, so = precision._specs(a.ndim, b.ndim, dims)
+  return f"{sa},{sb}->{so}", f"{so},{sb}->{sa}", f"{sa},{so}->{sb}"
 
 
 @pytest.mark.parametrize("case", range(len(CASES)))
-def test_dot_general_values_and_gradients_against_float64(rng, case):
+def test_dot_general_is_one_rounding_of_float64(rng, case):
+  """dot_general's value and both gradients (f = sum(g * dot(a, b)): da = g . b^T,
+  db = a^T . g) in bf16 and f32, against float64 on the same operands: one rounding to the
+  result's dtype after float32 accumulation (_check_rounding)."""
   dims, sa, sb = CASES[case]
-  a, b = rng.normal(size=sa), rng.normal(size=sb)
-  g = rng.normal(size=_ref_dot(a, b, dims).shape)
-  # f(a, b) = sum(g * dot(a, b)): df/da = g . b^T, df/db = a^T . g (einsum transposes)
-  sa_, sb_, so = precision._specs(a.ndim, b.ndim, dims)
-  want = (_ref_dot(a, b, dims), np.einsum(f"{so},{sb_}->{sa_}", g, b),
-          np.einsum(f"{sa_},{so}->{sb_}", a, g))
+  fwd, da, db = _ref_specs(np.zeros(sa), np.zeros(sb), dims)
   for dtype in (jnp.float32, jnp.bfloat16):
+    a, b = _rounded(rng, sa, dtype), _rounded(rng, sb, dtype)
+    g = _rounded(rng, np.einsum(fwd, a, b).shape, dtype)
     x, y, gg = (jnp.asarray(v, dtype) for v in (a, b, g))
     out = precision.dot_general(x, y, dims)
-    assert out.dtype == dtype
     grads = jax.grad(lambda x, y: (precision.dot_general(x, y, dims).astype(jnp.float32)
                                    * gg.astype(jnp.float32)).sum(), (0, 1))(x, y)
-    assert [v.dtype for v in grads] == [dtype, dtype]
-    assert_close((out, *grads), want, dtype=dtype, name=f"dot{case}")
+    _check_rounding(f"dot{case}", out, fwd, a, b, dtype)
+    _check_rounding(f"dot{case} d_lhs", grads[0], da, g, b, dtype)
+    _check_rounding(f"dot{case} d_rhs", grads[1], db, a, g, dtype)
 
 
-def test_einsum_keeps_f32_output_and_gradients(rng):
-  """einsum(out_dtype=f32) on bf16 operands (attention scores): f32 result, bf16 gradients."""
-  q, k = rng.normal(size=(2, 5, 3, 8)), rng.normal(size=(2, 6, 3, 8))
-  g = rng.normal(size=(2, 3, 5, 6))
-  want = (np.einsum("bqhd,bkhd->bhqk", q, k), np.einsum("bhqk,bkhd->bqhd", g, k),
-          np.einsum("bqhd,bhqk->bkhd", q, g))
-  x, y = jnp.asarray(q, jnp.bfloat16), jnp.asarray(k, jnp.bfloat16)
-  f = lambda x, y: precision.einsum("bqhd,bkhd->bhqk", x, y, out_dtype=jnp.float32)
-  assert f(x, y).dtype == jnp.float32
-  grads = jax.grad(lambda x, y: (f(x, y) * jnp.asarray(g, jnp.float32)).sum(), (0, 1))(x, y)
-  assert_close((f(x, y), *grads), want, dtype=jnp.bfloat16, name="einsum")
+@pytest.mark.parametrize("spec", ["bqhd,bkhd->bhqk", "bhqd,bhkd->bhqk", "bhqk,bkhd->bqhd"])
+@pytest.mark.parametrize("out_dtype", [jnp.float32, jnp.bfloat16])
+def test_einsum_is_one_rounding_of_float64(rng, spec, out_dtype):
+  """einsum on bf16 operands (attention's scores and values; a spec that is one batched dot and
+  ones that are not) with an f32 result (no rounding to bf16 at all) and a bf16 one: value and
+  bf16 gradients against float64 on the same operands (_check_rounding)."""
+  sa, sb = spec.split("->")[0].split(",")
+  so = spec.split("->")[1]
+  sizes = dict(b=2, q=5, k=6, h=3, d=8)
+  a = _rounded(rng, [sizes[c] for c in sa], jnp.bfloat16)
+  b = _rounded(rng, [sizes[c] for c in sb], jnp.bfloat16)
+  g = _rounded(rng, [sizes[c] for c in so], jnp.bfloat16)
+  x, y = jnp.asarray(a, jnp.bfloat16), jnp.asarray(b, jnp.bfloat16)
+  f = lambda x, y: precision.einsum(spec, x, y, out_dtype=out_dtype)
+  grads = jax.grad(lambda x, y: (f(x, y).astype(jnp.float32) * jnp.asarray(g, jnp.float32)).sum(),
+                   (0, 1))(x, y)
+  _check_rounding(spec, f(x, y), spec, a, b, out_dtype)
+  _check_rounding(f"{spec} d_a", grads[0], f"{so},{sb}->{sa}", g, b, jnp.bfloat16)
+  _check_rounding(f"{spec} d_b", grads[1], f"{sa},{so}->{sb}", a, g, jnp.bfloat16)
+
+
+@pytest.mark.parametrize("out_dtype", [jnp.float32, jnp.bfloat16])
+def test_dense_kernel_gradient_keeps_float32(rng, out_dtype):
+  """dense(x bf16 [2, 7, 3, 8], kernel f32 [3, 8, 4, 5], contract=2): the kernel is rounded to
+  bf16 for the matmuls (the reference uses it rounded); y and dx come out of float32
+  accumulation rounded once to their dtypes, and the kernel gradient in float32, never rounded
+  to bf16 (the docstring's promise)."""
+  x = _rounded(rng, (2, 7, 3, 8), jnp.bfloat16)
+  w = rng.normal(size=(3, 8, 4, 5))
+  w_low = np.asarray(jnp.asarray(w, jnp.bfloat16).astype(jnp.float32), np.float64)
+  g = _rounded(rng, (2, 7, 4, 5), jnp.bfloat16)
+  xx, ww = jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.float32)
+  f = lambda xx, ww: precision.dense(xx, ww, 2, out_dtype=out_dtype)
+  grads = jax.grad(lambda xx, ww: (f(xx, ww).astype(jnp.float32)
+                                   * jnp.asarray(g, jnp.float32)).sum(), (0, 1))(xx, ww)
+  _check_rounding("dense", f(xx, ww), "abcd,cdef->abef", x, w_low, out_dtype)
+  _check_rounding("dense dx", grads[0], "abef,cdef->abcd", g, w_low, jnp.bfloat16)
+  _check_rounding("dense dkernel", grads[1], "abcd,abef->cdef", x, g, jnp.float32)
 
 
 def _dot_operand_dtypes(hlo: str) -> list[tuple[str, str]]:

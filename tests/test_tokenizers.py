@@ -189,14 +189,24 @@ def test_hf_tokenizers_json(tmp_path, rng):
   assert get_tokenizer(f"hf:{tmp_path / 'nopad.json'}?pad_id=9").encode(["a"], 8)[0, -1] == 9
 
 
-def test_clip_equals_clip_tokenizer(rng):
-  """`clip` encodes as ClipTokenizer().encode."""
+def test_clip_matches_open_clip_tokenizer(rng):
+  """`clip` == open_clip's tokenizer (OpenAI's SimpleTokenizer: ftfy, HTML unescape, lower
+  case, BPE; SOT ... EOT, cut with the EOT kept, padded with 0) at context lengths 5, 16 and
+  77, with its vocabulary size and special ids."""
+  from tests.open_clip_peer import import_open_clip
+  ref = import_open_clip().get_tokenizer("ViT-B-32")
   tok = get_tokenizer("clip")
   texts = EDGE + captions(rng, 20)
-  for max_len in (16, 77):
-    want = ClipTokenizer().encode(texts, max_len)
-    np.testing.assert_array_equal(tok.encode(texts, max_len), want)
-  assert (tok.spec, tok.vocab_size, tok.pad_id) == ("clip", 49408, 0)
+  for max_len in (5, 16, 77):
+    want = ref(texts, context_length=max_len).numpy()
+    got = tok.encode(texts, max_len)
+    assert got.dtype == np.int32 and got.shape == want.shape == (len(texts), max_len)
+    for text, g, w in zip(texts, got, want):
+      np.testing.assert_array_equal(g, w, err_msg=f"{text!r} at max_len={max_len}")
+  assert (want[:, -1] != 0).any() and (want[:, -1] == 0).any()   # some cut, some padded
+  assert (tok.spec, tok.vocab_size, tok.pad_id, tok.bos_id, tok.eos_id) == (
+      "clip", ref.vocab_size, 0, ref.sot_token_id, ref.eot_token_id)
+  assert isinstance(tok, ClipTokenizer)
 
 
 @pytest.mark.parametrize("kind", ["clip", "sentencepiece", "siglip", "gemma", "hf"])

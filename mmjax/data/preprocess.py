@@ -44,8 +44,9 @@ class ImagePrep(NamedTuple):
     if self.resize == "squash":
       out = img if (w, h) == (s, s) else img.resize((s, s), method)
     else:
-      scale = s / min(w, h)
-      nw, nh = max(s, round(w * scale)), max(s, round(h * scale))
+      # The longer side to s * long / short rounded down, as transformers'
+      # get_resize_output_image_size and torchvision's Resize (open_clip's) do.
+      nw, nh = (s, s * h // w) if w <= h else (s * w // h, s)
       img = img if (nw, nh) == (w, h) else img.resize((nw, nh), method)
       left, top = (nw - s) // 2, (nh - s) // 2
       out = img.crop((left, top, left + s, top + s))

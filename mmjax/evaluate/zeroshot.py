@@ -54,9 +54,10 @@ def zeroshot_accuracy(img_emb: np.ndarray, class_emb: np.ndarray,
     raise ValueError(f"img_emb {img_emb.shape} must be [n, d] and labels {labels.shape} [n]")
   require_finite("zeroshot_accuracy", img_emb=img_emb, class_emb=class_emb)
   scores = img_emb @ np.asarray(class_emb, np.float32).T
-  # Rank of the true class = how many classes score strictly higher.
+  # Rank of the true class = how many other classes score at least as high (pessimistic on
+  # ties, as retrieval_recall: a collapsed model that scores every class alike ranks last).
   true = np.take_along_axis(scores, labels[:, None], axis=1)
-  rank = (scores > true).sum(1)
+  rank = (scores >= true).sum(1) - 1
   return {f"top{k}": float(np.mean(rank < k)) for k in ks if k <= scores.shape[1]}
 
 
@@ -68,7 +69,7 @@ class ZeroShotCounts:
     for batch: counts.update(img_emb @ class_emb.T, labels, valid)
     counts.result()   # {'acc1', 'acc5', 'mean_per_class_recall', 'n'}
 
-  A tie with the true class counts against it (rank = classes scoring strictly higher).
+  A tie with the true class counts against it (rank = other classes scoring at least as high).
   """
 
   def __init__(self, num_classes: int, ks: Sequence[int] = (1, 5)):
@@ -90,7 +91,7 @@ class ZeroShotCounts:
       raise ValueError(f"labels outside [0, {self.num_classes}): {bad[:5]}")
     require_finite("ZeroShotCounts.update", scores=scores)
     true = np.take_along_axis(scores, labels[:, None], axis=1)
-    rank = (scores > true).sum(1)
+    rank = (scores >= true).sum(1) - 1
     for k in self.ks:
       self.hits[k] += int((rank < k).sum())
     np.add.at(self.class_count, labels, 1)
