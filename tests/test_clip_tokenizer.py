@@ -61,3 +61,21 @@ def test_layout_padding_and_truncation(tok):
 def test_decode_inverts_encode_on_clean_text(tok):
   texts = ["a photo of a cat .", "naïve café , 東京 !", "it 's 2 0 2 4"]
   assert tok.decode(tok.encode(texts)) == texts
+
+
+def test_decode_matches_open_clip(tok, rng):
+  """decode(rows) == open_clip's SimpleTokenizer.decode of each row's ids between the start
+  token and the first end token (stripped: open_clip leaves a space after the last word), on
+  rows cut mid-text (context 12) and padded ones. Texts that spell the special tokens are left
+  out: decode drops every start token, open_clip writes them out."""
+  from tests.open_clip_peer import import_open_clip
+  ref = import_open_clip().tokenizer._tokenizer
+  texts = [t for t in FIXED if "_of_text>" not in t] + random_texts(rng, 60)
+  for max_len in (12, 77):
+    rows = tok.encode(texts, max_len)
+    want = []
+    for row in rows.tolist():
+      ids = row[1:row.index(tok.eos_id)]
+      want.append(ref.decode(ids).strip())
+    assert tok.decode(rows) == want
+  assert any("\ufffd" in t for t in tok.decode(tok.encode(texts, 12)))   # a cut character

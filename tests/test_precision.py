@@ -52,6 +52,24 @@ def _check_rounding(name, got, spec, a, b, dtype):
                                 f"bound {bound[worst]:.3g} at {worst} (want {want[worst]:.6g})")
 
 
+def test_rounding_check_accepts_one_rounding_and_rejects_two(rng):
+  """_check_rounding's bound: a float32 product of bf16 operands rounded once to bf16 passes,
+  and in float32 too; the product rounded to bf16 where float32 was due fails, and so does
+  the product accumulated in bf16 (each partial sum rounded)."""
+  a, b = _rounded(rng, (16, 32), jnp.bfloat16), _rounded(rng, (32, 8), jnp.bfloat16)
+  z = jnp.asarray(a, jnp.float32) @ jnp.asarray(b, jnp.float32)
+  _check_rounding("ok bf16", z.astype(jnp.bfloat16), "mk,kn->mn", a, b, jnp.bfloat16)
+  _check_rounding("ok f32", z, "mk,kn->mn", a, b, jnp.float32)
+  with pytest.raises(AssertionError, match="bound"):
+    _check_rounding("f32 via bf16", z.astype(jnp.bfloat16).astype(jnp.float32), "mk,kn->mn",
+                    a, b, jnp.float32)
+  with pytest.raises(AssertionError, match="bound"):   # each partial sum rounded to bf16
+    acc = jnp.zeros((16, 8), jnp.bfloat16)
+    for i in range(32):
+      acc = acc + (jnp.asarray(a[:, i:i + 1], jnp.bfloat16) * jnp.asarray(b[i:i + 1], jnp.bfloat16))
+    _check_rounding("bf16 accumulation", acc, "mk,kn->mn", a, b, jnp.bfloat16)
+
+
 def _ref_specs(a, b, dims):
   sa, sb, so = precision._specs(a.ndim, b.ndim, dims)
   return f"{sa},{sb}->{so}", f"{so},{sb}->{sa}", f"{sa},{so}->{sb}"
