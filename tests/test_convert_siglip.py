@@ -119,7 +119,7 @@ def test_big_vision_npz_matches_open_clips_reader(siglip, rng, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, ck1.params, ck0.params)
   jax.tree.map(np.testing.assert_array_equal, ck0.params, params)
   assert ck0.config == ck1.config
-  assert ck0.preprocess == (224, "squash", "bilinear", (0.5,) * 3, (0.5,) * 3)
+  assert ck0.preprocess == (224, "squash", "bilinear", (0.5,) * 3, (0.5,) * 3, "floor")
   images, tokens = inputs(rng)
   got = features(ck1.config, ck1.params, images, tokens)
   want = open_clip_features(oc1, images, tokens)

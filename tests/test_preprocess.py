@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from mmjax import convert
-from tests.open_clip_peer import import_transformers
+from tests.open_clip_peer import import_open_clip, import_transformers
 
 SIZE = 40   # the tiny models' image size (patch 8)
 
@@ -131,3 +131,25 @@ def test_eval_batches_apply_the_checkpoints_preprocessing(rng, tmp_path):
     with Image.open(path) as image:
       want = proc(images=image, return_tensors="np")["pixel_values"][0].transpose(1, 2, 0)
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-5, err_msg=str(path))
+
+
+@pytest.mark.parametrize("model_name", ["ViT-B-32", "RN50", "ViT-B-16-SigLIP"])
+def test_open_clip_preprocessing_equals_open_clips_transform(model_name, rng):
+  """mmjax.convert.openclip.preprocess(name) against open_clip's own eval transform built from
+  the model's pretrained config (its mean, std, filter, resize mode), on images whose centre
+  crop excess d has d % 4 == 3: torchvision's CenterCrop starts at round(d / 2), half to even,
+  one pixel after d // 2 (transformers' rule)."""
+  from mmjax.convert import openclip
+  oc = import_open_clip()
+  cfg = oc.get_pretrained_cfg(model_name, oc.list_pretrained_tags_by_model(model_name)[0])
+  want_fn = oc.image_transform(224, is_train=False, mean=cfg["mean"], std=cfg["std"],
+                               resize_mode=cfg["resize_mode"], interpolation=cfg["interpolation"])
+  prep = openclip.preprocess(model_name)
+  # (w, h): unresized with an excess of 3 (rows) and 7 (columns); resized (the long side to
+  # 224 * long // short) with excesses 7 and 11; then 1 and 5 (half to even, not half up),
+  # 2 and 0 (the rules agree).
+  for w, h in [(224, 227), (231, 224), (448, 462), (231, 243), (225, 224), (224, 229),
+               (226, 224), (300, 300)]:
+    img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+    want = want_fn(img).numpy().transpose(1, 2, 0)
+    np.testing.assert_allclose(prep(img), want, atol=2e-5, err_msg=f"{model_name} {w}x{h}")

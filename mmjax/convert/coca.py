@@ -204,8 +204,8 @@ def from_open_clip_coca(state_dict_or_path: Mapping | str | os.PathLike,
                               what=f"state_dict is not an open_clip {name!r} state dict",
                               dtype=dtype, ignore=lambda k: k.endswith("attn_mask"),
                               shapes=model_shapes(config, size))
-  return Converted(config, params, ImagePrep(size, "crop", "bicubic", OPENAI_MEAN, OPENAI_STD),
-                   "clip")
+  prep = ImagePrep(size, "crop", "bicubic", OPENAI_MEAN, OPENAI_STD, crop_offset="round")
+  return Converted(config, params, prep, "clip")
 
 
 def to_open_clip_coca(config: Mapping, params: Mapping, *, as_torch: bool = False

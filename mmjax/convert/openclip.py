@@ -192,11 +192,12 @@ def open_clip_config(model_name: str) -> dict[str, Any]:
 
 
 def preprocess(model_name: str) -> ImagePrep:
-  """open_clip's eval preprocessing of the model (resize, crop, normalisation)."""
+  """open_clip's eval preprocessing of the model (resize, crop, normalisation), as its
+  pretrained configs give it (torchvision's centre crop offset)."""
   s = get_spec(model_name)
   if isinstance(s, SiglipSpec):
     return ImagePrep(s.image_size, "squash", "bicubic")
-  return ImagePrep(s.image_size, "crop", "bicubic", OPENAI_MEAN, OPENAI_STD)
+  return ImagePrep(s.image_size, "crop", "bicubic", OPENAI_MEAN, OPENAI_STD, crop_offset="round")
 
 
 # ------------------------------------------------------------ the key maps

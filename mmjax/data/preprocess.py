@@ -11,6 +11,7 @@ OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)   # OpenAI CLIP's (open_clip's
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 RESIZES = ("squash", "crop")
 RESAMPLES = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
+CROP_OFFSETS = ("floor", "round")
 
 
 class ImagePrep(NamedTuple):
@@ -19,12 +20,17 @@ class ImagePrep(NamedTuple):
   resize='squash': both sides to `size` (SigLIP); 'crop': the shorter side to
   `size`, then the centre size x size (CLIP). Then (x / 255 - mean) / std; the
   defaults (0.5) give [-1, 1], what mmjax's own runs train on.
+
+  crop_offset: where the centre crop starts when the excess d is odd: 'floor' = d // 2
+  (transformers' processors), 'round' = round(d / 2), half to even (torchvision's CenterCrop,
+  so open_clip's); they differ by one pixel when d % 4 == 3.
   """
   size: int
   resize: str = "squash"
   resample: str = "bicubic"   # a key of RESAMPLES
   mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
   std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+  crop_offset: str = "floor"   # one of CROP_OFFSETS
 
   def check(self) -> "ImagePrep":
     if not isinstance(self.size, int) or self.size <= 0:
@@ -33,6 +39,8 @@ class ImagePrep(NamedTuple):
       raise ValueError(f"ImagePrep.resize={self.resize!r} is not one of {RESIZES}")
     if self.resample not in RESAMPLES:
       raise ValueError(f"ImagePrep.resample={self.resample!r} is not one of {sorted(RESAMPLES)}")
+    if self.crop_offset not in CROP_OFFSETS:
+      raise ValueError(f"ImagePrep.crop_offset={self.crop_offset!r} is not one of {CROP_OFFSETS}")
     return self
 
   def resized(self, image) -> np.ndarray:
@@ -48,7 +56,10 @@ class ImagePrep(NamedTuple):
       # get_resize_output_image_size and torchvision's Resize (open_clip's) do.
       nw, nh = (s, s * h // w) if w <= h else (s * w // h, s)
       img = img if (nw, nh) == (w, h) else img.resize((nw, nh), method)
-      left, top = (nw - s) // 2, (nh - s) // 2
+      if self.crop_offset == "round":   # Python's round is half to even, as torchvision's
+        left, top = round((nw - s) / 2), round((nh - s) / 2)
+      else:
+        left, top = (nw - s) // 2, (nh - s) // 2
       out = img.crop((left, top, left + s, top + s))
     return np.asarray(out, np.uint8)
 
