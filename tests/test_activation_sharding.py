@@ -1,6 +1,8 @@
 """Activation sharding constraints (mmjax.nn.partitioning) on 8 simulated devices: the FSDP
 step on a data=2 x fsdp=4 mesh equals the single-device one, and its activations are
-batch-sharded; without rules constrain() changes nothing."""
+batch-sharded; without rules constrain() changes nothing. A batch each batch axis divides but
+their product does not (12 on 2 x 4) is split over 'data' only, with the same numbers; the
+trainer refuses such a config.batch_size."""
 
 import re
 
@@ -148,3 +150,74 @@ def test_train_step_with_mesh_equals_one_device(rng):
   for k in ("loss", "grad_norm"):
     np.testing.assert_allclose(float(got[k]), float(want[k]), rtol=1e-5)
   _assert_trees_close(got_state.params, want_state.params)
+
+
+# ------------------------------------------------------------ batches the axes divide one by one
+
+@pytest.mark.parametrize("mesh_shape,batch,want", [
+    ((2, 4), 16, ("data", "fsdp")),
+    ((2, 4), 12, "data"),    # 2 and 4 each divide 12, their product 8 does not
+    ((2, 4), 6, "data"),     # 2 divides, 4 does not
+    ((2, 4), 10, "data"),
+    ((2, 4), 3, None),
+    ((4, 2), 12, "data"),
+    ((4, 2), 2, None),       # a prefix of the rule's axes only: not 'fsdp' without 'data'
+    ((8, 1), 12, None),
+])
+def test_logical_spec_uses_the_axes_whose_product_divides(mesh_shape, batch, want):
+  """'batch' takes ('data', 'fsdp') while the product of the axes taken so far divides it:
+  every axis dividing the batch on its own is not enough (12 on 2 x 4 would need 8)."""
+  mesh = jax.make_mesh(mesh_shape, ("data", "fsdp"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  spec = logical_spec((batch, 5, 32), ("batch", "seq", "embed"), mesh)
+  assert spec == P(want, None, None)
+  x = jnp.zeros((batch, 5, 32))   # a spec jax accepts for the shape
+  jax.jit(lambda x: jax.lax.with_sharding_constraint(
+      x, jax.sharding.NamedSharding(mesh, spec)))(x).block_until_ready()
+
+
+def test_train_step_batch_12_on_2x4_equals_one_device(rng):
+  """make_train_step(mesh=...) on a global batch of 12 over data=2 x fsdp=4 (2 and 4 divide 12,
+  8 does not), scanned towers of 12 blocks, FSDP params: the same loss, gradient norm and
+  updated params as one device without constraints; the activations split over 'data' only
+  (6 examples per device pair), not replicated and not over both axes."""
+  b = 12
+  cfg = tiny_config("/unused", **{"model.scan": True, "model.image.depth": 12,
+                                  "model.text.depth": 12})
+  obj = objectives.make(cfg, VOCAB)
+  batch = {"image": jnp.asarray(rng.normal(size=(b, IMAGE, IMAGE, 3)), jnp.float32),
+           "text": jnp.asarray(rng.integers(1, VOCAB, (b, TEXT_LEN)), jnp.int32)}
+  batch["text"] = batch["text"].at[:, 12:].set(0)
+  tx = optax.sgd(0.1)
+  state = jax.jit(lambda r: state_lib.init_state(obj, tx, r, batch))(jax.random.PRNGKey(0))
+  assert state.params["img"]["encoder"]["blocks"]["ln1"]["scale"].shape == (12, 32)
+  schedule = optax.constant_schedule(0.1)
+  mesh = _mesh()
+  want_state, want = jax.jit(state_lib.make_train_step(obj, tx, schedule=schedule))(state, batch)
+  state_sh = _fsdp_shardings(state, mesh)
+  batch_sh = jax.sharding.NamedSharding(mesh, P("data"))   # batch_sharding(mesh) needs 8 | b
+  step = jax.jit(state_lib.make_train_step(obj, tx, schedule=schedule, mesh=mesh),
+                 in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None))
+  lowered = step.lower(state, batch)
+  kinds = re.findall(r"sdy.sharding_constraint %\S+ <@mesh, \[([^\]]*)\]> : tensor<([0-9x]+)x",
+                     lowered.as_text())
+  stream = {s for s, t in kinds if t in (f"{b}x16x32", f"{b}x{TEXT_LEN}x32")}
+  assert stream == {'{"data"}, {}, {}'}, kinds
+  # q/k/v [b, n, h, hd] and the blocks' MLP hidden [b, n, mlp_dim] (inside the scan body) too.
+  assert ('{"data"}, {}, {}, {}', f"{b}x16x2x16") in kinds
+  assert ('{"data"}, {}, {}', f"{b}x16x128") in kinds
+  got_state, got = lowered.compile()(state, batch)
+  for k in ("loss", "grad_norm"):
+    np.testing.assert_allclose(float(got[k]), float(want[k]), rtol=1e-5)
+  _assert_trees_close(got_state.params, want_state.params)
+
+
+def test_trainer_refuses_a_batch_the_batch_axes_do_not_divide_together(data_dir):
+  """loop.build with batch_size 12 on data=2 x fsdp=4: a ValueError naming the batch size and
+  the 8 devices (each axis alone divides 12), before any data is read."""
+  from mmjax.train import loop
+  cfg = tiny_config(data_dir, batch_size=12, num_devices=8)
+  cfg.mesh = ml_collections.ConfigDict(dict(data=2, fsdp=4))
+  with pytest.raises(ValueError, match=r"config.batch_size=12 must be divisible by the 8 "
+                                       r"devices of the batch axes"):
+    loop.build(cfg)
