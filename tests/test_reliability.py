@@ -180,6 +180,10 @@ def test_broken_newest_checkpoint_falls_back_to_the_older_one(finished, data_dir
   assert results["resumed_from_step"] == 4 and results["steps"] == 12
   assert not os.path.exists(orphan)
   assert os.path.isdir(os.path.join(workdir, "checkpoints.broken", "8"))   # kept, not deleted
+  # The run goes on checkpointing at the configured steps, step 8 again included.
+  assert _steps(workdir) == [8, 12]
+  from mmjax.train import checkpoint
+  assert checkpoint.load_params(workdir)[1] == 12
 
 
 def test_no_restorable_checkpoint_is_one_error_naming_the_workdir(finished, data_dir, tmp_path,

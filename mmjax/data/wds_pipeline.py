@@ -20,6 +20,7 @@ shards' byte offsets, so a resumed run reads exactly the batches an uninterrupte
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import io
@@ -200,6 +201,28 @@ class Decode:
     return out
 
 
+class _OwnState(grain.IterDataset):
+  """Its parent's samples and state, unchanged; set_state hands the parent a copy. grain
+  0.2.18's window shuffle passes its parent the very state it keeps as its window's start, and
+  the interleave keeps that state's list of open shards as its own and updates it as it opens
+  the next ones: a state saved before the window ends would name shards other than the ones
+  its offsets belong to, and a second resume would read the wrong shards."""
+
+  def __iter__(self):
+    return _OwnStateIterator(self._parent.__iter__())
+
+
+class _OwnStateIterator(grain.DatasetIterator):
+  def __next__(self):
+    return next(self._parent)
+
+  def get_state(self):
+    return self._parent.get_state()
+
+  def set_state(self, state):
+    self._parent.set_state(copy.deepcopy(state))
+
+
 # --- batching with skips ------------------------------------------------------------------
 
 class _SkipBatchIterator(grain.DatasetIterator):
@@ -376,7 +399,7 @@ def make_train_iterator(paths: list[str], data, *, tokenizer, global_batch_size:
   for k in range(process_index * local, (process_index + 1) * local):
     ds = grain.experimental.InterleaveIterDataset(order[k::streams], cycle_length=data.shard_cycle)
     ds = grain.experimental.WindowShuffleIterDataset(
-        ds, window_size=data.shuffle_buffer, seed=(seed * 7919 + k * 1_000_003) % 2 ** 31)
+        _OwnState(ds), window_size=data.shuffle_buffer, seed=(seed * 7919 + k * 1_000_003) % 2 ** 31)
     parts.append(_SkipBatch(ds.map(decode), per, give_up=100 * per + 1000))
   ds = grain.experimental.ZipIterDataset(parts).map(_concat)
   if data.num_workers > 0:

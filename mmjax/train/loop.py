@@ -480,8 +480,8 @@ class _Guard:
   queued (push), so the host never waits on the step it just dispatched;
   `flush` reads the last one (before a checkpoint, a log line, an evaluation)."""
 
-  def __init__(self, policy: str, limit: int, skipped: int = 0):
-    self.policy, self.limit, self.skipped, self.in_a_row = policy, limit, skipped, 0
+  def __init__(self, policy: str, limit: int, skipped: int = 0, in_a_row: int = 0):
+    self.policy, self.limit, self.skipped, self.in_a_row = policy, limit, skipped, in_a_row
     self.pending = None
 
   def push(self, step: int, metrics: dict) -> None:
@@ -544,8 +544,11 @@ def run(built: Run, workdir: str, *,
   primary, bar = jax.process_index() == 0, None
   try:
     state, start, init_results, saved = _start(built, ckpt, workdir)
-    guard = _Guard(config.nan_policy, config.nan_skip_limit, saved.get("skipped_steps", 0))
-    data_state = lambda: {**_data_state(data_iter), "skipped_steps": guard.skipped}
+    # The skip count and the current streak of skipped steps resume as they were.
+    guard = _Guard(config.nan_policy, config.nan_skip_limit, saved.get("skipped_steps", 0),
+                   saved.get("skipped_in_a_row", 0))
+    data_state = lambda: {**_data_state(data_iter), "skipped_steps": guard.skipped,
+                          "skipped_in_a_row": guard.in_a_row}
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json(indent=2))
     # Activations batch-sharded over the mesh (mmjax.nn.partitioning); one device: no
