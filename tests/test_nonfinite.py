@@ -72,6 +72,8 @@ def test_finite_loss_with_a_non_finite_gradient_changes_nothing_but_the_step(rng
     x, y = (np.asarray(batch[k], np.float64) for k in ("x", "y"))
     r = x @ w - y
     assert bool(metrics["finite"]) == finite, i
+    # The lr the optimizer applies (its count's), not the step count's.
+    np.testing.assert_allclose(float(metrics["lr"]), lr * (1.0 + count), rtol=1e-6, err_msg=i)
     assert np.isfinite(float(metrics["loss"]))     # finite either way: only the gradient is not
     np.testing.assert_allclose(float(metrics["loss"]), np.linalg.norm(r), rtol=1e-5, atol=1e-6)
     if finite:
@@ -204,6 +206,13 @@ def test_skip_count_carries_across_a_resume(skipping_run, data_dir, tmp_path, ca
   assert sorted(rows) == list(range(1, STEPS + 1))
   assert {s: r["skipped_steps"] for s, r in rows.items()} == want
   assert [rows[s]["loss"] for s in rows] == [ref_rows[s]["loss"] for s in rows]
+  # The logged lr is the one AdamW applied: the schedule at the optimizer's count, which
+  # the skipped steps before step s held back (AdamW, as make_optimizer builds it).
+  from mmjax.train import optimizer
+  _, schedule = optimizer.make_optimizer(_config(data_dir).optim, STEPS)
+  for s, r in rows.items():
+    np.testing.assert_allclose(r["lr"], float(schedule(s - 1 - sum(b < s for b in BAD))),
+                               rtol=1e-6, err_msg=s)
   _assert_same_checkpoint(ref, workdir, STEPS)
 
 

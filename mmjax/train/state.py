@@ -61,6 +61,14 @@ def images_to_float(batch: dict, normalize: tuple | None = None) -> dict:
   return out
 
 
+def _schedule_count(opt_state, step: jax.Array) -> jax.Array:
+  """The count the optimizer's lr schedule reads (optax.scale_by_schedule's state), else `step`:
+  a skipped non-finite step does not advance it, so after one it lags the step count."""
+  is_sched = lambda x: isinstance(x, optax.ScaleByScheduleState)
+  counts = [s.count for s in jax.tree.leaves(opt_state, is_leaf=is_sched) if is_sched(s)]
+  return counts[0] if counts else step
+
+
 def make_train_step(objective, tx: optax.GradientTransformation, *,
                     schedule: Callable[[jax.Array], jax.Array], normalize: tuple | None = None,
                     mesh: Mesh | None = None):
@@ -101,7 +109,8 @@ def make_train_step(objective, tx: optax.GradientTransformation, *,
     params, opt_state, ema = jax.tree.map(
         lambda new, old: jnp.where(finite, new, old), (params, opt_state, ema),
         (state.params, state.opt_state, state.ema))
-    metrics = {"loss": value, "lr": schedule(state.step), "grad_norm": grad_norm,
+    metrics = {"loss": value, "lr": schedule(_schedule_count(state.opt_state, state.step)),
+               "grad_norm": grad_norm,
                "finite": finite, **aux}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema), metrics
 
