@@ -1,6 +1,8 @@
 """CoCa: the cached decoder against the full forward, greedy and beam search, the caption
 and matching losses against float64 NumPy, hard negatives, ITM re-ranking, caption metrics."""
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -201,3 +203,151 @@ def test_caption_metrics():
   refs = [["a handwritten seven here", "the figure 7 is here"], ["the figure 2 is here"]]
   both = corpus_bleu(["the figure 7 is here", "the figure 2 is here"], refs)
   assert both == pytest.approx(100) and corpus_bleu(["seven", "two"], refs) < 10
+
+
+# ---------------------------------------------------------------- beam search, brute force
+
+PAD, END, START = 0, 1, 2   # the toy decoder's ids
+
+
+def toy_step(tables, vocab):
+  """A decoder whose next-token log-probabilities depend on the whole prefix through its
+  cache only (h: the prefix as a base-`vocab` number; row: which batch row's table), so a
+  beam whose cache is not reordered with it reads another prefix's; 'calls' is a scalar."""
+  def step(cache, token, index, seq):
+    h = cache["h"] * vocab + token
+    lp = jax.nn.log_softmax(tables[cache["row"], h % tables.shape[1]])
+    return lp, {"h": h, "row": cache["row"], "calls": cache["calls"] + 1}
+  return step
+
+
+def toy_cache(batch, beams):
+  return {"h": jnp.zeros(batch * beams, jnp.int32),
+          "row": jnp.repeat(jnp.arange(batch, dtype=jnp.int32), beams),
+          "calls": jnp.int32(0)}
+
+
+def toy_logp(tables, vocab, row, seq):
+  """float64 sum of log p over seq[1:] up to END (included); the rest must be padding."""
+  total, h, t = 0.0, 0, 0
+  lp_table = np.asarray(tables, np.float64)
+  lp_table = lp_table - np.log(np.exp(lp_table).sum(-1, keepdims=True))
+  while True:
+    h = h * vocab + int(seq[t])
+    if t + 1 == len(seq) or (t > 0 and seq[t] == END):
+      return total, t
+    total += lp_table[row, h % tables.shape[1], seq[t + 1]]
+    t += 1
+
+
+def every_sequence(vocab, max_len):
+  """Every sequence a live beam can make: START, then ids != PAD, PAD after END."""
+  out = []
+  for k in range(1, max_len):
+    for ids in itertools.product([i for i in range(vocab) if i != PAD], repeat=k):
+      if END in ids[:-1] or (k < max_len - 1 and ids[-1] != END):
+        continue
+      out.append([START, *ids] + [PAD] * (max_len - 1 - k))
+  return out
+
+
+@pytest.mark.parametrize("penalty", [0.0, 0.6, 1.0, 2.5])
+def test_beam_search_keeping_every_sequence_ranks_them_like_brute_force(penalty, rng):
+  """vocab 5, 3 steps: 40 sequences, 40 beams keep them all; what comes back is every
+  sequence once, each with its log-probability (float64 over the prefix tables) and score
+  logp / length ** penalty (length: tokens after START, END included), best first; each
+  batch row with its own tables."""
+  vocab, max_len, batch = 5, 4, 2
+  seqs = every_sequence(vocab, max_len)
+  beams = len(seqs)
+  assert beams == 40
+  tables = jnp.asarray(rng.normal(size=(batch, vocab ** max_len, vocab)) * 2, jnp.float32)
+  got_seq, got_score, got_logp = jax.jit(lambda c: coca.beam_search(
+      toy_step(tables, vocab), c, START, batch=batch, beams=beams, max_len=max_len,
+      eos_id=END, pad_id=PAD, length_penalty=penalty))(toy_cache(batch, beams))
+  got_seq, got_score, got_logp = map(np.asarray, (got_seq, got_score, got_logp))
+  for b in range(batch):
+    assert sorted(map(tuple, got_seq[b])) == sorted(map(tuple, seqs))
+    want = [toy_logp(tables, vocab, b, s) for s in got_seq[b]]
+    logp = np.array([w[0] for w in want])
+    score = logp / np.array([w[1] for w in want], np.float64) ** penalty
+    assert_close(got_logp[b], logp, dtype=jnp.float32, name="log-probs")
+    assert_close(got_score[b], score, dtype=jnp.float32, name="scores")
+    assert (np.diff(score) <= 1e-6).all(), "not best first"
+
+
+def python_beam_search(logp_of, beams, max_len, penalty):
+  """The documented search in plain Python for one batch row: logp_of(prefix) -> [vocab]
+  log-probs; live beams extend by any id but PAD, a beam that emitted END extends by PAD at
+  no cost; the `beams` best summed log-probs survive (ties: earlier beam, lower id); the
+  result ranked by logp / length ** penalty."""
+  alive = [([START], 0.0, False, 0)]
+  for _ in range(max_len - 1):
+    cand = []
+    for seq, lp, done, n in alive:
+      if done:
+        cand.append((seq + [PAD], lp, True, n))
+        continue
+      dist = logp_of(seq)
+      for tok in range(len(dist)):
+        if tok != PAD:
+          cand.append((seq + [tok], lp + dist[tok], tok == END, n + 1))
+    alive = sorted(cand, key=lambda c: -c[1])[:beams]   # sorted is stable
+  return sorted(((s, lp / max(n, 1) ** penalty, lp) for s, lp, _, n in alive),
+                key=lambda r: -r[1])
+
+
+@pytest.mark.parametrize("beams", [1, 3])
+def test_beam_search_with_few_beams_equals_the_documented_search(beams, rng):
+  """vocab 6, 5 steps, 3 beams (and 1: greedy) against the same search written in Python
+  over the float64 prefix tables: the sequences, scores and log-probs, best first."""
+  vocab, max_len, batch, penalty = 6, 6, 3, 0.8
+  tables = rng.normal(size=(batch, vocab ** max_len, vocab)) * 1.5
+  tables[:, :, END] += 1.0   # captions that end early and late
+  t32 = jnp.asarray(tables, jnp.float32)
+  got = jax.jit(lambda c: coca.beam_search(
+      toy_step(t32, vocab), c, START, batch=batch, beams=beams, max_len=max_len,
+      eos_id=END, pad_id=PAD, length_penalty=penalty))(toy_cache(batch, beams))
+  got_seq, got_score, got_logp = map(np.asarray, got)
+  lp_table = np.asarray(t32, np.float64)
+  lp_table = lp_table - np.log(np.exp(lp_table).sum(-1, keepdims=True))
+  ended = 0
+  for b in range(batch):
+    def logp_of(seq):
+      h = 0
+      for tok in seq:
+        h = h * vocab + tok
+      return lp_table[b, h % tables.shape[1]]
+    want = python_beam_search(logp_of, beams, max_len, penalty)
+    np.testing.assert_array_equal(got_seq[b], [s for s, _, _ in want])
+    assert_close(got_score[b], np.array([s for _, s, _ in want]), dtype=jnp.float32, name="scores")
+    assert_close(got_logp[b], np.array([lp for _, _, lp in want]), dtype=jnp.float32, name="log-probs")
+    ended += sum(END in s[1:-1] for s, _, _ in want)
+  assert ended, "no beam ended before the last step: END handling untested"
+
+
+def test_rerank_recall_equals_an_explicit_loop(rng):
+  """Non-square similarities (5 images, 8 texts), class ids shared by several texts, exact
+  ties in similarity and in score, k from 1 to beyond the candidates: R@1 of the loop that
+  takes each query's k most similar (ties: lower index) and keeps the best-scoring (ties:
+  the earlier of them)."""
+  n, m = 5, 8
+  for _ in range(30):
+    sim = rng.integers(-2, 3, (n, m)).astype(np.float32)
+    table = rng.integers(0, 3, (n, m)).astype(np.float32)
+    img_ids, txt_ids = rng.integers(0, 3, n), rng.integers(0, 3, m)
+    txt_ids[:3] = [0, 1, 2]   # every class has a text, so every image has an answer
+    img_ids[:3] = [0, 1, 2]
+    for k in (1, 2, 4, 9):
+      want = {}
+      for name, s, t, q_ids, c_ids in (("i2t", sim, table, img_ids, txt_ids),
+                                       ("t2i", sim.T, table.T, txt_ids, img_ids)):
+        hits = []
+        for q in range(s.shape[0]):
+          cands = sorted(range(s.shape[1]), key=lambda c: (-s[q, c], c))[:k]
+          best = max(cands, key=lambda c: t[q, c])
+          hits.append(c_ids[best] == q_ids[q])
+        want[f"{name}_r1"] = float(np.mean(hits))
+      got = rerank_recall(sim, lambda i, j: table[i, j], k=k, img_ids=img_ids,
+                          txt_ids=txt_ids)
+      assert got == pytest.approx(want), (k, got, want)

@@ -47,10 +47,11 @@ class Evaluator:
     self._transfer = getattr(objective, "transfer_head", None)
     towers = objective.towers()
     self._img, self._txt = (None, None) if towers is None else (jax.jit(f) for f in towers)
-    # Captioning objectives (CoCa): captioner() -> tokens of generated captions; itm_scorer()
+    # Captioning objectives (CoCa): captioner(first) -> tokens of generated captions, first
+    # the tokenizer's start token (for texts that carry their own: CLIP's SOT); itm_scorer()
     # -> (image tokens, pair scores) for re-ranking retrieval.
     captioner = getattr(objective, "captioner", None)
-    self._caption = captioner() if captioner else None
+    self._caption = captioner(getattr(tokenizer, "bos_id", None)) if captioner else None
     scorer = getattr(objective, "itm_scorer", lambda: None)()
     self._itm = None if scorer is None else (jax.jit(scorer[0]), jax.jit(scorer[1]))
     self.rerank_k = getattr(getattr(objective, "settings", None), "rerank_k", 8)

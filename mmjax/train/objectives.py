@@ -509,12 +509,14 @@ class CoCa(Objective):
   def towers(self):
     return _encoders(self.model)
 
-  def captioner(self):
+  def captioner(self, first: int | None = None):
     """gen(params, images [b, H, W, 3]) -> tokens [b, text_len] (the best beam, start token
-    dropped, padding after EOS), jitted; the evaluator decodes them."""
+    dropped, padding after EOS), jitted; the evaluator decodes them. first: the start token
+    when the model prepends none (config.coca.bos_id=None: the texts' own, CLIP's SOT)."""
     c = self.settings
     gen = coca.make_generate(self.model, max_len=self.model.text["max_len"], eos_id=c.eos_id,
-                             beams=c.eval_beams, length_penalty=c.eval_length_penalty)
+                             beams=c.eval_beams, length_penalty=c.eval_length_penalty,
+                             first=first if c.bos_id is None else c.bos_id)
 
     def captions(params, image):
       seqs = gen(params, image)[0][:, 0, 1:]
