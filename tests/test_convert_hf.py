@@ -141,7 +141,7 @@ def test_reads_shards_bin_and_the_preprocessor(rng, torch_seed, tmp_path):
                                   image_mean=[0.1, 0.2, 0.3], image_std=[0.5, 0.6, 0.7],
                                   do_convert_rgb=True).save_pretrained(tmp_path / "one")
   prep = convert.from_hf(tmp_path / "one").preprocess
-  assert prep == (40, "crop", "bilinear", (0.1, 0.2, 0.3), (0.5, 0.6, 0.7))
+  assert prep == (40, "crop", "bilinear", (0.1, 0.2, 0.3), (0.5, 0.6, 0.7), "floor")
   image = rng.integers(0, 256, size=(40, 40, 3), dtype=np.uint8)
   proc = transformers.CLIPImageProcessor.from_pretrained(tmp_path / "one")
   want = proc(images=image, return_tensors="np")["pixel_values"][0].transpose(1, 2, 0)
