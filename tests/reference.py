@@ -3,7 +3,8 @@ of attention, with hand-derived gradients, and the input builders the loss tests
 
 Builders that draw random numbers take a NumPy Generator (the tests' `rng` fixture).
 `assert_close` is the one comparison with a float64 reference, to the tolerance `TOL` of the
-compute dtype.
+compute dtype; for bf16 results, `assert_one_bf16_rounding` compares element by element with a
+float64 model of where the code rounds (the end of the file).
 """
 
 import jax
@@ -197,3 +198,139 @@ def dense(name, x, y, s, b):
 def make_mesh(shape, names):
   """A mesh of Auto axes over the (8 simulated CPU) devices."""
   return jax.make_mesh(shape, names, axis_types=(jax.sharding.AxisType.Auto,) * len(names))
+
+
+# ---------------------------------------------------------------- bf16: one rounding of float64
+# The bf16 paths compute in float32 (bf16 operands, float32 accumulation) and round to bf16 where
+# the code says so. The checks below compare with float64 on the same (bf16-exact) inputs, the
+# code's deliberate roundings to bf16 modelled in the reference, element by element: a result
+# rounded once to bf16 from a float32 value within `err` of the float64 one is within
+# err + half an ulp of it. A rounding too many (bf16 accumulation, a bf16 partial sum, a bf16
+# operand where float32 was due) moves most elements by up to half an ulp more, and fails.
+
+U32 = 2.0 ** -24   # float32's unit round-off
+
+
+def bf16_round(x):
+  """float64 values rounded to the nearest bfloat16 (8 significant bits, ties to even), as
+  float64 (directly, not through float32, which would round twice)."""
+  m, e = np.frexp(np.asarray(x, np.float64))
+  return np.ldexp(np.rint(np.ldexp(m, 8)), e - 8)
+
+
+def bf16_half_ulp(a):
+  """Half the spacing of the bfloat16 numbers around |a|: the most rounding to bf16 moves a
+  value of that size (0 at 0)."""
+  a = np.abs(np.asarray(a, np.float64))
+  _, e = np.frexp(a)
+  return np.where(a > 0, np.ldexp(1.0, e - 9), 0.0)
+
+
+def bf16_slack(x, err):
+  """How far the bf16 rounding of a float32 value within `err` of x can be from bf16_round(x):
+  0 unless x is within err of a rounding boundary (then one bf16 ulp)."""
+  r = bf16_round(x)
+  return np.maximum(np.abs(bf16_round(x + err) - r), np.abs(bf16_round(x - err) - r))
+
+
+def rounded_product(spec, a, a_err, b):
+  """The float64 model of `a` computed in float32 (within a_err), rounded to bf16, and multiplied
+  by b (bf16-exact) with float32 accumulation: (einsum(spec, bf16_round(a), b), the error bound
+  of the float32 product: a's possible other roundings (bf16_slack) times |b|, plus float32
+  accumulation of k terms, 2 k U32 |a| . |b| as in tests/test_precision.py)."""
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  ar = bf16_round(a)
+  ins, out = spec.split("->")
+  sizes = {c: n for s_, x in zip(ins.split(","), (ar, b)) for c, n in zip(s_, x.shape)}
+  k = int(np.prod([n for c, n in sizes.items() if c not in out]))
+  err = (np.einsum(spec, bf16_slack(a, a_err), np.abs(b))
+         + 2 * k * U32 * np.einsum(spec, np.abs(ar), np.abs(b)))
+  return np.einsum(spec, ar, b), err
+
+
+def assert_one_bf16_rounding(got, want, err, *, name=""):
+  """got, a bf16 array, is float64 `want` rounded once to bf16 from a float32 value within
+  `err` (per element, or one number) of it: |got - want| <= err + bf16_half_ulp(|want| + err)
+  everywhere."""
+  assert jnp.asarray(got).dtype == jnp.bfloat16, f"{name}: dtype {jnp.asarray(got).dtype}"
+  got = np.asarray(jnp.asarray(got).astype(jnp.float32), np.float64)
+  want = np.asarray(want, np.float64)
+  assert got.shape == want.shape, f"{name}: shape {got.shape}, want {want.shape}"
+  err = np.broadcast_to(np.asarray(err, np.float64), want.shape)
+  bound = err + bf16_half_ulp(np.abs(want) + err)
+  diff = np.abs(got - want)
+  bad = diff > bound
+  if bad.any():
+    ratio = np.where(bad, diff / np.maximum(bound, np.finfo(np.float64).tiny), 0.0)
+    w = np.unravel_index(np.argmax(ratio), ratio.shape)
+    raise AssertionError(
+        f"{name}: {int(bad.sum())} of {bad.size} elements beyond one bf16 rounding; worst at {w}: "
+        f"got {got[w]:.6g}, want {want[w]:.6g}, |error| {diff[w]:.3g} > bound {bound[w]:.3g} "
+        f"({ratio[w]:.3g}x)")
+
+
+def bf16_grid_inputs(n, d, rng, scale=None, bias=None):
+  """`inputs` as bf16 embeddings on the grid of multiples of 2^-12 (every bf16 number above 2^-5
+  in size is on it), rows of norm < 1: then every partial sum of a dot product of two rows is a
+  multiple of 2^-24 below 1 in size, exact in float32 in any order, so the logits' only float32
+  error is the scale's rounding. Returns (img bf16, txt bf16, scale, bias, img float64,
+  txt float64), the float64 arrays the exact values."""
+  x, y, s, b = inputs(n, d, rng, scale, bias)
+  exact = [bf16_round(np.round(0.99 * np.asarray(a, np.float64) * 4096) / 4096) for a in (x, y)]
+  assert (np.abs(exact[0]) @ np.abs(exact[1]).T).max() < 1
+  return (*(jnp.asarray(a, jnp.bfloat16) for a in exact), s, b, *exact)
+
+
+def bf16_loss_dlogits(name, x, y, s, b=0.0):
+  """float64 dL/dlogits of clip_loss / siglip_loss on the exact embeddings of bf16_grid_inputs,
+  as the code computes it in float32: a list of (G, eG) terms summing to it (CLIP: the row
+  softmax's and the column softmax's; SigLIP: one), eG a first-order bound on the float32
+  error of G (from the exact dots, the scale's rounding, float32 log-sum-exps or sigmoids),
+  with a factor 2 to spare."""
+  n, d = x.shape
+  dots = x @ y.T
+  if name == "clip":
+    z = s * dots
+    ez = U32 * np.abs(z)                                  # the scale's rounding
+    eye = np.eye(n)
+    terms = []
+    for axis in (1, 0):
+      lse = np.expand_dims(_logsumexp(z, axis), axis)
+      p = np.exp(z - lse)
+      # a log-sum-exp's error: the softmax-weighted logit errors, its n-term sum, its roundings
+      e_lse = ((p * ez).sum(axis, keepdims=True) + (2 * n + 16) * U32 + 4 * U32 * np.abs(lse))
+      terms.append((0.5 / n * (p - eye),
+                    1.0 / n * (p * (ez + e_lse + U32 * np.abs(z - lse)) + 8 * U32 * (p + eye))))
+    return terms
+  z = s * dots + b
+  ez = U32 * (np.abs(s * dots) + np.abs(z))
+  sign = 2 * np.eye(n) - 1
+  G = -sign / n / (1 + np.exp(sign * z))
+  return [(G, 2 * np.abs(G) * (ez + 8 * U32))]            # d log sigmoid / dz is at most 1
+
+
+def bf16_scaled_product(spec, G, eG, other, s, *, rounded):
+  """(want, err) of s * einsum(spec, G, other) computed in float32 from G (within eG), rounded
+  to bf16 first if `rounded` (rounded_product), with float32 accumulation; before the result's
+  own rounding."""
+  k = G.shape[0]
+  if rounded:
+    want, err = rounded_product(spec, G, eG, other)
+    mag = np.einsum(spec, np.abs(bf16_round(G)), np.abs(other))
+  else:
+    want, mag = np.einsum(spec, G, other), np.einsum(spec, np.abs(G), np.abs(other))
+    err = np.einsum(spec, eG, np.abs(other)) + 2 * k * U32 * mag
+  return s * want, s * err * (1 + 4 * U32) + 4 * U32 * s * mag   # s's roundings
+
+
+def ref_bf16_loss_grads(name, x, y, s, b=0.0, *, rounded):
+  """float64 models of the bf16 embedding gradients (d_img, d_txt) of clip_loss / siglip_loss on
+  bf16_grid_inputs, each a (want, err) pair for assert_one_bf16_rounding: d_img = s * G @ txt,
+  d_txt = s * G^T @ img with G = dL/dlogits (bf16_loss_dlogits) in float32, float32
+  accumulation, rounded once to bf16. `rounded`: G is rounded to bf16 before the products
+  (the tiled and Pallas blocks and the ring steps: mmjax/losses/tiles.py dot_nn, dot_tn), else
+  not (the dense loss under autodiff: a float32 G times the bf16 operand)."""
+  terms = bf16_loss_dlogits(name, x, y, s, b)
+  G, eG = sum(t[0] for t in terms), sum(t[1] for t in terms)
+  return tuple(bf16_scaled_product(spec, G, eG, other, s, rounded=rounded)
+               for spec, other in (("ij,jd->id", y), ("ij,id->jd", x)))

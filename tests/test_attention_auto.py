@@ -69,15 +69,26 @@ def test_cpu_is_xla_below_the_threshold_and_blockwise_above(long, causal, masked
   assert_close(got_grads, ref_grads, dtype=jnp.float32, name=["dq", "dk", "dv"])
 
 
-def test_bf16_auto_matches_xla(rng):
+@pytest.mark.parametrize("bf16_dots", ["0", "1"])
+@pytest.mark.parametrize("causal,masked", [(True, True), (False, False)])
+@pytest.mark.parametrize("long", [False, True], ids=["short:xla", "long:blockwise"])
+def test_bf16_auto_is_bitwise_the_impl_it_picks(long, causal, masked, bf16_dots, rng,
+                                                monkeypatch):
+  """bf16 on CPU: auto's output and gradients are bit for bit those of "xla" (below the
+  threshold: the same dots, the backward recomputing the same forward) or "blockwise" (above:
+  the same functions), with either matmul path of mmjax.nn.precision. (How close those are to
+  float64: tests/test_bf16.py.)"""
+  monkeypatch.setenv("MMJAX_BF16_DOTS", bf16_dots)
+  if long:
+    monkeypatch.setattr(attention, "BLOCKWISE_MIN_SEQ", 16)
   args, mask = _case(rng, dtype=jnp.bfloat16)
-  got, got_grads = _run("auto", args, mask, True)
-  want, want_grads = _run("xla", args, mask, True)
-  assert got.dtype == jnp.bfloat16
-  np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
-  for g, r in zip(got_grads, want_grads):
-    np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r, np.float32),
-                               rtol=2e-2, atol=2e-2)
+  mask = mask if masked else None
+  got, got_grads = _run("auto", args, mask, causal)
+  want, want_grads = _run("blockwise" if long else "xla", args, mask, causal)
+  assert got.dtype == jnp.bfloat16 and all(g.dtype == jnp.bfloat16 for g in got_grads)
+  for name, g, r in zip(["out", "dq", "dk", "dv"], (got, *got_grads), (want, *want_grads)):
+    np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(r, np.float32),
+                                  err_msg=name)
 
 
 def test_a_general_mask_takes_xla(rng):
