@@ -22,6 +22,7 @@ from mmjax.models import two_tower
 from mmjax.models.scan import stack_blocks
 from tests.open_clip_peer import import_open_clip, import_transformers
 from tests.reference import assert_close
+from tests.test_convert_siglip import features as _mmjax, open_clip_features as _open_clip
 
 open_clip = import_open_clip()
 transformers = import_transformers()
@@ -102,24 +103,6 @@ def _tokens(rng, n=3, eot=None):
 
 def _images(rng, n=3):
   return rng.normal(size=(n, 3, SIZE, SIZE)).astype(np.float32)
-
-
-def _mmjax(config, params, images_nchw, tokens):
-  """Projected, unnormalised image and text features [n, embed_dim]."""
-  model = two_tower.Model(**config)
-  project = lambda tower: lambda m, x: getattr(m, f"{tower}_proj")(getattr(m, tower)(x)[0])
-  img = jax.jit(lambda p, x: model.apply({"params": p}, x, method=project("img")))
-  txt = jax.jit(lambda p, t: model.apply({"params": p}, t, method=project("txt")))
-  return (np.asarray(img(params, jnp.asarray(images_nchw.transpose(0, 2, 3, 1)))),
-          np.asarray(txt(params, jnp.asarray(tokens, jnp.int32))))
-
-
-def _open_clip(model, images_nchw, tokens):
-  """open_clip in float64 on the same (float32) weights, unnormalised."""
-  model = copy.deepcopy(model).double()
-  with torch.no_grad():
-    return (model.encode_image(torch.from_numpy(images_nchw).double()).numpy(),
-            model.encode_text(torch.from_numpy(tokens)).numpy())
 
 
 def _scanned(config):
