@@ -7,6 +7,9 @@ same value on every device.
 
   gather: all-gather the other tower's embeddings, with gradients through the
     gather (open_clip's local_loss + gather_with_grad): n x N logits per device.
+    With bf16 embeddings the gather's transpose (a reduce-scatter) sums the devices'
+    gradient parts in bf16, each part already rounded; the rings accumulate in float32
+    and round once (tests/test_bf16.py measures both).
   ring: text embeddings travel the ring by ppermute, one n x n block per step.
     A custom VJP recomputes each block in the backward pass, so no step's
     logits are kept; the backward is a second ring pass in which each
