@@ -110,8 +110,7 @@ def make_train_step(objective, tx: optax.GradientTransformation, *,
         lambda new, old: jnp.where(finite, new, old), (params, opt_state, ema),
         (state.params, state.opt_state, state.ema))
     metrics = {"loss": value, "lr": schedule(_schedule_count(state.opt_state, state.step)),
-               "grad_norm": grad_norm,
-               "finite": finite, **aux}
+               "grad_norm": grad_norm, "finite": finite, **aux}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema), metrics
 
   return train_step
