@@ -22,7 +22,8 @@ import numpy as np
 from benchmarks import emit
 
 from mmjax.models import vit
-from mmjax.train import config as config_lib, objectives, optimizer, sharding
+from mmjax import objectives
+from mmjax.train import config as config_lib, optimizer, sharding
 from mmjax.train import state as state_lib
 
 
@@ -46,7 +47,8 @@ def step_time(config, steps: int, vocab_size: int = 512) -> float:
   """Median seconds of one jit train step on random data (one device)."""
   config.num_devices = 1
   mesh = sharding.make_mesh(config)
-  objective = objectives.make(config, vocab_size, mesh=mesh, batch_axes=sharding.batch_axes(mesh))
+  objective = objectives.make(config, vocab_size=vocab_size, mesh=mesh,
+                              batch_axes=sharding.batch_axes(mesh))
   tx, schedule = optimizer.make_optimizer(config.optim, config.total_steps)
   rng = np.random.default_rng(0)
   d, b = config.data, config.batch_size

@@ -17,7 +17,8 @@ from jax.sharding import PartitionSpec as P
 from mmjax.models import vit
 from mmjax.nn import partitioning
 from mmjax.nn.partitioning import constrain, logical_rules, logical_spec
-from mmjax.train import objectives, sharding
+from mmjax import objectives
+from mmjax.train import sharding
 from mmjax.train import state as state_lib
 from tests.configs import tiny_config
 
@@ -31,7 +32,7 @@ def _mesh():
 def _setup(rng, scan: bool):
   """(objective, params on one device, batch) of the tiny two-tower; mu/8 on 32 px: 16 tokens."""
   cfg = tiny_config("/unused", **{"model.scan": scan})
-  obj = objectives.make(cfg, VOCAB)
+  obj = objectives.make(cfg, vocab_size=VOCAB)
   batch = {"image": jnp.asarray(rng.normal(size=(B, IMAGE, IMAGE, 3)), jnp.float32),
            "text": jnp.asarray(rng.integers(1, VOCAB, (B, TEXT_LEN)), jnp.int32)}
   # Some padding, so the text tower's key mask and EOS pooling take part.
@@ -184,7 +185,7 @@ def test_train_step_batch_12_on_2x4_equals_one_device(rng):
   b = 12
   cfg = tiny_config("/unused", **{"model.scan": True, "model.image.depth": 12,
                                   "model.text.depth": 12})
-  obj = objectives.make(cfg, VOCAB)
+  obj = objectives.make(cfg, vocab_size=VOCAB)
   batch = {"image": jnp.asarray(rng.normal(size=(b, IMAGE, IMAGE, 3)), jnp.float32),
            "text": jnp.asarray(rng.integers(1, VOCAB, (b, TEXT_LEN)), jnp.int32)}
   batch["text"] = batch["text"].at[:, 12:].set(0)

@@ -167,9 +167,10 @@ def test_logits_are_the_head_on_the_pooled_features(rng, tiny_catlip):
 
 
 def test_transfer_head_is_the_mean_of_the_class_names_rows(rng, data_dir):
-  from mmjax.train import objectives
+  from mmjax import objectives
   vocab = catlip_vocab.build_vocabulary(CAPTIONS)   # cat dog ball dogs mat photo s sat
-  obj = objectives.make(tiny_config(data_dir, loss="catlip"), 0, label_vocab=vocab)
+  obj = objectives.catlip.CatLIP(tiny_config(data_dir, loss="catlip"), objectives.Context(),
+                                 vocab=vocab)
   shapes = jax.eval_shape(obj.init, jax.random.PRNGKey(0), {"image": jnp.zeros((1, 32, 32, 3))})
   params = jax.tree.map(lambda s: np.asarray(rng.normal(size=s.shape), s.dtype), shapes)
   k, bias = params["head"]["kernel"], params["head"]["bias"]

@@ -1,5 +1,5 @@
 """The CoCa objective and the evaluator's CoCa parts through their public entry points
-(mmjax.train.objectives.make(config).grad_fn, .captioner(); mmjax.evaluate.Evaluator), against
+(mmjax.objectives.make(config).grad_fn, .captioner(); mmjax.evaluate.Evaluator), against
 independent references: the loss terms recomputed in float64 from the model's own forward on
 explicit (image, text) pairs, the hard negatives' distribution, the best caption by brute force
 over every sequence of a 6-id vocabulary, and the ITM re-ranking by an explicit loop."""
@@ -14,7 +14,7 @@ import pytest
 
 from mmjax.evaluate.captioning import corpus_bleu
 from mmjax.evaluate.evaluator import Evaluator
-from mmjax.train import objectives
+from mmjax import objectives
 from tests.configs import tiny_config
 from tests.reference import assert_close, ref_clip, rel_err
 
@@ -28,7 +28,7 @@ def coca_objective(*, vocab=20, text_len=6, **coca):
       "model.image.pool_type": "none", "coca.n_queries": 5, "coca.pool_heads": 2,
       "data.image_size": 16, "data.text_len": text_len,
       **{f"coca.{k}": v for k, v in {**WEIGHTS, "label_smoothing": 0.1, **coca}.items()}})
-  return objectives.make(c, vocab)
+  return objectives.make(c, vocab_size=vocab)
 
 
 def init_params(objective, rng, images, texts):
@@ -363,13 +363,13 @@ def rerank_loop(sim, score, k, ids):
   return tuple(out)
 
 
-class TableObjective:
+class TableObjective(objectives.Objective):
   """A stand-in objective whose embeddings and matching scores are tables in its params:
   image i (all pixels = i) and text j (first id = j) embed as params['img'][i] /
   params['txt'][j], and the pair scores params['itm'][i, j]."""
 
   def __init__(self, k):
-    self.settings = ml_collections.ConfigDict(dict(rerank_k=k))
+    self.k = k
 
   def features(self, params, image):
     return params["img"][image[:, 0, 0, 0].astype(jnp.int32)]
@@ -377,9 +377,9 @@ class TableObjective:
   def towers(self):
     return (self.features, lambda p, t: p["txt"][t[:, 0]])
 
-  def itm_scorer(self):
+  def reranker(self):
     return (lambda p, x: x[:, :1, :1, 0],
-            lambda p, tok, t: p["itm"][tok[:, 0, 0].astype(jnp.int32), t[:, 0]])
+            lambda p, tok, t: p["itm"][tok[:, 0, 0].astype(jnp.int32), t[:, 0]], self.k)
 
 
 @pytest.mark.parametrize("k", [3, 9])

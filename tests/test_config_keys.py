@@ -19,7 +19,8 @@ from mmjax.data import pipeline
 from mmjax.evaluate import retrieval_recall
 from mmjax.nn.layers import Encoder, MlpBlock
 from mmjax.nn.linear import Dense
-from mmjax.train import checkpoint, objectives, optimizer
+from mmjax import objectives
+from mmjax.train import checkpoint, optimizer
 from tests import reference as ref
 from tests.configs import tiny_config
 
@@ -78,7 +79,7 @@ def _apply(tx, params, grads):
 
 def _two_tower_params(data_dir, rng):
   """The real two-tower param tree of the tiny config, random values (shapes from eval_shape)."""
-  obj = objectives.make(tiny_config(data_dir), VOCAB)
+  obj = objectives.make(tiny_config(data_dir), vocab_size=VOCAB)
   batch = {"image": jnp.zeros((1, 32, 32, 3)), "text": jnp.zeros((1, 16), jnp.int32)}
   shapes = jax.eval_shape(obj.init, jax.random.PRNGKey(0), batch)
   return jax.tree.map(lambda s: jnp.asarray(rng.normal(size=s.shape), jnp.float32), shapes)
@@ -175,7 +176,7 @@ def towers(data_dir):
   """The tiny config (image pool 'gap'), its objective, a fixed batch and params: random,
   LayerNorm scales near 1 (no init to compile)."""
   cfg = tiny_config(data_dir, **{"model.image.pool_type": "gap"})
-  obj = objectives.make(cfg, VOCAB)
+  obj = objectives.make(cfg, vocab_size=VOCAB)
   g = np.random.default_rng(1234)   # fixed numbers, not a fresh draw per run
   batch = _batch(g)
   shapes = jax.eval_shape(obj.init, jax.random.PRNGKey(0), batch)
@@ -199,7 +200,7 @@ def test_temperature_and_bias_init_defaults(data_dir, loss, temperature, bias):
   -10, CLIP 1/0.07 and no b. out['scale'] = exp(t), out['bias'] = b."""
   cfg = tiny_config(data_dir, loss=loss, **{"model.temperature_init": temperature,
                                             "model.bias_init": bias})
-  model = objectives.make(cfg, VOCAB).model
+  model = objectives.make(cfg, vocab_size=VOCAB).model
   params = model.init(jax.random.PRNGKey(0), None, None)["params"]   # t and b only
   scale = temperature or (1 / 0.07 if loss == "clip" else 10.0)
   ref.assert_close(params["t"], math.log(scale), dtype=jnp.float32, name="t")
@@ -223,7 +224,7 @@ def test_remat_reaches_every_encoder_block(towers):
   for remat in (False, True):
     c = cfg.copy_and_resolve_references()
     c.model.remat = remat
-    o = objectives.make(c, VOCAB)
+    o = objectives.make(c, vocab_size=VOCAB)
     jaxpr = jax.make_jaxpr(o.grad_fn)(params, None, batch, key).jaxpr
     counts[remat] = _count_checkpoints(jaxpr)
   assert counts == {False: 0, True: 2}, counts
@@ -247,7 +248,7 @@ def test_bfloat16_computes_in_bf16_keeps_f32_params_and_loss(towers):
   cfg, obj, batch, params = towers
   c = cfg.copy_and_resolve_references()
   c.model.dtype = "bfloat16"
-  bf = objectives.make(c, VOCAB)
+  bf = objectives.make(c, vocab_size=VOCAB)
   shapes = jax.eval_shape(bf.init, jax.random.PRNGKey(0), batch)
   assert {x.dtype for x in jax.tree.leaves(shapes)} == {jnp.dtype(jnp.float32)}
   seen = []

@@ -11,6 +11,7 @@ from sklearn.preprocessing import StandardScaler
 
 from mmjax.evaluate import (class_embeddings, knn_accuracy, linear_probe_accuracy,
                             retrieval_recall, zeroshot_accuracy)
+from mmjax.objectives import Objective
 from tests.reference import assert_close
 
 
@@ -191,7 +192,7 @@ def test_retrieval_bad_shapes():
     retrieval_recall(np.zeros((3, 4)), np.zeros((3, 5)))
 
 
-class _CountingObjective:
+class _CountingObjective(Objective):
   """A two-tower objective whose image embedding is a fixed projection of the pixels and
   whose text embedding is that of the class its tokens name; counts the rows each sees."""
 
@@ -279,7 +280,7 @@ class _WordTok:
     return out
 
 
-class _ProjectionTowers:
+class _ProjectionTowers(Objective):
   """Towers that are fixed maps, no params: an image embeds as unit(flatten(image) @ proj),
   a token row as unit(sum of its word vectors) (words[0], the pad, is 0); the probe features
   are the image embedding."""

@@ -255,7 +255,7 @@ def test_two_tower_first_step_matches_xla(impl, rng):
   """SigLIP loss and every parameter's gradient of a ViT + text tower (padded
   captions, so key padding is exercised) with attention_impl=impl equal 'xla' in f32."""
   from mmjax.models import two_tower
-  from mmjax.train.objectives import contrastive_loss, make_grad_fn
+  from mmjax.objectives.contrastive import loss_of, two_tower_grad_fn
 
   tiny = dict(width=32, depth=1, mlp_dim=64, num_heads=2)
   text = rng.integers(4, 50, size=(6, 9)).astype(np.int32)
@@ -269,7 +269,7 @@ def test_two_tower_first_step_matches_xla(impl, rng):
         text=dict(**tiny, vocab_size=50, max_len=9, pool_type="last", attention_impl=attention_impl),
         embed_dim=16, loss="siglip")
     params = model.init(jax.random.PRNGKey(1), batch["image"][:1], batch["text"][:1])["params"]
-    fn = jax.jit(make_grad_fn(model, contrastive_loss("siglip")))
+    fn = jax.jit(two_tower_grad_fn(model, loss_of("siglip")))
     (loss, _), g = fn(params, batch, jax.random.PRNGKey(0))
     return loss, g
 
@@ -284,12 +284,12 @@ def test_two_tower_first_step_matches_xla(impl, rng):
 
 def test_config_chooses_the_attention_impl(tmp_path):
   from mmjax.train.config import validate
-  from mmjax.train.objectives import build_two_tower
+  from mmjax.models import factory
   from tests.configs import tiny_config
 
   config = tiny_config(str(tmp_path), **{"model.attention_impl": "blockwise"})
   validate(config)
-  model = build_two_tower(config, vocab_size=64)
+  model = factory.two_tower_model(config, 64, loss=config.loss)
   assert model.image["attention_impl"] == model.text["attention_impl"] == "blockwise"
   config.model.attention_impl = "flash9"
   with pytest.raises(ValueError, match="config.model.attention_impl"):

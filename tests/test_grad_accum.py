@@ -7,7 +7,8 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mmjax.models import two_tower
-from mmjax.train.objectives import contrastive_loss, make_grad_fn
+from mmjax.objectives.contrastive import loss_of, two_tower_grad_fn
+from mmjax.objectives.gradcache import make_grad_fn
 
 TINY = dict(width=32, depth=1, mlp_dim=64, num_heads=2)
 
@@ -37,10 +38,10 @@ def _assert_tree_close(a, b, rtol=1e-5):
 @pytest.mark.parametrize("k", [2, 3])
 def test_accumulated_equals_full_batch(loss, k, rng):
   model, params, batch = _setup(loss, 12, rng)
-  loss_of = contrastive_loss(loss)
+  loss = loss_of(loss)
   key = jax.random.PRNGKey(0)
-  (want, _), want_g = jax.jit(make_grad_fn(model, loss_of))(params, batch, key)
-  (got, _), got_g = jax.jit(make_grad_fn(model, loss_of, accum_steps=k))(params, batch, key)
+  (want, _), want_g = jax.jit(two_tower_grad_fn(model, loss))(params, batch, key)
+  (got, _), got_g = jax.jit(two_tower_grad_fn(model, loss, accum_steps=k))(params, batch, key)
   np.testing.assert_allclose(got, want, rtol=1e-6)
   _assert_tree_close(got_g, want_g)
   assert float(np.abs(got_g["t"])) > 0   # the temperature's gradient is there too
@@ -49,10 +50,10 @@ def test_accumulated_equals_full_batch(loss, k, rng):
 def test_accumulated_sharded_ring_equals_single_device(rng):
   model, params, batch = _setup("siglip", 32, rng)
   key = jax.random.PRNGKey(0)
-  (want, _), want_g = jax.jit(make_grad_fn(model, contrastive_loss("siglip")))(params, batch, key)
+  (want, _), want_g = jax.jit(two_tower_grad_fn(model, loss_of("siglip")))(params, batch, key)
   mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
   sharded = jax.device_put(batch, NamedSharding(mesh, P("data")))
-  fn = make_grad_fn(model, contrastive_loss("siglip", "ring", mesh=mesh, axes=("data",)),
+  fn = two_tower_grad_fn(model, loss_of("siglip", "ring", mesh=mesh, axes=("data",)),
                     accum_steps=2)
   (got, _), got_g = jax.jit(fn)(params, sharded, key)
   np.testing.assert_allclose(got, want, rtol=1e-5)
@@ -71,7 +72,8 @@ def test_gradcache_of_tiled_blocks_in_the_train_step_equals_dense_full_batch(los
   (tiles of 8: 3 x 3 of them over the batch of 24) gives the objective's loss and gradients (and,
   for SigLIP, the train step's loss and gradient norm) of dense blocks without accumulation."""
   from mmjax.losses import tiled
-  from mmjax.train import objectives, optimizer, state as state_lib
+  from mmjax import objectives
+  from mmjax.train import optimizer, state as state_lib
   from tests.configs import tiny_config
   monkeypatch.setattr(tiled, "DEFAULT_BLOCK", 8)
   b, n_vocab = 24, 64
@@ -82,7 +84,7 @@ def test_gradcache_of_tiled_blocks_in_the_train_step_equals_dense_full_batch(los
   for name, over in (("dense", dict(accum_steps=1, loss_blocks="dense")),
                      ("tiled_gradcache", dict(accum_steps=3, loss_blocks="tiled"))):
     config = tiny_config("unused", loss=loss, batch_size=b, **over)
-    objective = objectives.make(config, n_vocab)
+    objective = objectives.make(config, vocab_size=n_vocab)
     params = objective.init(jax.random.PRNGKey(0), batch)
     (value, _), grads = jax.jit(objective.grad_fn)(params, None, batch, key)
     metrics = {}

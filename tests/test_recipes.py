@@ -301,7 +301,7 @@ def test_momentum_schedule_and_ema_update():
   assert float(moco.momentum(0, 100, 0.99)) == pytest.approx(0.99)
   assert float(moco.momentum(50, 100, 0.99)) == pytest.approx(0.995)
   assert float(moco.momentum(100, 100, 0.99)) == pytest.approx(1.0)
-  from mmjax.train.objectives import MoCo
+  from mmjax.objectives.moco import MoCo
   obj = MoCo.__new__(MoCo)
   obj.total_steps, obj.base_momentum = 100, 0.99
   params = {"img": jnp.ones(3), "projector": jnp.zeros(2), "predictor": jnp.ones(1)}
@@ -324,13 +324,13 @@ def _moco_step():
   """objectives.MoCo of a tiny config (mu/8 backbone, 'gap', 16-wide heads, momentum base 0.5,
   8 steps), its optimizer (the gradients stashed, then AdamW at lr 1e-2) and its real train step,
   jitted, compiled once for the tests that share it."""
-  from mmjax.train import objectives
+  from mmjax import objectives
   from mmjax.train import state as train_state
   from tests.configs import tiny_config
   cfg = tiny_config("unused", loss="moco", total_steps=8, **{
       "model.image.pool_type": "gap", "model.moco.hidden": 16, "model.moco.out_dim": 8,
       "model.moco.momentum": 0.5, "optim.warmup_steps": 0, "optim.lr": 1e-2})
-  obj = objectives.MoCo(cfg)
+  obj = objectives.moco.MoCo(cfg, objectives.Context())
   adamw, schedule = optimizer.make_optimizer(cfg.optim, cfg.total_steps)
   tx = optax.chain(_stash_grads(), adamw)
   return obj, tx, _o0(train_state.make_train_step(obj, tx, schedule=schedule))

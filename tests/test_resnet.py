@@ -9,7 +9,7 @@ import pytest
 from mmjax.data import catlip_vocab
 from mmjax.models import image as image_lib
 from mmjax.models import resnet
-from mmjax.train import objectives
+from mmjax import objectives
 from tests.configs import tiny_config
 from tests.reference import assert_close
 
@@ -163,12 +163,11 @@ def test_every_objective_takes_a_resnet_tower(loss, rng):
   """The objective's model built from config.model.image with ResNet fields; init and one
   gradient traced (shapes only): the gradient reaches the tower's first convolution."""
   c = _config(loss)
-  vocab = catlip_vocab.build_vocabulary(["a cat", "a dog", "the cat"] * 5)
-  obj = objectives.make(c, vocab_size=64, label_vocab=vocab)
+  obj = objectives.make(c, vocab_size=64, train_texts=lambda: ["a cat", "a dog", "the cat"] * 5)
   b, size = 4, c.data.image_size
   batch = {"image": jnp.zeros((b, size, size, 3)), "image2": jnp.zeros((b, size, size, 3)),
            "text": jnp.ones((b, c.data.text_len), jnp.int32),
-           "targets": jnp.zeros((b, len(vocab)))}
+           "targets": jnp.zeros((b, 2))}   # CatLIP's labels: cat, dog
   batch = {k: batch[k] for k in obj.batch_keys}
   params = jax.eval_shape(obj.init, jax.random.PRNGKey(0), batch)
   assert params["img"]["stem_conv1"]["kernel"].shape == (3, 3, 3, 4)

@@ -2,7 +2,7 @@
 
 Train batches are dicts of numpy arrays: 'image' float32 [b, S, S, 3] in
 [-1, 1], 'text' int32 [b, L] (and 'label' int32 [b] when the data has one,
-'targets' float32 [b, V] when make_train_iterator is given a targets function),
+the fields of make_train_iterator's caption_fields, e.g. CatLIP's 'targets' float32 [b, V]),
 b = global batch // process count: each process reads its own shard.
 """
 
@@ -190,7 +190,7 @@ class _Preprocess:
   """Example -> {'image', 'text'[, 'label']}; a module-level class so grain workers can pickle it."""
 
   def __init__(self, tokenizer, image_size, text_len, augment, crop_scale_min, flip,
-               image_key, text_key, label_key, views=1, normalize=None, targets=None):
+               image_key, text_key, label_key, views=1, normalize=None, caption_fields=None):
     self.__dict__.update(locals())
     del self.__dict__["self"]
 
@@ -208,8 +208,8 @@ class _Preprocess:
     text = _decode_text(ex[self.text_key])
     out = {"image": self._view(image, rng),
            "text": self.tokenizer.encode([text], self.text_len)[0]}
-    if self.targets is not None:
-      out["targets"] = self.targets(text)
+    for key, field in (self.caption_fields or {}).items():
+      out[key] = field(text)
     if self.views == 2:
       out["image2"] = self._view(image, rng)
     if self.label_key and self.label_key in ex:
@@ -220,7 +220,7 @@ class _Preprocess:
 def make_train_iterator(source, data, *, tokenizer, global_batch_size: int, seed: int,
                         process_index: int = 0, process_count: int = 1, views: int = 1,
                         read_threads: int = 2, prefetch_batches: int = 2,
-                        normalize: tuple | None = None, targets=None):
+                        normalize: tuple | None = None, caption_fields=None):
   """An endless, seeded, shuffled iterator over this process's share of each global batch,
   with get_state/set_state.
 
@@ -229,8 +229,8 @@ def make_train_iterator(source, data, *, tokenizer, global_batch_size: int, seed
   second independent augmentation of each image (MoCo). normalize: (mean, std) of a
   converted checkpoint's preprocessing; None maps pixels to [-1, 1]. prefetch_batches: local
   batches read ahead by the read_threads. A batch may be larger than the dataset.
-  targets: None, or a picklable caption -> float32 [V] function whose output becomes the
-  batch's 'targets' [b, V] (CatLIP's multi-hot labels, mmjax.data.catlip_vocab.Vocabulary).
+  caption_fields: {key: a picklable caption -> array function}: each batch gets key [b, ...]
+  (an objective's Objective.caption_fields: CatLIP's multi-hot label 'targets').
 
   Restoring a saved state (`it.set_state(state)`) continues with exactly the
   batches the original iterator would have produced.
@@ -250,7 +250,7 @@ def make_train_iterator(source, data, *, tokenizer, global_batch_size: int, seed
     raise ValueError(f"views={views} must be 1 or 2")
   prep = _Preprocess(tokenizer, data.image_size, data.text_len, data.augment,
                      data.crop_scale_min, data.flip, data.image_key, data.text_key,
-                     data.label_key, views, normalize, targets)
+                     data.label_key, views, normalize, caption_fields)
   # Few reader threads: grain's default 16 fight XLA for the cores of a small host. The
   # elements read ahead are whole local batches (batched before to_iter_dataset), so
   # prefetch_batches counts batches (2 * local of them would be 32,768 batches of 16,384).

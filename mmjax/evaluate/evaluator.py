@@ -18,8 +18,8 @@ class Evaluator:
   objectives), and a linear probe and kNN on frozen image features (any objective).
 
   Args:
-    objective: supplies features(params, image) -> [b, d] and towers() ->
-      (embed_image, embed_text) or None (mmjax.train.objectives.Objective).
+    objective: an mmjax.objectives.Objective: features(params, image) -> [b, d], towers()
+      -> (embed_image, embed_text) or None, and its hooks transfer_head, captioner, reranker.
       With towers, the image embeddings are the probe features too, so the
       eval images are embedded once per evaluation.
     settings: config.evaluate (batch_size, retrieval_match, knn_k, probe_shots).
@@ -29,7 +29,7 @@ class Evaluator:
     zeroshot: (class_names, templates), or None.
     probe_arrays: the probe's train split ({'image', 'label'}, 'image' maybe lazy), or None.
     class_names: the labels' names; with an objective whose transfer_head gives a classifier
-      for them (CatLIP), transfer_top1 is that classifier's top-1 on the eval split as it is,
+      for them, transfer_top1 is that classifier's top-1 on the eval split as it is,
       and transfer_{k}shot_top1 / transfer_{k}shot_from_zero_top1 the top-1 after 100 steps
       of gradient descent on k examples per class from it / from zeros
       (probe.softmax_regression_accuracy).
@@ -44,17 +44,15 @@ class Evaluator:
     self.knn_k, self.probe_shots = settings.knn_k, tuple(settings.probe_shots)
     self._features = jax.jit(objective.features)
     self.class_names = list(class_names) if class_names else None
-    self._transfer = getattr(objective, "transfer_head", None)
+    self._transfer = objective.transfer_head
     towers = objective.towers()
     self._img, self._txt = (None, None) if towers is None else (jax.jit(f) for f in towers)
-    # Captioning objectives (CoCa): captioner(first) -> tokens of generated captions, first
-    # the tokenizer's start token (for texts that carry their own: CLIP's SOT); itm_scorer()
-    # -> (image tokens, pair scores) for re-ranking retrieval.
-    captioner = getattr(objective, "captioner", None)
-    self._caption = captioner(getattr(tokenizer, "bos_id", None)) if captioner else None
-    scorer = getattr(objective, "itm_scorer", lambda: None)()
-    self._itm = None if scorer is None else (jax.jit(scorer[0]), jax.jit(scorer[1]))
-    self.rerank_k = getattr(getattr(objective, "settings", None), "rerank_k", 8)
+    # An objective's further evaluations: captions (the tokenizer's start token given, for
+    # texts that carry their own) and re-ranked retrieval.
+    self._caption = objective.captioner(getattr(tokenizer, "bos_id", None))
+    reranker = objective.reranker()
+    self._itm, self.rerank_k = (None, 0) if reranker is None else (
+        (jax.jit(reranker[0]), jax.jit(reranker[1])), reranker[2])
 
   def _batched(self, fn: Callable, params, x: np.ndarray) -> np.ndarray:
     """Fixed-size batches (one compile); the last one padded with its first row."""

@@ -12,14 +12,12 @@ import os
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-from mmjax.losses import BLOCKS, IMPLS
-from mmjax.models import two_tower
+from mmjax import objectives
+from mmjax.losses import BLOCKS
 from mmjax.nn.attention import IMPLS as attention_impls
 from mmjax.nn.layers import REMAT_POLICIES
 from mmjax.numerics import DTYPES
 
-CONTRASTIVE = two_tower.LOSSES             # two towers, image-text pairs
-LOSSES = CONTRASTIVE + ("mae", "moco", "catlip", "coca")  # config.loss: each an objective in objectives.py
 NAN_POLICIES = ("stop", "skip")            # config.nan_policy
 
 
@@ -40,7 +38,8 @@ def defaults() -> ml_collections.ConfigDict:
   c.seed = 0
   c.batch_size = 128          # global, over all devices and processes
   c.total_steps = 1000
-  c.loss = "siglip"           # 'siglip' | 'clip' (two towers) | 'mae' | 'moco' | 'catlip' (images) | 'coca'
+  c.loss = "siglip"           # the objective (mmjax.objectives.names()): 'siglip' | 'clip' (two
+                              # towers) | 'mae' | 'moco' | 'catlip' (images) | 'coca'
   # LiT: regexes over parameter paths ('img/encoder/block0/attn/query/kernel') that
   # stay as initialised: no gradient computed, no optimizer state, e.g. ('img/.*',).
   c.frozen = ()
@@ -138,18 +137,6 @@ def defaults() -> ml_collections.ConfigDict:
                  **_tower_overrides()),
       text=dict(variant="Ti", pool_type=placeholder(str), causal=placeholder(bool),
                 **_tower_overrides()),
-      mae=dict(mask_ratio=0.75, decoder_width=128, decoder_depth=2, decoder_heads=4,
-               decoder_mlp_dim=512, norm_pix_loss=True),
-      moco=dict(hidden=512, out_dim=128, temperature=0.2,
-                momentum=0.99),   # EMA momentum at step 0, rising to 1 (cosine)
-      # CatLIP: the image tower classifies the captions' labels (mmjax.data.catlip_vocab):
-      # labels 'words' (content words) | 'wordnet' (their first noun synsets; needs nltk and
-      # its WordNet data); stop_words 'sklearn' (scikit-learn's English list) | 'none';
-      # keep_words: words never removed as stop words (scikit-learn's list holds 'one' ..
-      # 'nine'); a label must be in >= min_count training captions; the max_labels most
-      # frequent are kept (0: all).
-      catlip=dict(labels="words", stop_words="sklearn", keep_words=(), min_count=5,
-                  max_labels=1000),
   ))
 
   c.optim = ml_collections.ConfigDict(dict(
@@ -176,26 +163,6 @@ def defaults() -> ml_collections.ConfigDict:
 
   c.checkpoint = ml_collections.ConfigDict(dict(every=250, keep=2))
 
-  # config.loss='coca' (mmjax.models.coca): contrastive + captioning (+ BLIP's image-text
-  # matching); the towers are config.model.image / .text, the decoder reads the text tower.
-  c.coca = ml_collections.ConfigDict(dict(
-      contrastive_weight=1.0,   # open_clip's defaults: 1 x CLIP loss + 2 x caption loss
-      caption_weight=2.0,
-      label_smoothing=0.0,
-      itm_weight=0.0,           # > 0: the matching head on hard negatives (and eval re-ranking)
-      decoder_depth=2,
-      decoder_heads=placeholder(int),  # None: the text tower's
-      n_queries=256,            # the image pooler's queries: 1 contrastive + n - 1 image tokens
-      pool_heads=8,             # the image pooler's heads (open_clip: 8); must divide embed_dim
-      correct_cls_mask=True,    # False: open_clip's legacy text padding mask (its checkpoints)
-      bos_id=2,                 # prepended to every text (the trained sentencepiece's BOS);
-                                # None: the tokenizer's texts start with one (CLIP's SOT)
-      eos_id=3,                 # ends a generated caption (sentencepiece's EOS; CLIP: 49407)
-      eval_beams=1,             # captions at evaluation: 1 greedy, > 1 beam search
-      eval_length_penalty=0.0,
-      rerank_k=8,               # ITM re-ranks the top k of the contrastive similarities
-  ))
-
   # Multi-host: unset fields fall back to $MMJAX_COORDINATOR_ADDRESS,
   # $MMJAX_NUM_PROCESSES, $MMJAX_PROCESS_ID; no coordinator = one process.
   c.distributed = ml_collections.ConfigDict(dict(
@@ -205,6 +172,17 @@ def defaults() -> ml_collections.ConfigDict:
       initialization_timeout=300,
       heartbeat_timeout=60,   # seconds before the others give up on a dead process
   ))
+  # Each registered objective's own settings (mmjax.objectives: settings_path, e.g.
+  # config.model.mae, config.coca), with the defaults its module declares.
+  for name in objectives.names():
+    cls = objectives.get(name)
+    if cls.settings_path:
+      *parents, leaf = cls.settings_path.split(".")
+      node = c
+      for part in parents:
+        node = node[part]
+      if leaf not in node:
+        node[leaf] = ml_collections.ConfigDict(cls.default_settings())
   return c
 
 
@@ -226,39 +204,25 @@ def _get(config, dotted: str):
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError naming the field for what can be checked before any data or compile."""
+  """Raises ValueError naming the field for what can be checked before any data or compile:
+  the keys, the objective's own rules (Objective.check_config), and the rules that cross
+  components, each checked here once."""
   _check_keys(config, defaults(), "")
-  if config.loss not in LOSSES:
-    raise ValueError(f"config.loss must be one of {LOSSES}; got {config.loss!r}")
-  impls = tuple(i for i in IMPLS if i != "ring_bidir" or config.loss == "siglip")
-  blocks = BLOCKS
-  if config.loss == "coca":
-    for key in ("contrastive_weight", "caption_weight", "itm_weight"):
-      if not config.coca[key] >= 0:
-        raise ValueError(f"config.coca.{key} must be >= 0; got {config.coca[key]!r}")
-    if not 0.0 <= config.coca.label_smoothing < 1.0:
-      raise ValueError(f"config.coca.label_smoothing must be in [0, 1); got "
-                       f"{config.coca.label_smoothing!r}")
-    for key, least in (("decoder_depth", 1), ("n_queries", 2), ("eval_beams", 1),
-                       ("rerank_k", 1)):
-      value = config.coca[key]
-      if not isinstance(value, int) or isinstance(value, bool) or value < least:
-        raise ValueError(f"config.coca.{key} must be an int >= {least}; got {value!r}")
-  if config.loss not in CONTRASTIVE:
-    impls, blocks = ("global",), ("dense",)
-    if config.accum_steps != 1:
-      raise ValueError(f"config.accum_steps must be 1 for config.loss={config.loss!r} "
-                       "(GradCache is for the contrastive losses)")
-  if config.loss_impl not in impls:
-    raise ValueError(f"config.loss_impl must be one of {impls} for config.loss={config.loss!r}; "
-                     f"got {config.loss_impl!r}")
-  if config.loss_blocks not in blocks:
-    raise ValueError(f"config.loss_blocks must be one of {blocks} for "
-                     f"config.loss={config.loss!r}; got {config.loss_blocks!r}")
-  if config.loss_impl == "gather" and config.loss_blocks != "dense":
-    raise ValueError(f"config.loss_blocks={config.loss_blocks!r} does not apply to "
-                     "config.loss_impl='gather' (its [n, N] logits are dense by design); "
-                     "use config.loss_impl='ring'")
+  objective = objectives.get(config.loss)   # ValueError naming config.loss and the choices
+  if objective.takes_loss_impl:
+    if config.loss_blocks not in BLOCKS:
+      raise ValueError(f"config.loss_blocks must be one of {BLOCKS}; got {config.loss_blocks!r}")
+    if config.loss_impl == "gather" and config.loss_blocks != "dense":
+      raise ValueError(f"config.loss_blocks={config.loss_blocks!r} does not apply to "
+                       "config.loss_impl='gather' (its [n, N] logits are dense by design); "
+                       "use config.loss_impl='ring'")
+  else:
+    for key, default in (("loss_impl", "global"), ("loss_blocks", "dense"), ("accum_steps", 1)):
+      if config[key] != default:
+        raise ValueError(f"config.{key} must be {default!r} for config.loss={config.loss!r} "
+                         "(it applies to the contrastive losses, GradCache included); "
+                         f"got {config[key]!r}")
+  objective.check_config(config)
   steps = config.total_steps
   if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
     raise ValueError(f"config.total_steps must be a non-negative int (0: evaluate only); "
@@ -266,9 +230,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.init_from.checkpoint and config.init_from.workdir:
     raise ValueError("config.init_from.checkpoint and config.init_from.workdir are both set; "
                      "a run starts from one of them")
-  if config.init_from.checkpoint and config.loss not in CONTRASTIVE:
+  if config.init_from.checkpoint and not objective.takes_checkpoint:
     raise ValueError(f"config.init_from.checkpoint is a two-tower model; config.loss="
-                     f"{config.loss!r} is not one of {CONTRASTIVE}")
+                     f"{config.loss!r} does not train one")
   for key in ("batch_size", "log_every", "accum_steps", "nan_skip_limit",
               "checkpoint.every", "checkpoint.keep"):
     value = _get(config, key)
@@ -295,31 +259,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
       if not config.data[key]:
         raise ValueError(f"config.data.{key} must be set for config.data.name='wds' (brace "
                          "ranges '/data/{00000..00099}.tar', a glob or a file listing shards)")
-  if config.loss == "catlip":
-    _validate_catlip(config)
   if config.evaluate.retrieval_match not in ("pair", "label"):
     raise ValueError("config.evaluate.retrieval_match must be 'pair' or 'label'; "
                      f"got {config.evaluate.retrieval_match!r}")
-
-
-def _validate_catlip(config: ml_collections.ConfigDict) -> None:
-  from mmjax.data.catlip_vocab import LABELS as catlip_labels
-  c = config.model.catlip
-  if c.labels not in catlip_labels:
-    raise ValueError(f"config.model.catlip.labels must be one of {catlip_labels}; got {c.labels!r}")
-  if c.stop_words not in ("sklearn", "none"):
-    raise ValueError(f"config.model.catlip.stop_words must be 'sklearn' or 'none'; "
-                     f"got {c.stop_words!r}")
-  if isinstance(c.keep_words, str) or not all(isinstance(w, str) for w in c.keep_words):
-    raise ValueError(f"config.model.catlip.keep_words must be a tuple of words; "
-                     f"got {c.keep_words!r}")
-  for key, low in (("min_count", 1), ("max_labels", 0)):
-    v = c[key]
-    if not isinstance(v, int) or isinstance(v, bool) or v < low:
-      raise ValueError(f"config.model.catlip.{key} must be an int >= {low}; got {v!r}")
-  if config.data.name == "wds":
-    raise ValueError("config.loss='catlip' reads its caption labels through the TFDS pipeline; "
-                     "config.data.name='wds' is not supported for it yet")
 
 
 def data_dir(config: ml_collections.ConfigDict) -> str:

@@ -26,11 +26,12 @@ from flax import traverse_util
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
-from mmjax.data import catlip_vocab, pipeline, tokenizer as tokenizer_lib
+from mmjax import objectives
+from mmjax.data import pipeline, tokenizer as tokenizer_lib
 from mmjax.evaluate import Evaluator
 from mmjax.models import image as image_model
 from mmjax.models import scan as scan_lib
-from mmjax.train import checkpoint, config as config_lib, multihost, objectives, optimizer
+from mmjax.train import checkpoint, config as config_lib, multihost, optimizer
 from mmjax.train import sharding
 from mmjax.train import state as state_lib
 from mmjax.train.metrics import MetricWriter, plot_curves
@@ -227,21 +228,6 @@ def _make_evaluator(config, objective, dataset, train_src, tok, prep=None) -> Ev
                    class_names=names)
 
 
-def _label_vocab(config, train_src) -> catlip_vocab.Vocabulary | None:
-  """CatLIP's labels, built from the training captions (config.model.catlip); else None."""
-  if config.loss != "catlip":
-    return None
-  c = config.model.catlip
-  vocab = catlip_vocab.build_vocabulary(
-      pipeline.iter_texts(train_src, config.data.text_key), labels=c.labels,
-      stop_words=() if c.stop_words == "none" else c.stop_words, keep_words=tuple(c.keep_words),
-      min_count=c.min_count, max_labels=c.max_labels)
-  if jax.process_index() == 0:
-    print(f"mmjax: CatLIP: {len(vocab)} labels from the training captions, most frequent "
-          f"{', '.join(vocab.labels[:8])}", flush=True)
-  return vocab
-
-
 def _check_frozen_batch_norm(objective, frozen, config) -> None:
   """A locked tower must not normalise by batch statistics (which change with every batch):
   ValueError when config.frozen covers a BatchNorm of config.model.image.norm='batch'."""
@@ -279,11 +265,10 @@ def build(config: ml_collections.ConfigDict) -> Run:
   if jax.process_index() != 0:
     dataset, train_src, tok = _open_data(config, ddir, ckpt)
   _check_labels(config, dataset)
-  label_vocab = _label_vocab(config, train_src)
-  objective = objectives.make(config, tok.vocab_size, mesh=mesh,
-                              batch_axes=sharding.batch_axes(mesh),
-                              converted=None if ckpt is None else ckpt.config,
-                              label_vocab=label_vocab)
+  objective = objectives.make(config, objectives.Context(
+      vocab_size=tok.vocab_size, mesh=mesh, batch_axes=sharding.batch_axes(mesh),
+      converted=None if ckpt is None else ckpt.config,
+      train_texts=lambda: pipeline.iter_texts(train_src, config.data.text_key)))
   normalize = None if ckpt is None else (ckpt.preprocess.mean, ckpt.preprocess.std)
   rng = jax.random.PRNGKey(config.seed)
   # The model's init is traced once, for shapes: the frozen labels and the state's shardings.
@@ -299,7 +284,7 @@ def build(config: ml_collections.ConfigDict) -> Run:
   state_sharding = sharding.state_shardings(abstract, mesh, config.sharding)
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           abstract, state_sharding)
-  views = 2 if "image2" in objective.batch_keys else 1
+  views = objective.views
   if config.data.name == "wds":   # uint8 images, normalised on the device (Run.normalize)
     from mmjax.data import wds_pipeline
     data_iter = wds_pipeline.make_train_iterator(
@@ -311,7 +296,7 @@ def build(config: ml_collections.ConfigDict) -> Run:
         train_src, config.data, tokenizer=tok, global_batch_size=config.batch_size,
         seed=config.seed, process_index=jax.process_index(),
         process_count=jax.process_count(), views=views, normalize=normalize,
-        targets=label_vocab)
+        caption_fields=objective.caption_fields())
   evaluator = _make_evaluator(config, objective, dataset, train_src, tok,
                               None if ckpt is None else ckpt.preprocess)
   return Run(config=config, mesh=mesh, objective=objective, tx=tx, schedule=schedule,
@@ -538,7 +523,7 @@ def run(built: Run, workdir: str, *,
   done = _finished(workdir, config.total_steps)
   if done is not None:
     return done
-  built.objective.save_or_check(workdir)   # CatLIP's label vocabulary
+  built.objective.save_or_check(workdir)
   ckpt = checkpoint.make_manager(workdir, every=config.checkpoint.every,
                                  keep=config.checkpoint.keep)
   primary, bar = jax.process_index() == 0, None

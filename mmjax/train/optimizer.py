@@ -43,13 +43,6 @@ def frozen_labels(params, patterns: Sequence[str]):
       else "train", params)
 
 
-def stop_frozen(params, labels):
-  """params with stop_gradient on the leaves labelled 'frozen' (see frozen_labels),
-  so no backward pass runs through a locked tower."""
-  return jax.tree.map(
-      lambda label, p: jax.lax.stop_gradient(p) if label == "frozen" else p, labels, params)
-
-
 def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int, *,
                    frozen=None) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """Returns (tx, lr_schedule) from config.optim.

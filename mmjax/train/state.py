@@ -27,7 +27,7 @@ def init_state(objective, tx: optax.GradientTransformation, rng: jax.Array,
                batch: dict) -> TrainState:
   """Initialises params from a dummy batch (shapes only matter).
 
-  objective: an mmjax.train.objectives.Objective (init, ema_init).
+  objective: an mmjax.objectives.Objective (init, ema_init).
   """
   init_rng, rng = jax.random.split(rng)
   params = objective.init(init_rng, batch)
@@ -46,12 +46,12 @@ def abstract_state(objective, tx: optax.GradientTransformation, abstract_params:
 
 
 def images_to_float(batch: dict, normalize: tuple | None = None) -> dict:
-  """The batch with its uint8 images ('image', 'image2') as float32: (x / 255 - mean) / std
-  for normalize=(mean, std), else [-1, 1]; float images pass as they are."""
+  """The batch with its uint8 images (every uint8 [b, H, W, C] field: 'image', an objective's
+  further views) as float32: (x / 255 - mean) / std for normalize=(mean, std), else [-1, 1];
+  float images pass as they are."""
   out = dict(batch)
-  for key in ("image", "image2"):
-    x = out.get(key)
-    if x is not None and x.dtype == jnp.uint8:
+  for key, x in batch.items():
+    if x.dtype == jnp.uint8 and x.ndim == 4:
       x = x.astype(jnp.float32)
       if normalize is None:
         out[key] = x * (2.0 / 255.0) - 1.0
@@ -77,7 +77,7 @@ def make_train_step(objective, tx: optax.GradientTransformation, *,
   batch: the objective's batch_keys, e.g. {'image': [B, H, W, 3] float32,
   'text': [B, L] int32}, B the global batch (split over the mesh's batch axes). uint8
   images are made float32 here, on the device (images_to_float with `normalize`).
-  The objective computes the loss and gradients (mmjax.train.objectives); the
+  The objective computes the loss and gradients (mmjax.objectives); the
   optimizer step, the momentum-encoder update, BatchNorm's running statistics (the
   'batch_stats' an objective returns in its aux: mmjax.models.resnet.update_batch_stats)
   and the metrics are common.

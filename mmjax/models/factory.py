@@ -1,0 +1,89 @@
+"""Config -> model: the towers of config.model, decoded and checked once, and the models
+built around them (two towers, CoCa). Objectives call these; a bad field raises one
+ValueError naming config.model.<tower>.<field>."""
+
+from __future__ import annotations
+
+import ml_collections
+
+from mmjax.models import coca, image as image_lib, resnet, text as text_lib, two_tower, vit
+from mmjax.numerics import dtype
+
+
+def runtime(config: ml_collections.ConfigDict) -> dict:
+  """config.model's runtime settings, the same for every tower: dtype, param_dtype, remat,
+  remat_policy, scan, attention_impl."""
+  m = config.model
+  return dict(dtype=dtype(m.dtype), param_dtype=dtype(m.param_dtype), remat=m.remat,
+              remat_policy=m.remat_policy, scan=m.scan, attention_impl=m.attention_impl)
+
+
+def dtypes(config: ml_collections.ConfigDict) -> dict:
+  """{'dtype', 'param_dtype'} of config.model: the heads' and wrappers' settings."""
+  return {k: v for k, v in runtime(config).items() if k in ("dtype", "param_dtype")}
+
+
+def tower_config(config: ml_collections.ConfigDict, tower: str, **extra) -> dict:
+  """The complete fields of config.model.<tower> ('image': vit.ViT or resnet.ResNet by
+  variant, mmjax.models.image; 'text': text.TextTransformer) with the runtime settings.
+  extra: fields the config does not hold (vocab_size, max_len, pool_type, ...)."""
+  fields = {k: v for k, v in config.model[tower].items() if v is not None}
+  if tower == "text":
+    fields.pop("patch_dropout", None)
+  fields.update(runtime(config), **extra)
+  resolve = image_lib.config if tower == "image" else text_lib.config
+  try:
+    return resolve(**fields)
+  except ValueError as e:
+    raise ValueError(f"config.model.{tower}.{e}") from None
+
+
+def two_tower_model(config: ml_collections.ConfigDict, vocab_size: int, *, loss: str,
+                    converted: dict | None = None) -> two_tower.TwoTower:
+  """The two-tower model of config.model trained by `loss` ('clip' | 'siglip').
+
+  converted: the `two_tower.Model` kwargs of a converted checkpoint (Converted.config), whose
+  architecture replaces config.model's towers; config.model's runtime settings and
+  image.patch_dropout still apply (the loop stacks the checkpoint's per-layer params for
+  scan=True: mmjax.models.scan.match_blocks).
+  """
+  m, run = config.model, runtime(config)
+  if converted is not None:
+    image = dict(converted["image"], patch_dropout=m.image.patch_dropout, **run)
+    if m.image.norm is not None:   # e.g. 'batch': fine-tune an open_clip RN's BatchNorm
+      if not image_lib.is_resnet(image):
+        raise ValueError(f"config.model.image.norm={m.image.norm!r}: the checkpoint's image "
+                         "tower is a ViT, which has no such field")
+      image["norm"] = m.image.norm
+    return two_tower.Model(
+        image=image, text=dict(converted["text"], **run),
+        **{k: v for k, v in converted.items() if k not in ("image", "text")}, **dtypes(config))
+  image = tower_config(config, "image")
+  image_proj = "dense"
+  if image_lib.is_resnet(image) and resnet.pool_type(image) == "attn":
+    # CLIP's ResNet: the attention pool's output projection is the one to embed_dim.
+    image, image_proj = dict(image, output_dim=m.embed_dim), "none"
+  return two_tower.TwoTower(
+      image=image, image_proj=image_proj,
+      text=tower_config(config, "text", vocab_size=vocab_size, max_len=config.data.text_len),
+      embed_dim=m.embed_dim, loss=loss, temperature_init=m.temperature_init,
+      bias_init=m.bias_init, **dtypes(config))
+
+
+def coca_model(config: ml_collections.ConfigDict, vocab_size: int) -> coca.CoCa:
+  """The CoCa model of config.model (towers) and config.coca (decoder, pooler, text ids)."""
+  m, c = config.model, config.coca
+  image = tower_config(config, "image", pool_type=m.image.pool_type or "none")
+  try:
+    dims = vit.dims(m.text.variant, decode=text_lib.decode_variant,
+                    **{k: m.text[k] for k in ("width", "depth", "mlp_dim", "num_heads")})
+  except ValueError as e:
+    raise ValueError(f"config.model.text.{e}") from None
+  text = dict(dims, vocab_size=vocab_size, pad_id=0, correct_cls_mask=c.correct_cls_mask,
+              max_len=config.data.text_len + (c.bos_id is not None), **runtime(config))
+  decoder = dict(depth=c.decoder_depth, num_heads=c.decoder_heads or dims["num_heads"],
+                 mlp_dim=dims["mlp_dim"])
+  return coca.Model(image=image, text=text, decoder=decoder, embed_dim=m.embed_dim,
+                    n_queries=c.n_queries, pool_heads=c.pool_heads,
+                    bos_id=c.bos_id, itm=c.itm_weight > 0, temperature_init=m.temperature_init,
+                    **dtypes(config))

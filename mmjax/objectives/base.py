@@ -1,0 +1,196 @@
+"""What every objective supplies to the loop, the train step and the evaluators, and the
+registry that finds an objective by config.loss.
+
+An objective is a class registered by name (`@register('my_loss')`). The loop builds it
+as `cls(config, context)`, and from then on reads only what this base class declares:
+its batch keys and image views, the host-side fields it derives from each caption, its
+init and grad_fn, and its evaluation hooks. Nothing outside an objective's module knows
+its name.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any, Callable, Iterable
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh
+
+from mmjax.losses import registry as loss_registry
+
+Params = Any
+
+
+@dataclasses.dataclass
+class Context:
+  """What an objective may need beyond the config, known once the data is open.
+
+  vocab_size: the tokenizer's ids; mesh, batch_axes: where a sharded loss runs;
+  converted: a converted checkpoint's model kwargs (config.init_from.checkpoint);
+  train_texts: () -> the training captions (read on demand: CatLIP builds its labels).
+  """
+  vocab_size: int = 0
+  mesh: Mesh | None = None
+  batch_axes: tuple[str, ...] = ()
+  converted: dict | None = None
+  train_texts: Callable[[], Iterable[str]] | None = None
+
+
+class Objective:
+  """What a run optimises. Subclasses set `model` in __init__(config, context) and define
+  init, grad_fn and features; every other hook has a default meaning "not used".
+
+  Class attributes:
+    batch_keys: the batch fields grad_fn reads (the loop shards exactly these).
+    views: augmented views of each image in the batch: 1 ('image') or 2 (+ 'image2').
+    settings_path, default_settings(): its own config subtree (e.g. 'model.mae') and its
+      defaults; config.defaults() holds them, so its keys are checked like any other.
+    takes_loss_impl: config.loss_impl, loss_blocks and accum_steps apply to it.
+    takes_checkpoint: config.init_from.checkpoint (a converted two-tower model) applies.
+  `frozen`: None or a pytree of 'frozen' / 'train' labels over the params (config.frozen,
+  worked out once by the loop): no gradient flows through the frozen ones.
+  """
+  model: nn.Module
+  batch_keys: tuple[str, ...] = ("image", "text")
+  views: int = 1
+  settings_path: str | None = None
+  takes_loss_impl: bool = False
+  takes_checkpoint: bool = False
+  frozen: Any = None
+
+  @staticmethod
+  def default_settings() -> dict:
+    return {}
+
+  @classmethod
+  def check_config(cls, config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError naming the field for what is wrong in config for this objective
+    (its own subtree, and what it refuses); run once, before any data is read."""
+
+  def init(self, rng: jax.Array, batch: dict) -> Params:
+    """params from a dummy batch {'image' [1, S, S, 3], 'text' [1, L]} (shapes only)."""
+    raise NotImplementedError
+
+  def grad_fn(self, params: Params, ema: Any, batch: dict, rng: jax.Array
+              ) -> tuple[tuple[jax.Array, dict], Params]:
+    """((loss, metrics), grads) of the global batch. metrics may hold 'batch_stats' (the
+    BatchNorm statistics the forward pass sowed): the train step moves the running ones."""
+    raise NotImplementedError
+
+  def features(self, params: Params, image: jax.Array) -> jax.Array:
+    """[b, H, W, 3] -> [b, d] image features for the linear probe and kNN."""
+    raise NotImplementedError
+
+  def caption_fields(self) -> dict[str, Callable[[str], np.ndarray]]:
+    """Batch fields computed on the host from each training caption: {key: caption -> array}
+    (picklable; CatLIP: its multi-hot label targets)."""
+    return {}
+
+  def ema_init(self, params: Params) -> Any:
+    """The momentum encoder's initial params, or None when there is none."""
+    return None
+
+  def ema_update(self, ema: Any, params: Params, step: jax.Array) -> Any:
+    return ema
+
+  def towers(self) -> tuple[Callable, Callable] | None:
+    """(embed_image(params, image), embed_text(params, tokens)) -> unit-norm [b, e] for
+    zero-shot and retrieval; None for an image-only objective."""
+    return None
+
+  def transfer_head(self, params: Params, class_names: list[str]
+                    ) -> tuple[np.ndarray, np.ndarray, int] | None:
+    """(w [d, c], b [c], classes found): a classifier of features() for the named classes
+    taken from what was learnt; None when the objective has no such head."""
+    return None
+
+  def captioner(self, first: int | None = None) -> Callable | None:
+    """gen(params, images [b, H, W, 3]) -> caption tokens [b, L] for the evaluator, or None.
+    first: the tokenizer's start token, for models that prepend none of their own."""
+    return None
+
+  def reranker(self) -> tuple[Callable, Callable, int] | None:
+    """(image_tokens(params, images) -> [b, n, e], score(params, image_tokens, texts) -> [b],
+    k): the evaluator re-ranks the top k of retrieval by score; None: no re-ranking."""
+    return None
+
+  def save_or_check(self, workdir: str) -> None:
+    """Writes what a run keeps beside its checkpoints on a fresh run, or checks that a
+    resumed run's equals it; nothing for most objectives."""
+
+  def with_frozen(self, frozen: Any) -> "Objective":
+    """A copy whose grad_fn stops gradients at the leaves labelled 'frozen'."""
+    new = copy.copy(self)
+    new.frozen = frozen
+    return new
+
+  def _freeze(self, params: Params) -> Params:
+    return params if self.frozen is None else stop_frozen(params, self.frozen)
+
+
+def stop_frozen(params: Params, labels: Any) -> Params:
+  """params with stop_gradient on the leaves labelled 'frozen' (mmjax.train.optimizer.
+  frozen_labels), so no backward pass runs through a locked tower."""
+  return jax.tree.map(
+      lambda label, p: jax.lax.stop_gradient(p) if label == "frozen" else p, labels, params)
+
+
+_REGISTRY: dict[str, type[Objective]] = {}
+
+
+def register(*names: str) -> Callable[[type[Objective]], type[Objective]]:
+  """Class decorator: config.loss = each of `names` selects the class."""
+  def add(cls: type[Objective]) -> type[Objective]:
+    for name in names:
+      _REGISTRY[name] = cls
+    return cls
+  return add
+
+
+def names() -> tuple[str, ...]:
+  """Every value config.loss takes: the registered objectives and the contrastive losses of
+  mmjax.losses.registry (each trains a two-tower model)."""
+  return tuple(dict.fromkeys([*_REGISTRY, *loss_registry.CONTRASTIVE]))
+
+
+def get(name: str) -> type[Objective]:
+  """The objective class of config.loss = name. A contrastive loss registered in
+  mmjax.losses (register_contrastive) that no objective claims trains two towers."""
+  if name in _REGISTRY:
+    return _REGISTRY[name]
+  if name in loss_registry.CONTRASTIVE and "clip" in _REGISTRY:
+    return _REGISTRY["clip"]
+  raise ValueError(f"config.loss must be one of {names()}; got {name!r}")
+
+
+def make(config: ml_collections.ConfigDict, context: Context | None = None,
+         **fields) -> Objective:
+  """The objective of config.loss built for `context` (or Context(**fields)), with no
+  frozen params (see Objective.with_frozen)."""
+  if context is not None and not isinstance(context, Context):
+    raise TypeError(f"context must be an mmjax.objectives.Context; got {context!r}")
+  return get(config.loss)(config, context or Context(**fields))
+
+
+def train_apply(model: nn.Module, params: Params, *args, **kwargs):
+  """model.apply({'params': params}, *args, train=True, **kwargs) -> (outputs, the
+  'batch_stats' the pass sowed: {} unless a tower has BatchNorm on batch statistics)."""
+  out, state = model.apply({"params": params}, *args, train=True, mutable=["batch_stats"],
+                           **kwargs)
+  return out, dict(state).get("batch_stats", {})
+
+
+def with_stats(aux: dict, stats: dict) -> dict:
+  """aux with stats under 'batch_stats' (the train step pops them)."""
+  return {**aux, "batch_stats": stats} if stats else aux
+
+
+def encoders(model: nn.Module) -> tuple[Callable, Callable]:
+  """(image(params, images) -> [b, e], text(params, texts) -> [b, e]) of a model with
+  encode_image and encode_text methods."""
+  return (lambda p, x: model.apply({"params": p}, x, method="encode_image"),
+          lambda p, t: model.apply({"params": p}, t, method="encode_text"))
