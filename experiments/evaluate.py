@@ -90,16 +90,10 @@ def evaluate(checkpoint: str, dataset: str, *, split: str = "test", data_dir: st
       templates = templates or "openai"
       temps = eval_data.load_templates(templates)
   ckpt = convert.load(checkpoint)
-  spec = tokenizer or ckpt.tokenizer
-  if spec is None:
-    raise ValueError(f"--tokenizer: checkpoint {checkpoint!r} names no tokenizer (big_vision "
-                     ".npz files hold no vocabulary); pass e.g. --tokenizer "
-                     "sentencepiece:/path/to/spiece.model")
-  tok = tokenizers.get_tokenizer(spec)
+  tok = tokenizers.tokenizer_for_tower(tokenizer, checkpoint_spec=ckpt.tokenizer,
+                                       vocab_size=ckpt.config["text"]["vocab_size"],
+                                       field="--tokenizer")
   text_len = ckpt.config["text"]["max_len"]
-  if tok.vocab_size > ckpt.config["text"]["vocab_size"]:
-    raise ValueError(f"--tokenizer {spec!r} has {tok.vocab_size} ids; the checkpoint's text "
-                     f"tower embeds {ckpt.config['text']['vocab_size']}")
   encode_img, encode_txt = _encoders(ckpt)
   encode_text = _batched_text(encode_txt, tok, text_len, batch_size)
   n = len(ds.source) if limit is None else min(limit, len(ds.source))
@@ -128,7 +122,7 @@ def evaluate(checkpoint: str, dataset: str, *, split: str = "test", data_dir: st
     metrics.update({f"text_retrieval_recall@{k}": r[f"i2t_r{k}"] for k in (1, 5, 10)})
     metrics["n"], task = len(img_emb), "zeroshot_retrieval"
   out = {"checkpoint": checkpoint, "dataset": ds.name, "split": split, "task": task,
-         "metrics": metrics, "tokenizer": spec, "image_size": ckpt.preprocess.size,
+         "metrics": metrics, "tokenizer": tok.spec, "image_size": ckpt.preprocess.size,
          "images_per_second": clock.rate(), "seconds": time.time() - t0}
   if temps is not None:
     out.update(templates=templates, num_templates=len(temps), num_classes=len(ds.class_names))

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from mmjax.data import digits, image_folder, pipeline
-from mmjax.data.tokenizer import EOS, PAD, Tokenizer, get_tokenizer
+from mmjax.data.tokenizers import EOS, PAD, TrainedTokenizer, get_tokenizer, trained_spec
 
 
 @pytest.fixture(scope="module")
@@ -21,8 +21,8 @@ def sources(data_dir):
 
 @pytest.fixture(scope="module")
 def tok(sources, data_dir):
-  return get_tokenizer(name="mmjax_digits", data_dir=data_dir, vocab_size=512,
-                       train_texts_fn=lambda: pipeline.iter_texts(sources["train"]))
+  return get_tokenizer(trained_spec(data_dir, "mmjax_digits", 512),
+                       train_texts=lambda: pipeline.iter_texts(sources["train"]))
 
 
 def test_no_tensorflow_imported(sources):
@@ -114,15 +114,34 @@ def test_truncated_captions_are_reported(tok, capsys, data_dir):
 
 def test_tokenizer_is_deterministic_and_cached(tok, tmp_path, data_dir):
   texts = [f"caption number {i} of a handwritten digit" for i in range(50)]
-  a, b = Tokenizer.train(texts, vocab_size=300), Tokenizer.train(texts, vocab_size=300)
+  a, b = (TrainedTokenizer.train(texts, vocab_size=300) for _ in range(2))
   np.testing.assert_array_equal(a.encode(texts, 12), b.encode(texts, 12))
   a.save(str(tmp_path / "t.model"))
-  c = Tokenizer.from_file(str(tmp_path / "t.model"))
+  c = TrainedTokenizer.from_file(str(tmp_path / "t.model"))
   np.testing.assert_array_equal(a.encode(texts, 12), c.encode(texts, 12))
   assert os.path.exists(os.path.join(data_dir, "mmjax_digits", "tokenizer-bpe-v512.model"))
-  with pytest.raises(ValueError, match="tokenizer_path"):
-    get_tokenizer(name="x", data_dir=data_dir, vocab_size=512, train_texts_fn=list,
-                  path=str(tmp_path / "missing.model"))
+  assert tok.spec == f"trained:{data_dir}/mmjax_digits/tokenizer-bpe-v512.model?vocab_size=512"
+
+
+def test_the_loop_opens_the_trained_tokenizer_from_its_config(tok, tmp_path, data_dir):
+  """config.data.tokenizer_path: that file (missing: a ValueError naming the field); else the
+  BPE cached under the data dir for config.data.name and vocab_size; config.data.tokenizer
+  wins over both."""
+  from mmjax.train import loop
+  from tests.configs import tiny_config
+  texts = ["a handwritten seven", "Ünïcode €", "the digit 7 " * 9]
+  cached = f"{data_dir}/mmjax_digits/tokenizer-bpe-v512.model"
+  for fields, spec in [({}, f"trained:{cached}?vocab_size=512"),
+                       ({"data.tokenizer_path": cached}, f"trained:{cached}")]:
+    _, _, got = loop._open_data(tiny_config(data_dir, **fields), data_dir)
+    assert got.spec == spec
+    np.testing.assert_array_equal(got.encode(texts, 16), tok.encode(texts, 16))
+  missing = str(tmp_path / "missing.model")
+  with pytest.raises(ValueError, match=r"^config.data.tokenizer_path: tokenizer spec 'trained:.*"
+                                       r"missing.model'.* is not a file"):
+    loop._open_data(tiny_config(data_dir, **{"data.tokenizer_path": missing}), data_dir)
+  config = tiny_config(data_dir, **{"data.tokenizer_path": missing, "data.tokenizer": "clip"})
+  assert loop._open_data(config, data_dir)[2].spec == "clip"
 
 
 def data_config(**fields):

@@ -501,10 +501,10 @@ def test_batch_stat_norm_on_8_devices_uses_the_global_batch_statistics(rng):
 
 
 def test_two_views_differ_but_share_the_example(data_dir):
-  from mmjax.data import pipeline, tokenizer
+  from mmjax.data import pipeline, tokenizers
   src = pipeline.get_source("mmjax_digits", "train", data_dir=data_dir)
-  tok = tokenizer.get_tokenizer(name="mmjax_digits", data_dir=data_dir, vocab_size=512,
-                                train_texts_fn=lambda: pipeline.iter_texts(src))
+  tok = tokenizers.get_tokenizer(tokenizers.trained_spec(data_dir, "mmjax_digits", 512),
+                                 train_texts=lambda: pipeline.iter_texts(src))
   from mmjax.train.config import defaults
   data = defaults().data
   data.update(dict(image_size=32, text_len=16, crop_scale_min=0.3))

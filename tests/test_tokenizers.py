@@ -2,18 +2,21 @@
 
 Sentencepiece models and a `tokenizers` BPE are trained here on generated captions: a T5/c4_en
 id layout (pad 0, eos 1, unk 2, no bos) for `sentencepiece:`, a Gemma one (pad 0, eos 1, bos 2,
-unk 3, BPE with byte fallback) for `gemma:`.
+unk 3, BPE with byte fallback) for `gemma:`, mmjax's own (pad 0, unk 1, bos 2, eos 3, BPE with
+byte fallback, trained on lower-cased captions) for `trained:`.
 """
 
 import io
 import pickle
+import re
 
 import numpy as np
 import pytest
 import sentencepiece as spm
 
 from mmjax.data.clip_tokenizer import ClipTokenizer
-from mmjax.data.tokenizers import get_tokenizer
+from mmjax.data.tokenizers import (BOS, EOS, PAD, UNK, TrainedTokenizer, get_tokenizer,
+                                   tokenizer_for_tower, trained_spec)
 from tests.open_clip_peer import import_transformers
 
 WORDS = ("a an the of on in with dog dogs cat cats photo picture small big red blue green old "
@@ -86,6 +89,83 @@ def hf_json(tmp_path, rng):
 
 
 @pytest.mark.filterwarnings("ignore:This sequence already has")   # SiglipTokenizer on "... </s>"
+def trained_reference(texts, vocab_size):
+  """mmjax's trained BPE made with sentencepiece directly: (model bytes, processor)."""
+  model = io.BytesIO()
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter([t.lower() for t in texts]), model_writer=model, model_type="bpe",
+      vocab_size=vocab_size, hard_vocab_limit=False, byte_fallback=True, pad_id=0, unk_id=1,
+      bos_id=2, eos_id=3, character_coverage=1.0, num_threads=1, minloglevel=2)
+  return model.getvalue(), spm.SentencePieceProcessor(model_proto=model.getvalue())
+
+
+def trained_ids(sp, text, max_len):
+  """The trained kind's row: lower-case, ids, cut to max_len-1, EOS (3), pad 0."""
+  ids = sp.encode(text.lower())[:max_len - 1] + [3]
+  return ids + [0] * (max_len - len(ids))
+
+
+def test_trained_is_trained_once_cached_and_matches_sentencepiece(tmp_path, rng):
+  """`trained:` trains on train_texts() on a miss, saves the model at the trainer's cache path
+  (<data_dir>/<name>/tokenizer-bpe-v<N>.model), loads it afterwards without the captions, and
+  encodes as the reference: the same model bytes and ids as sentencepiece trained directly."""
+  corpus = captions(rng, 400)
+  proto, sp = trained_reference(corpus, 300)
+  spec = trained_spec(str(tmp_path), "my_set", 300)
+  path = tmp_path / "my_set" / "tokenizer-bpe-v300.model"
+  assert spec == f"trained:{path}?vocab_size=300"
+  calls = []
+  tok = get_tokenizer(spec, train_texts=lambda: calls.append(1) or iter(corpus))
+  assert calls == [1] and path.read_bytes() == proto
+
+  def no_training():
+    raise AssertionError("the cached model must be loaded, not retrained")
+  cached = get_tokenizer(spec, train_texts=no_training)
+  assert get_tokenizer(f"trained:{path}").spec == f"trained:{path}"   # a file, no training
+  texts = EDGE + captions(rng, 30)
+  for max_len in (1, 4, 16, 64):
+    want = np.array([trained_ids(sp, t, max_len) for t in texts], np.int32)
+    for t in (tok, cached):
+      np.testing.assert_array_equal(t.encode(texts, max_len), want, err_msg=f"{max_len}")
+  assert (want[:, -1] == 3).any() and (want[:, -1] == 0).any()   # some cut, some padded
+  assert (tok.spec, tok.vocab_size, tok.pad_id, tok.eos_id) == (spec, sp.get_piece_size(), 0, 3)
+  assert (PAD, UNK, BOS, EOS) == (0, 1, 2, 3)
+  want = [sp.decode(sp.encode(t.lower())[:63]) for t in texts]
+  assert tok.decode(tok.encode(texts, 64)) == want
+  assert [tok.num_tokens(t) for t in texts] == [len(sp.encode(t.lower())) + 1 for t in texts]
+
+
+def test_trained_kind_equals_the_class_trained_directly(tmp_path, rng):
+  """get_tokenizer's trained kind == TrainedTokenizer.train on the same sentences (the
+  trainer's tokenizer before specs existed): same vocabulary and ids."""
+  corpus = captions(rng, 300)
+  direct = TrainedTokenizer.train(corpus, vocab_size=400)
+  tok = get_tokenizer(trained_spec(str(tmp_path), "set", 400), train_texts=lambda: corpus)
+  texts = EDGE + captions(rng, 20)
+  assert tok.vocab_size == direct.vocab_size
+  np.testing.assert_array_equal(tok.encode(texts, 16), direct.encode(texts, 16))
+
+
+def test_tokenizer_for_tower(tmp_path, rng):
+  """The override wins over the checkpoint's spec; no spec at all, a bad spec and more ids
+  than the tower embeds raise one ValueError naming the field."""
+  path, sp = t5_model(tmp_path, rng)
+  n = sp.get_piece_size()
+  tok = tokenizer_for_tower(None, checkpoint_spec=f"sentencepiece:{path}", vocab_size=n,
+                            field="--tokenizer")
+  assert tok.spec == f"sentencepiece:{path}"
+  assert tokenizer_for_tower("clip", checkpoint_spec=f"sentencepiece:{path}",
+                             vocab_size=49408, field="--tokenizer").spec == "clip"
+  with pytest.raises(ValueError, match=r"^--tokenizer: the checkpoint names no tokenizer"):
+    tokenizer_for_tower(None, checkpoint_spec=None, vocab_size=n, field="--tokenizer")
+  with pytest.raises(ValueError, match=r"^config.data.tokenizer: tokenizer spec 'nonsense'"):
+    tokenizer_for_tower("nonsense", checkpoint_spec=None, vocab_size=n,
+                        field="config.data.tokenizer")
+  with pytest.raises(ValueError, match=rf"^--tokenizer='clip' has 49408 ids; .* embeds {n}$"):
+    tokenizer_for_tower("clip", checkpoint_spec=f"sentencepiece:{path}", vocab_size=n,
+                        field="--tokenizer")
+
+
 def test_sentencepiece_canonicalize_matches_siglip_tokenizer(tmp_path, rng):
   """`sentencepiece:P?canonicalize=true` == transformers' SiglipTokenizer(vocab_file=P) with
   padding="max_length", truncation=True, at L=16 and 64 (sticky EOS, pad = '</s>')."""
@@ -209,18 +289,20 @@ def test_clip_matches_open_clip_tokenizer(rng):
   assert isinstance(tok, ClipTokenizer)
 
 
-@pytest.mark.parametrize("kind", ["clip", "sentencepiece", "siglip", "gemma", "hf"])
+@pytest.mark.parametrize("kind", ["clip", "sentencepiece", "siglip", "gemma", "hf", "trained"])
 def test_pickle_round_trip(kind, tmp_path, rng):
   """pickle.loads(pickle.dumps(tok)) keeps spec, ids, pad and eos (grain workers pickle it)."""
   spec = {"clip": lambda: "clip",
           "sentencepiece": lambda: f"sentencepiece:{t5_model(tmp_path, rng)[0]}?pad_id=3",
           "siglip": lambda: f"sentencepiece:{t5_model(tmp_path, rng)[0]}?canonicalize=true",
           "gemma": lambda: f"gemma:{gemma_model(tmp_path, rng)[0]}?lower=false",
-          "hf": lambda: f"hf:{hf_json(tmp_path, rng)[0]}?pad_id=5"}[kind]()
-  tok = get_tokenizer(spec)
+          "hf": lambda: f"hf:{hf_json(tmp_path, rng)[0]}?pad_id=5",
+          "trained": lambda: trained_spec(str(tmp_path), "c4_like", 300)}[kind]()
+  tok = get_tokenizer(spec, train_texts=lambda: captions(rng, 300))
   texts = EDGE + captions(rng, 10)
   want = tok.encode(texts, 16)
-  (tmp_path / "c4_like.model").unlink(missing_ok=True)   # the copy must not need the file
+  for f in tmp_path.rglob("*.model"):   # the copy must not need the file
+    f.unlink()
   back = pickle.loads(pickle.dumps(tok))
   assert back.spec == spec and (back.pad_id, back.eos_id, back.vocab_size) == (
       tok.pad_id, tok.eos_id, tok.vocab_size)
@@ -233,7 +315,7 @@ def test_spec_errors(tmp_path, rng):
   path, _ = t5_model(tmp_path, rng)
   with pytest.raises(ValueError, match=r"'bogus:/x'.*unknown kind 'bogus'.*clip, sentencepiece"):
     get_tokenizer("bogus:/x")
-  with pytest.raises(ValueError, match=r"unknown kind 'spm'.*gemma:PATH, hf:PATH"):
+  with pytest.raises(ValueError, match=r"unknown kind 'spm'.*gemma:PATH, hf:PATH, trained:PATH"):
     get_tokenizer(f"spm:{path}")
   missing = str(tmp_path / "nope.model")
   for kind in ("sentencepiece", "gemma", "hf"):
@@ -257,3 +339,23 @@ def test_spec_errors(tmp_path, rng):
     get_tokenizer(f"sentencepiece:{path}").encode("a photo", 8)
   with pytest.raises(ValueError, match=r"one string"):
     get_tokenizer("clip").encode("a photo", 8)
+
+
+def test_trained_spec_errors(tmp_path):
+  """A trained spec that cannot give a model raises one ValueError naming the spec and why."""
+  missing = re.escape(str(tmp_path / "set" / "tokenizer-bpe-v300.model"))
+  with pytest.raises(ValueError, match=rf"^tokenizer spec 'trained:{missing}': '{missing}' is not "
+                                       r"a file \(add \?vocab_size=N to train it"):
+    get_tokenizer(f"trained:{tmp_path}/set/tokenizer-bpe-v300.model", train_texts=lambda: ["a"])
+  spec = trained_spec(str(tmp_path), "set", 300)
+  with pytest.raises(ValueError, match=rf"^tokenizer spec '{re.escape(spec)}': .* no train_texts"):
+    get_tokenizer(spec)
+  with pytest.raises(ValueError, match=r"'trained:/x\?vocab_size=big'.*vocab_size='big'.*integer"):
+    get_tokenizer("trained:/x?vocab_size=big", train_texts=lambda: ["a cat"])
+  with pytest.raises(ValueError, match=r"'trained:.*vocab_size=8'.*cannot train.*[Vv]ocabulary"):
+    get_tokenizer(trained_spec(str(tmp_path), "small", 8), train_texts=lambda: ["a cat"] * 50)
+  with pytest.raises(ValueError, match=r"unknown option 'vocab'.*for trained: vocab_size"):
+    get_tokenizer("trained:/x?vocab=300")
+  with pytest.raises(ValueError, match=r"one string"):
+    get_tokenizer(spec, train_texts=lambda: ["a cat"] * 50).encode("a photo", 8)
+  assert not list(tmp_path.rglob("*.tmp*"))

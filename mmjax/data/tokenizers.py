@@ -1,8 +1,10 @@
-"""One `get_tokenizer(spec)` for every vocabulary a checkpoint brings (the converters' specs).
+"""One `get_tokenizer(spec)` for every vocabulary: a checkpoint's (the converters' specs) or
+mmjax's own BPE trained on a dataset's training captions.
 
   tok = get_tokenizer("sentencepiece:/ckpt/spiece.model?canonicalize=true")
   ids = tok.encode(["A photo of a cat."], max_len=64)   # int32 [1, 64]: ids, EOS, pad_id...
   tok.vocab_size, tok.pad_id, tok.eos_id, tok.spec       # pickles (grain workers)
+  tok = get_tokenizer(trained_spec(data_dir, "mmjax_digits", 512), train_texts=captions)
 
 Spec grammar: `KIND[:PATH][?KEY=VALUE[&KEY=VALUE...]]` (PATH may not contain '?'):
 
@@ -18,27 +20,37 @@ Spec grammar: `KIND[:PATH][?KEY=VALUE[&KEY=VALUE...]]` (PATH may not contain '?'
   max_len ids, or the first max_len-1 and the last when the last is a special token (sticky
   EOS); padded with option pad_id, else the file's padding pad_id, else 0. `eos_id` is the
   special token the post-processor appends, None when it appends none.
+- `trained:PATH`: mmjax's own sentencepiece BPE (`TrainedTokenizer`: lower-cased with
+  `str.lower`, the ids, EOS (3) appended and kept when cut, right-padded with PAD (0); it also
+  decodes and counts tokens) from the model file PATH. With `?vocab_size=N`, PATH is a cache: a
+  missing file is trained on `train_texts()` (the training captions) with N pieces and saved
+  there; `trained_spec` gives the trainer's cache, `<data_dir>/<name>/tokenizer-bpe-v<N>.model`.
 
 Options (sentencepiece and gemma): `canonicalize=true|false` (default false), `lower=true|false`
-(default true), `pad_id=N`; hf: `pad_id=N`. `canonicalize=true` reproduces transformers'
-`SiglipTokenizer` (HF SigLIP checkpoints): its `canonicalize_text` (lower-case with Python's
-`str.lower` when `lower`, drop every `string.punctuation` char, collapse whitespace runs,
-strip) on each piece of text between the literal special tokens "</s>" and "<unk>", which
-(like transformers) become their ids, whitespace around them dropped; no second EOS after a
-trailing "</s>". Without it, "</s>" is text, as in big_vision.
+(default true), `pad_id=N`; hf: `pad_id=N`; trained: `vocab_size=N`. `canonicalize=true`
+reproduces transformers' `SiglipTokenizer` (HF SigLIP checkpoints): its `canonicalize_text`
+(lower-case with Python's `str.lower` when `lower`, drop every `string.punctuation` char,
+collapse whitespace runs, strip) on each piece of text between the literal special tokens
+"</s>" and "<unk>", which (like transformers) become their ids, whitespace around them
+dropped; no second EOS after a trailing "</s>". Without it, "</s>" is text, as in big_vision.
 """
 
 from __future__ import annotations
 
+import io
+import os
 import re
 import string
-from typing import Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
+import sentencepiece as spm
 
-KINDS = ("clip", "sentencepiece", "gemma", "hf")
+PAD, UNK, BOS, EOS = 0, 1, 2, 3   # the trained kind's special ids
+KINDS = ("clip", "sentencepiece", "gemma", "hf", "trained")
 _OPTIONS = {"clip": (), "sentencepiece": ("canonicalize", "lower", "pad_id"),
-            "gemma": ("canonicalize", "lower", "pad_id"), "hf": ("pad_id",)}
+            "gemma": ("canonicalize", "lower", "pad_id"), "hf": ("pad_id",),
+            "trained": ("vocab_size",)}
 _ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
 _NO_PUNCTUATION = str.maketrans("", "", string.punctuation)
 _SPIECE_UNDERLINE = "\u2581"
@@ -74,7 +86,6 @@ class SentencePieceTokenizer:
     self._build()
 
   def _build(self) -> None:
-    import sentencepiece as spm
     self._sp = sp = spm.SentencePieceProcessor(model_proto=self._proto)
     self.vocab_size = sp.get_piece_size()
     self.eos_id = sp.eos_id()
@@ -188,6 +199,73 @@ class HFTokenizer:
     return out
 
 
+class TrainedTokenizer:
+  """mmjax's own BPE (`trained:` spec): lower-cases, splits into sentencepiece ids, appends
+  EOS, right-pads with PAD."""
+
+  pad_id, eos_id = PAD, EOS
+  spec: str | None = None   # set by get_tokenizer
+
+  def __init__(self, model_proto: bytes):
+    self._proto = model_proto
+    self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+
+  @classmethod
+  def train(cls, sentences: Iterable[str], *, vocab_size: int = 512) -> "TrainedTokenizer":
+    """Trains a BPE model in memory; byte fallback keeps unseen characters encodable.
+
+    BPE, not sentencepiece's default unigram: on a small caption corpus the
+    unigram model stops far below vocab_size and splits common words into
+    letters (19 tokens for 'an ink sketch of the digit seven', 7 with BPE), so
+    captions overflow data.text_len and lose their last words.
+    """
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=(s.lower() for s in sentences), model_writer=model, model_type="bpe",
+        vocab_size=vocab_size, hard_vocab_limit=False, byte_fallback=True,
+        pad_id=PAD, unk_id=UNK, bos_id=BOS, eos_id=EOS, character_coverage=1.0,
+        num_threads=1, minloglevel=2)
+    return cls(model.getvalue())
+
+  @classmethod
+  def from_file(cls, path: str) -> "TrainedTokenizer":
+    with open(path, "rb") as f:
+      return cls(f.read())
+
+  def save(self, path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+      f.write(self._proto)
+    os.replace(tmp, path)  # atomic: concurrent processes never read half a file
+
+  @property
+  def vocab_size(self) -> int:
+    return self._sp.get_piece_size()
+
+  def encode(self, texts: Sequence[str], max_len: int) -> np.ndarray:
+    """n strings -> int32 [n, max_len]; EOS is always the last real token."""
+    _check_texts(texts, max_len)
+    out = np.full((len(texts), max_len), PAD, np.int32)
+    for i, text in enumerate(texts):
+      # One string at a time: the list form starts a thread pool per call (~40x slower here).
+      ids = self._sp.encode(text.lower())[:max_len - 1] + [EOS]
+      out[i, :len(ids)] = ids
+    return out
+
+  def num_tokens(self, text: str) -> int:
+    """Length of `text` encoded, EOS included, before padding or truncation."""
+    return len(self._sp.encode(text.lower())) + 1
+
+  def decode(self, ids: np.ndarray) -> list[str]:
+    """[n, L] ids -> n strings (stops at EOS, drops padding)."""
+    out = []
+    for row in np.asarray(ids).reshape(-1, np.shape(ids)[-1]).tolist():
+      row = row[:row.index(EOS)] if EOS in row else row
+      out.append(self._sp.decode([t for t in row if t != PAD]))
+    return out
+
+
 def parse_spec(spec: str) -> tuple[str, str, dict[str, str]]:
   """'KIND:PATH?k=v&k=v' -> (kind, path, {k: v}); checks the kind and the option names."""
   if not isinstance(spec, str):
@@ -196,7 +274,7 @@ def parse_spec(spec: str) -> tuple[str, str, dict[str, str]]:
   kind, sep, path = head.partition(":")
   if kind not in KINDS:
     raise ValueError(f"tokenizer spec {spec!r}: unknown kind {kind!r}; known kinds: "
-                     "clip, sentencepiece:PATH, gemma:PATH, hf:PATH")
+                     "clip, sentencepiece:PATH, gemma:PATH, hf:PATH, trained:PATH")
   if kind == "clip" and (sep or query):
     raise ValueError(f"tokenizer spec {spec!r}: 'clip' takes no path and no options")
   options: dict[str, str] = {}
@@ -230,14 +308,20 @@ def _int(spec: str, options: dict[str, str], key: str) -> int | None:
     raise ValueError(f"tokenizer spec {spec!r}: option {key}={value!r}: expected an integer")
 
 
-def get_tokenizer(spec: str):
+def get_tokenizer(spec: str, *, train_texts: Callable[[], Iterable[str]] | None = None):
   """A tokenizer for `spec` (grammar in the module docstring) with encode(texts, max_len) ->
-  int32 [n, max_len], vocab_size, pad_id, eos_id (int or None) and spec; it pickles."""
-  import os
+  int32 [n, max_len], vocab_size, pad_id, eos_id (int or None) and spec; it pickles.
+
+  train_texts: () -> the training captions; called only when a `trained:PATH?vocab_size=N`
+  file is missing, to train it (every other kind ignores it).
+  """
   kind, path, options = parse_spec(spec)
-  if kind == "clip":
-    from mmjax.data.clip_tokenizer import ClipTokenizer
-    tok = ClipTokenizer()
+  if kind in ("clip", "trained"):
+    if kind == "clip":
+      from mmjax.data.clip_tokenizer import ClipTokenizer
+      tok = ClipTokenizer()
+    else:
+      tok = _trained(spec, path, _int(spec, options, "vocab_size"), train_texts)
     tok.spec = spec
     return tok
   if not os.path.isfile(path):
@@ -251,3 +335,52 @@ def get_tokenizer(spec: str):
   return SentencePieceTokenizer(
       spec, proto, canonicalize=_bool(spec, options, "canonicalize", False),
       lower=_bool(spec, options, "lower", True), pad_id=pad_id, model_pad=kind == "gemma")
+
+
+def _trained(spec: str, path: str, vocab_size: int | None,
+             train_texts: Callable[[], Iterable[str]] | None) -> TrainedTokenizer:
+  """The file at path; or, with vocab_size and train_texts, trained and saved there."""
+  if os.path.isfile(path):
+    return TrainedTokenizer.from_file(path)
+  if vocab_size is None:
+    raise ValueError(f"tokenizer spec {spec!r}: {path!r} is not a file (add ?vocab_size=N to "
+                     "train it on the training captions)")
+  if train_texts is None:
+    raise ValueError(f"tokenizer spec {spec!r}: {path!r} is not a file, and no train_texts "
+                     "were given to train it on")
+  texts = train_texts()
+  try:
+    tok = TrainedTokenizer.train(texts, vocab_size=vocab_size)
+  except RuntimeError as e:   # sentencepiece's own checks, e.g. vocab_size below the characters
+    raise ValueError(f"tokenizer spec {spec!r}: sentencepiece cannot train it: {e}") from None
+  tok.save(path)
+  return tok
+
+
+def trained_spec(data_dir: str, name: str, vocab_size: int) -> str:
+  """The trainer's cached BPE for dataset `name`: 'trained:<data_dir>/<name>/
+  tokenizer-bpe-v<vocab_size>.model?vocab_size=<vocab_size>' (trained on first use)."""
+  path = os.path.join(data_dir, name, f"tokenizer-bpe-v{vocab_size}.model")
+  if "?" in path:
+    raise ValueError(f"data_dir={data_dir!r}, name={name!r}: a tokenizer path holds no '?'")
+  return f"trained:{path}?vocab_size={vocab_size}"
+
+
+def tokenizer_for_tower(spec: str | None, *, checkpoint_spec: str | None, vocab_size: int,
+                        field: str):
+  """The tokenizer for a converted checkpoint's text tower: `spec` (the user's override),
+  else the checkpoint's own `checkpoint_spec`. Raises ValueError naming `field` (where the
+  override is set) when neither is given, the spec is bad, or its ids do not fit the tower's
+  `vocab_size` embeddings."""
+  spec = spec or checkpoint_spec
+  if spec is None:
+    raise ValueError(f"{field}: the checkpoint names no tokenizer (big_vision .npz files hold "
+                     f"no vocabulary); set {field} to e.g. sentencepiece:/path/to/spiece.model")
+  try:
+    tok = get_tokenizer(spec)
+  except ValueError as e:
+    raise ValueError(f"{field}: {e}") from None
+  if tok.vocab_size > vocab_size:
+    raise ValueError(f"{field}={spec!r} has {tok.vocab_size} ids; the checkpoint's text tower "
+                     f"embeds {vocab_size}")
+  return tok

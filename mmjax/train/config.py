@@ -86,10 +86,12 @@ def defaults() -> ml_collections.ConfigDict:
       image_size=32,
       text_len=16,
       vocab_size=512,         # includes 256 byte-fallback pieces
-      tokenizer_path=placeholder(str),  # None: trained on the training captions, cached
+      # A trained BPE model file ('trained:PATH'); None: trained on the training captions and
+      # cached as <data_dir>/<name>/tokenizer-bpe-v<vocab_size>.model.
+      tokenizer_path=placeholder(str),
       # A mmjax.data.tokenizers.get_tokenizer spec ('clip', 'sentencepiece:/path.model',
-      # 'gemma:/path', 'hf:/tokenizer.json') in place of the trained one; None: the
-      # init_from.checkpoint's own, else the trained sentencepiece.
+      # 'gemma:/path', 'hf:/tokenizer.json', 'trained:/path.model') in place of the trained
+      # one; None: the init_from.checkpoint's own, else the trained sentencepiece.
       tokenizer=placeholder(str),
       augment=True,
       crop_scale_min=0.6,

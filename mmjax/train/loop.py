@@ -27,7 +27,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
 from mmjax import objectives
-from mmjax.data import pipeline, tokenizer as tokenizer_lib
+from mmjax.data import pipeline, tokenizers
 from mmjax.evaluate import Evaluator
 from mmjax.models import image as image_model
 from mmjax.models import scan as scan_lib
@@ -109,14 +109,16 @@ def _load_checkpoint(config):
   return ckpt
 
 
-def _tokenizer_spec(config, ckpt) -> str | None:
-  spec = config.data.tokenizer or (ckpt.tokenizer if ckpt is not None else None)
-  if ckpt is not None and spec is None:
-    raise ValueError(f"config.data.tokenizer: config.init_from.checkpoint="
-                     f"{config.init_from.checkpoint!r} names no tokenizer (big_vision .npz "
-                     "files hold no vocabulary); set e.g. "
-                     "--config.data.tokenizer=sentencepiece:/path/to/spiece.model")
-  return spec
+def _tokenizer_spec(config, ddir: str, name: str) -> tuple[str, str]:
+  """(spec, the config field naming it) for a run without a checkpoint: config.data.tokenizer,
+  else the trained kind: config.data.tokenizer_path, else the BPE trained on dataset `name`'s
+  training captions, cached under ddir."""
+  d = config.data
+  if d.tokenizer:
+    return d.tokenizer, "config.data.tokenizer"
+  if d.tokenizer_path:
+    return f"trained:{os.path.abspath(d.tokenizer_path)}", "config.data.tokenizer_path"
+  return tokenizers.trained_spec(ddir, name, d.vocab_size), "config.data.vocab_size"
 
 
 def _open_data(config, ddir: str, ckpt=None):
@@ -126,7 +128,6 @@ def _open_data(config, ddir: str, ckpt=None):
   use) is a ValueError naming config.data.data_dir and the path.
   """
   d, ev = config.data, config.evaluate
-  spec = _tokenizer_spec(config, ckpt)
   try:
     tok_name = d.name
     if d.name == "wds":
@@ -141,19 +142,17 @@ def _open_data(config, ddir: str, ckpt=None):
     else:
       dataset = pipeline.open_dataset(d, ddir)
       train_src = dataset.source(d.train_split)
-    if spec:
-      from mmjax.data import tokenizers
-      try:
-        tok = tokenizers.get_tokenizer(spec)
-      except ValueError as e:
-        raise ValueError(f"config.data.tokenizer: {e}") from None
-      if ckpt is not None and tok.vocab_size > ckpt.config["text"]["vocab_size"]:
-        raise ValueError(f"config.data.tokenizer={spec!r} has {tok.vocab_size} ids; the "
-                         f"checkpoint's text tower embeds {ckpt.config['text']['vocab_size']}")
+    if ckpt is not None:   # its text tower fixes the vocabulary
+      tok = tokenizers.tokenizer_for_tower(
+          d.tokenizer, checkpoint_spec=ckpt.tokenizer, field="config.data.tokenizer",
+          vocab_size=ckpt.config["text"]["vocab_size"])
     else:
-      tok = tokenizer_lib.get_tokenizer(
-          name=tok_name, data_dir=ddir, vocab_size=d.vocab_size, path=d.tokenizer_path,
-          train_texts_fn=lambda: pipeline.iter_texts(train_src, d.text_key))
+      spec, field = _tokenizer_spec(config, ddir, tok_name)
+      try:
+        tok = tokenizers.get_tokenizer(
+            spec, train_texts=lambda: pipeline.iter_texts(train_src, d.text_key))
+      except ValueError as e:
+        raise ValueError(f"{field}: {e}") from None
   except OSError as e:
     where = f" {e.filename}" if e.filename else ""
     raise ValueError(f"config.data.data_dir={ddir!r}: cannot use{where} "
