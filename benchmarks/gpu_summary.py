@@ -1,4 +1,4 @@
-"""benchmarks/gpu.sh's JSON lines -> markdown tables the README can take.
+"""benchmarks/gpu.sh's JSON lines -> markdown tables docs/performance.md can take.
 
   python -m benchmarks.gpu_summary OUTDIR/bench.jsonl > summary.md
 

@@ -1,10 +1,13 @@
-"""Every ```python block of README.md runs, so the README's examples cannot rot.
+"""Every ```python block of README.md and docs/*.md runs, so the examples cannot rot.
 
-Each block is exec'd on its own (one test per block) in a fresh namespace holding small random
-values for the names it uses without defining them (`img`, `txt`, `scale`, `mesh`, `images`, ...,
-see NAMES), in a temporary working directory that is also $HOME. Files a block reads by a relative
-or `~/` path (an open_clip checkpoint, a captions file and its images) are made there first.
-A block that uses an undefined name NAMES lacks fails, naming it: add the name to NAMES.
+Each block is exec'd on its own (one test per block, named by file and line) in a fresh namespace
+holding small random values for the names it uses without defining them (`img`, `txt`, `scale`,
+`mesh`, `images`, ..., see NAMES), in a temporary working directory that is also $HOME. Files a
+block reads by a relative or `~/` path, alone or at the end of a checkpoint spec
+('open_clip:ViT-B-32:model.bin'), are made there first (an open_clip checkpoint, a captions file
+and its images). A block that uses an undefined name NAMES lacks fails, naming it: add the name to
+NAMES. README.md stays a user's document: at most README_MAX_LINES lines, its test command the
+one .ci/run runs.
 """
 
 import ast
@@ -22,20 +25,24 @@ from jax.sharding import PartitionSpec
 from mmjax import convert
 from tests.reference import inputs, make_mesh
 
-README = pathlib.Path(__file__).parents[1] / "README.md"
+ROOT = pathlib.Path(__file__).parents[1]
+README = ROOT / "README.md"
+DOCS = [README, *sorted((ROOT / "docs").glob("*.md"))]
+README_MAX_LINES = 250
 FENCE = re.compile(r"^```python[ \t]*\n(.*?)^```[ \t]*$", re.M | re.S)
 DEFAULT_MODEL = "ViT-B-32"
 
 
-def python_blocks():
-  """(first line number in README.md, source) of every ```python block."""
-  text = README.read_text(encoding="utf-8")
-  return [(text.count("\n", 0, m.start(1)) + 1, m.group(1)) for m in FENCE.finditer(text)]
+def python_blocks(path):
+  """(path relative to the repository, first line number, source) of every ```python block."""
+  text = path.read_text(encoding="utf-8")
+  name = path.relative_to(ROOT).as_posix()
+  return [(name, text.count("\n", 0, m.start(1)) + 1, m.group(1)) for m in FENCE.finditer(text)]
 
 
-def _block_id(i, src):
-  first = next((line.strip() for line in src.splitlines() if line.strip()), "")
-  return f"{i}-" + re.sub(r"[^\w.]+", "_", first).strip("_")[:48]
+def _block_id(name, line, src):
+  first = next((s.strip() for s in src.splitlines() if s.strip()), "")
+  return f"{name}:{line}-" + re.sub(r"[^\w.]+", "_", first).strip("_")[:40]
 
 
 # ---------------------------------------------------------------- the block's free names
@@ -90,9 +97,21 @@ def _strings(src):
           if isinstance(n, ast.Constant) and isinstance(n.value, str)]
 
 
+def _literals(src):
+  """The block's string literals, and the parts of each checkpoint spec among them
+  ('open_clip:ViT-B-32:/path' -> 'ViT-B-32', '/path')."""
+  out = []
+  for s in _strings(src):
+    out.append(s)
+    kind, sep, rest = s.partition(":")
+    if sep and kind in ("big_vision", "hf", "open_clip"):
+      out += rest.split(":", 1) if kind == "open_clip" else [rest]
+  return out
+
+
 def _model_name(src):
   """The open_clip model the block names (a string literal), else DEFAULT_MODEL."""
-  return next((s for s in _strings(src) if s in convert.OPEN_CLIP_MODELS), DEFAULT_MODEL)
+  return next((s for s in _literals(src) if s in convert.OPEN_CLIP_MODELS), DEFAULT_MODEL)
 
 
 # ---------------------------------------------------------------- what the names hold
@@ -178,7 +197,7 @@ FILES = {".bin": _checkpoint, ".pt": _checkpoint, ".pth": _checkpoint,
 
 def _make_files(src, root, rng):
   """Writes, under root, every relative or ~/ file path the block names as a string literal."""
-  for s in _strings(src):
+  for s in _literals(src):
     if not re.fullmatch(r"(~/)?[\w.-][\w./-]*", s) or pathlib.PurePath(s).suffix not in FILES:
       continue
     path = root / s.removeprefix("~/")
@@ -187,19 +206,63 @@ def _make_files(src, root, rng):
       FILES[path.suffix](path, src, rng)
 
 
-# ---------------------------------------------------------------- the test
+# ---------------------------------------------------------------- the tests
 
-BLOCKS = python_blocks()
-
-
-def test_readme_has_python_blocks():
-  assert BLOCKS, f"no ```python blocks found in {README}"
+BLOCKS = [b for path in DOCS for b in python_blocks(path)]
 
 
-@pytest.mark.parametrize("line,src", BLOCKS, ids=[_block_id(i, s) for i, (_, s) in enumerate(BLOCKS)])
-def test_readme_block_runs(line, src, rng, tmp_path, monkeypatch):
+def test_readme_and_docs_have_python_blocks():
+  for path in DOCS[:1] + [ROOT / "docs" / n for n in ("scaling.md", "checkpoints.md", "data.md")]:
+    assert python_blocks(path), f"no ```python blocks found in {path}"
+
+
+def test_readme_is_short():
+  n = len(README.read_text(encoding="utf-8").splitlines())
+  assert n <= README_MAX_LINES, (f"README.md has {n} lines, more than {README_MAX_LINES}: "
+                                 "reference material belongs in docs/*.md")
+
+
+def test_readme_test_command_is_what_ci_runs():
+  """The README's test commands (the ```bash block that runs pytest) appear in .ci/run."""
+  readme = README.read_text(encoding="utf-8")
+  block = next(m.group(1) for m in re.finditer(r"^```bash\n(.*?)^```", readme, re.M | re.S)
+               if "pytest" in m.group(1))
+  ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+  commands = [line.strip() for line in block.splitlines() if line.strip()]
+  assert "python -m pytest -q -n 2 tests" in commands, commands
+  ci_commands = {c.strip() for line in ci.splitlines() if not line.startswith("#")
+                 for c in line.split("&&")}
+  missing = [c for c in commands if c not in ci_commands]
+  assert not missing, f"README.md's test commands {missing} are not what .ci/run runs: {ci}"
+
+
+def _anchor(heading):
+  """GitHub's anchor of a markdown heading."""
+  return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_links_between_docs_resolve():
+  """Every relative link of README.md and docs/*.md names an existing file (and heading)."""
+  bad = []
+  for path in DOCS:
+    for target in re.findall(r"\]\(([^)\s]+)\)", path.read_text(encoding="utf-8")):
+      if re.match(r"\w+://", target):
+        continue
+      file, _, anchor = target.partition("#")
+      dest = (path.parent / file).resolve() if file else path
+      if not dest.exists():
+        bad.append(f"{path.name}: {target} (no such file)")
+      elif anchor and dest.suffix == ".md":
+        headings = re.findall(r"^#+ (.*)$", dest.read_text(encoding="utf-8"), re.M)
+        if anchor not in {_anchor(h) for h in headings}:
+          bad.append(f"{path.name}: {target} (no such heading)")
+  assert not bad, bad
+
+
+@pytest.mark.parametrize("name,line,src", BLOCKS, ids=[_block_id(*b) for b in BLOCKS])
+def test_block_runs(name, line, src, rng, tmp_path, monkeypatch):
   missing = sorted(free_names(src) - set(NAMES))
-  assert not missing, (f"README.md block at line {line} uses {missing} without defining them; "
+  assert not missing, (f"{name} block at line {line} uses {missing} without defining them; "
                        "give them values in tests/test_readme.py's NAMES")
   monkeypatch.chdir(tmp_path)
   monkeypatch.setenv("HOME", str(tmp_path))
@@ -207,7 +270,7 @@ def test_readme_block_runs(line, src, rng, tmp_path, monkeypatch):
   values = {"rng": rng, "emb": inputs(16, 32, rng),
             "qkv": [jnp.asarray(rng.normal(size=(2, 16, 2, 8)), jnp.float32) for _ in range(3)]}
   namespace = {"__name__": "__readme__"}
-  namespace.update({name: NAMES[name](src, values) for name in free_names(src)})
-  # Padded so that a traceback names the README's own line numbers.
-  code = compile("\n" * (line - 1) + src, str(README), "exec")
+  namespace.update({n: NAMES[n](src, values) for n in free_names(src)})
+  # Padded so that a traceback names the file's own line numbers.
+  code = compile("\n" * (line - 1) + src, str(ROOT / name), "exec")
   exec(code, namespace)  # noqa: S102

@@ -225,16 +225,16 @@ def _folder(root, n, size=40, seed=0):
       w.writerow([f"{i}.png", f"a picture of thing {i % 7} in color {i % 3}"])
 
 
-def _readme_section(title):
-  text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+def _docs_section(doc, title):
+  text = open(os.path.join(ROOT, doc), encoding="utf-8").read()
   return text.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
 
 
-def test_readme_own_data_recipe_runs_as_written(tmp_path):
-  """The README's 'Your own data' recipe, its python and its command, on a generated
+def test_docs_own_data_recipe_runs_as_written(tmp_path):
+  """docs/data.md's 'Your own data' recipe, its python and its command, on a generated
   folder: it used to train and then fail with KeyError: 'label' in the final evaluation.
   Only total_steps and warmup_steps are shortened for the test."""
-  section = _readme_section("Your own data")
+  section = _docs_section("docs/data.md", "Your own data")
   code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
   command = re.search(r"```bash\n(.*?)```", section, re.S).group(1).replace("\\\n", " ")
   _folder(str(tmp_path / "my_pics"), n=72)
