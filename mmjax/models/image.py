@@ -1,43 +1,103 @@
-"""The image tower of any model: a ViT ('B/16') or a ResNet ('RN50', 'BiT-R50x1'), by variant.
+"""The image tower of any model, chosen by variant through a registry: a ViT ('B/16'), a
+ResNet ('RN50', 'BiT-R50x1'), or any kind registered with `register`.
 
-Both map image [b, H, W, 3] -> (pooled [b, d], {'encoded': [b, n, c] tokens}) and live
-under the model's 'img' params, so every objective takes either.
+Every tower maps image [b, H, W, 3] -> (pooled [b, d], {'encoded': [b, n, c] tokens}) and
+lives under the model's 'img' params, so every objective takes any of them. `config` decodes
+a variant and overrides once into complete fields, which name their kind under the key
+'tower'; `Tower(fields)` builds the module.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, Callable
+
+import flax.linen as nn
 
 from mmjax.models import resnet, vit
 
+KIND = "tower"   # the complete fields' key naming their kind
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageTower:
+  """A kind of image tower.
+
+  claims(variant, fields) -> whether a variant name / raw fields are this kind (the default
+  kind, 'vit', takes whatever no other claims); config(variant, **fields) -> complete checked
+  fields (a ValueError starting with the field it is about); module(**fields, name=) -> the
+  Flax module; width(fields) -> the pooled output's width; uses_batch_stats(fields) -> whether
+  it normalises by batch statistics at train time (BatchNorm).
+  """
+  name: str
+  claims: Callable[[Any, dict], bool]
+  config: Callable[..., dict]
+  module: Callable[..., nn.Module]
+  width: Callable[[dict], int] = lambda fields: fields["width"]
+  uses_batch_stats: Callable[[dict], bool] = lambda fields: False
+
+
+TOWERS: dict[str, ImageTower] = {}
+DEFAULT = "vit"
+
+
+def register(tower: ImageTower) -> ImageTower:
+  """Adds (or replaces) an image tower kind; config.model.image.variant then selects it."""
+  TOWERS[tower.name] = tower
+  return tower
+
+
+register(ImageTower("vit", claims=lambda variant, fields: False, config=vit.config,
+                    module=vit.ViT))
+register(ImageTower(
+    "resnet", claims=lambda variant, fields: (resnet.is_variant(variant)
+                                              or fields.get("layers") is not None),
+    config=resnet.config, module=resnet.ResNet, width=resnet.features,
+    uses_batch_stats=lambda fields: fields.get("norm") == "batch"))
+
+
+def kind(fields: dict, variant: Any = None) -> ImageTower:
+  """The kind complete fields name (or raw fields and a variant claim)."""
+  if KIND in fields:
+    if fields[KIND] not in TOWERS:
+      raise ValueError(f"{KIND}={fields[KIND]!r} is not a registered image tower "
+                       f"({sorted(TOWERS)})")
+    return TOWERS[fields[KIND]]
+  claimed = [t for name, t in TOWERS.items() if name != DEFAULT and t.claims(variant, fields)]
+  return claimed[-1] if claimed else TOWERS[DEFAULT]   # the latest registration wins
+
+
+def config(variant: str | None = None, **fields) -> dict[str, Any]:
+  """The complete, checked fields of the tower `variant` names (or the given kind's), with
+  their kind under 'tower', decoded once."""
+  tower = kind(fields, variant)
+  fields.pop(KIND, None)
+  return {**tower.config(variant, **fields), KIND: tower.name}
+
+
+def _fields(fields: dict) -> dict:
+  return {k: v for k, v in fields.items() if k != KIND}
+
+
+def Tower(fields: dict, name: str = "img") -> nn.Module:  # noqa: N802
+  """The tower module of complete fields (as `config` returns them)."""
+  return kind(fields).module(**_fields(fields), name=name)
+
 
 def is_resnet(fields: dict) -> bool:
-  """Whether complete tower fields (config's output) describe a ResNet."""
-  return "layers" in fields
+  """Whether complete tower fields describe a ResNet."""
+  return kind(fields).name == "resnet"
 
 
 def uses_batch_stats(fields: dict) -> bool:
   """Whether complete tower fields describe a tower with BatchNorm on batch statistics at
-  train time (resnet norm='batch'): its train-time forward sows 'batch_stats'."""
-  return is_resnet(fields) and fields.get("norm") == "batch"
-
-
-def config(variant: str | None = None, **fields) -> dict[str, Any]:
-  """The complete, checked fields of the tower `variant` names (resnet.config for 'RN50',
-  'BiT-R50x1', or when `layers` is given; else vit.config), decoded once."""
-  if resnet.is_variant(variant) or fields.get("layers") is not None:
-    return resnet.config(variant, **fields)
-  return vit.config(variant, **fields)
-
-
-def Tower(fields: dict, name: str = "img"):  # noqa: N802
-  """The tower module of complete fields (as `config` returns them)."""
-  return resnet.ResNet(**fields, name=name) if is_resnet(fields) else vit.ViT(**fields, name=name)
+  train time: its train-time forward sows 'batch_stats'."""
+  return kind(fields).uses_batch_stats(_fields(fields))
 
 
 def width(fields: dict) -> int:
   """The pooled output's width of complete tower fields."""
-  return resnet.features(fields) if is_resnet(fields) else fields["width"]
+  return kind(fields).width(_fields(fields))
 
 
 def around(cls, image: dict, **fields):

@@ -48,7 +48,7 @@ class MAE(nn.Module):
   def setup(self):
     if not 0.0 <= self.mask_ratio < 1.0:
       raise ValueError(f"mask_ratio={self.mask_ratio} must be in [0, 1)")
-    self.img = vit.ViT(**self.image, name="img")
+    self.img = vit.ViT(**{k: v for k, v in self.image.items() if k != "tower"}, name="img")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     self.decoder_embed = Dense(self.decoder_width, name="decoder_embed", **kw)
     self.mask_token = self.param("mask_token", nn.initializers.normal(0.02),
