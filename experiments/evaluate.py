@@ -25,6 +25,8 @@ import time
 
 import numpy as np
 
+from mmjax import hostmem
+
 
 def _encoders(ckpt):
   import jax
@@ -177,4 +179,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+  hostmem.keep_freed_memory()   # process-wide malloc tuning, before JAX starts: mmjax/hostmem.py
   sys.exit(main())

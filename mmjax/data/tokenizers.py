@@ -30,11 +30,16 @@ trailing "</s>". Without it, "</s>" is text, as in big_vision.
 
 from __future__ import annotations
 
+import os
 import re
 import string
 from typing import Sequence
 
 import numpy as np
+import sentencepiece as spm
+import tokenizers
+
+from mmjax.data.clip_tokenizer import ClipTokenizer
 
 KINDS = ("clip", "sentencepiece", "gemma", "hf")
 _OPTIONS = {"clip": (), "sentencepiece": ("canonicalize", "lower", "pad_id"),
@@ -74,7 +79,6 @@ class SentencePieceTokenizer:
     self._build()
 
   def _build(self) -> None:
-    import sentencepiece as spm
     self._sp = sp = spm.SentencePieceProcessor(model_proto=self._proto)
     self.vocab_size = sp.get_piece_size()
     self.eos_id = sp.eos_id()
@@ -152,7 +156,6 @@ class HFTokenizer:
     self._build()
 
   def _build(self) -> None:
-    import tokenizers
     self._tok = tok = tokenizers.Tokenizer.from_str(self._json)
     file_pad = tok.padding["pad_id"] if tok.padding else None
     tok.no_padding()
@@ -233,10 +236,8 @@ def _int(spec: str, options: dict[str, str], key: str) -> int | None:
 def get_tokenizer(spec: str):
   """A tokenizer for `spec` (grammar in the module docstring) with encode(texts, max_len) ->
   int32 [n, max_len], vocab_size, pad_id, eos_id (int or None) and spec; it pickles."""
-  import os
   kind, path, options = parse_spec(spec)
   if kind == "clip":
-    from mmjax.data.clip_tokenizer import ClipTokenizer
     tok = ClipTokenizer()
     tok.spec = spec
     return tok

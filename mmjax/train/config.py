@@ -12,6 +12,7 @@ import os
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from mmjax.data.catlip_vocab import LABELS as catlip_labels
 from mmjax.losses import BLOCKS, IMPLS
 from mmjax.models import two_tower
 from mmjax.nn.attention import IMPLS as attention_impls
@@ -303,7 +304,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 
 def _validate_catlip(config: ml_collections.ConfigDict) -> None:
-  from mmjax.data.catlip_vocab import LABELS as catlip_labels
   c = config.model.catlip
   if c.labels not in catlip_labels:
     raise ValueError(f"config.model.catlip.labels must be one of {catlip_labels}; got {c.labels!r}")
