@@ -43,8 +43,6 @@ import time
 from benchmarks import add_child_args, child_main, device_peak_mib, run_points, timed
 from mmjax import hostmem
 
-hostmem.keep_freed_memory()   # before JAX's CPU client starts (import mmjax does it too)
-
 TORCH_CHILD = r"""
 import json, statistics, sys, time
 sys.path.insert(0, sys.argv[5])
@@ -266,4 +264,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+  hostmem.keep_freed_memory()   # timed as the launcher runs: mmjax/hostmem.py
   main()

@@ -25,6 +25,8 @@ import time
 
 import numpy as np
 
+from mmjax import hostmem
+
 
 def _encoders(ckpt):
   import jax
@@ -171,4 +173,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+  hostmem.keep_freed_memory()   # process-wide malloc tuning, before JAX starts: mmjax/hostmem.py
   sys.exit(main())

@@ -13,6 +13,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from mmjax import hostmem
+
 config_flags.DEFINE_config_file("config", None, "Path to a config file (.py).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Checkpoints, metrics, plots and results go here.")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -58,4 +60,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  hostmem.keep_freed_memory()   # process-wide malloc tuning, before JAX starts: mmjax/hostmem.py
   app.run(main, flags_parser=parse_flags)

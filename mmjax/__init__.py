@@ -1,7 +1,7 @@
-"""mmjax: image-text representation learning in JAX (CLIP, SigLIP and friends)."""
+"""mmjax: image-text representation learning in JAX (CLIP, SigLIP and friends).
 
-from mmjax import hostmem as _hostmem
+Importing it changes nothing outside mmjax: process-wide settings (mmjax.hostmem's malloc
+tuning) belong to the launcher, which applies them before JAX starts.
+"""
 
 __version__ = "0.1.0"
-
-_hostmem.keep_freed_memory()   # before JAX's CPU client starts: see mmjax/hostmem.py

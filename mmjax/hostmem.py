@@ -9,8 +9,14 @@ glibc serve every allocation from the main heap (one arena, no mmap) and never t
 block is reused. The cost: the process keeps its peak heap (its RSS stays at the high-water
 mark instead of falling between steps).
 
-It must run before JAX starts its CPU client (whose threads pick their arenas on first use):
-`import mmjax` calls it when that has not happened yet. $MMJAX_KEEP_FREED_MEMORY=0 turns it off.
+It retunes malloc for the whole process, so `import mmjax` never calls it: the launchers
+(experiments/train.py, experiments/evaluate.py) and the benchmark scripts do, first thing. It
+must run before JAX starts its CPU client (whose threads pick their arenas on first use); later
+it does nothing and returns False. A notebook training on CPU opts in with
+
+  from mmjax import hostmem; hostmem.keep_freed_memory()
+
+as its first cell. $MMJAX_KEEP_FREED_MEMORY=0 turns it off (the launchers' opt-out).
 Elsewhere than Linux with glibc it does nothing.
 """
 

@@ -328,7 +328,7 @@ def ref_bf16_loss_grads(name, x, y, s, b=0.0, *, rounded):
   bf16_grid_inputs, each a (want, err) pair for assert_one_bf16_rounding: d_img = s * G @ txt,
   d_txt = s * G^T @ img with G = dL/dlogits (bf16_loss_dlogits) in float32, float32
   accumulation, rounded once to bf16. `rounded`: G is rounded to bf16 before the products
-  (the tiled and Pallas blocks and the ring steps: mmjax/losses/tiles.py dot_nn, dot_tn), else
+  (the tiled and Pallas blocks and the ring steps: mmjax/logit_tiles.py dot_nn, dot_tn), else
   not (the dense loss under autodiff: a float32 G times the bf16 operand)."""
   terms = bf16_loss_dlogits(name, x, y, s, b)
   G, eG = sum(t[0] for t in terms), sum(t[1] for t in terms)

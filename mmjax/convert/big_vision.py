@@ -28,6 +28,7 @@ import numpy as np
 from mmjax.convert import common
 from mmjax.convert.common import Converted, Rule
 from mmjax.data.preprocess import ImagePrep
+from mmjax.models import vit
 
 _BLOCK = {   # big_vision's names inside an encoder block -> mmjax's
     "LayerNorm_0": ("ln1",), "LayerNorm_1": ("ln2",),
@@ -201,7 +202,6 @@ def infer_config(arrays: Mapping[str, Any], *, image_size: int | None = None,
 
 
 def _check_variant(variant: str, image: Mapping) -> None:
-  from mmjax.models import vit
   want = vit.decode_variant(variant)
   for key, value in want.items():
     got = tuple(image[key]) if key == "patch_size" else image[key]

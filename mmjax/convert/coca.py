@@ -25,6 +25,7 @@ from flax import traverse_util
 from mmjax.convert import common
 from mmjax.convert.common import Converted, Rule
 from mmjax.data.preprocess import OPENAI_MEAN, OPENAI_STD, ImagePrep
+from mmjax.models import coca
 
 _LN_EPS = 1e-5
 
@@ -165,7 +166,6 @@ def _image_size(config: Mapping, image_size: int | None) -> int:
 
 def model_shapes(config: Mapping, image_size: int) -> dict:
   """{param path: shape} of coca.Model(**config) (per-layer blocks), traced only."""
-  from mmjax.models import coca
   c = dict(config)
   c["image"] = {**c["image"], "scan": False}
   c["text"] = {**c["text"], "scan": False}
@@ -189,7 +189,6 @@ def from_open_clip_coca(state_dict_or_path: Mapping | str | os.PathLike,
   config is `coca.Model(**config)`'s kwargs, params numpy arrays (itm head: none, open_clip
   has none; a model with itm=True initialises it itself).
   """
-  from mmjax.convert.openclip import load_state_dict
   if isinstance(model_name, str):
     config = open_clip_coca_config(model_name)
     size = OPEN_CLIP_COCA_MODELS[model_name].image_size
@@ -198,7 +197,7 @@ def from_open_clip_coca(state_dict_or_path: Mapping | str | os.PathLike,
   # load_state_dict strips the 'text.' prefix (open_clip's CustomTextCLIP layout); a CoCa's
   # other keys are all visual., text_decoder. or logit_scale, so it goes back on exactly.
   sd = {k if k.startswith(("visual.", "text_decoder.", "logit_")) else f"text.{k}": v
-        for k, v in load_state_dict(state_dict_or_path).items()}
+        for k, v in common.load_state_dict(state_dict_or_path).items()}
   name = model_name if isinstance(model_name, str) else "CoCa"
   params = common.apply_rules(coca_rules(config), sd, config=config, image_size=size,
                               what=f"state_dict is not an open_clip {name!r} state dict",
@@ -225,6 +224,6 @@ def to_open_clip_coca(config: Mapping, params: Mapping, *, as_torch: bool = Fals
   params = {k: v for k, v in params.items() if k != "itm_head"}
   sd = common.unapply_rules(coca_rules(config), params)
   if as_torch:
-    import torch
+    import torch   # optional and heavy: only as_torch=True needs it
     sd = {k: torch.from_numpy(v) for k, v in sd.items()}
   return sd

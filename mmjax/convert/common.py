@@ -7,6 +7,7 @@ only, so both directions are exact.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -16,8 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
+from safetensors.numpy import load_file
 
 from mmjax.data.preprocess import ImagePrep
+from mmjax.models import scan as scan_lib, text, two_tower, vit
 
 Path = tuple[str, ...]
 
@@ -40,9 +43,8 @@ class Converted(NamedTuple):
   def with_scan(self, scan: bool = True) -> "Converted":
     """The same checkpoint for `Encoder(scan=scan)` towers: config's image and text get
     scan=scan, params their blocks stacked (scan=True) or per-layer (mmjax.models.scan)."""
-    from mmjax.models.scan import stack_blocks, unstack_blocks
     config = {**self.config, **{t: {**self.config[t], "scan": scan} for t in ("image", "text")}}
-    params = (stack_blocks if scan else unstack_blocks)(self.params)
+    params = (scan_lib.stack_blocks if scan else scan_lib.unstack_blocks)(self.params)
     return self._replace(config=config, params=params)
 
 
@@ -146,8 +148,6 @@ _LAYOUT = {
 
 def _settings(tower: str, fields: Mapping) -> dict:
   """Every field of the tower, the given ones decoded and checked, the rest the defaults."""
-  import dataclasses
-  from mmjax.models import text, vit
   cls, decode = (vit.ViT, vit.config) if tower == "image" else (text.TextTransformer,
                                                                  text.config)
   return {**{f.name: f.default for f in dataclasses.fields(cls)}, **decode(**fields)}
@@ -156,7 +156,6 @@ def _settings(tower: str, fields: Mapping) -> dict:
 def layout_mismatches(config: Mapping, want: Mapping, layout: str) -> list[str]:
   """One message per field where two_tower kwargs `config` differ from `want` in
   anything that decides the params or the forward pass."""
-  from mmjax.models import two_tower
   out = []
   for key in _TWO_TOWER_LAYOUT:
     default = getattr(two_tower.TwoTower, key, None)
@@ -205,7 +204,6 @@ def model_shapes(config: Mapping, image_size: int) -> dict[Path, jax.ShapeDtypeS
 
 @functools.lru_cache(maxsize=16)
 def _model_shapes(config_json: str, image_size: int) -> tuple:
-  from mmjax.models import two_tower
   config = json.loads(config_json)
   # The per-layer tree whatever config's scan says: the rules map one block at a time.
   model = two_tower.Model(**{**config, **{t: {**config[t], "scan": False}
@@ -267,8 +265,7 @@ def apply_rules(rules: Sequence[Rule], arrays: Mapping[str, Any], *, config: Map
 def unapply_rules(rules: Sequence[Rule], params: Mapping) -> dict[str, np.ndarray]:
   """mmjax params, per-layer or scanned (Encoder scan=True), -> {checkpoint key: numpy array};
   ValueError naming absent params."""
-  from mmjax.models.scan import unstack_blocks
-  flat = traverse_util.flatten_dict(unstack_blocks(dict(params)))
+  flat = traverse_util.flatten_dict(scan_lib.unstack_blocks(dict(params)))
   missing = [p for r in rules for p in r.dst if p not in flat]
   if missing:
     raise ValueError(f"params lack {['/'.join(p) for p in missing[:8]]}")
@@ -279,11 +276,42 @@ def unapply_rules(rules: Sequence[Rule], params: Mapping) -> dict[str, np.ndarra
   return out
 
 
+def load_state_dict(state_dict_or_path: Mapping | str | os.PathLike) -> dict[str, Any]:
+  """An open_clip state dict, or a .safetensors / .pt / .pth / .bin file of one (offline).
+
+  Unwraps open_clip's training checkpoints ({'state_dict': ...}), strips the
+  'module.' prefix of DistributedDataParallel and the 'text.' prefix of
+  open_clip's CustomTextCLIP layout (its SigLIP models). Here, not in openclip.py, so that
+  coca.py reads them without importing openclip.py (which imports coca.py for coca_* names).
+  """
+  sd = state_dict_or_path
+  if isinstance(sd, (str, os.PathLike)):
+    path = require_file(sd, "state_dict_or_path")
+    if path.endswith(".safetensors"):
+      sd = read_safetensors(path)
+    else:
+      try:
+        import torch   # optional and heavy: only .pt/.bin files need it
+      except ImportError as e:
+        raise ImportError(f"reading {path!r} needs torch (`pip install torch`)") from e
+      try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+      except RuntimeError as e:
+        raise ValueError(f"torch.load({path!r}, weights_only=True) failed ({e}); OpenAI's "
+                         "TorchScript .pt files: load them with open_clip and pass "
+                         "model.state_dict()") from e
+  if not isinstance(sd, Mapping):
+    raise ValueError(f"state_dict_or_path must be a mapping or a file path; got {type(sd)}")
+  if "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
+    sd = sd["state_dict"]
+  out = {}
+  for k, v in sd.items():
+    k = k.removeprefix("module.")
+    out[k.removeprefix("text.") if k.startswith("text.") else k] = v
+  return out
+
+
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
-  try:
-    from safetensors.numpy import load_file
-  except ImportError as e:
-    raise ImportError("reading .safetensors needs `pip install safetensors`") from e
   return load_file(path)
 
 

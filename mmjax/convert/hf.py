@@ -21,6 +21,8 @@ import os
 from typing import Any, Mapping
 
 import numpy as np
+from flax import traverse_util
+from safetensors.numpy import save_file
 
 from mmjax.convert import common
 from mmjax.convert.common import Converted, Rule
@@ -205,7 +207,7 @@ def read_weights(directory: str) -> dict[str, Any]:
   binary = os.path.join(directory, "pytorch_model.bin")
   if os.path.isfile(binary):
     try:
-      import torch
+      import torch   # optional and heavy: only .pt/.bin files need it
     except ImportError as e:
       raise ImportError(f"reading {binary!r} needs torch (`pip install torch`)") from e
     return torch.load(binary, map_location="cpu", weights_only=True)
@@ -279,8 +281,6 @@ def to_hf(config: Mapping, params: Mapping, path: str | os.PathLike, *,
 
   image_size: None takes it from the learned position embeddings.
   """
-  from safetensors.numpy import save_file
-  from flax import traverse_util
   flat = traverse_util.flatten_dict(dict(params))
   if image_size is None:
     n = np.shape(flat[("img", "pos_embedding")])[1] - (1 if config.get("loss") == "clip" else 0)

@@ -35,9 +35,10 @@ from typing import Any, Mapping, NamedTuple
 
 import numpy as np
 
-from mmjax.convert import common
-from mmjax.convert.common import Converted, Rule
+from mmjax.convert import coca, common
+from mmjax.convert.common import Converted, Rule, load_state_dict
 from mmjax.data.preprocess import OPENAI_MEAN, OPENAI_STD, ImagePrep
+from mmjax.models import resnet
 
 
 class OpenClipSpec(NamedTuple):
@@ -180,7 +181,6 @@ def open_clip_config(model_name: str) -> dict[str, Any]:
               depth=s.text_layers, mlp_dim=4 * s.text_width, num_heads=s.text_heads,
               causal=True, pool_type="argmax", pad_id=None, **common_)
   if isinstance(s, ResNetSpec):
-    from mmjax.models import resnet
     image = dict(resnet.decode_variant(model_name.removesuffix("-quickgelu")), norm="frozen_bn",
                  pool_type="attn", output_dim=s.embed_dim)
     return dict(image=image, text=text, embed_dim=s.embed_dim, loss="clip", image_proj="none")
@@ -310,42 +310,6 @@ def rules(config: Mapping) -> list[Rule]:
       common.scalar("logit_scale", ("t",))]
 
 
-# ------------------------------------------------------------ reading state dicts
-
-def load_state_dict(state_dict_or_path: Mapping | str | os.PathLike) -> dict[str, Any]:
-  """A state dict, or a .safetensors / .pt / .pth / .bin file of one (offline).
-
-  Unwraps open_clip's training checkpoints ({'state_dict': ...}), strips the
-  'module.' prefix of DistributedDataParallel and the 'text.' prefix of
-  open_clip's CustomTextCLIP layout (its SigLIP models).
-  """
-  sd = state_dict_or_path
-  if isinstance(sd, (str, os.PathLike)):
-    path = common.require_file(sd, "state_dict_or_path")
-    if path.endswith(".safetensors"):
-      sd = common.read_safetensors(path)
-    else:
-      try:
-        import torch
-      except ImportError as e:
-        raise ImportError(f"reading {path!r} needs torch (`pip install torch`)") from e
-      try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-      except RuntimeError as e:
-        raise ValueError(f"torch.load({path!r}, weights_only=True) failed ({e}); OpenAI's "
-                         "TorchScript .pt files: load them with open_clip and pass "
-                         "model.state_dict()") from e
-  if not isinstance(sd, Mapping):
-    raise ValueError(f"state_dict_or_path must be a mapping or a file path; got {type(sd)}")
-  if "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
-    sd = sd["state_dict"]
-  out = {}
-  for k, v in sd.items():
-    k = k.removeprefix("module.")
-    out[k.removeprefix("text.") if k.startswith("text.") else k] = v
-  return out
-
-
 def _image_size(model_name: str) -> int:
   return get_spec(model_name).image_size
 
@@ -372,8 +336,7 @@ def from_open_clip(state_dict_or_path: Mapping | str | os.PathLike, model_name: 
     'clip' for the CLIP models, None for SigLIP (see the module docstring).
   """
   if str(model_name).startswith("coca_"):   # open_clip's CoCa models: mmjax.convert.coca
-    from mmjax.convert.coca import from_open_clip_coca
-    return from_open_clip_coca(state_dict_or_path, model_name, dtype=dtype)
+    return coca.from_open_clip_coca(state_dict_or_path, model_name, dtype=dtype)
   config = open_clip_config(model_name)
   sd = load_state_dict(state_dict_or_path)
   # Buffers: the attention mask some old checkpoints saved, BatchNorm's step counters.
@@ -406,7 +369,6 @@ def _check_clip_layout(config: Mapping) -> None:
   text = [("text", "causal", True), ("text", "pool_type", "argmax"),
           ("text", "pad_id", None), ("text", "ln_eps", _LN_EPS)]
   if "layers" in config["image"]:   # ModifiedResNet
-    from mmjax.models import resnet
     image = resnet.settings(**config["image"])
     fixed = [("image", "style", "clip"), ("image", "norm", "frozen_bn"),
              ("image", "pool_type", "attn"), ("image", "output_dim", config.get("embed_dim")),
@@ -453,8 +415,7 @@ def to_open_clip(config: Mapping, params: Mapping, *, as_torch: bool = False
     open_clip's 'text.' prefix.
   """
   if "decoder" in config:   # a CoCa model: mmjax.convert.coca
-    from mmjax.convert.coca import to_open_clip_coca
-    return to_open_clip_coca(config, params, as_torch=as_torch)
+    return coca.to_open_clip_coca(config, params, as_torch=as_torch)
   if config.get("loss") == "siglip":
     _check_siglip_layout(config)
     sd = common.unapply_rules(rules(config), params)
@@ -465,6 +426,6 @@ def to_open_clip(config: Mapping, params: Mapping, *, as_torch: bool = False
     sd.update({k.replace(".running_mean", ".num_batches_tracked"): np.zeros((), np.int64)
                for k in list(sd) if k.endswith(".running_mean")})
   if as_torch:
-    import torch
+    import torch   # optional and heavy: only as_torch=True needs it
     sd = {k: torch.from_numpy(v) for k, v in sd.items()}
   return sd

@@ -16,8 +16,10 @@ from typing import Iterator, NamedTuple, Sequence
 
 import grain
 import numpy as np
+import tensorflow_datasets as tfds
 from PIL import Image
 
+from mmjax.data import pipeline, wds, wds_pipeline
 from mmjax.data.preprocess import ImagePrep
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -127,8 +129,6 @@ def open_eval_set(spec: str, *, split: str = "test", data_dir: str | None = None
   if kind != "tfds" or not rest:
     raise ValueError(f"dataset={spec!r}: expected 'tfds:NAME', 'folder:/path', 'wds:SHARDS' or "
                      "an existing directory")
-  import tensorflow_datasets as tfds
-  from mmjax.data import pipeline
   data_dir = os.path.expanduser(data_dir or os.environ.get("MMJAX_DATA_DIR")
                                 or "~/.cache/mmjax/datasets")
   try:
@@ -153,7 +153,6 @@ def open_eval_set(spec: str, *, split: str = "test", data_dir: str | None = None
 
 
 def _open_shards(spec: str, rest: str, split: str) -> EvalSet:
-  from mmjax.data import wds, wds_pipeline
   path = os.path.expanduser(rest)
   shards = os.path.join(path, split, "*.tar") if os.path.isdir(path) else path
   try:

@@ -17,7 +17,9 @@ from typing import Iterator
 import grain
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import flags
 from PIL import Image
+from tensorflow_datasets.core.utils import tqdm_utils
 
 from mmjax.data import digits
 from mmjax.data.preprocess import crop_box
@@ -51,7 +53,6 @@ def prepare(builder: tfds.core.DatasetBuilder) -> None:
   progress bars and 'Downloading and preparing dataset Unknown size' text."""
   print(f"mmjax: preparing dataset {builder.name!r} in {builder.data_dir} (first use)",
         flush=True)
-  from tensorflow_datasets.core.utils import tqdm_utils
   shown = tqdm_utils._active
   tfds.display_progress_bar(False)
   try:
@@ -267,7 +268,6 @@ def make_train_iterator(source, data, *, tokenizer, global_batch_size: int, seed
   if data.num_workers > 0:
     # grain 0.2.18's mp_prefetch reads an absl flag (google/grain#1355): outside absl.app
     # (notebooks, scripts) the flags were never parsed and it would raise.
-    from absl import flags
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.num_workers))

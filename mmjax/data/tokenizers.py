@@ -45,6 +45,9 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import sentencepiece as spm
+import tokenizers
+
+from mmjax.data.clip_tokenizer import ClipTokenizer
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3   # the trained kind's special ids
 KINDS = ("clip", "sentencepiece", "gemma", "hf", "trained")
@@ -163,7 +166,6 @@ class HFTokenizer:
     self._build()
 
   def _build(self) -> None:
-    import tokenizers
     self._tok = tok = tokenizers.Tokenizer.from_str(self._json)
     file_pad = tok.padding["pad_id"] if tok.padding else None
     tok.no_padding()
@@ -318,7 +320,6 @@ def get_tokenizer(spec: str, *, train_texts: Callable[[], Iterable[str]] | None 
   kind, path, options = parse_spec(spec)
   if kind in ("clip", "trained"):
     if kind == "clip":
-      from mmjax.data.clip_tokenizer import ClipTokenizer
       tok = ClipTokenizer()
     else:
       tok = _trained(spec, path, _int(spec, options, "vocab_size"), train_texts)

@@ -27,6 +27,8 @@ import shutil
 import tarfile
 from typing import Iterator
 
+from braceexpand import braceexpand
+
 from mmjax.data import image_folder
 
 _GLOB = set("*?[")
@@ -37,7 +39,6 @@ def expand_shards(spec: str, *, field: str = "shards") -> list[str]:
   ('/data/*.tar', sorted) or a text file listing one path per line (relative paths are
   relative to the file; '#' starts a comment). ValueError naming `field` when the spec names
   no shard or a named shard does not exist."""
-  from braceexpand import braceexpand
   spec = os.path.expanduser(str(spec))
   if os.path.isfile(spec) and not spec.endswith(".tar"):
     base = os.path.dirname(os.path.abspath(spec))

@@ -31,6 +31,7 @@ import zlib
 import grain
 import numpy as np
 import tqdm
+from absl import flags
 from PIL import Image
 
 from mmjax.data import wds
@@ -403,7 +404,7 @@ def make_train_iterator(paths: list[str], data, *, tokenizer, global_batch_size:
     parts.append(_SkipBatch(ds.map(decode), per, give_up=100 * per + 1000))
   ds = grain.experimental.ZipIterDataset(parts).map(_concat)
   if data.num_workers > 0:
-    from absl import flags   # grain 0.2.18's mp_prefetch reads an absl flag (google/grain#1355)
+    # grain 0.2.18's mp_prefetch reads an absl flag (google/grain#1355)
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.num_workers))

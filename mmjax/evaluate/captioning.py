@@ -6,6 +6,7 @@ import re
 from typing import Sequence
 
 import numpy as np
+import sacrebleu
 
 # Number words: a caption may name such a class by its numeral too ("the digit 7").
 _NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -43,7 +44,6 @@ def corpus_bleu(captions: Sequence[str], references: Sequence[Sequence[str]]) ->
   """sacrebleu's corpus BLEU (0-100, its default 13a tokenisation) of captions against
   each caption's references (one or more strings; shorter lists are padded by repeating
   their last reference, which changes neither the clipped counts nor the closest length)."""
-  import sacrebleu
   if len(captions) != len(references) or any(len(r) == 0 for r in references):
     raise ValueError(f"{len(captions)} captions need as many non-empty reference lists; got "
                      f"{len(references)}")

@@ -41,7 +41,7 @@ def linear_probe_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.n
   Returns:
     accuracy on the test split, in [0, 1].
   """
-  from sklearn.linear_model import LogisticRegression
+  from sklearn.linear_model import LogisticRegression   # ~0.7 s to import: only probes need it
 
   train_x, test_x = np.asarray(train_x, np.float64), np.asarray(test_x, np.float64)
   train_y, test_y = np.asarray(train_y), np.asarray(test_y)

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.losses import tiled
-from mmjax.losses.tiles import clip_grad_tile, dot_nn, dot_nt, dot_tn
+from mmjax.logit_tiles import clip_grad_tile, dot_nn, dot_nt, dot_tn
 
 BLOCKS = ("dense", "tiled", "pallas")
 
@@ -64,14 +64,14 @@ class Blocks:
   def _kw(self):
     if self.impl == "tiled":
       return dict(block=self.block or tiled.DEFAULT_BLOCK)
-    from mmjax.pallas import contrastive as pallas_contrastive
+    from mmjax.pallas import contrastive as pallas_contrastive   # Pallas loads only when chosen
     return dict(cfg=pallas_contrastive.config(self.block, platform=self.platform,
                                               interpret=self.interpret))
 
   def _module(self):
     if self.impl == "tiled":
       return tiled
-    from mmjax.pallas import contrastive as pallas_contrastive
+    from mmjax.pallas import contrastive as pallas_contrastive   # Pallas loads only when chosen
     return pallas_contrastive
 
   def siglip_sum(self, x, y, s, b, positive: bool):

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from mmjax.losses.blocks import DENSE, Blocks, diag_logits
-from mmjax.losses.tiles import dot_nt
+from mmjax.logit_tiles import dot_nt
 from mmjax.numerics import vary_over
 
 Axis = str | tuple[str, ...]

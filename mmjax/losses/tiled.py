@@ -34,8 +34,8 @@ import jax.numpy as jnp
 from jax import lax
 
 # The elementwise tile math is the Pallas kernels' own: the same algorithm.
-from mmjax.losses.tiles import (clip_grad_tile, dot_nn, dot_nt, dot_tn, lse_update, siglip_terms,
-                                tile_masks)
+from mmjax.logit_tiles import (clip_grad_tile, dot_nn, dot_nt, dot_tn, lse_update, siglip_terms,
+                               tile_masks)
 from mmjax.numerics import MASKED, round_up, vary_like
 
 DEFAULT_BLOCK = 1024

@@ -4,10 +4,13 @@ ValueError naming config.model.<tower>.<field>."""
 
 from __future__ import annotations
 
-import ml_collections
+from typing import TYPE_CHECKING
 
 from mmjax.models import coca, image as image_lib, resnet, text as text_lib, two_tower, vit
 from mmjax.numerics import dtype
+
+if TYPE_CHECKING:   # a config is any ConfigDict-like mapping; ml_collections is not core
+  import ml_collections
 
 
 def runtime(config: ml_collections.ConfigDict) -> dict:

@@ -209,14 +209,14 @@ def _tpu_rule(static, q, k, v, q_seg, kv_seg):
 
 
 def _auto_forward(static, q, k, v, q_seg, kv_seg):
-  from mmjax.pallas.per_platform import per_platform
+  from mmjax.pallas.per_platform import per_platform   # the package loads Pallas: lazily
   args = (q, k, v, q_seg, kv_seg)
   return per_platform(*args, tpu=_tpu_rule(static, *args)[0], gpu=_gpu_rule(static, *args)[0],
                       default=_cpu_rule(static, *args)[0], tpu_partitioned="default")
 
 
 def _auto_backward(static, q, k, v, q_seg, kv_seg, o, lse, do):
-  from mmjax.pallas.per_platform import per_platform
+  from mmjax.pallas.per_platform import per_platform   # the package loads Pallas: lazily
   args = (q, k, v, q_seg, kv_seg)
   return per_platform(*args, o, lse, do, tpu=_tpu_rule(static, *args)[1],
                       gpu=_gpu_rule(static, *args)[1], default=_cpu_rule(static, *args)[1],

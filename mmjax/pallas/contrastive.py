@@ -5,7 +5,7 @@ mmjax/losses/blocks.py joins them into losses with custom VJPs:
 
 The same algorithm as mmjax/losses/tiled.py; both take their elementwise tile
 math (masks, the sigmoid terms, the CLIP gradient tile) from
-mmjax/losses/tiles.py: [t, t] tiles of the logits s * x @ y.T are made in the
+mmjax/logit_tiles.py: [t, t] tiles of the logits s * x @ y.T are made in the
 kernel and never written out; residuals are O(n).
 
 Every kernel is a row reduction: for each row tile A_i of one tower it runs
@@ -47,7 +47,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
-from mmjax.losses.tiles import clip_grad_tile, dot_nn, dot_nt, lse_update, siglip_terms, tile_masks
+from mmjax.logit_tiles import clip_grad_tile, dot_nn, dot_nt, lse_update, siglip_terms, tile_masks
 from mmjax.numerics import MASKED, round_up, vary_like
 from mmjax.pallas.per_platform import per_platform
 

@@ -14,6 +14,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 BROKEN = "checkpoints.broken"   # <workdir>/checkpoints.broken/<step>: steps that did not restore
 
@@ -140,7 +141,6 @@ def _move_aside(directory: str, step: int, workdir: str) -> None:
       shutil.rmtree(target)
     shutil.move(os.path.join(directory, str(step)), target)
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(f"mmjax_broken_{step}")
 
 

@@ -26,8 +26,9 @@ from flax import traverse_util
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
-from mmjax import objectives
+from mmjax import convert, objectives
 from mmjax.data import pipeline, tokenizers
+from mmjax.data import wds_pipeline
 from mmjax.evaluate import Evaluator
 from mmjax.models import image as image_model
 from mmjax.models import scan as scan_lib
@@ -90,7 +91,6 @@ def _load_checkpoint(config):
   spec = config.init_from.checkpoint
   if not spec:
     return None
-  from mmjax import convert
   try:
     ckpt = convert.load(spec)
   except ValueError as e:
@@ -131,7 +131,6 @@ def _open_data(config, ddir: str, ckpt=None):
   try:
     tok_name = d.name
     if d.name == "wds":
-      from mmjax.data import wds_pipeline
       dataset = wds_pipeline.WdsDataset(d)
       probes = ev.probes and d.label_key
       # The probes' train set must decode; the captions for a trained tokenizer and the
@@ -285,7 +284,6 @@ def build(config: ml_collections.ConfigDict) -> Run:
                           abstract, state_sharding)
   views = objective.views
   if config.data.name == "wds":   # uint8 images, normalised on the device (Run.normalize)
-    from mmjax.data import wds_pipeline
     data_iter = wds_pipeline.make_train_iterator(
         dataset.train_paths, config.data, tokenizer=tok, global_batch_size=config.batch_size,
         seed=config.seed, process_index=jax.process_index(),

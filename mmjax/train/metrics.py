@@ -51,9 +51,9 @@ def read_metrics(path: str) -> list[dict]:
 
 def plot_curves(metrics_path: str, png_path: str) -> None:
   """Loss, learning rate, temperature and eval metrics against step, one panel each."""
-  import matplotlib
+  import matplotlib   # slow to import: only the end-of-run plot needs it
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  import matplotlib.pyplot as plt   # after use("Agg"): no display needed
 
   rows = read_metrics(metrics_path)
   evals = sorted({k for r in rows for k in r

@@ -4,7 +4,8 @@ The XLA loops of mmjax/losses/tiled.py and the Pallas kernels of
 mmjax/pallas/contrastive.py run the same algorithm and both call these
 functions (so does the dense block of mmjax/losses/blocks.py where it fits);
 every function here is plain jax.numpy / lax and also traces inside a kernel.
-This module imports only jax: Pallas loads where a Pallas impl is chosen.
+It lives beside mmjax/numerics.py, below both mmjax.losses and mmjax.pallas, so
+neither package imports the other to share it (losses load Pallas only when chosen).
 """
 
 from __future__ import annotations
