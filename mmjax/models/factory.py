@@ -69,8 +69,8 @@ def two_tower_model(config: ml_collections.ConfigDict, vocab_size: int, *, loss:
   return two_tower.TwoTower(
       image=image, image_proj=image_proj,
       text=tower_config(config, "text", vocab_size=vocab_size, max_len=config.data.text_len),
-      embed_dim=m.embed_dim, loss=loss, temperature_init=m.temperature_init,
-      bias_init=m.bias_init, **dtypes(config))
+      embed_dim=m.embed_dim, **two_tower.inits(loss, m.temperature_init, m.bias_init),
+      **dtypes(config))
 
 
 def coca_model(config: ml_collections.ConfigDict, vocab_size: int) -> coca.CoCa:

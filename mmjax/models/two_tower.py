@@ -9,22 +9,36 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mmjax.losses import registry as loss_registry
 from mmjax.models import image as image_lib
 from mmjax.models import text as text_lib
 from mmjax.nn.linear import Dense
 from mmjax.numerics import l2_normalize
 
-LOSSES = ("clip", "siglip")
 # A tower's projection to the shared embedding: 'dense' (CLIP, no bias), 'dense_bias'
 # (SigLIP's text head) or 'none' (SigLIP's image tower: its width is embed_dim).
 PROJECTIONS = ("dense", "dense_bias", "none")
 
 
+def inits(loss: str, temperature_init: float | None = None,
+          bias_init: float | None = None) -> dict:
+  """{'temperature_init', 'bias_init'} of a two-tower model trained by the contrastive loss
+  `loss` (mmjax.losses.registry): the given values, else the loss's; bias_init None when the
+  loss takes no bias."""
+  entry = loss_registry.get_contrastive(loss)
+  return dict(temperature_init=temperature_init or entry.temperature_init,
+              bias_init=None if entry.bias_init is None else (
+                  entry.bias_init if bias_init is None else bias_init))
+
+
 def Model(image: dict, text: dict, embed_dim: int, **fields) -> "TwoTower":  # noqa: N802
   """A TwoTower whose towers are given as image / text tower arguments (variant and
-  overrides: 'B/16' or 'RN50' for the image, mmjax.models.image), decoded and checked once."""
-  if fields.get("loss", "siglip") not in LOSSES:
-    raise ValueError(f"loss={fields['loss']!r} is not one of {LOSSES}")
+  overrides: 'B/16' or 'RN50' for the image, mmjax.models.image), decoded and checked once.
+  loss: a contrastive loss's name in place of temperature_init / bias_init (its inits, as
+  converters describe a checkpoint's family); default 'siglip'."""
+  if "loss" in fields or "temperature_init" not in fields:
+    loss = fields.pop("loss", "siglip")
+    fields.update(inits(loss, fields.get("temperature_init"), fields.get("bias_init")))
   image, text = image_lib.config(**image), text_lib.config(**text)
   for field, tower in (("image_proj", image), ("text_proj", text)):
     proj = fields.get(field, "dense")
@@ -45,15 +59,15 @@ class TwoTower(nn.Module):
   text.TextTransformer.
 
   zimg, ztxt are float32 and unit-norm (either is None when its input is).
-  out['scale'] = exp(t), the positive logit multiplier; out['bias'] = b for
-  SigLIP. Inits: CLIP t = log(1/0.07); SigLIP t = log 10, b = -10.
+  out['scale'] = exp(t), the positive logit multiplier; out['bias'] = b when the model has
+  a learned bias (bias_init not None). The loss decides the inits (`inits`): CLIP
+  t = log(1/0.07) and no bias; SigLIP t = log 10, b = -10.
   """
   image: dict
   text: dict
   embed_dim: int
-  loss: str = "siglip"       # 'clip' | 'siglip': decides the t/b init and whether b exists
-  temperature_init: float | None = None   # the initial scale exp(t)
-  bias_init: float | None = None
+  temperature_init: float = 10.0   # the initial scale exp(t)
+  bias_init: float | None = -10.0  # the learned logit bias's init; None: no bias
   image_proj: str = "dense"  # PROJECTIONS
   text_proj: str = "dense"
   dtype: Any = jnp.float32
@@ -71,11 +85,10 @@ class TwoTower(nn.Module):
 
     self.img_proj = proj(self.image_proj, "img_proj")
     self.txt_proj = proj(self.text_proj, "txt_proj")
-    scale = self.temperature_init or (1 / 0.07 if self.loss == "clip" else 10.0)
-    self.t = self.param("t", nn.initializers.constant(math.log(scale)), (), jnp.float32)
-    if self.loss == "siglip":
-      b = -10.0 if self.bias_init is None else self.bias_init
-      self.b = self.param("b", nn.initializers.constant(b), (), jnp.float32)
+    self.t = self.param("t", nn.initializers.constant(math.log(self.temperature_init)), (),
+                        jnp.float32)
+    if self.bias_init is not None:
+      self.b = self.param("b", nn.initializers.constant(self.bias_init), (), jnp.float32)
 
   def encode_image(self, image: jax.Array, *, train: bool = False) -> jax.Array:
     """[b, H, W, 3] float -> [b, embed_dim] float32, unit norm."""
@@ -91,6 +104,6 @@ class TwoTower(nn.Module):
     zimg = None if image is None else self.encode_image(image, train=train)
     ztxt = None if text is None else self.encode_text(text, train=train)
     out = {"scale": jnp.exp(self.t)}
-    if self.loss == "siglip":
+    if self.bias_init is not None:
       out["bias"] = self.b
     return zimg, ztxt, out

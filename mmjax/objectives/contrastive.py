@@ -52,7 +52,11 @@ class Contrastive(Objective):
 
   @classmethod
   def check_config(cls, config):
-    impls = loss_registry.get_contrastive(config.loss).impls
+    entry = loss_registry.get_contrastive(config.loss)
+    impls = entry.impls
+    if entry.bias_init is None and config.model.bias_init is not None:
+      raise ValueError(f"config.model.bias_init={config.model.bias_init!r}: config.loss="
+                       f"{config.loss!r} learns no logit bias; leave it unset")
     if config.loss_impl not in impls:
       raise ValueError(f"config.loss_impl must be one of {impls} for config.loss="
                        f"{config.loss!r}; got {config.loss_impl!r}")
