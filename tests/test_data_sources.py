@@ -34,7 +34,8 @@ class _Batches:
                process_count, views, caption_fields):
     self.records, self.data, self.tok, self.seed = records, data, tokenizer, seed
     self.batch, self.local = global_batch_size, global_batch_size // process_count
-    self.start, self.views, self.fields, self.t = process_index * self.local, views, caption_fields, 0
+    self.start, self.views, self.fields = process_index * self.local, views, caption_fields
+    self.t = 0
 
   def _index(self, position: int) -> int:
     epoch, i = divmod(position, len(self.records))
@@ -146,3 +147,41 @@ def test_the_loop_opens_the_source_once_and_hands_the_step_uint8(tmp_path):
   batch = next(built.data_iter)
   assert batch["image"].dtype == np.uint8 and batch["image"].shape == (16, 32, 32, 3)
   assert built.normalize is None
+
+
+class _ZeroTokenizer:
+  def encode(self, texts, max_len):
+    return np.zeros((len(texts), max_len), np.int32)
+
+
+def _caption_length(text: str) -> np.ndarray:
+  """A caption field (as CatLIP's targets): int32 [1]."""
+  return np.array([len(text)], np.int32)
+
+
+@pytest.mark.parametrize("name", ["mmjax_digits", "wds"])
+def test_built_in_sources_give_uint8_views_and_caption_fields(name, data_dir, rng, tmp_path):
+  """The TFDS and webdataset sources' train iterators (through the protocol): 'image' and
+  'image2' uint8 [b, S, S, 3], two different augmentations, and each caption field."""
+  from mmjax.train.config import defaults
+  data = defaults().data
+  data.update(name=name, image_size=24, text_len=6, crop_scale_min=0.3)
+  tok = _ZeroTokenizer()
+  if name == "wds":
+    from tests.test_wds import _RowTokenizer, _shards
+    _shards(rng, tmp_path)
+    data.update(shards=str(tmp_path / "*.tar"), eval_shards=str(tmp_path / "*.tar"),
+                shuffle_buffer=16, shard_cycle=2)
+    tok = _RowTokenizer()
+  source = sources.open(data, data_dir)
+  it = source.train_iterator(data, tokenizer=tok, global_batch_size=8, seed=1, process_index=0,
+                             process_count=1, views=2, caption_fields={"n": _caption_length})
+  b = next(it)
+  for key in ("image", "image2"):
+    assert b[key].dtype == np.uint8 and b[key].shape == (8, 24, 24, 3), key
+  assert not np.array_equal(b["image"], b["image2"])
+  assert b["n"].shape == (8, 1) and b["n"].dtype == np.int32 and (b["n"] > 0).all()
+  if name == "wds":   # 'caption N': the field is its caption's
+    np.testing.assert_array_equal(b["n"][:, 0], [len(f"caption {n}") for n in b["text"][:, 0]])
+  if hasattr(it, "close"):
+    it.close()

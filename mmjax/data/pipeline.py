@@ -1,9 +1,10 @@
 """Input pipeline without TensorFlow: TFDS array_record sources read by grain.
 
-Train batches are dicts of numpy arrays: 'image' uint8 [b, S, S, 3] (normalised
-on the device: mmjax.train.state.images_to_float), 'text' int32 [b, L] (and 'label' int32 [b] when the data has one,
-the fields of make_train_iterator's caption_fields, e.g. CatLIP's 'targets' float32 [b, V]),
-b = global batch // process count: each process reads its own shard.
+Train batches are dicts of numpy arrays: 'image' uint8 [b, S, S, 3] (normalised once, on the
+device: mmjax.train.state.images_to_float), 'text' int32 [b, L] (and 'label' int32 [b] when the
+data has one, the fields of make_train_iterator's caption_fields, e.g. CatLIP's 'targets'
+float32 [b, V]), b = global batch // process count: each process reads its own shard. The
+training loop reads it through mmjax.data.sources.TfdsSource.
 """
 
 from __future__ import annotations

@@ -72,9 +72,8 @@ def _dummy_batch(d) -> dict:
 
 
 def _data_metrics(data_iter) -> dict:
-  """The input pipeline's counters over all processes (a source iterator's metrics(), e.g.
-  webdataset's: data/epoch, the
-  furthest any process got; data/skipped_<kind>, summed); {} for other data."""
+  """The input pipeline's counters over all processes, from its iterator's metrics() (data/epoch:
+  the furthest any process got; the others, e.g. data/skipped_<kind>, summed); {} without."""
   if not hasattr(data_iter, "metrics"):
     return {}
   rows = multihost.gather_json(data_iter.metrics())
