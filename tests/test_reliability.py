@@ -89,6 +89,7 @@ def test_train_step_leaves_the_state_unchanged_on_a_non_finite_loss(data_dir):
   step = jax.jit(state_lib.make_train_step(built.objective, built.tx, schedule=built.schedule))
   batch = {k: jnp.asarray(v) for k, v in next(built.data_iter).items()
            if k in built.objective.batch_keys}
+  batch = state_lib.images_to_float(batch)   # uint8 from the source: a NaN needs floats
   bad = {**batch, "image": batch["image"].at[0, 0, 0, 0].set(jnp.nan)}
   before = jax.tree.map(np.asarray, (state.params, state.opt_state))
   after, m = step(state, bad)

@@ -1,9 +1,10 @@
 """Input pipeline without TensorFlow: TFDS array_record sources read by grain.
 
-Train batches are dicts of numpy arrays: 'image' float32 [b, S, S, 3] in
-[-1, 1], 'text' int32 [b, L] (and 'label' int32 [b] when the data has one,
-the fields of make_train_iterator's caption_fields, e.g. CatLIP's 'targets' float32 [b, V]),
-b = global batch // process count: each process reads its own shard.
+Train batches are dicts of numpy arrays: 'image' uint8 [b, S, S, 3] (normalised once, on the
+device: mmjax.train.state.images_to_float), 'text' int32 [b, L] (and 'label' int32 [b] when the
+data has one, the fields of make_train_iterator's caption_fields, e.g. CatLIP's 'targets'
+float32 [b, V]), b = global batch // process count: each process reads its own shard. The
+training loop reads it through mmjax.data.sources.TfdsSource.
 """
 
 from __future__ import annotations
@@ -188,10 +189,11 @@ def _decode_text(t) -> str:
 
 
 class _Preprocess:
-  """Example -> {'image', 'text'[, 'label']}; a module-level class so grain workers can pickle it."""
+  """Example -> {'image' uint8 [S, S, 3], 'text'[, 'label', 'image2', caption fields]}; a
+  module-level class so grain workers can pickle it."""
 
   def __init__(self, tokenizer, image_size, text_len, augment, crop_scale_min, flip,
-               image_key, text_key, label_key, views=1, normalize=None, caption_fields=None):
+               image_key, text_key, label_key, views=1, caption_fields=None):
     self.__dict__.update(locals())
     del self.__dict__["self"]
 
@@ -202,7 +204,7 @@ class _Preprocess:
       image = resize(image, self.image_size)
     if self.flip and rng.random() < 0.5:
       image = image[:, ::-1]
-    return _to_float(image, self.normalize)
+    return np.ascontiguousarray(image)
 
   def __call__(self, ex: dict, rng: np.random.Generator) -> dict:
     image = _rgb(np.asarray(ex[self.image_key]))
@@ -220,15 +222,13 @@ class _Preprocess:
 
 def make_train_iterator(source, data, *, tokenizer, global_batch_size: int, seed: int,
                         process_index: int = 0, process_count: int = 1, views: int = 1,
-                        read_threads: int = 2, prefetch_batches: int = 2,
-                        normalize: tuple | None = None, caption_fields=None):
+                        read_threads: int = 2, prefetch_batches: int = 2, caption_fields=None):
   """An endless, seeded, shuffled iterator over this process's share of each global batch,
   with get_state/set_state.
 
   data: config.data (image_size, text_len, augment, crop_scale_min, flip,
-  image_key, text_key, label_key, num_workers). views=2 adds 'image2', a
-  second independent augmentation of each image (MoCo). normalize: (mean, std) of a
-  converted checkpoint's preprocessing; None maps pixels to [-1, 1]. prefetch_batches: local
+  image_key, text_key, label_key, num_workers). Images are uint8 [b, S, S, 3]. views=2 adds
+  'image2', a second independent augmentation of each image (MoCo). prefetch_batches: local
   batches read ahead by the read_threads. A batch may be larger than the dataset.
   caption_fields: {key: a picklable caption -> array function}: each batch gets key [b, ...]
   (an objective's Objective.caption_fields: CatLIP's multi-hot label 'targets').
@@ -251,7 +251,7 @@ def make_train_iterator(source, data, *, tokenizer, global_batch_size: int, seed
     raise ValueError(f"views={views} must be 1 or 2")
   prep = _Preprocess(tokenizer, data.image_size, data.text_len, data.augment,
                      data.crop_scale_min, data.flip, data.image_key, data.text_key,
-                     data.label_key, views, normalize, caption_fields)
+                     data.label_key, views, caption_fields)
   # Few reader threads: grain's default 16 fight XLA for the cores of a small host. The
   # elements read ahead are whole local batches (batched before to_iter_dataset), so
   # prefetch_batches counts batches (2 * local of them would be 32,768 batches of 16,384).

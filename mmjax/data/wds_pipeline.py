@@ -150,16 +150,18 @@ def _skip(kind: str, where: str, sample: dict) -> dict:
 
 
 class Decode:
-  """A raw sample -> {'image' uint8 [S, S, 3], 'text' int32 [L][, 'image2']} or a skip marker.
-  A module-level class: grain's workers pickle it."""
+  """A raw sample -> {'image' uint8 [S, S, 3], 'text' int32 [L][, 'image2', caption fields]}
+  or a skip marker. caption_fields: {key: a picklable caption -> array function}. A
+  module-level class: grain's workers pickle it."""
 
   def __init__(self, *, tokenizer, image_size: int, text_len: int, image_ext: str,
                text_ext: str, seed: int, augment: bool = True, crop_scale_min: float = 0.6,
-               flip: bool = False, views: int = 1):
+               flip: bool = False, views: int = 1, caption_fields=None):
     self.tokenizer, self.size, self.text_len = tokenizer, image_size, text_len
     self.image_exts, self.text_ext = _exts(image_ext, "image_ext"), _exts(text_ext, "text_ext")[0]
     self.seed, self.augment, self.scale_min, self.flip, self.views = (
         seed, augment, crop_scale_min, flip, views)
+    self.caption_fields = dict(caption_fields or {})
 
   def _view(self, im: Image.Image, rng: np.random.Generator, draft: bool) -> np.ndarray:
     if self.augment:
@@ -199,6 +201,8 @@ class Decode:
            "__epoch__": sample["__item__"] / sample["__n__"]}
     if self.views == 2:
       out["image2"] = views[1]
+    for key, field in self.caption_fields.items():
+      out[key] = field(text)
     return out
 
 
@@ -369,8 +373,10 @@ def stream_layout(n_shards: int, streams: int, process_count: int) -> tuple[int,
 
 def make_train_iterator(paths: list[str], data, *, tokenizer, global_batch_size: int,
                         seed: int, process_index: int = 0, process_count: int = 1,
-                        views: int = 1) -> TrainIterator:
-  """This process's share of each global batch from the shards `paths`.
+                        views: int = 1, caption_fields=None) -> TrainIterator:
+  """This process's share of each global batch from the shards `paths`: 'image' uint8
+  [b, S, S, 3], 'text' int32 [b, L], 'image2' for views=2, and caption_fields' keys
+  ({key: a picklable caption -> array function}, as mmjax.data.pipeline's).
 
   data: config.data (image_size, text_len, augment, crop_scale_min, flip, image_ext, text_ext,
   streams, shuffle_buffer, shard_cycle, num_workers, max_skip_fraction). The batches depend on
@@ -393,7 +399,7 @@ def make_train_iterator(paths: list[str], data, *, tokenizer, global_batch_size:
   decode = Decode(tokenizer=tokenizer, image_size=data.image_size, text_len=data.text_len,
                   image_ext=data.image_ext, text_ext=data.text_ext, seed=seed,
                   augment=data.augment, crop_scale_min=data.crop_scale_min, flip=data.flip,
-                  views=views)
+                  views=views, caption_fields=caption_fields)
   order = ShardOrder(paths, seed)
   local = streams // process_count
   parts = []

@@ -13,6 +13,7 @@ import ml_collections
 from ml_collections.config_dict import placeholder
 
 from mmjax import objectives
+from mmjax.data import sources
 from mmjax.losses import BLOCKS
 from mmjax.nn.attention import IMPLS as attention_impls
 from mmjax.nn.layers import REMAT_POLICIES
@@ -207,7 +208,8 @@ def _get(config, dotted: str):
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the field for what can be checked before any data or compile:
-  the keys, the objective's own rules (Objective.check_config), and the rules that cross
+  the keys, the objective's and the data source's own rules (Objective.check_config,
+  DataSource.check_config), and the rules that cross
   components, each checked here once."""
   _check_keys(config, defaults(), "")
   objective = objectives.get(config.loss)   # ValueError naming config.loss and the choices
@@ -256,11 +258,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.model.attention_impl not in attention_impls:
     raise ValueError(f"config.model.attention_impl must be one of {attention_impls}; "
                      f"got {config.model.attention_impl!r}")
-  if config.data.name == "wds":
-    for key in ("shards", "eval_shards"):
-      if not config.data[key]:
-        raise ValueError(f"config.data.{key} must be set for config.data.name='wds' (brace "
-                         "ranges '/data/{00000..00099}.tar', a glob or a file listing shards)")
+  sources.get(config.data).check_config(config)
   if config.evaluate.retrieval_match not in ("pair", "label"):
     raise ValueError("config.evaluate.retrieval_match must be 'pair' or 'label'; "
                      f"got {config.evaluate.retrieval_match!r}")

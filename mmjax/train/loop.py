@@ -27,8 +27,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
 from mmjax import convert, objectives
-from mmjax.data import pipeline, tokenizers
-from mmjax.data import wds_pipeline
+from mmjax.data import pipeline, sources, tokenizers
 from mmjax.evaluate import Evaluator
 from mmjax.models import image as image_model
 from mmjax.models import scan as scan_lib
@@ -48,7 +47,7 @@ class Run:
   objective: objectives.Objective
   tx: optax.GradientTransformation
   schedule: optax.Schedule
-  data_iter: Any                      # grain iterator with get_state / set_state
+  data_iter: sources.TrainIterator    # uint8 images; get_state / set_state
   evaluator: Evaluator
   rng: jax.Array
   abstract: state_lib.TrainState      # shapes, dtypes and shardings of the state
@@ -56,7 +55,8 @@ class Run:
   batch_sharding: NamedSharding
   t_start: float                      # when build began: results.json's wall_s counts from here
   start_params: Any = None            # config.init_from.checkpoint's params (host numpy)
-  normalize: tuple | None = None      # (mean, std) of uint8 images, applied on the device
+  normalize: tuple | None = None      # (mean, std) of uint8 images, applied once on the device
+                                      # (None: [-1, 1])
 
   def init_state(self) -> state_lib.TrainState:
     """The initial state, created on the mesh already sharded (no host copy)."""
@@ -72,8 +72,8 @@ def _dummy_batch(d) -> dict:
 
 
 def _data_metrics(data_iter) -> dict:
-  """The input pipeline's counters over all processes (webdataset runs: data/epoch, the
-  furthest any process got; data/skipped_<kind>, summed); {} for other data."""
+  """The input pipeline's counters over all processes, from its iterator's metrics() (data/epoch:
+  the furthest any process got; the others, e.g. data/skipped_<kind>, summed); {} without."""
   if not hasattr(data_iter, "metrics"):
     return {}
   rows = multihost.gather_json(data_iter.metrics())
@@ -111,8 +111,8 @@ def _load_checkpoint(config):
 
 def _tokenizer_spec(config, ddir: str, name: str) -> tuple[str, str]:
   """(spec, the config field naming it) for a run without a checkpoint: config.data.tokenizer,
-  else the trained kind: config.data.tokenizer_path, else the BPE trained on dataset `name`'s
-  training captions, cached under ddir."""
+  else the trained kind: config.data.tokenizer_path, else the BPE trained on the training
+  captions, cached under ddir/name (the source's tokenizer_name)."""
   d = config.data
   if d.tokenizer:
     return d.tokenizer, "config.data.tokenizer"
@@ -122,31 +122,26 @@ def _tokenizer_spec(config, ddir: str, name: str) -> tuple[str, str]:
 
 
 def _open_data(config, ddir: str, ckpt=None):
-  """(dataset, train source, tokenizer); the dataset is opened once.
+  """(source, its train records, tokenizer): config.data's DataSource (mmjax.data.sources),
+  opened once.
 
   An I/O error (a read-only or missing data_dir that needs writing on first
   use) is a ValueError naming config.data.data_dir and the path.
   """
   d, ev = config.data, config.evaluate
   try:
-    tok_name = d.name
-    if d.name == "wds":
-      dataset = wds_pipeline.WdsDataset(d)
-      probes = ev.probes and d.label_key
-      # The probes' train set must decode; the captions for a trained tokenizer and the
-      # truncation check need no image.
-      train_src = dataset.train_samples(ev.probe_train_examples if probes else 2000,
-                                        decode=bool(probes))
-      tok_name = wds_pipeline.shards_id(dataset.train_paths)
-    else:
-      dataset = pipeline.open_dataset(d, ddir)
-      train_src = dataset.source(d.train_split)
+    source = sources.open(d, ddir)
+    probes = ev.probes and d.label_key
+    # The probes' train set must decode; the captions for a trained tokenizer and the
+    # truncation check need no image.
+    train_src = source.train_records(ev.probe_train_examples if probes else 2000,
+                                     decode=bool(probes))
     if ckpt is not None:   # its text tower fixes the vocabulary
       tok = tokenizers.tokenizer_for_tower(
           d.tokenizer, checkpoint_spec=ckpt.tokenizer, field="config.data.tokenizer",
           vocab_size=ckpt.config["text"]["vocab_size"])
     else:
-      spec, field = _tokenizer_spec(config, ddir, tok_name)
+      spec, field = _tokenizer_spec(config, ddir, source.tokenizer_name)
       try:
         tok = tokenizers.get_tokenizer(
             spec, train_texts=lambda: pipeline.iter_texts(train_src, d.text_key))
@@ -159,7 +154,7 @@ def _open_data(config, ddir: str, ckpt=None):
                      "use, so it must be writable until then") from None
   if jax.process_index() == 0 and hasattr(tok, "num_tokens"):
     _warn_truncation(train_src, tok, config)
-  return dataset, train_src, tok
+  return source, train_src, tok
 
 
 def _warn_truncation(train_src, tok, config, sample: int = 2000) -> None:
@@ -187,14 +182,14 @@ def _first(source, n: int):
   return Head()
 
 
-def _check_labels(config, dataset) -> None:
+def _check_labels(config, source) -> None:
   """Raises ValueError naming the field when the evaluation asks for labels the
   dataset lacks; without labels (config.data.label_key='') zero-shot and the
   probes are skipped, with one line saying so."""
   d, e = config.data, config.evaluate
-  if d.label_key and d.label_key not in dataset.features:
+  if d.label_key and d.label_key not in source.features:
     raise ValueError(f"config.data.label_key={d.label_key!r}: dataset {d.name!r} has no such "
-                     f"feature (its features: {sorted(dataset.features)}); set "
+                     f"feature (its features: {sorted(source.features)}); set "
                      "config.data.label_key='' for a dataset without labels")
   if not d.label_key:
     if e.retrieval_match == "label":
@@ -206,7 +201,7 @@ def _check_labels(config, dataset) -> None:
             "and the linear/kNN probes are skipped; retrieval is evaluated", flush=True)
 
 
-def _make_evaluator(config, objective, dataset, train_src, tok, prep=None) -> Evaluator:
+def _make_evaluator(config, objective, source, train_src, tok, prep=None) -> Evaluator:
   """prep: a converted checkpoint's ImagePrep (its eval resize, crop and normalisation)."""
   d, e = config.data, config.evaluate
   arrays = lambda src: pipeline.make_eval_arrays(src, d, tokenizer=tok, lazy_images=True,
@@ -215,13 +210,13 @@ def _make_evaluator(config, objective, dataset, train_src, tok, prep=None) -> Ev
   if e.probes and d.label_key:
     probe_arrays = arrays(_first(train_src, e.probe_train_examples))
   zeroshot = None
-  names = dataset.class_names(d.label_key)
+  names = source.class_names(d.label_key)
   if objective.towers() is not None and names:
     templates = e.templates
     if templates is None:
-      templates = dataset.templates or DEFAULT_TEMPLATES
+      templates = source.templates or DEFAULT_TEMPLATES
     zeroshot = (names, list(templates))
-  return Evaluator(objective, e, arrays(dataset.source(d.eval_split)), tokenizer=tok,
+  return Evaluator(objective, e, arrays(source.eval_source()), tokenizer=tok,
                    text_len=d.text_len, zeroshot=zeroshot, probe_arrays=probe_arrays,
                    class_names=names)
 
@@ -258,11 +253,11 @@ def build(config: ml_collections.ConfigDict) -> Run:
   ckpt = _load_checkpoint(config)
   # Process 0 builds the dataset and tokenizer (first use only); the others then read them.
   if jax.process_index() == 0:
-    dataset, train_src, tok = _open_data(config, ddir, ckpt)
+    source, train_src, tok = _open_data(config, ddir, ckpt)
   _sync("mmjax_data_ready")
   if jax.process_index() != 0:
-    dataset, train_src, tok = _open_data(config, ddir, ckpt)
-  _check_labels(config, dataset)
+    source, train_src, tok = _open_data(config, ddir, ckpt)
+  _check_labels(config, source)
   objective = objectives.make(config, objectives.Context(
       vocab_size=tok.vocab_size, mesh=mesh, batch_axes=sharding.batch_axes(mesh),
       converted=None if ckpt is None else ckpt.config,
@@ -283,18 +278,12 @@ def build(config: ml_collections.ConfigDict) -> Run:
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           abstract, state_sharding)
   views = objective.views
-  if config.data.name == "wds":   # uint8 images, normalised on the device (Run.normalize)
-    data_iter = wds_pipeline.make_train_iterator(
-        dataset.train_paths, config.data, tokenizer=tok, global_batch_size=config.batch_size,
-        seed=config.seed, process_index=jax.process_index(),
-        process_count=jax.process_count(), views=views)
-  else:
-    data_iter = pipeline.make_train_iterator(
-        train_src, config.data, tokenizer=tok, global_batch_size=config.batch_size,
-        seed=config.seed, process_index=jax.process_index(),
-        process_count=jax.process_count(), views=views, normalize=normalize,
-        caption_fields=objective.caption_fields())
-  evaluator = _make_evaluator(config, objective, dataset, train_src, tok,
+  # uint8 images from every source, normalised once on the device (Run.normalize).
+  data_iter = source.train_iterator(
+      config.data, tokenizer=tok, global_batch_size=config.batch_size, seed=config.seed,
+      process_index=jax.process_index(), process_count=jax.process_count(), views=views,
+      caption_fields=objective.caption_fields())
+  evaluator = _make_evaluator(config, objective, source, train_src, tok,
                               None if ckpt is None else ckpt.preprocess)
   return Run(config=config, mesh=mesh, objective=objective, tx=tx, schedule=schedule,
              data_iter=data_iter, evaluator=evaluator, rng=rng, abstract=abstract,
