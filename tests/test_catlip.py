@@ -175,7 +175,7 @@ def test_transfer_head_is_the_mean_of_the_class_names_rows(rng, data_dir):
   params = jax.tree.map(lambda s: np.asarray(rng.normal(size=s.shape), s.dtype), shapes)
   k, bias = params["head"]["kernel"], params["head"]["bias"]
   assert k.shape[1] == 8 and bias.shape == (8,)
-  w, b, found = obj.transfer_head(params, ["Dog", "cat mat", "zebra"])
+  w, b, found = obj.transfer_head({"params": params}, ["Dog", "cat mat", "zebra"])
   assert found == 2 and w.shape == (k.shape[0], 3)
   np.testing.assert_allclose(w[:, 0], k[:, 1])
   np.testing.assert_allclose(w[:, 1], (k[:, 0].astype(np.float64) + k[:, 4]) / 2, rtol=1e-6)

@@ -312,7 +312,7 @@ def test_captioner_and_evaluator_equal_brute_force_and_an_explicit_rerank_loop(r
   tok = SpyTokenizer()
   evaluator = Evaluator(obj, settings(batch_size=2), {"image": images, "text": texts},
                         tokenizer=tok, text_len=LEN3)
-  out = evaluator(params)
+  out = evaluator({"params": params})
   np.testing.assert_array_equal(tok.decoded[0], want)   # what obj.captioner() gave
   words = lambda rows: [" ".join(f"w{t}" for t in r if t) for r in rows]
   assert out["caption_bleu"] == pytest.approx(corpus_bleu(words(want),
@@ -342,7 +342,7 @@ def test_evaluator_captions_texts_that_carry_their_start_token(rng):
   tok = SpyTokenizer(bos_id=start)
   evaluator = Evaluator(obj, settings(batch_size=2), {"image": images, "text": texts},
                         tokenizer=tok, text_len=LEN3)
-  evaluator.captions(params)
+  evaluator.captions({"params": params})
   want = brute_force_best(obj.model, params, images, 1.0, length=2, start=start)
   np.testing.assert_array_equal(tok.decoded[0], want)
 

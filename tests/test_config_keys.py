@@ -330,7 +330,7 @@ def _embed(built, params):
     for i in range(0, len(x), b):
       chunk = x[i:i + b]
       pad = np.repeat(chunk[:1], b - len(chunk), 0)
-      out.append(np.asarray(fn(params, np.concatenate([chunk, pad])))[:len(chunk)])
+      out.append(np.asarray(fn({"params": params}, np.concatenate([chunk, pad])))[:len(chunk)])
     return np.concatenate(out)
   return batched(embed_image, a["image"]), batched(embed_text, a["text"])
 

@@ -46,8 +46,10 @@ def rn50():
 def test_embeddings_match_open_clip(rn50, rng):
   """RN50 image and text features and the logit scale, mmjax float32 on the converted float32
   weights against open_clip float64 on the same weights (1e-5 relative: TOL['float32'])."""
-  config, params, prep, tok = convert.from_open_clip(rn50.state_dict(), "RN50")
+  ckpt = convert.from_open_clip(rn50.state_dict(), "RN50")
+  config, params, prep, tok = ckpt.config, ckpt.variables, ckpt.preprocess, ckpt.tokenizer
   assert (prep.size, prep.resize, tok) == (224, "crop", "clip")
+  assert set(params) == {"params", "batch_stats"}   # BatchNorm's statistics: not params
   assert config["image"]["norm"] == "frozen_bn" and config["image_proj"] == "none"
   images = rng.normal(size=(2, 3, 224, 224)).astype(np.float32)
   tokens = np.zeros((2, 77), np.int64)
@@ -55,9 +57,9 @@ def test_embeddings_match_open_clip(rn50, rng):
     row[0], row[1:n - 1], row[n - 1] = 49406, rng.integers(0, 49406, size=n - 2), 49407
   model, params = two_tower.Model(**config), jax.device_put(params)
   proj = lambda tower: lambda m, x: getattr(m, f"{tower}_proj")(getattr(m, tower)(x)[0])
-  zimg = jax.jit(lambda p, x: model.apply({"params": p}, x, method=proj("img")))(
+  zimg = jax.jit(lambda v, x: model.apply(v, x, method=proj("img")))(
       params, jnp.asarray(images.transpose(0, 2, 3, 1)))
-  ztxt = jax.jit(lambda p, t: model.apply({"params": p}, t, method=proj("txt")))(
+  ztxt = jax.jit(lambda v, t: model.apply(v, t, method=proj("txt")))(
       params, jnp.asarray(tokens, jnp.int32))
   oc = rn50.double()
   try:
@@ -68,14 +70,15 @@ def test_embeddings_match_open_clip(rn50, rng):
   finally:
     rn50.float()
   assert want_img.dtype == np.float64
-  assert_close([zimg, ztxt, float(np.exp(params["t"]))], [want_img, want_txt, want_scale],
+  assert_close([zimg, ztxt, float(np.exp(params["params"]["t"]))], [want_img, want_txt, want_scale],
                dtype=jnp.float32, name=["RN50 image features", "RN50 text features", "scale"])
 
 
 def test_round_trips_are_exact(rn50, rng):
   """mmjax -> open_clip (strict load) -> mmjax and open_clip -> mmjax -> open_clip, bitwise."""
   want = {k: v.numpy() for k, v in rn50.state_dict().items()}
-  back = convert.to_open_clip(*convert.from_open_clip(want, "RN50")[:2])
+  ckpt = convert.from_open_clip(want, "RN50")
+  back = convert.to_open_clip(ckpt.config, ckpt.params, batch_stats=ckpt.batch_stats)
   assert back.keys() == want.keys()
   for k, v in want.items():
     if k.endswith("num_batches_tracked"):
@@ -87,13 +90,16 @@ def test_round_trips_are_exact(rn50, rng):
   config = convert.open_clip_config("RN101-quickgelu")
   assert config["text"]["act"] == "quick_gelu" and config["image"]["layers"] == (3, 4, 23, 3)
   shapes = jax.eval_shape(two_tower.Model(**config).init, jax.random.PRNGKey(0),
-                          jnp.zeros((1, 224, 224, 3)), jnp.zeros((1, 77), jnp.int32))["params"]
-  params = jax.tree.map(lambda s: rng.standard_normal(s.shape, np.float32), shapes)
+                          jnp.zeros((1, 224, 224, 3)), jnp.zeros((1, 77), jnp.int32))
+  params, stats = (jax.tree.map(lambda s: rng.standard_normal(s.shape, np.float32), shapes[k])
+                   for k in ("params", "batch_stats"))
   oc = open_clip.create_model("RN101-quickgelu", pretrained=None)
-  oc.load_state_dict(convert.to_open_clip(config, params, as_torch=True))   # strict
-  config2, params2, *_ = convert.from_open_clip(oc.state_dict(), "RN101-quickgelu")
-  assert config2 == config
-  jax.tree.map(np.testing.assert_array_equal, params2, params)
+  oc.load_state_dict(convert.to_open_clip(config, params, batch_stats=stats,
+                                          as_torch=True))   # strict
+  again = convert.from_open_clip(oc.state_dict(), "RN101-quickgelu")
+  assert again.config == config
+  jax.tree.map(np.testing.assert_array_equal, again.variables,
+               {"params": params, "batch_stats": stats})
 
 
 def test_table_matches_open_clip_configs():
@@ -117,7 +123,7 @@ def test_bad_inputs_are_named(rn50):
   del sd["visual.layer3.0.bn2.running_var"]
   with pytest.raises(ValueError, match=r"missing keys: \['visual.layer3.0.bn2.running_var'\]"):
     convert.from_open_clip(sd, "RN50")
-  config, params, *_ = convert.from_open_clip(rn50.state_dict(), "RN50")
+  config, params = convert.from_open_clip(rn50.state_dict(), "RN50")[:2]
   with pytest.raises(ValueError, match=r"config\['image'\]\['norm'\]='group'; .* 'frozen_bn'"):
     convert.to_open_clip({**config, "image": {**config["image"], "norm": "group"}}, params)
   with pytest.raises(ValueError, match=r"config\['image_proj'\]='dense'"):
@@ -134,13 +140,15 @@ def _small_resnet(norm: str):
                                      image_size=32, width=16))
   fields = dict(layers=(1, 2, 1, 1), width=16, num_heads=4, output_dim=24, norm=norm)
   model = resnet.Model(**fields)
-  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 40, 56, 3)))["params"]
-  shapes = {("img", *k): v for k, v in traverse_util.flatten_dict(shapes).items()}
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 40, 56, 3)))
+  shapes = {**{("img", *k): v for k, v in traverse_util.flatten_dict(shapes["params"]).items()},
+            **{(common.STATS, "img", *k): v
+               for k, v in traverse_util.flatten_dict(shapes["batch_stats"]).items()}}
   sd = {f"visual.{k}": v for k, v in oc.state_dict().items()}
-  params = common.apply_rules(openclip._resnet_rules(fields), sd, config={}, image_size=0,
-                              what="ModifiedResNet", shapes=shapes,
-                              ignore=lambda k: k.endswith("num_batches_tracked"))
-  return oc, model, params["img"]
+  params, stats = common.split_stats(common.apply_rules(
+      openclip._resnet_rules(fields), sd, config={}, image_size=0, what="ModifiedResNet",
+      shapes=shapes, ignore=lambda k: k.endswith("num_batches_tracked")))
+  return oc, model, {"params": params["img"], "batch_stats": stats["img"]}
 
 
 def test_odd_sized_images_pool_as_open_clips_resnet(rng, torch_seed):
@@ -148,7 +156,7 @@ def test_odd_sized_images_pool_as_open_clips_resnet(rng, torch_seed):
   rows (10 x 14 -> 5 x 7 -> 2 x 3 -> 1 x 1); the pool's output is 24 wide, not its 512 input."""
   oc, model, params = _small_resnet("frozen_bn")
   x = rng.normal(size=(2, 3, 40, 56)).astype(np.float32)
-  got = model.apply({"params": params}, jnp.asarray(x.transpose(0, 2, 3, 1)))[0]
+  got = model.apply(params, jnp.asarray(x.transpose(0, 2, 3, 1)))[0]
   with torch.no_grad():
     want = oc.double()(torch.from_numpy(x).double()).numpy()
   assert want.shape == got.shape == (2, 24)
@@ -157,13 +165,13 @@ def test_odd_sized_images_pool_as_open_clips_resnet(rng, torch_seed):
 
 def test_batch_norm_trains_as_torchs(rng, torch_seed):
   """norm='batch' at train time = torch's BatchNorm2d in train mode: the same features from
-  the batch's statistics and, after resnet.update_batch_stats, the same running mean and var
-  as torch keeps (momentum 0.1, unbiased variance)."""
-  oc, model, params = _small_resnet("batch")
+  the batch's statistics and the same moved running mean and var as torch keeps (momentum
+  0.1, unbiased variance)."""
+  oc, model, variables = _small_resnet("batch")
   x = rng.normal(size=(4, 3, 48, 40)).astype(np.float32)
-  got, state = model.apply({"params": params}, jnp.asarray(x.transpose(0, 2, 3, 1)), train=True,
+  got, state = model.apply(variables, jnp.asarray(x.transpose(0, 2, 3, 1)), train=True,
                            mutable=["batch_stats"])
-  new = resnet.update_batch_stats(params, state["batch_stats"])
+  new = state["batch_stats"]
   oc = oc.double().train()
   with torch.no_grad():
     want = oc(torch.from_numpy(x).double()).numpy()

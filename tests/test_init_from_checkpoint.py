@@ -46,7 +46,7 @@ def test_evaluates_fine_tunes_lit_style_and_resumes(data_dir, hf_clip, tmp_path,
   assert zero["steps"] == 0 and "zeroshot_top1" in zero
   start = convert.from_hf(hf_clip).params
   built = loop.build(cfg(data_dir, hf_clip, total_steps=0))
-  want = built.evaluator(jax.device_put(start))
+  want = built.evaluator({"params": jax.device_put(start)})
   assert {k: zero[k] for k in want} == want
   with open(tmp_path / "z" / "config.json") as f:
     saved = json.load(f)

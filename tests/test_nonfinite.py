@@ -14,6 +14,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
+from mmjax.models.resnet import BN_MOMENTUM
 from tests.configs import tiny_config
 
 
@@ -21,19 +22,23 @@ from tests.configs import tiny_config
 
 class _NormObjective:
   """Least squares by the residual's norm, loss = ||x w - y||: its gradient x^T r / ||r|| is
-  0/0 = NaN at a zero residual, where the loss is a finite 0. params['stats']['mean'] is a
-  running mean of x, returned as 'batch_stats' (as a BatchNorm tower returns its statistics),
-  and the EMA follows w (as MoCo's momentum encoder)."""
+  0/0 = NaN at a zero residual, where the loss is a finite 0. batch_stats['mean'] is a
+  running mean of x, moved and returned as 'batch_stats' (as a BatchNorm tower moves its
+  statistics), and the EMA follows w (as MoCo's momentum encoder)."""
   batch_keys = ("x", "y")
   frozen = None
 
-  def init(self, rng, batch):
-    return {"w": jnp.zeros(batch["x"].shape[1]), "stats": {"mean": jnp.zeros(batch["x"].shape[1])}}
+  def init_variables(self, rng, batch):
+    d = batch["x"].shape[1]
+    return {"params": {"w": jnp.zeros(d)}, "batch_stats": {"mean": jnp.zeros(d)}}
 
-  def grad_fn(self, params, ema, batch, rng):
+  def grad_fn(self, params, ema, batch, rng, batch_stats=None):
+    m = BN_MOMENTUM
+    moved = {"mean": (1 - m) * batch_stats["mean"] + m * batch["x"].mean(0)}
+
     def loss(p):
       r = batch["x"] @ p["w"] - batch["y"]
-      return jnp.sqrt(jnp.sum(r * r)), {"batch_stats": {"stats": {"mean": (batch["x"].mean(0),)}}}
+      return jnp.sqrt(jnp.sum(r * r)), {"batch_stats": moved}
     return jax.value_and_grad(loss, has_aux=True)(params)
 
   def ema_init(self, params):
@@ -48,7 +53,6 @@ def test_finite_loss_with_a_non_finite_gradient_changes_nothing_but_the_step(rng
   state equals a float64 walk of the same steps in which a bad step changes nothing (not w,
   not the running mean, not the EMA, not the momentum, not the optimizer's count, so the
   schedule's factor), and metrics['finite'] says which were bad."""
-  from mmjax.models import resnet
   from mmjax.train import state as state_lib
   n, d, lr, decay = 6, 3, 0.1, 0.5
   tx = optax.chain(optax.trace(decay=decay), optax.scale_by_schedule(lambda c: -lr * (1.0 + c)))
@@ -66,7 +70,7 @@ def test_finite_loss_with_a_non_finite_gradient_changes_nothing_but_the_step(rng
       ({"x": np.zeros((n, d), np.float32), "y": np.zeros(n, np.float32)}, False),
       (good(), True)]
   w, mean, ema, trace, count = np.zeros(d), np.zeros(d), np.zeros(d), np.zeros(d), 0
-  m = resnet.BN_MOMENTUM
+  m = BN_MOMENTUM
   for i, (batch, finite) in enumerate(batches):
     state, metrics = step(state, batch)
     x, y = (np.asarray(batch[k], np.float64) for k in ("x", "y"))
@@ -88,7 +92,7 @@ def test_finite_loss_with_a_non_finite_gradient_changes_nothing_but_the_step(rng
       assert not np.isfinite(float(metrics["grad_norm"])), i
     assert int(state.step) == i + 1
     tr, sched = state.opt_state
-    for got, want, name in ((state.params["w"], w, "w"), (state.params["stats"]["mean"], mean,
+    for got, want, name in ((state.params["w"], w, "w"), (state.batch_stats["mean"], mean,
                             "running mean"), (state.ema["w"], ema, "ema"),
                             (tr.trace["w"], trace, "momentum")):
       np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6,
@@ -108,8 +112,8 @@ class _Poisoned:
   def __getattr__(self, name):
     return getattr(self.inner, name)
 
-  def grad_fn(self, params, ema, batch, rng):
-    (value, aux), grads = self.inner.grad_fn(params, ema, batch, rng)
+  def grad_fn(self, params, ema, batch, rng, batch_stats=None):
+    (value, aux), grads = self.inner.grad_fn(params, ema, batch, rng, batch_stats)
     bad = jnp.any(jnp.all(jnp.asarray(rng)[None] == self.keys, axis=-1))
     return (value, aux), jax.tree.map(lambda g: jnp.where(bad, jnp.nan, g), grads)
 

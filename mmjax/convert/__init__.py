@@ -1,6 +1,6 @@
 """Checkpoints in and out: open_clip state dicts, Hugging Face directories, big_vision .npz.
 
-Each `from_*` returns a `Converted(config, params, preprocess, tokenizer)`:
+Each `from_*` returns a `Converted(config, params, preprocess, tokenizer[, batch_stats])`:
 `two_tower.Model(**config)` with `params`, the checkpoint's image preprocessing
 and the `mmjax.data.tokenizers.get_tokenizer` spec of its vocabulary; each
 `to_*` writes the exact inverse. `load(spec)` reads any of them from one string.

@@ -30,6 +30,8 @@ class Converted(NamedTuple):
 
   config: the `two_tower.Model(**config)` keyword arguments.
   params: nested dict of numpy arrays for `model.apply({'params': params}, ...)`.
+  batch_stats: a ResNet image tower's BatchNorm statistics (Flax's 'batch_stats' collection),
+    else None; `variables` holds both for `model.apply(ckpt.variables, ...)`.
   preprocess: how the checkpoint's images are prepared (`preprocess(uint8 image)`).
   tokenizer: a `mmjax.data.tokenizers.get_tokenizer` spec, or None when the
     checkpoint does not say (big_vision .npz files hold no vocabulary).
@@ -39,6 +41,14 @@ class Converted(NamedTuple):
   params: dict
   preprocess: ImagePrep
   tokenizer: str | None
+  batch_stats: dict | None = None
+
+  @property
+  def variables(self) -> dict:
+    """{'params': params[, 'batch_stats': batch_stats]}: what model.apply takes."""
+    if not self.batch_stats:
+      return {"params": self.params}
+    return {"params": self.params, "batch_stats": self.batch_stats}
 
   def with_scan(self, scan: bool = True) -> "Converted":
     """The same checkpoint for `Encoder(scan=scan)` towers: config's image and text get
@@ -198,7 +208,8 @@ def _listing(what: str, keys: Sequence) -> str:
 
 
 def model_shapes(config: Mapping, image_size: int) -> dict[Path, jax.ShapeDtypeStruct]:
-  """{param path: shape} of `two_tower.Model(**config)`, traced, nothing allocated."""
+  """{variable path: shape} of `two_tower.Model(**config)`, traced, nothing allocated: its
+  params' paths, and its BatchNorm statistics under ('batch_stats', ...) (STATS)."""
   return dict(_model_shapes(json.dumps(config, sort_keys=True, default=repr), image_size))
 
 
@@ -208,11 +219,27 @@ def _model_shapes(config_json: str, image_size: int) -> tuple:
   # The per-layer tree whatever config's scan says: the rules map one block at a time.
   model = two_tower.Model(**{**config, **{t: {**config[t], "scan": False}
                                          for t in ("image", "text")}})
-  shapes = jax.eval_shape(lambda: model.init(
+  variables = jax.eval_shape(lambda: model.init(
       jax.random.PRNGKey(0), jnp.zeros((1, image_size, image_size, 3)),
-      jnp.zeros((1, config["text"]["max_len"]), jnp.int32)))["params"]
+      jnp.zeros((1, config["text"]["max_len"]), jnp.int32)))
   return tuple((p, jax.ShapeDtypeStruct(v.shape, jnp.float32))
-               for p, v in traverse_util.flatten_dict(shapes).items())
+               for p, v in traverse_util.flatten_dict(merge_stats(
+                   variables["params"], variables.get("batch_stats"))).items())
+
+
+STATS = "batch_stats"   # the rules' first path element of a BatchNorm statistic
+
+
+def merge_stats(params: Mapping, batch_stats: Mapping | None) -> dict:
+  """One tree for the rules: params, with the BatchNorm statistics (if any) under STATS (no
+  model has a param of that name)."""
+  return {**params, STATS: batch_stats} if batch_stats else dict(params)
+
+
+def split_stats(tree: Mapping) -> tuple[dict, dict | None]:
+  """merge_stats' inverse: (params, batch_stats or None)."""
+  tree = dict(tree)
+  return tree, tree.pop(STATS, None)
 
 
 def checkpoint_shapes(rules: Sequence[Rule], config: Mapping, image_size: int,

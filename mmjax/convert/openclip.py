@@ -252,9 +252,12 @@ def _timm_rules(depth: int, heads: int) -> list[Rule]:
 
 
 def _batch_norm(src: str, dst: tuple) -> list[Rule]:
-  """torch BatchNorm2d (weight, bias, running_mean, running_var) <-> resnet.Norm('frozen_bn')."""
-  return [common.same(f"{src}.{a}", (*dst, b)) for a, b in (
-      ("weight", "scale"), ("bias", "bias"), ("running_mean", "mean"), ("running_var", "var"))]
+  """torch BatchNorm2d (weight, bias, running_mean, running_var) <-> resnet.Norm('frozen_bn'):
+  its scale and bias params, its running statistics in the 'batch_stats' collection."""
+  return [*(common.same(f"{src}.{a}", (*dst, b)) for a, b in (("weight", "scale"),
+                                                              ("bias", "bias"))),
+          *(common.same(f"{src}.{a}", (common.STATS, *dst, b)) for a, b in (
+              ("running_mean", "mean"), ("running_var", "var")))]
 
 
 def _resnet_rules(img: Mapping) -> list[Rule]:
@@ -330,8 +333,8 @@ def from_open_clip(state_dict_or_path: Mapping | str | os.PathLike, model_name: 
 
   Returns:
     Converted: config as `open_clip_config(model_name)` gives it; params a
-    nested dict of numpy arrays (new memory, some of them transposed views) for
-    model.apply({'params': params}, ...) (`jax.device_put(params)` once before
+    nested dict of numpy arrays (new memory, some of them transposed views), and for a
+    ResNet its BatchNorm statistics, for model.apply(ckpt.variables, ...) (device_put once before
     calling a jitted function many times); preprocess as open_clip's; tokenizer
     'clip' for the CLIP models, None for SigLIP (see the module docstring).
   """
@@ -341,12 +344,12 @@ def from_open_clip(state_dict_or_path: Mapping | str | os.PathLike, model_name: 
   sd = load_state_dict(state_dict_or_path)
   # Buffers: the attention mask some old checkpoints saved, BatchNorm's step counters.
   ignore = lambda k: k == "attn_mask" or k.endswith(".num_batches_tracked")
-  params = common.apply_rules(rules(config), sd, config=config,
-                              image_size=_image_size(model_name),
-                              what=f"state_dict is not an open_clip {model_name!r} state dict",
-                              dtype=dtype, ignore=ignore)
+  params, stats = common.split_stats(common.apply_rules(
+      rules(config), sd, config=config, image_size=_image_size(model_name),
+      what=f"state_dict is not an open_clip {model_name!r} state dict", dtype=dtype,
+      ignore=ignore))
   siglip = isinstance(get_spec(model_name), SiglipSpec)
-  return Converted(config, params, preprocess(model_name), None if siglip else "clip")
+  return Converted(config, params, preprocess(model_name), None if siglip else "clip", stats)
 
 
 # ------------------------------------------------------------ writing state dicts
@@ -397,8 +400,8 @@ def _check_clip_layout(config: Mapping) -> None:
                      "'gelu_exact' (nn.GELU) or both 'quick_gelu' ('-quickgelu' models)")
 
 
-def to_open_clip(config: Mapping, params: Mapping, *, as_torch: bool = False
-                 ) -> dict[str, Any]:
+def to_open_clip(config: Mapping, params: Mapping, *, batch_stats: Mapping | None = None,
+                 as_torch: bool = False) -> dict[str, Any]:
   """mmjax (config, params) in an open_clip layout -> open_clip state dict.
 
   Args:
@@ -406,6 +409,7 @@ def to_open_clip(config: Mapping, params: Mapping, *, as_torch: bool = False
       checked to describe open_clip's CLIP layout (any size) or one of
       OPEN_CLIP_SIGLIP_MODELS.
     params: the model's params (numpy or jax arrays).
+    batch_stats: a ResNet's BatchNorm statistics (Converted.batch_stats, TrainState's).
     as_torch: torch tensors (for `model.load_state_dict`) instead of numpy.
 
   Returns:
@@ -422,7 +426,7 @@ def to_open_clip(config: Mapping, params: Mapping, *, as_torch: bool = False
     sd = {k if k.startswith(("visual.", "logit_")) else f"text.{k}": v for k, v in sd.items()}
   else:
     _check_clip_layout(config)
-    sd = common.unapply_rules(rules(config), params)
+    sd = common.unapply_rules(rules(config), common.merge_stats(params, batch_stats))
     sd.update({k.replace(".running_mean", ".num_batches_tracked"): np.zeros((), np.int64)
                for k in list(sd) if k.endswith(".running_mean")})
   if as_torch:

@@ -18,7 +18,7 @@ class Evaluator:
   objectives), and a linear probe and kNN on frozen image features (any objective).
 
   Args:
-    objective: an mmjax.objectives.Objective: features(params, image) -> [b, d], towers()
+    objective: an mmjax.objectives.Objective: features(variables, image) -> [b, d], towers()
       -> (embed_image, embed_text) or None, and its hooks transfer_head, captioner, reranker.
       With towers, the image embeddings are the probe features too, so the
       eval images are embedded once per evaluation.

@@ -390,7 +390,8 @@ def beam_search(step, cache, first: jax.Array, *, batch: int, beams: int, max_le
 
 def make_generate(model: CoCa, *, max_len: int, eos_id: int, beams: int = 1,
                   length_penalty: float = 0.0, first: int | None = None):
-  """A jitted captioner gen(params, images [b, H, W, 3]) -> (seqs [b, beams, max_len] int32,
+  """A jitted captioner gen(params, images [b, H, W, 3][, batch_stats: an image tower's
+  BatchNorm statistics]) -> (seqs [b, beams, max_len] int32,
   best first, each starting with the start token; scores [b, beams]; log-probs [b, beams]):
   beam search with `beams` beams (1: greedy) over a KV cache, one compile per batch shape.
 
@@ -409,9 +410,10 @@ def make_generate(model: CoCa, *, max_len: int, eos_id: int, beams: int = 1,
   dec = model.clone(decode=True)
   pad_id = model.text.get("pad_id", 0)
 
-  def gen(params, image):
+  def gen(params, image, batch_stats=None):
     b = image.shape[0]
-    _, image_tokens = model.apply({"params": params}, image, method="encode_image_tokens")
+    variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
+    _, image_tokens = model.apply(variables, image, method="encode_image_tokens")
     image_tokens = jnp.repeat(image_tokens, beams, axis=0)
     seq0 = jnp.zeros((b * beams, max_len), jnp.int32)
     shapes = jax.eval_shape(lambda: dec.apply({"params": params}, seq0, image_tokens,

@@ -11,10 +11,10 @@
 Norms: 'group' GroupNorm; 'batch' BatchNorm as torch trains it (at train time the batch's
 statistics, over the global batch under jit on a mesh, and running averages kept for
 evaluation); 'frozen_bn' BatchNorm on fixed statistics (open_clip's checkpoints convert to it,
-as open_clip's `lock(freeze_bn_stats=True)`). BatchNorm's running mean and var are params
-(so checkpoints, converters and shardings treat them as any other) that no gradient reaches;
-in 'batch' mode the train step moves them (`update_batch_stats`) with what the forward pass
-sowed into the 'batch_stats' collection.
+as open_clip's `lock(freeze_bn_stats=True)`). BatchNorm's running mean and var are the
+'batch_stats' collection (Flax's convention: the train state keeps it beside the params, the
+optimizer never sees it); in 'batch' mode a train-time forward pass applied with
+mutable=['batch_stats'] returns them moved.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from flax import traverse_util
 
 from mmjax.nn import precision
 from mmjax.nn.attention import MultiHeadAttention
@@ -167,11 +166,12 @@ class Conv(nn.Module):
 
 class Norm(nn.Module):
   """A per-channel norm of [b, H, W, c]: 'frozen_bn' (x - mean) / sqrt(var + 1e-5) * scale +
-  bias, the statistics params that no gradient reaches (torch's BatchNorm2d in eval mode);
-  'batch' the same at evaluation and, at train time, the batch's mean and (biased) variance
-  over (b, H, W) in their place, sowing the mean and the unbiased variance into
-  'batch_stats' (torch's BatchNorm2d in train mode); 'group' GroupNorm over gcd(32, c)
-  groups (BiT's 32, fewer for narrow towers)."""
+  bias on fixed statistics (torch's BatchNorm2d in eval mode); 'batch' the same at evaluation
+  and, at train time, the batch's mean and (biased) variance over (b, H, W) in their place,
+  the running mean and var moved towards the batch's mean and unbiased variance (torch's
+  BatchNorm2d in train mode, momentum BN_MOMENTUM); 'group' GroupNorm over gcd(32, c) groups
+  (BiT's 32, fewer for narrow towers). The statistics are the 'batch_stats' collection:
+  apply with mutable=['batch_stats'] at train time to get the moved ones."""
   kind: str = "group"
   zero_init: bool = False      # scale starts at 0 (a block's last norm)
   dtype: Any = jnp.float32
@@ -185,8 +185,9 @@ class Norm(nn.Module):
     bias = p("bias", nn.initializers.zeros)
     x32 = x.astype(jnp.float32)
     if self.kind in ("frozen_bn", "batch"):
-      mean = jax.lax.stop_gradient(p("mean", nn.initializers.zeros))
-      var = jax.lax.stop_gradient(p("var", nn.initializers.ones))
+      stat = lambda name, init: self.variable("batch_stats", name, init, (c,), jnp.float32)
+      running_mean, running_var = stat("mean", jnp.zeros), stat("var", jnp.ones)
+      mean, var = running_mean.value, running_var.value
       if self.kind == "batch" and train:
         # One pass over x for both moments (XLA fuses the two reductions), shifted by the
         # first example's mean so that E[d^2] - E[d]^2 does not cancel (the batch's mean may
@@ -195,9 +196,11 @@ class Norm(nn.Module):
         d = x32 - ref
         shift, sq = d.mean(axis=(0, 1, 2)), (d * d).mean(axis=(0, 1, 2))
         mean, var = ref + shift, jnp.maximum(sq - shift * shift, 0.0)
-        n = x.size // c
-        self.sow("batch_stats", "mean", jax.lax.stop_gradient(mean))
-        self.sow("batch_stats", "var", jax.lax.stop_gradient(var) * (n / max(n - 1, 1)))
+        if not self.is_initializing():
+          n, m = x.size // c, BN_MOMENTUM
+          unbiased = jax.lax.stop_gradient(var) * (n / max(n - 1, 1))
+          running_mean.value = (1 - m) * running_mean.value + m * jax.lax.stop_gradient(mean)
+          running_var.value = (1 - m) * running_var.value + m * unbiased
       mul = scale * jax.lax.rsqrt(var + 1e-5)
       # (x - mean) first: x * mul - mean * mul would cancel where mean >> std.
       return ((x32 - mean) * mul + bias).astype(self.dtype)
@@ -320,21 +323,6 @@ class AttentionPool(nn.Module):
                            impl=self.impl, kernel_init=nn.initializers.normal(c ** -0.5),
                            out_features=self.output_dim, name="attn")(x[:, :1], x)
     return y[:, 0]
-
-
-def update_batch_stats(params, stats, momentum: float = BN_MOMENTUM):
-  """params with each BatchNorm's running mean and var moved towards what a train-time
-  forward pass sowed: stats is the 'batch_stats' collection ({path: {'mean': (m, ...),
-  'var': (v, ...)}}, one entry per pass, averaged); running = (1 - momentum) * running +
-  momentum * statistic, as torch. Params not in stats are returned as they are."""
-  flat = traverse_util.flatten_dict(dict(params))
-  for path, value in traverse_util.flatten_dict(dict(stats)).items():
-    if path not in flat:
-      raise ValueError(f"batch_stats {'/'.join(path)} has no param to update")
-    new = jnp.mean(jnp.stack([jnp.asarray(v, jnp.float32) for v in value]), axis=0)
-    old = flat[path]
-    flat[path] = ((1 - momentum) * old.astype(jnp.float32) + momentum * new).astype(old.dtype)
-  return traverse_util.unflatten_dict(flat)
 
 
 def Model(variant: str | None = None, **fields) -> ResNet:  # noqa: N802  (big_vision's factory)

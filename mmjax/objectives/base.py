@@ -21,6 +21,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from mmjax.losses import registry as loss_registry
+from mmjax.models import image as image_lib
 
 Params = Any
 
@@ -71,18 +72,25 @@ class Objective:
     """Raises ValueError naming the field for what is wrong in config for this objective
     (its own subtree, and what it refuses); run once, before any data is read."""
 
+  def init_variables(self, rng: jax.Array, batch: dict) -> dict:
+    """{'params': ...[, 'batch_stats': ...]} (Flax's variable collections) from a dummy batch
+    {'image' [1, S, S, 3], 'text' [1, L]} (shapes only). Define this or `init`."""
+    return {"params": self.init(rng, batch)}
+
   def init(self, rng: jax.Array, batch: dict) -> Params:
-    """params from a dummy batch {'image' [1, S, S, 3], 'text' [1, L]} (shapes only)."""
+    """The params alone (see init_variables)."""
+    return self.init_variables(rng, batch)["params"]
+
+  def grad_fn(self, params: Params, ema: Any, batch: dict, rng: jax.Array,
+              batch_stats: Any = None) -> tuple[tuple[jax.Array, dict], Params]:
+    """((loss, metrics), grads) of the global batch. batch_stats: the running statistics
+    (BatchNorm's), or None; metrics may hold 'batch_stats', the moved ones, which the train
+    step keeps (the optimizer never sees them)."""
     raise NotImplementedError
 
-  def grad_fn(self, params: Params, ema: Any, batch: dict, rng: jax.Array
-              ) -> tuple[tuple[jax.Array, dict], Params]:
-    """((loss, metrics), grads) of the global batch. metrics may hold 'batch_stats' (the
-    BatchNorm statistics the forward pass sowed): the train step moves the running ones."""
-    raise NotImplementedError
-
-  def features(self, params: Params, image: jax.Array) -> jax.Array:
-    """[b, H, W, 3] -> [b, d] image features for the linear probe and kNN."""
+  def features(self, variables: dict, image: jax.Array) -> jax.Array:
+    """[b, H, W, 3] -> [b, d] image features for the linear probe and kNN. variables:
+    {'params': ...[, 'batch_stats': ...]} (TrainState.variables)."""
     raise NotImplementedError
 
   def caption_fields(self) -> dict[str, Callable[[str], np.ndarray]]:
@@ -98,25 +106,31 @@ class Objective:
     return ema
 
   def towers(self) -> tuple[Callable, Callable] | None:
-    """(embed_image(params, image), embed_text(params, tokens)) -> unit-norm [b, e] for
+    """(embed_image(variables, image), embed_text(variables, tokens)) -> unit-norm [b, e] for
     zero-shot and retrieval; None for an image-only objective."""
     return None
 
-  def transfer_head(self, params: Params, class_names: list[str]
+  def transfer_head(self, variables: dict, class_names: list[str]
                     ) -> tuple[np.ndarray, np.ndarray, int] | None:
     """(w [d, c], b [c], classes found): a classifier of features() for the named classes
     taken from what was learnt; None when the objective has no such head."""
     return None
 
   def captioner(self, first: int | None = None) -> Callable | None:
-    """gen(params, images [b, H, W, 3]) -> caption tokens [b, L] for the evaluator, or None.
+    """gen(variables, images [b, H, W, 3]) -> caption tokens [b, L] for the evaluator, or None.
     first: the tokenizer's start token, for models that prepend none of their own."""
     return None
 
   def reranker(self) -> tuple[Callable, Callable, int] | None:
-    """(image_tokens(params, images) -> [b, n, e], score(params, image_tokens, texts) -> [b],
+    """(image_tokens(variables, images) -> [b, n, e], score(variables, tokens, texts) -> [b],
     k): the evaluator re-ranks the top k of retrieval by score; None: no re-ranking."""
     return None
+
+  def moves_batch_stats(self) -> bool:
+    """Whether a train-time forward pass normalises by the batch's own statistics (and moves
+    the running ones): the loop refuses to freeze such a tower."""
+    image = getattr(self.model, "image", None)
+    return isinstance(image, dict) and image_lib.uses_batch_stats(image)
 
   def save_or_check(self, workdir: str) -> None:
     """Writes what a run keeps beside its checkpoints on a fresh run, or checks that a
@@ -176,21 +190,26 @@ def make(config: ml_collections.ConfigDict, context: Context | None = None,
   return get(config.loss)(config, context or Context(**fields))
 
 
-def train_apply(model: nn.Module, params: Params, *args, **kwargs):
-  """model.apply({'params': params}, *args, train=True, **kwargs) -> (outputs, the
-  'batch_stats' the pass sowed: {} unless a tower has BatchNorm on batch statistics)."""
-  out, state = model.apply({"params": params}, *args, train=True, mutable=["batch_stats"],
-                           **kwargs)
+def variables(params: Params, batch_stats: Any = None) -> dict:
+  """Flax's variable collections: {'params': params[, 'batch_stats': batch_stats]}."""
+  return {"params": params} if not batch_stats else {"params": params, "batch_stats": batch_stats}
+
+
+def train_apply(model: nn.Module, params: Params, *args, batch_stats: Any = None, **kwargs):
+  """model.apply(variables, *args, train=True, **kwargs) -> (outputs, the running statistics
+  the pass moved: {} unless a tower has BatchNorm on batch statistics)."""
+  out, state = model.apply(variables(params, batch_stats), *args, train=True,
+                           mutable=["batch_stats"], **kwargs)
   return out, dict(state).get("batch_stats", {})
 
 
 def with_stats(aux: dict, stats: dict) -> dict:
-  """aux with stats under 'batch_stats' (the train step pops them)."""
+  """aux with the moved running statistics under 'batch_stats' (the train step keeps them)."""
   return {**aux, "batch_stats": stats} if stats else aux
 
 
 def encoders(model: nn.Module) -> tuple[Callable, Callable]:
-  """(image(params, images) -> [b, e], text(params, texts) -> [b, e]) of a model with
+  """(image(variables, images) -> [b, e], text(variables, texts) -> [b, e]) of a model with
   encode_image and encode_text methods."""
-  return (lambda p, x: model.apply({"params": p}, x, method="encode_image"),
-          lambda p, t: model.apply({"params": p}, t, method="encode_text"))
+  return (lambda v, x: model.apply(v, x, method="encode_image"),
+          lambda v, t: model.apply(v, t, method="encode_text"))

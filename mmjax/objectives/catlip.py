@@ -78,25 +78,25 @@ class CatLIP(Objective):
   def caption_fields(self):
     return {"targets": self.vocab}   # caption -> float32 [V] multi-hot
 
-  def init(self, rng, batch):
-    return self.model.init(rng, batch["image"])["params"]
+  def init_variables(self, rng, batch):
+    return self.model.init(rng, batch["image"])
 
-  def grad_fn(self, params, ema, batch, rng):
+  def grad_fn(self, params, ema, batch, rng, batch_stats=None):
     del ema
 
     def loss(p):
       logits, stats = train_apply(self.model, self._freeze(p), batch["image"],
-                                  rngs={"dropout": rng})
+                                  batch_stats=batch_stats, rngs={"dropout": rng})
       return multilabel_bce_loss(logits, batch["targets"]), with_stats({}, stats)
     return jax.value_and_grad(loss, has_aux=True)(params)
 
-  def features(self, params, image):
-    return self.model.apply({"params": params}, image, method="image_features")
+  def features(self, variables, image):
+    return self.model.apply(variables, image, method="image_features")
 
-  def transfer_head(self, params, class_names):
+  def transfer_head(self, variables, class_names):
     """Each class's row: the mean of the head's rows (kernel columns) and biases of the
     labels of its name's words; zeros for a class none of whose words is a label."""
-    head = jax.device_get(params["head"])
+    head = jax.device_get(variables["params"]["head"])
     kernel, bias = np.asarray(head["kernel"], np.float64), np.asarray(head["bias"], np.float64)
     ids = catlip_vocab.class_label_ids(self.vocab, class_names)
     w = np.zeros((kernel.shape[0], len(ids)))

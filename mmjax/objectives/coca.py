@@ -61,16 +61,16 @@ class CoCa(Objective):
     self.settings = config.coca
     self.text_len = config.data.text_len
 
-  def init(self, rng, batch):
-    return self.model.init(rng, batch["image"], batch["text"])["params"]
+  def init_variables(self, rng, batch):
+    return self.model.init(rng, batch["image"], batch["text"])
 
-  def losses(self, params, batch, rng) -> tuple[jax.Array, dict]:
+  def losses(self, params, batch, rng, batch_stats=None) -> tuple[jax.Array, dict]:
     """(the weighted total, {'contrastive_loss', 'caption_loss'[, 'itm_loss'], 'scale'})."""
     c, model = self.settings, self.model
     r_drop, r_txt, r_img = jax.random.split(rng, 3)
     kw = dict(train=True, rngs={"dropout": r_drop})
     (zimg, ztxt, out), stats = train_apply(model, params, batch["image"], batch["text"],
-                                           rngs={"dropout": r_drop})
+                                           batch_stats=batch_stats, rngs={"dropout": r_drop})
     parts = {"contrastive_loss": clip_loss(zimg, ztxt, out["scale"]),
              "caption_loss": caption_loss(out["logits"], out["labels"],
                                           pad_id=model.text["pad_id"],
@@ -98,13 +98,13 @@ class CoCa(Objective):
       total = total + c.itm_weight * parts["itm_loss"]
     return total, with_stats({**parts, "scale": out["scale"]}, stats)
 
-  def grad_fn(self, params, ema, batch, rng):
+  def grad_fn(self, params, ema, batch, rng, batch_stats=None):
     del ema
-    return jax.value_and_grad(lambda p: self.losses(self._freeze(p), batch, rng),
+    return jax.value_and_grad(lambda p: self.losses(self._freeze(p), batch, rng, batch_stats),
                               has_aux=True)(params)
 
-  def features(self, params, image):
-    return self.towers()[0](params, image)
+  def features(self, variables, image):
+    return self.towers()[0](variables, image)
 
   def towers(self):
     return encoders(self.model)
@@ -117,8 +117,8 @@ class CoCa(Objective):
                              beams=c.eval_beams, length_penalty=c.eval_length_penalty,
                              first=first if c.bos_id is None else c.bos_id)
 
-    def captions(params, image):
-      seqs = gen(params, image)[0][:, 0, 1:]
+    def captions(variables, image):
+      seqs = gen(variables["params"], image, variables.get("batch_stats"))[0][:, 0, 1:]
       return seqs[:, :self.text_len] if c.bos_id is not None else seqs
     return captions
 
@@ -127,6 +127,6 @@ class CoCa(Objective):
     if not self.model.itm:
       return None
     model = self.model
-    return (lambda p, x: model.apply({"params": p}, x, method="encode_image_tokens")[1],
-            lambda p, tok, t: model.apply({"params": p}, tok, t, method="itm_score"),
+    return (lambda v, x: model.apply(v, x, method="encode_image_tokens")[1],
+            lambda v, tok, t: model.apply(v, tok, t, method="itm_score"),
             self.settings.rerank_k)

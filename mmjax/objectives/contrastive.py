@@ -26,14 +26,16 @@ def loss_of(name: str, impl: str = "global", blocks: str = "dense", *,
 
 
 def two_tower_grad_fn(model, loss: Callable, *, accum_steps: int = 1,
-                      freeze: Callable | None = None) -> Callable:
+                      freeze: Callable | None = None, batch_stats=None) -> Callable:
   """grad_fn(params, batch {'image', 'text'}, rng) -> ((loss, out), grads) of a two-tower
   model under loss(zimg, ztxt, out) (loss_of), through GradCache for accum_steps > 1
-  (mmjax.objectives.gradcache). freeze: params -> params with the frozen ones stopped."""
+  (mmjax.objectives.gradcache). freeze: params -> params with the frozen ones stopped;
+  batch_stats: the towers' running statistics (out['batch_stats'] holds the moved ones)."""
   freeze = freeze or (lambda p: p)
 
   def embed(p, image, text, r):
-    (zimg, ztxt, _), stats = train_apply(model, freeze(p), image, text, rngs={"dropout": r})
+    (zimg, ztxt, _), stats = train_apply(model, freeze(p), image, text, batch_stats=batch_stats,
+                                         rngs={"dropout": r})
     return (zimg, ztxt), stats
 
   def head_loss(zimg, ztxt, p):
@@ -72,16 +74,16 @@ class Contrastive(Objective):
     self.loss_of = loss_of(config.loss, config.loss_impl, config.loss_blocks,
                            mesh=context.mesh, axes=context.batch_axes)
 
-  def init(self, rng, batch):
-    return self.model.init(rng, batch["image"], batch["text"])["params"]
+  def init_variables(self, rng, batch):
+    return self.model.init(rng, batch["image"], batch["text"])
 
-  def grad_fn(self, params, ema, batch, rng):
+  def grad_fn(self, params, ema, batch, rng, batch_stats=None):
     del ema
     return two_tower_grad_fn(self.model, self.loss_of, accum_steps=self.accum_steps,
-                             freeze=self._freeze)(params, batch, rng)
+                             freeze=self._freeze, batch_stats=batch_stats)(params, batch, rng)
 
-  def features(self, params, image):
-    return self.towers()[0](params, image)
+  def features(self, variables, image):
+    return self.towers()[0](variables, image)
 
   def towers(self):
     return encoders(self.model)

@@ -26,19 +26,19 @@ class MAE(Objective):
                        "and reconstructs a ViT's patches; use a ViT variant ('Ti/4', 'B/16')")
     self.model = mae.MAE(image=image, **config.model.mae, **factory.dtypes(config))
 
-  def init(self, rng, batch):
+  def init_variables(self, rng, batch):
     r1, r2 = jax.random.split(rng)
-    return self.model.init({"params": r1, "mask": r2}, batch["image"])["params"]
+    return self.model.init({"params": r1, "mask": r2}, batch["image"])
 
-  def grad_fn(self, params, ema, batch, rng):
-    del ema
+  def grad_fn(self, params, ema, batch, rng, batch_stats=None):
+    del ema, batch_stats   # a ViT: no running statistics
     r1, r2 = jax.random.split(rng)
 
     def loss(p):
       value, _ = self.model.apply({"params": self._freeze(p)}, batch["image"], train=True,
                                   rngs={"mask": r1, "dropout": r2})
-      return value, {}   # a ViT: no batch statistics
+      return value, {}
     return jax.value_and_grad(loss, has_aux=True)(params)
 
-  def features(self, params, image):
-    return self.model.apply({"params": params}, image, method="image_features")
+  def features(self, variables, image):
+    return self.model.apply(variables, image, method="image_features")

@@ -29,8 +29,8 @@ class MoCo(Objective):
     self.model = moco.MoCo(image=factory.tower_config(config, "image"), **c,
                            **factory.dtypes(config))
 
-  def init(self, rng, batch):
-    return self.model.init(rng, batch["image"])["params"]
+  def init_variables(self, rng, batch):
+    return self.model.init(rng, batch["image"])
 
   def ema_init(self, params):
     return {k: params[k] for k in moco.EMA_KEYS}
@@ -40,28 +40,31 @@ class MoCo(Objective):
     return jax.tree.map(lambda e, p: m * e + (1.0 - m) * p, ema,
                         {k: params[k] for k in moco.EMA_KEYS})
 
-  def grad_fn(self, params, ema, batch, rng):
+  def grad_fn(self, params, ema, batch, rng, batch_stats=None):
     r1, r2 = jax.random.split(rng)
     views = (batch["image"], batch["image2"])
     # The momentum encoder: the EMA params in place of the online ones (its
     # predictor is never used); no gradient flows into it.
     target = jax.lax.stop_gradient({**params, **ema})
-    # (Its BatchNorm statistics, if any, are not kept: the EMA moves its running ones.)
-    keys = [l2_normalize(train_apply(self.model, target, v, rngs={"dropout": r})[0][1])
+    # (It normalises by each batch's statistics; the running ones it would move are dropped.)
+    keys = [l2_normalize(train_apply(self.model, target, v, batch_stats=batch_stats,
+                                     rngs={"dropout": r})[0][1])
             for v, r in zip(views, (r1, r2))]
     scale = 1.0 / self.temperature
 
     def loss(p):
       p = self._freeze(p)
-      outs = [train_apply(self.model, p, v, rngs={"dropout": r})
+      outs = [train_apply(self.model, p, v, batch_stats=batch_stats, rngs={"dropout": r})
               for v, r in zip(views, (r1, r2))]
       q = [l2_normalize(out[0]) for out, _ in outs]
       # MoCo v3 scales each InfoNCE by 2 * temperature.
       value = 2 * self.temperature * (infonce_loss(q[0], keys[1], scale)
                                       + infonce_loss(q[1], keys[0], scale))
-      stats = jax.tree.map(lambda a, b: (a + b) / 2, outs[0][1], outs[1][1])   # the two views
+      # Each view moves the running statistics from the same start: their mean is one move
+      # by the two views' mean statistics.
+      stats = jax.tree.map(lambda a, b: (a + b) / 2, outs[0][1], outs[1][1])
       return value, with_stats({}, stats)
     return jax.value_and_grad(loss, has_aux=True)(params)
 
-  def features(self, params, image):
-    return self.model.apply({"params": params}, image, method="image_features")
+  def features(self, variables, image):
+    return self.model.apply(variables, image, method="image_features")

@@ -144,8 +144,9 @@ def _move_aside(directory: str, step: int, workdir: str) -> None:
     multihost_utils.sync_global_devices(f"mmjax_broken_{step}")
 
 
-def load_params(workdir: str, step: int | None = None) -> tuple[dict, int]:
-  """The params tree (numpy) of another run's checkpoint: the newest, or `step`.
+def load_variables(workdir: str, step: int | None = None) -> tuple[dict, int]:
+  """({'params'[, 'batch_stats']} (numpy), step) of another run's checkpoint: the newest,
+  or `step`.
 
   For initialising from a pretrained run (config.init_from); reads the state
   item without a target, so the other run's model need not be built.
@@ -158,4 +159,14 @@ def load_params(workdir: str, step: int | None = None) -> tuple[dict, int]:
     if step is None:
       raise ValueError(f"config.init_from.workdir={workdir!r} has no checkpoint")
     state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  return jax.tree.map(np.asarray, state["state"]["params"]), step
+  state = state["state"]
+  out = {"params": jax.tree.map(np.asarray, state["params"])}
+  if state.get("batch_stats"):
+    out["batch_stats"] = jax.tree.map(np.asarray, state["batch_stats"])
+  return out, step
+
+
+def load_params(workdir: str, step: int | None = None) -> tuple[dict, int]:
+  """(the params tree (numpy), step) of another run's checkpoint (see load_variables)."""
+  variables, step = load_variables(workdir, step)
+  return variables["params"], step

@@ -29,7 +29,6 @@ from jax.sharding import Mesh, NamedSharding
 from mmjax import convert, objectives
 from mmjax.data import pipeline, sources, tokenizers
 from mmjax.evaluate import Evaluator
-from mmjax.models import image as image_model
 from mmjax.models import scan as scan_lib
 from mmjax.train import checkpoint, config as config_lib, multihost, optimizer
 from mmjax.train import sharding
@@ -54,7 +53,7 @@ class Run:
   state_sharding: Any
   batch_sharding: NamedSharding
   t_start: float                      # when build began: results.json's wall_s counts from here
-  start_params: Any = None            # config.init_from.checkpoint's params (host numpy)
+  start: Any = None                   # config.init_from.checkpoint's variables (host numpy)
   normalize: tuple | None = None      # (mean, std) of uint8 images, applied once on the device
                                       # (None: [-1, 1])
 
@@ -221,14 +220,16 @@ def _make_evaluator(config, objective, source, train_src, tok, prep=None) -> Eva
                    class_names=names)
 
 
-def _check_frozen_batch_norm(objective, frozen, config) -> None:
+def _check_frozen_batch_norm(objective, frozen, batch_stats, config) -> None:
   """A locked tower must not normalise by batch statistics (which change with every batch):
-  ValueError when config.frozen covers a BatchNorm of config.model.image.norm='batch'."""
-  image = getattr(objective.model, "image", None)
-  if frozen is None or not isinstance(image, dict) or not image_model.uses_batch_stats(image):
+  ValueError when config.frozen covers a module with running statistics that the objective's
+  forward pass moves (Objective.moves_batch_stats)."""
+  if frozen is None or not batch_stats or not objective.moves_batch_stats():
     return
-  locked = [p for p, label in traverse_util.flatten_dict(frozen).items()
-            if label == "frozen" and p[-1] in ("mean", "var")]
+  labels = traverse_util.flatten_dict(frozen)
+  modules = {path[:-1] for path in traverse_util.flatten_dict(batch_stats)}
+  locked = sorted(m for m in modules
+                  if any(p[:len(m)] == m and label == "frozen" for p, label in labels.items()))
   if locked:
     raise ValueError(f"config.frozen={tuple(config.frozen)} locks BatchNorm statistics "
                      f"({'/'.join(locked[0])}) of a tower with config.model.image.norm='batch', "
@@ -265,15 +266,16 @@ def build(config: ml_collections.ConfigDict) -> Run:
   normalize = None if ckpt is None else (ckpt.preprocess.mean, ckpt.preprocess.std)
   rng = jax.random.PRNGKey(config.seed)
   # The model's init is traced once, for shapes: the frozen labels and the state's shardings.
-  abstract_params = jax.eval_shape(objective.init, rng, _dummy_batch(config.data))
+  abstract_variables = jax.eval_shape(objective.init_variables, rng, _dummy_batch(config.data))
+  abstract_params = abstract_variables["params"]
   frozen = optimizer.frozen_labels(abstract_params, config.frozen) if config.frozen else None
-  _check_frozen_batch_norm(objective, frozen, config)
+  _check_frozen_batch_norm(objective, frozen, abstract_variables.get("batch_stats"), config)
   objective = objective.with_frozen(frozen)
   if config.total_steps == 0:   # evaluate only: no update is ever made
     tx, schedule = optax.identity(), optax.constant_schedule(0.0)
   else:
     tx, schedule = optimizer.make_optimizer(config.optim, config.total_steps, frozen=frozen)
-  abstract = state_lib.abstract_state(objective, tx, abstract_params, rng)
+  abstract = state_lib.abstract_state(objective, tx, abstract_variables, rng)
   state_sharding = sharding.state_shardings(abstract, mesh, config.sharding)
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           abstract, state_sharding)
@@ -288,31 +290,44 @@ def build(config: ml_collections.ConfigDict) -> Run:
   return Run(config=config, mesh=mesh, objective=objective, tx=tx, schedule=schedule,
              data_iter=data_iter, evaluator=evaluator, rng=rng, abstract=abstract,
              state_sharding=state_sharding, batch_sharding=sharding.batch_sharding(mesh),
-             t_start=t_start, start_params=None if ckpt is None else ckpt.params,
+             t_start=t_start, start=None if ckpt is None else ckpt.variables,
              normalize=normalize)
 
 
+def _cast_like(target, tree, what: str):
+  """tree (host numpy) with target's structure and dtypes; ValueError naming `what` when the
+  structures differ."""
+  if jax.tree_util.tree_structure(tree) != jax.tree_util.tree_structure(target):
+    raise ValueError(f"config.init_from.checkpoint: its {what} do not have this run's "
+                     f"structure ({jax.tree_util.tree_structure(target)})")
+  return jax.tree.map(lambda x, y: np.asarray(y, x.dtype), target, tree)
+
+
 def _init_from_checkpoint(state, built: Run):
-  """The state with every param replaced by config.init_from.checkpoint's (cast to the
-  run's param dtype, placed with the state's shardings); its per-layer blocks stacked when
-  config.model.scan is set."""
-  want = jax.tree_util.tree_structure(state.params)
-  start = scan_lib.match_blocks(built.start_params, state.params)
-  if jax.tree_util.tree_structure(start) != want:
-    raise ValueError(f"config.init_from.checkpoint: its params do not have this run's "
-                     f"structure ({want})")
-  params = jax.tree.map(lambda x, y: np.asarray(y, x.dtype), state.params, start)
+  """The state with every param (and running statistic) replaced by
+  config.init_from.checkpoint's, cast to the run's dtypes and placed with the state's
+  shardings; its per-layer blocks stacked when config.model.scan is set."""
+  start = built.start
+  params = _cast_like(state.params, scan_lib.match_blocks(start["params"], state.params),
+                      "params")
   params = jax.device_put(params, built.state_sharding.params)
+  stats = state.batch_stats
+  if stats is not None:
+    if not start.get("batch_stats"):
+      raise ValueError("config.init_from.checkpoint: this run's image tower keeps BatchNorm "
+                       "statistics and the checkpoint has none")
+    stats = jax.device_put(_cast_like(stats, start["batch_stats"], "BatchNorm statistics"),
+                           built.state_sharding.batch_stats)
   if jax.process_index() == 0:
     print(f"mmjax: params from {built.config.init_from.checkpoint}", flush=True)
-  return state.replace(params=params)
+  return state.replace(params=params, batch_stats=stats)
 
 
 def _init_from(state, init_from, state_sharding, objective):
   """Replaces the params under init_from.prefix with those of another run's checkpoint (its
   encoder blocks scanned or per-layer, converted to this run's config.model.scan)."""
-  loaded, step = checkpoint.load_params(init_from.workdir)
-  prefix = init_from.prefix
+  variables, step = checkpoint.load_variables(init_from.workdir)
+  loaded, prefix = variables["params"], init_from.prefix
   if prefix not in state.params or prefix not in loaded:
     raise ValueError(f"config.init_from.prefix={prefix!r} must be a top-level params key of both "
                      f"runs; this run has {sorted(state.params)}, {init_from.workdir!r} has "
@@ -337,11 +352,18 @@ def _init_from(state, init_from, state_sharding, objective):
                                         [got[p] for p, _ in want]))
   params = {**state.params, prefix: sub}
   params = jax.device_put(params, state_sharding.params)
-  ema = state.ema
+  ema, stats = state.ema, state.batch_stats
   if ema is not None:
     ema = jax.device_put(objective.ema_init(params), state_sharding.ema)
+  if stats is not None and prefix in stats:   # the prefix's BatchNorm statistics come along
+    theirs = (variables.get("batch_stats") or {}).get(prefix)
+    if theirs is None:
+      raise ValueError(f"config.init_from: {prefix!r} keeps BatchNorm statistics here, and "
+                       f"{init_from.workdir!r} (step {step}) has none")
+    sub_stats = _cast_like(stats[prefix], theirs, f"{prefix!r} BatchNorm statistics")
+    stats = jax.device_put({**stats, prefix: sub_stats}, state_sharding.batch_stats)
   print(f"mmjax: {prefix!r} initialised from {init_from.workdir} (step {step})", flush=True)
-  return state.replace(params=params, ema=ema)
+  return state.replace(params=params, ema=ema, batch_stats=stats)
 
 
 def _sync(name: str) -> None:
@@ -403,10 +425,10 @@ def _start(built: Run, ckpt, workdir: str) -> tuple[state_lib.TrainState, int, d
     state = built.init_state()
     if config.init_from.workdir:
       state = _init_from(state, config.init_from, built.state_sharding, built.objective)
-    elif built.start_params is not None:
+    elif built.start is not None:
       state = _init_from_checkpoint(state, built)
     # The baseline the trained numbers are compared with.
-    return state, 0, built.evaluator(state.params) if config.evaluate.at_init else {}, {}
+    return state, 0, built.evaluator(state.variables) if config.evaluate.at_init else {}, {}
   start, state, data_state = restored
   states = data_state["processes"]
   if len(states) != jax.process_count():
@@ -562,7 +584,7 @@ def run(built: Run, workdir: str, *,
       bar.update(1)
       if config.evaluate.every and step % config.evaluate.every == 0 and step != config.total_steps:
         guard.flush()
-        results = built.evaluator(state.params)
+        results = built.evaluator(state.variables)
         writer.write(step, results)
         say(f"mmjax: step {step} eval: {_summary(results)}")
     guard.flush()
@@ -572,7 +594,7 @@ def run(built: Run, workdir: str, *,
     examples_per_sec = speed.overall()
     if last_saved != config.total_steps:
       checkpoint.save(ckpt, config.total_steps, state, data_state(), force=True)
-    final = built.evaluator(state.params)
+    final = built.evaluator(state.variables)
     ckpt.wait_until_finished()
   finally:
     if bar is not None:

@@ -10,7 +10,6 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from mmjax.models import resnet
 from mmjax.nn import partitioning
 
 
@@ -21,28 +20,40 @@ class TrainState:
   opt_state: Any
   rng: jax.Array        # raw uint32[2] key; step keys are fold_in(rng, step)
   ema: Any = None       # momentum-encoder params (MoCo), else None
+  batch_stats: Any = None   # running statistics (BatchNorm's), outside the optimizer; else None
+
+  @property
+  def variables(self) -> dict:
+    """Flax's variable collections for model.apply: {'params'[, 'batch_stats']}."""
+    if self.batch_stats is None:
+      return {"params": self.params}
+    return {"params": self.params, "batch_stats": self.batch_stats}
 
 
 def init_state(objective, tx: optax.GradientTransformation, rng: jax.Array,
                batch: dict) -> TrainState:
   """Initialises params from a dummy batch (shapes only matter).
 
-  objective: an mmjax.objectives.Objective (init, ema_init).
+  objective: an mmjax.objectives.Objective (init_variables, ema_init).
   """
   init_rng, rng = jax.random.split(rng)
-  params = objective.init(init_rng, batch)
+  variables = objective.init_variables(init_rng, batch)
+  params = variables["params"]
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    opt_state=tx.init(params), rng=rng, ema=objective.ema_init(params))
+                    opt_state=tx.init(params), rng=rng, ema=objective.ema_init(params),
+                    batch_stats=variables.get("batch_stats") or None)
 
 
-def abstract_state(objective, tx: optax.GradientTransformation, abstract_params: Any,
+def abstract_state(objective, tx: optax.GradientTransformation, abstract_variables: dict,
                    rng: jax.Array) -> TrainState:
-  """init_state's shapes and dtypes from the params' (jax.ShapeDtypeStruct
-  leaves), without tracing the model's init again."""
-  return TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params,
-                    opt_state=jax.eval_shape(tx.init, abstract_params),
+  """init_state's shapes and dtypes from the variables' (jax.ShapeDtypeStruct leaves, as
+  jax.eval_shape(objective.init_variables, ...) gives them), without tracing the init again."""
+  params = abstract_variables["params"]
+  return TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
+                    opt_state=jax.eval_shape(tx.init, params),
                     rng=jax.ShapeDtypeStruct(jnp.shape(rng), jnp.asarray(rng).dtype),
-                    ema=jax.eval_shape(objective.ema_init, abstract_params))
+                    ema=jax.eval_shape(objective.ema_init, params),
+                    batch_stats=abstract_variables.get("batch_stats") or None)
 
 
 def images_to_float(batch: dict, normalize: tuple | None = None) -> dict:
@@ -77,10 +88,9 @@ def make_train_step(objective, tx: optax.GradientTransformation, *,
   batch: the objective's batch_keys, e.g. {'image': [B, H, W, 3] float32,
   'text': [B, L] int32}, B the global batch (split over the mesh's batch axes). uint8
   images are made float32 here, on the device (images_to_float with `normalize`).
-  The objective computes the loss and gradients (mmjax.objectives); the
-  optimizer step, the momentum-encoder update, BatchNorm's running statistics (the
-  'batch_stats' an objective returns in its aux: mmjax.models.resnet.update_batch_stats)
-  and the metrics are common.
+  The objective computes the loss and gradients (mmjax.objectives) and moves the running
+  statistics (the 'batch_stats' it returns in its aux replace the state's); the optimizer
+  step, the momentum-encoder update and the metrics are common.
   When the loss or the gradient norm is not finite the params, optimizer state
   and EMA stay as they were (the optimizer's count, so its lr schedule, does not
   advance) and metrics['finite'] is False: the loop stops or skips
@@ -95,22 +105,24 @@ def make_train_step(objective, tx: optax.GradientTransformation, *,
   def _step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     rng = jax.random.fold_in(state.rng, state.step)
     batch = images_to_float(batch, normalize)
-    (value, aux), grads = objective.grad_fn(state.params, state.ema, batch, rng)
+    (value, aux), grads = objective.grad_fn(state.params, state.ema, batch, rng,
+                                            batch_stats=state.batch_stats)
     aux = dict(aux)
-    stats = aux.pop("batch_stats", None)
+    moved = aux.pop("batch_stats", None)
+    stats = state.batch_stats if state.batch_stats is None or not moved else moved
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(value) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    if stats:   # BatchNorm's running statistics (resnet norm='batch'), outside the optimizer
-      params = resnet.update_batch_stats(params, stats)
     ema = objective.ema_update(state.ema, params, state.step)
     # A non-finite loss or gradient changes nothing but the step count.
-    params, opt_state, ema = jax.tree.map(
-        lambda new, old: jnp.where(finite, new, old), (params, opt_state, ema),
-        (state.params, state.opt_state, state.ema))
+    params, opt_state, ema, stats = jax.tree.map(
+        lambda new, old: jnp.where(finite, new, old), (params, opt_state, ema, stats),
+        (state.params, state.opt_state, state.ema, state.batch_stats))
     metrics = {"loss": value, "lr": schedule(_schedule_count(state.opt_state, state.step)),
                "grad_norm": grad_norm, "finite": finite, **aux}
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema), metrics
+    new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema,
+                        batch_stats=stats)
+    return new, metrics
 
   return train_step
