@@ -68,12 +68,18 @@ def test_an_entrys_keywords_override_config_evaluate_for_it_alone(rng):
   """Two retrieval evaluators, 'pair' and 'label' matching: their metrics are those of the
   standard evaluator with that retrieval_match; run only the named ones."""
   arrays = _arrays(rng)
+  # Each caption its own (its second token), embedded by its class (the first): 'pair' finds
+  # an image's own caption among its class's ties, 'label' takes any of them.
+  arrays["text"][:, 1] = np.arange(len(arrays["text"]))
   evals = {"a": dict(type="retrieval"), "b": dict(type="retrieval", retrieval_match="label",
                                                    batch_size=3)}
   ev = evaluate.Evaluator(_Towers(), _settings(), arrays, evals=evals)
+  outs = {}
   for name, match in (("a", "pair"), ("b", "label")):
     want = evaluate.Evaluator(_Towers(), _settings(retrieval_match=match), arrays)({})
-    assert ev({}, [name]) == want, name
+    outs[name] = ev({}, [name])
+    assert outs[name] == want, name
+  assert outs["b"]["retrieval_i2t_r1"] == 1.0 > outs["a"]["retrieval_i2t_r1"]
   assert ev.every == {"a": 5, "b": 5}
 
 
