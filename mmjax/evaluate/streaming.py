@@ -75,9 +75,7 @@ class Split:
   @classmethod
   def from_arrays(cls, arrays: dict) -> "Split":
     """arrays: {'image' [n, S, S, 3] (maybe lazy)[, 'text' [n, L]][, 'label' [n]]}."""
-    split = cls(lambda b: array_batches(arrays, b), [k for k in arrays if k != "image"])
-    split.arrays = arrays
-    return split
+    return cls(lambda b: array_batches(arrays, b), [k for k in arrays if k != "image"])
 
   def batches(self, batch_size: int) -> Iterator[Batch]:
     return self._batches(batch_size)
