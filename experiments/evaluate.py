@@ -28,27 +28,15 @@ import numpy as np
 from mmjax import hostmem
 
 
-def _encoders(ckpt):
+def _towers(ckpt):
+  """(embed_image, embed_text, variables) of a converted two-tower checkpoint: the hooks the
+  evaluators call as fn(variables, x)."""
   import jax
   from mmjax.models import two_tower
   model = two_tower.Model(**ckpt.config)
-  params = jax.device_put(ckpt.params)
-  img = jax.jit(lambda p, x: model.apply({"params": p}, x, method="encode_image"))
-  txt = jax.jit(lambda p, t: model.apply({"params": p}, t, method="encode_text"))
-  return (lambda x: np.asarray(img(params, x))), (lambda t: np.asarray(txt(params, t)))
-
-
-def _batched_text(encode_txt, tok, text_len: int, batch_size: int):
-  """strings -> [n, d] embeddings, in fixed-size batches (one compile)."""
-  def encode(strings):
-    out = []
-    for i in range(0, len(strings), batch_size):
-      chunk = list(strings[i:i + batch_size])
-      n = len(chunk)
-      ids = tok.encode(chunk + [chunk[0]] * (batch_size - n), text_len)
-      out.append(encode_txt(ids)[:n])
-    return np.concatenate(out)
-  return encode
+  return (lambda v, x: model.apply(v, x, method="encode_image"),
+          lambda v, t: model.apply(v, t, method="encode_text"),
+          jax.device_put(ckpt.variables))   # an open_clip ResNet: its BatchNorm statistics too
 
 
 class _Clock:
@@ -77,11 +65,11 @@ def evaluate(checkpoint: str, dataset: str, *, split: str = "test", data_dir: st
   """Evaluates `checkpoint` (a mmjax.convert.load spec) on `dataset`
   (mmjax.data.eval_data.open_eval_set spec); returns the result dict. templates: None takes
   the dataset's own (a CLIP_benchmark webdataset folder's), else OpenAI's 80."""
+  import jax
   from tqdm import tqdm
   from mmjax import convert
   from mmjax.data import eval_data, tokenizers
-  from mmjax.evaluate.retrieval import retrieval_recall
-  from mmjax.evaluate.zeroshot import ZeroShotCounts, class_embeddings
+  from mmjax.evaluate import evaluators, streaming
   t0 = time.time()
   ds = eval_data.open_eval_set(dataset, split=split, data_dir=data_dir)
   temps = None
@@ -95,34 +83,31 @@ def evaluate(checkpoint: str, dataset: str, *, split: str = "test", data_dir: st
   tok = tokenizers.tokenizer_for_tower(tokenizer, checkpoint_spec=ckpt.tokenizer,
                                        vocab_size=ckpt.config["text"]["vocab_size"],
                                        field="--tokenizer")
-  text_len = ckpt.config["text"]["max_len"]
-  encode_img, encode_txt = _encoders(ckpt)
-  encode_text = _batched_text(encode_txt, tok, text_len, batch_size)
+  embed_image, embed_text, variables = _towers(ckpt)
   n = len(ds.source) if limit is None else min(limit, len(ds.source))
-  batches = tqdm(eval_data.eval_batches(ds, ckpt.preprocess, batch_size, limit=limit,
-                                        num_threads=num_threads),
-                 total=math.ceil(n / batch_size), unit="batch", disable=not progress,
-                 desc=f"mmjax: evaluating on {ds.name}", file=sys.stderr)
   clock = _Clock()
+
+  def batches(b: int):
+    stream = tqdm(eval_data.eval_batches(ds, ckpt.preprocess, b, limit=limit,
+                                         num_threads=num_threads),
+                  total=math.ceil(n / b), unit="batch", disable=not progress,
+                  desc=f"mmjax: evaluating on {ds.name}", file=sys.stderr)
+    for batch in stream:
+      yield batch
+      clock.tick(batch)
+
+  fields = ["label"] if ds.class_names else ["text"]
+  images = streaming.Embedded(streaming.Split(batches, fields), jax.jit(embed_image), batch_size)
+  texts = streaming.Texts(jax.jit(embed_text), batch_size, tok, ckpt.config["text"]["max_len"])
+  # The trainer's evaluators (mmjax.evaluate.evaluators), on a stream of the dataset.
   if ds.class_names:
-    class_emb = class_embeddings(encode_text, ds.class_names, temps)
-    counts = ZeroShotCounts(len(ds.class_names))
-    for batch in batches:
-      counts.update(encode_img(batch["image"]) @ class_emb.T, batch["label"], batch["valid"])
-      clock.tick(batch)
-    metrics, task = counts.result(), "zeroshot_classification"
+    metrics = evaluators.ZeroShot(images, texts, ds.class_names, temps).counts(variables).result()
+    task = "zeroshot_classification"
   else:
-    imgs, texts = [], []
-    for batch in batches:
-      imgs.append(encode_img(batch["image"])[batch["valid"]])
-      texts += [t for t, v in zip(batch["text"], batch["valid"]) if v]
-      clock.tick(batch)
-    img_emb = np.concatenate(imgs)
-    _, ids = np.unique(np.asarray(texts, dtype=object).astype(str), return_inverse=True)
-    r = retrieval_recall(img_emb, encode_text(texts), img_ids=ids, txt_ids=ids)
+    r = evaluators.Retrieval(evaluators.Pairs(images, texts, "pair")).recall(variables)
     metrics = {f"image_retrieval_recall@{k}": r[f"t2i_r{k}"] for k in (1, 5, 10)}
     metrics.update({f"text_retrieval_recall@{k}": r[f"i2t_r{k}"] for k in (1, 5, 10)})
-    metrics["n"], task = len(img_emb), "zeroshot_retrieval"
+    metrics["n"], task = r["n"], "zeroshot_retrieval"
   out = {"checkpoint": checkpoint, "dataset": ds.name, "split": split, "task": task,
          "metrics": metrics, "tokenizer": tok.spec, "image_size": ckpt.preprocess.size,
          "images_per_second": clock.rate(), "seconds": time.time() - t0}

@@ -342,7 +342,7 @@ def test_evaluator_captions_texts_that_carry_their_start_token(rng):
   tok = SpyTokenizer(bos_id=start)
   evaluator = Evaluator(obj, settings(batch_size=2), {"image": images, "text": texts},
                         tokenizer=tok, text_len=LEN3)
-  evaluator.captions({"params": params})
+  evaluator.evaluators["captioning"].run({"params": params})
   want = brute_force_best(obj.model, params, images, 1.0, length=2, start=start)
   np.testing.assert_array_equal(tok.decoded[0], want)
 

@@ -390,17 +390,17 @@ def test_evaluator_zeroshot_template_ensemble_matches_float64_loop(rng, monkeypa
   """Through the Evaluator (tokenizer, text tower, batching), zero-shot scores each image
   against the per-class mean of its template embeddings, re-normalised: top-1 and top-5
   equal a float64 loop's, and the class embeddings it ranks with are that loop's."""
-  from mmjax.evaluate import Evaluator, evaluator as evaluator_lib
+  from mmjax.evaluate import Evaluator, evaluators as evaluator_lib
 
   towers, tok, arrays, cls = _zeroshot_case(rng, n=300)
   seen = {}
-  real = evaluator_lib.zeroshot_accuracy
+  real = evaluator_lib.class_embeddings
 
-  def spy(img_emb, class_emb, labels, **kw):
-    seen["class_emb"] = np.asarray(class_emb)
-    return real(img_emb, class_emb, labels, **kw)
+  def spy(*args, **kw):
+    seen["class_emb"] = np.asarray(real(*args, **kw))
+    return seen["class_emb"]
 
-  monkeypatch.setattr(evaluator_lib, "zeroshot_accuracy", spy)
+  monkeypatch.setattr(evaluator_lib, "class_embeddings", spy)
   ev = Evaluator(towers, _settings(batch_size=16), arrays, tokenizer=tok, text_len=_TEXT_LEN,
                  zeroshot=(_NAMES, _TEMPLATES))
   out = ev({})
@@ -571,7 +571,7 @@ def test_evaluator_probes_match_sklearn_on_its_features(rng, monkeypatch):
   """The Evaluator's probes train on the probe split's image features and test on the eval
   split's (each within float32 round-off of the float64 towers), with config's knn_k and
   probe_shots; its linear_probe_top1, few-shot and knn_top1 equal scikit-learn on them."""
-  from mmjax.evaluate import Evaluator, evaluator as evaluator_lib
+  from mmjax.evaluate import Evaluator, evaluators as evaluator_lib
   from mmjax.evaluate.probe import few_shot_indices
 
   towers, tok, arrays, cls = _zeroshot_case(rng, n=150, sigma=2.0)

@@ -202,3 +202,47 @@ def test_clip_benchmark_webdataset_layout_gives_the_image_folder_result(hf_clip,
   assert (ds.class_names, ds.text_key, len(ds.source)) == (None, "text", 4)
   assert ds.source[2]["text"] == "caption 2"
   np.testing.assert_array_equal(ds.source[2]["image"], np.asarray(Image.open(items[2][0]).convert("RGB")))
+
+
+def test_cli_and_trainer_zeroshot_are_one_code_path(hf_clip, rng, tmp_path, monkeypatch):
+  """The same images (the folder, preprocessed as the CLI does), the same params and
+  templates: the trainer's Evaluator on in-memory arrays gives the CLI's streamed acc1 / acc5
+  as zeroshot_top1 / top5, exactly; both go through evaluators.ZeroShot (counted)."""
+  from mmjax.data import tokenizers
+  from mmjax.evaluate import Evaluator, evaluators
+  from mmjax.objectives import Objective
+  import ml_collections
+  calls = []
+  real = evaluators.ZeroShot.counts
+  monkeypatch.setattr(evaluators.ZeroShot, "counts",
+                      lambda self, v: calls.append(type(self)) or real(self, v))
+  root = image_folder(tmp_path / "val", rng, [3, 2, 4, 1, 3, 2])
+  templates = ["a photo of a {}.", "art of the {}"]
+  (tmp_path / "t.txt").write_text("\n".join(templates) + "\n")
+  result = cli.evaluate(f"hf:{hf_clip}", f"folder:{root}", templates=str(tmp_path / "t.txt"),
+                        batch_size=4, progress=False, num_threads=1)
+  ckpt = convert.from_hf(hf_clip)
+  model = two_tower.Model(**ckpt.config)
+
+  class Towers(Objective):   # the converted model's encoders as an objective's towers
+    def features(self, variables, image):
+      return model.apply(variables, image, method="encode_image")
+
+    def towers(self):
+      return self.features, lambda v, t: model.apply(v, t, method="encode_text")
+
+  folder = eval_data.ImageFolder(root)
+  names = [c.replace("_", " ") for c in folder.classes]
+  tok = tokenizers.get_tokenizer("clip")
+  arrays = {"image": np.stack([ckpt.preprocess(Image.open(p)) for p, _ in folder.items]),
+            "text": tok.encode([names[y] for _, y in folder.items], ckpt.config["text"]["max_len"]),
+            "label": np.array([y for _, y in folder.items], np.int32)}
+  settings = ml_collections.ConfigDict(dict(batch_size=4, retrieval_match="label", knn_k=3,
+                                            probe_shots=()))
+  ev = Evaluator(Towers(), settings, arrays, tokenizer=tok,
+                 text_len=ckpt.config["text"]["max_len"], zeroshot=(names, templates))
+  out = ev({"params": ckpt.params})
+  assert (out["zeroshot_top1"], out["zeroshot_top5"]) == (result["metrics"]["acc1"],
+                                                          result["metrics"]["acc5"])
+  assert ev.evaluators["zeroshot"].counts({"params": ckpt.params}).result() == result["metrics"]
+  assert calls == [evaluators.ZeroShot] * 3

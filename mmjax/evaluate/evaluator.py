@@ -1,154 +1,152 @@
-"""The evaluator a training run calls: zero-shot, retrieval, linear probes and kNN."""
+"""The evaluators of a run, each on its own schedule (big_vision's `config.evals`).
+
+  config.evals.zs = dict(type="zeroshot", every=500)
+  config.evals.probe = dict(type="probe", every=2000, probe_shots=(5, 10))
+
+Each entry names an evaluator type (mmjax.evaluate.evaluators: zeroshot, retrieval, probe,
+captioning, rerank), `every` (steps; 0: only at the end; default config.evaluate.every) and
+keyword arguments that override config.evaluate's keys of the same name for that evaluator
+alone (the type's `options`). Empty config.evals: the standard set, every one that applies to
+the objective and the data, each every config.evaluate.every.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Mapping, Sequence
 
-import jax
-import numpy as np
+from mmjax.evaluate import evaluators as registry
+from mmjax.evaluate.streaming import Split
 
-from mmjax.evaluate.captioning import class_word_match, corpus_bleu
-from mmjax.evaluate.probe import knn_accuracy, linear_probe_accuracy, softmax_regression_accuracy
-from mmjax.evaluate.retrieval import rerank_recall, retrieval_recall
-from mmjax.evaluate.zeroshot import class_embeddings, zeroshot_accuracy
+# The standard set, in the order its metrics are computed.
+STANDARD = ("probe", "zeroshot", "retrieval", "captioning", "rerank")
+_OPTION_DEFAULTS = dict(batch_size=256, retrieval_match="pair", knn_k=20, probe_shots=(),
+                        templates=None)
+
+
+def _is_count(x, low: int) -> bool:
+  return isinstance(x, int) and not isinstance(x, bool) and x >= low
+
+
+def _check_option(where: str, key: str, value) -> None:
+  """ValueError naming where.key for a value its evaluators cannot take."""
+  ok = {"batch_size": lambda v: _is_count(v, 1), "knn_k": lambda v: _is_count(v, 1),
+        "retrieval_match": lambda v: v in ("pair", "label"),
+        "probe_shots": lambda v: isinstance(v, (tuple, list)) and all(_is_count(k, 1) for k in v),
+        "templates": lambda v: v is None or (isinstance(v, (tuple, list)) and v and all(
+            isinstance(t, str) and t.count("{}") == 1 for t in v))}[key]
+  if not ok(value):
+    want = {"batch_size": "a positive int", "knn_k": "a positive int",
+            "retrieval_match": "'pair' or 'label'", "probe_shots": "a tuple of positive ints",
+            "templates": "None or a tuple of strings, each with one '{}'"}[key]
+    raise ValueError(f"{where}.{key} must be {want}; got {value!r}")
+
+
+def check_evals(evals: Mapping | None) -> None:
+  """Raises ValueError naming config.evals.<name>.<field> for an entry that is not a dict,
+  an unknown type, a bad every, or a keyword its type does not take or a bad value of one."""
+  for name, spec in (evals or {}).items():
+    where = f"config.evals.{name}"
+    if not isinstance(spec, Mapping) and not hasattr(spec, "items"):
+      raise ValueError(f"{where} must be a dict(type=..., every=..., ...); got {spec!r}")
+    spec = dict(spec.items())
+    if spec.get("type") not in registry.names():
+      raise ValueError(f"{where}.type must be one of {registry.names()}; "
+                       f"got {spec.get('type')!r}")
+    if "every" in spec and not _is_count(spec["every"], 0):
+      raise ValueError(f"{where}.every must be a non-negative int (steps; 0: only at the "
+                       f"end); got {spec['every']!r}")
+    cls = registry.get(spec["type"])
+    for key, value in spec.items():
+      if key in ("type", "every"):
+        continue
+      if key not in cls.options:
+        raise ValueError(f"{where}.{key}: not an option of type={spec['type']!r}; its "
+                         f"options: {('every',) + cls.options}")
+      _check_option(where, key, value)
+
+
+def wants(evals: Mapping | None, settings, kind: str) -> bool:
+  """Whether a run's evaluations may include `kind` (the standard set: the probes only
+  when settings.probes is set)."""
+  if evals:
+    return any(dict(s.items()).get("type") == kind for s in evals.values())
+  return bool(getattr(settings, "probes", True)) if kind == "probe" else True
 
 
 class Evaluator:
-  """Zero-shot top-1/top-5 and retrieval recall@1/5/10 on the eval split (two-tower
-  objectives), and a linear probe and kNN on frozen image features (any objective).
+  """The evaluators of a run over its eval split, each on its own schedule.
 
   Args:
-    objective: an mmjax.objectives.Objective: features(variables, image) -> [b, d], towers()
-      -> (embed_image, embed_text) or None, and its hooks transfer_head, captioner, reranker.
-      With towers, the image embeddings are the probe features too, so the
-      eval images are embedded once per evaluation.
-    settings: config.evaluate (batch_size, retrieval_match, knn_k, probe_shots).
+    objective: an mmjax.objectives.Objective (features, towers, transfer_head, captioner,
+      reranker); its hooks get the variables the evaluator is called with, untouched.
+    settings: config.evaluate (batch_size, retrieval_match, knn_k, probe_shots, every).
     arrays: the eval split, {'image' [n, S, S, 3], 'text' [n, L][, 'label' [n]]}; 'image'
       may be lazy (mmjax.data.pipeline.EvalImages: decoded one batch at a time).
     tokenizer, text_len: encode the zero-shot prompts.
-    zeroshot: (class_names, templates), or None.
-    probe_arrays: the probe's train split ({'image', 'label'}, 'image' maybe lazy), or None.
-    class_names: the labels' names; with an objective whose transfer_head gives a classifier
-      for them, transfer_top1 is that classifier's top-1 on the eval split as it is,
-      and transfer_{k}shot_top1 / transfer_{k}shot_from_zero_top1 the top-1 after 100 steps
-      of gradient descent on k examples per class from it / from zeros
-      (probe.softmax_regression_accuracy).
+    zeroshot: (class_names, templates), or None (no zero-shot in the standard set).
+    probe_arrays: the probes' train split ({'image', 'label'}, 'image' maybe lazy), or None.
+    class_names: the labels' names (the transfer head's classes; default zeroshot's).
+    evals: config.evals (see the module docstring); empty: the standard set.
+
+  evaluator(variables) runs them all (or `names`) and returns their metrics;
+  due(step, total_steps) says which are due after a step.
   """
 
   def __init__(self, objective: Any, settings, arrays: dict, *, tokenizer=None,
                text_len: int = 0, zeroshot: tuple[Sequence[str], Sequence[str]] | None = None,
-               probe_arrays: dict | None = None, class_names: Sequence[str] | None = None):
-    self.arrays, self.tok, self.text_len = arrays, tokenizer, text_len
-    self.zeroshot, self.probe = zeroshot, probe_arrays
-    self.batch_size, self.match = settings.batch_size, settings.retrieval_match
-    self.knn_k, self.probe_shots = settings.knn_k, tuple(settings.probe_shots)
-    self._features = jax.jit(objective.features)
-    self.class_names = list(class_names) if class_names else None
-    self._transfer = objective.transfer_head
-    towers = objective.towers()
-    self._img, self._txt = (None, None) if towers is None else (jax.jit(f) for f in towers)
-    # An objective's further evaluations: captions (the tokenizer's start token given, for
-    # texts that carry their own) and re-ranked retrieval.
-    self._caption = objective.captioner(getattr(tokenizer, "bos_id", None))
-    reranker = objective.reranker()
-    self._itm, self.rerank_k = (None, 0) if reranker is None else (
-        (jax.jit(reranker[0]), jax.jit(reranker[1])), reranker[2])
-
-  def _batched(self, fn: Callable, params, x: np.ndarray) -> np.ndarray:
-    """Fixed-size batches (one compile); the last one padded with its first row."""
-    out, b = [], self.batch_size
-    for i in range(0, len(x), b):
-      chunk = x[i:i + b]
-      pad = b - len(chunk)
-      if pad:
-        chunk = np.concatenate([chunk, np.repeat(chunk[:1], pad, 0)])
-      out.append(np.asarray(fn(params, chunk))[:b - pad])
-    return np.concatenate(out)
-
-  def probes(self, params, test_x: np.ndarray | None = None) -> dict[str, float]:
-    """linear_probe_top1, the few-shot probes and knn_top1: trained on the probe
-    split, tested on the eval split (test_x: its features, if already computed)."""
-    if self.probe is None or "label" not in self.arrays:
-      return {}
-    train_x = self._batched(self._features, params, self.probe["image"])
-    if test_x is None:
-      test_x = self._batched(self._features, params, self.arrays["image"])
-    args = (train_x, self.probe["label"], test_x, self.arrays["label"])
-    out = {"linear_probe_top1": linear_probe_accuracy(*args),
-           "knn_top1": knn_accuracy(*args, k=self.knn_k)}
-    for k in self.probe_shots:
-      out[f"linear_probe_{k}shot_top1"] = linear_probe_accuracy(*args, shots=k)
-    head = None if self._transfer is None or not self.class_names else (
-        self._transfer(params, self.class_names))
-    if head is not None:
-      w, b, found = head
-      out["transfer_classes_found"] = int(found)
-      out["transfer_top1"] = float(np.mean((test_x @ w + b).argmax(1) == self.arrays["label"]))
-      for k in self.probe_shots:
-        out[f"transfer_{k}shot_top1"] = softmax_regression_accuracy(*args, w0=w, b0=b, shots=k)
-        out[f"transfer_{k}shot_from_zero_top1"] = softmax_regression_accuracy(
-            *args, w0=np.zeros_like(w), b0=np.zeros_like(b), shots=k)
-    return out
-
-  def __call__(self, params) -> dict[str, float]:
-    if self._img is None:
-      return self.probes(params)
-    a = self.arrays
-    img = self._batched(self._img, params, a["image"])
-    txt = self._batched(self._txt, params, a["text"])
-    results = self.probes(params, test_x=img)
-    if self.zeroshot is not None and "label" in a:
-      names, templates = self.zeroshot
-      encode = lambda s: self._batched(self._txt, params, self.tok.encode(s, self.text_len))
-      cls = class_embeddings(encode, names, templates)
-      acc = zeroshot_accuracy(img, cls, a["label"])
-      results.update({f"zeroshot_{k}": v for k, v in acc.items()})
-    if self.match == "label":
-      ids = a["label"]
-    else:   # identical captions are one text: any of them is a correct answer
-      _, ids = np.unique(a["text"], axis=0, return_inverse=True)
-    recall = retrieval_recall(img, txt, img_ids=ids, txt_ids=ids)
-    results.update({f"retrieval_{k}": v for k, v in recall.items()})
-    if self._caption is not None:
-      results.update(self.captions(params))
-    if self._itm is not None:
-      results.update(self.itm_rerank(params, img, txt, ids))
-    return results
-
-  def captions(self, params) -> dict[str, float]:
-    """caption_exact_match and caption_bleu of the captions generated for the eval images
-    (mmjax.evaluate.captioning); references: the eval captions of the image's class
-    (retrieval_match='label') or its own caption."""
-    a = self.arrays
-    tokens = self._batched(self._caption, params, a["image"])
-    generated = self.tok.decode(tokens)
-    captions = self.tok.decode(a["text"])
-    if self.match == "label" and "label" in a:
-      by_class = {c: sorted({t for t, l in zip(captions, a["label"]) if l == c})
-                  for c in np.unique(a["label"])}
-      refs = [by_class[c] for c in a["label"]]
+               probe_arrays: dict | None = None, class_names: Sequence[str] | None = None,
+               evals: Mapping | None = None):
+    self.arrays, self.probe, self.zeroshot = arrays, probe_arrays, zeroshot
+    self.tok, self.text_len = tokenizer, text_len
+    names = list(class_names) if class_names else (list(zeroshot[0]) if zeroshot else None)
+    self.inputs = registry.Inputs(
+        objective, Split.from_arrays(arrays),
+        None if probe_arrays is None else Split.from_arrays(probe_arrays),
+        tokenizer=tokenizer, text_len=text_len, class_names=names,
+        templates=list(zeroshot[1]) if zeroshot else None)
+    check_evals(evals)
+    every = getattr(settings, "every", 0)
+    self.evaluators, self.every = {}, {}
+    if evals:
+      for name, spec in evals.items():
+        spec = dict(spec.items())
+        try:
+          self._add(name, spec["type"], self._settings(settings, spec), spec.get("every", every))
+        except registry.NotApplicable as e:
+          raise ValueError(f"config.evals.{name}.type={spec['type']!r}: {e}") from None
     else:
-      refs = [[t] for t in captions]
-    out = {"caption_bleu": corpus_bleu(generated, refs)}
-    if self.zeroshot is not None and "label" in a:
-      out["caption_exact_match"] = class_word_match(generated, a["label"], self.zeroshot[0])
+      for kind in STANDARD:
+        if kind == "zeroshot" and zeroshot is None:
+          continue
+        try:
+          self._add(kind, kind, self._settings(settings, {}), every)
+        except registry.NotApplicable:
+          pass
+
+  @staticmethod
+  def _settings(settings, spec: dict) -> dict:
+    """config.evaluate's evaluator keys, overridden by the entry's."""
+    s = {k: getattr(settings, k, v) for k, v in _OPTION_DEFAULTS.items()}
+    s["templates"] = None   # config.evaluate.templates is in the inputs' templates already
+    s.update({k: v for k, v in spec.items() if k not in ("type", "every")})
+    return s
+
+  def _add(self, name: str, kind: str, s: dict, every: int) -> None:
+    self.evaluators[name] = registry.get(kind).build(self.inputs, s)
+    self.every[name] = every
+
+  def due(self, step: int, total_steps: int) -> list[str]:
+    """The evaluators due after `step`: those whose every divides it (the final step's
+    evaluation runs them all)."""
+    if step == total_steps:
+      return list(self.evaluators)
+    return [n for n, e in self.every.items() if e and step % e == 0]
+
+  def __call__(self, variables, names: Sequence[str] | None = None) -> dict[str, float]:
+    """The metrics of the evaluators `names` (default: all) on `variables`; the eval split
+    is embedded once for all of them."""
+    out = {}
+    with self.inputs.memo.round():
+      for name in self.evaluators if names is None else names:
+        out.update(self.evaluators[name].run(variables))
     return out
-
-  def itm_rerank(self, params, img: np.ndarray, txt: np.ndarray, ids) -> dict[str, float]:
-    """itm_retrieval_{i2t,t2i}_r1: the top rerank_k of the contrastive similarities
-    re-ranked by the matching head (mmjax.evaluate.retrieval.rerank_recall)."""
-    tokens_fn, score_fn = self._itm
-    image_tokens = self._batched(tokens_fn, params, self.arrays["image"])
-    texts, b = self.arrays["text"], self.batch_size
-
-    def score(ii: np.ndarray, jj: np.ndarray) -> np.ndarray:
-      out = []
-      for s in range(0, len(ii), b):
-        i, j = ii[s:s + b], jj[s:s + b]
-        pad = b - len(i)
-        i, j = np.r_[i, np.repeat(i[:1], pad)], np.r_[j, np.repeat(j[:1], pad)]
-        out.append(np.asarray(score_fn(params, image_tokens[i], texts[j]))[:b - pad])
-      return np.concatenate(out)
-
-    recall = rerank_recall(img @ txt.T, score, k=self.rerank_k, img_ids=ids, txt_ids=ids)
-    return {f"itm_retrieval_{k}": v for k, v in recall.items()}

@@ -1,4 +1,4 @@
-"""Zero-shot classification with prompt-template ensembles (CLIP's recipe)."""
+"""Zero-shot classification with prompt-template ensembles (Radford et al., 2021)."""
 
 from __future__ import annotations
 

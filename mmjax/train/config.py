@@ -14,6 +14,7 @@ from ml_collections.config_dict import placeholder
 
 from mmjax import objectives
 from mmjax.data import sources
+from mmjax.evaluate import check_evals
 from mmjax.losses import BLOCKS
 from mmjax.nn.attention import IMPLS as attention_impls
 from mmjax.nn.layers import REMAT_POLICIES
@@ -163,6 +164,11 @@ def defaults() -> ml_collections.ConfigDict:
       probe_shots=(10,),      # also few-shot linear probes: k labelled examples per class
       at_init=False,          # also evaluate the initial params (init_* in results.json)
   ))
+  # big_vision's config.evals: name -> dict(type=<mmjax.evaluate.names()>, every=<steps; 0:
+  # only at the end; default evaluate.every>, **config.evaluate keys for it alone), e.g.
+  # c.evals.zs = dict(type='zeroshot', every=100, templates=('a {}',)). Empty: the standard
+  # set (every evaluator the objective and data allow) every config.evaluate.every.
+  c.evals = ml_collections.ConfigDict()
 
   c.checkpoint = ml_collections.ConfigDict(dict(every=250, keep=2))
 
@@ -191,6 +197,8 @@ def defaults() -> ml_collections.ConfigDict:
 
 def _check_keys(cfg, ref, prefix: str) -> None:
   for key in cfg.keys():
+    if not prefix and key == "evals":   # named by the user: check_evals checks the entries
+      continue
     if key not in ref:
       raise ValueError(f"unknown config key {prefix}{key!r}; known: {sorted(ref.keys())}")
     sub, ref_sub = cfg[key], ref[key]
@@ -262,6 +270,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.evaluate.retrieval_match not in ("pair", "label"):
     raise ValueError("config.evaluate.retrieval_match must be 'pair' or 'label'; "
                      f"got {config.evaluate.retrieval_match!r}")
+  if not hasattr(config.evals, "items"):
+    raise ValueError(f"config.evals must be a dict of name -> dict(type=..., every=...); "
+                     f"got {config.evals!r}")
+  check_evals(config.evals)
 
 
 def data_dir(config: ml_collections.ConfigDict) -> str:

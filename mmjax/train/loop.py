@@ -28,7 +28,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from mmjax import convert, objectives
 from mmjax.data import pipeline, sources, tokenizers
-from mmjax.evaluate import Evaluator
+from mmjax.evaluate import Evaluator, evaluator as evaluator_lib
 from mmjax.models import scan as scan_lib
 from mmjax.train import checkpoint, config as config_lib, multihost, optimizer
 from mmjax.train import sharding
@@ -130,7 +130,7 @@ def _open_data(config, ddir: str, ckpt=None):
   d, ev = config.data, config.evaluate
   try:
     source = sources.open(d, ddir)
-    probes = ev.probes and d.label_key
+    probes = evaluator_lib.wants(config.evals, ev, "probe") and d.label_key
     # The probes' train set must decode; the captions for a trained tokenizer and the
     # truncation check need no image.
     train_src = source.train_records(ev.probe_train_examples if probes else 2000,
@@ -206,7 +206,7 @@ def _make_evaluator(config, objective, source, train_src, tok, prep=None) -> Eva
   arrays = lambda src: pipeline.make_eval_arrays(src, d, tokenizer=tok, lazy_images=True,
                                                  prep=prep)
   probe_arrays = None
-  if e.probes and d.label_key:
+  if evaluator_lib.wants(config.evals, e, "probe") and d.label_key:
     probe_arrays = arrays(_first(train_src, e.probe_train_examples))
   zeroshot = None
   names = source.class_names(d.label_key)
@@ -217,7 +217,7 @@ def _make_evaluator(config, objective, source, train_src, tok, prep=None) -> Eva
     zeroshot = (names, list(templates))
   return Evaluator(objective, e, arrays(source.eval_source()), tokenizer=tok,
                    text_len=d.text_len, zeroshot=zeroshot, probe_arrays=probe_arrays,
-                   class_names=names)
+                   class_names=names, evals=config.evals)
 
 
 def _check_frozen_batch_norm(objective, frozen, batch_stats, config) -> None:
@@ -582,9 +582,10 @@ def run(built: Run, workdir: str, *,
         writer.write(step, m)
         bar.set_postfix(loss=f"{m['loss']:.4f}", ex_s=f"{m['examples_per_sec']:.0f}")
       bar.update(1)
-      if config.evaluate.every and step % config.evaluate.every == 0 and step != config.total_steps:
+      due = built.evaluator.due(step, config.total_steps) if step != config.total_steps else []
+      if due:   # each evaluator on its own schedule (config.evals); the final one runs all
         guard.flush()
-        results = built.evaluator(state.variables)
+        results = built.evaluator(state.variables, due)
         writer.write(step, results)
         say(f"mmjax: step {step} eval: {_summary(results)}")
     guard.flush()

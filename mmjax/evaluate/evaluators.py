@@ -1,0 +1,326 @@
+"""The evaluators, registered by name (big_vision's `config.evals` types): zeroshot,
+retrieval, probe, captioning and rerank.
+
+Each is a small class with `run(variables) -> {metric: float}`, built from the objective's
+hooks and the data by `build(inputs, settings)` (which raises NotApplicable when the
+objective or the data lacks what it needs), or directly from encoders and a
+streaming.Split (experiments.evaluate does). `variables` is whatever the objective's hooks
+take; the evaluators pass it through untouched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+
+from mmjax.evaluate.captioning import class_word_match, corpus_bleu
+from mmjax.evaluate.probe import knn_accuracy, linear_probe_accuracy, softmax_regression_accuracy
+from mmjax.evaluate.retrieval import rerank_recall, retrieval_recall
+from mmjax.evaluate.streaming import Embedded, Memo, Split, Texts, caption_ids
+from mmjax.evaluate.zeroshot import ZeroShotCounts, class_embeddings
+
+_REGISTRY: dict[str, type] = {}
+
+
+class NotApplicable(ValueError):
+  """An evaluator asked of an objective or a split that lacks what it needs."""
+
+
+def register(name: str):
+  """Class decorator: config.evals.<any>.type = name selects the class."""
+  def add(cls):
+    cls.name = name
+    _REGISTRY[name] = cls
+    return cls
+  return add
+
+
+def names() -> tuple[str, ...]:
+  return tuple(_REGISTRY)
+
+
+def get(name: str) -> type:
+  if name not in _REGISTRY:
+    raise ValueError(f"evaluator type must be one of {names()}; got {name!r}")
+  return _REGISTRY[name]
+
+
+@dataclasses.dataclass
+class Inputs:
+  """What the evaluators of a run are built from.
+
+  objective: features(variables, image) -> [b, d], towers() -> (embed_image, embed_text) or
+    None, transfer_head, captioner, reranker (mmjax.objectives.Objective).
+  eval_split: the split evaluated; probe_split: the probes' train split ('image', 'label').
+  tokenizer, text_len: encode prompts; class_names: the labels' names (label order);
+  templates: the zero-shot prompt templates.
+  """
+  objective: Any
+  eval_split: Split
+  probe_split: Split | None = None
+  tokenizer: Any = None
+  text_len: int = 0
+  class_names: list[str] | None = None
+  templates: list[str] | None = None
+  memo: Memo = dataclasses.field(default_factory=Memo)
+
+  def __post_init__(self):
+    self._jitted, self._embedded = {}, {}
+    towers = self.objective.towers()
+    self.towers = None if towers is None else tuple(self.jit(f) for f in towers)
+
+  def jit(self, fn: Callable) -> Callable:
+    """jax.jit(fn), once per hook."""
+    if fn not in self._jitted:
+      self._jitted[fn] = jax.jit(fn)
+    return self._jitted[fn]
+
+  def embedded(self, split: Split, fn: Callable, batch_size: int) -> Embedded:
+    """One Embedded per (split, fn, batch size): evaluators that read the same one share
+    its outputs within a round."""
+    key = (id(split), fn, batch_size)
+    if key not in self._embedded:
+      self._embedded[key] = Embedded(split, fn, batch_size, memo=self.memo)
+    return self._embedded[key]
+
+  def image_embeddings(self, batch_size: int) -> Embedded:
+    """The eval split through the image tower."""
+    if self.towers is None:
+      raise NotApplicable("the objective has no image and text towers (towers() is None)")
+    return self.embedded(self.eval_split, self.towers[0], batch_size)
+
+  def texts(self, batch_size: int) -> Texts:
+    return Texts(self.towers[1], batch_size, self.tokenizer, self.text_len)
+
+
+def _need_labels(split: Split, what: str) -> None:
+  if "label" not in split.fields:
+    raise NotApplicable(f"{what} needs class labels and the evaluation split has none")
+
+
+@register("zeroshot")
+class ZeroShot:
+  """zeroshot_top1, zeroshot_top5: each image classified by its nearest class embedding (the
+  templates' text embeddings averaged and re-normalised); running sums over the stream
+  (ZeroShotCounts: also the mean per-class recall, CLIP_benchmark's metrics)."""
+  options = ("templates", "batch_size")
+
+  def __init__(self, images: Embedded, texts: Texts, class_names: Sequence[str],
+               templates: Sequence[str]):
+    self.images, self.texts = images, texts
+    self.class_names, self.templates = list(class_names), list(templates)
+
+  @classmethod
+  def build(cls, inputs: Inputs, s: dict) -> "ZeroShot":
+    images = inputs.image_embeddings(s["batch_size"])
+    if not inputs.class_names:
+      raise NotApplicable("zero-shot needs class names and the dataset has none")
+    _need_labels(inputs.eval_split, "zero-shot")
+    return cls(images, inputs.texts(s["batch_size"]), inputs.class_names,
+               s.get("templates") or inputs.templates)
+
+  def class_embeddings(self, variables) -> np.ndarray:
+    """[C, d] unit rows."""
+    return class_embeddings(lambda s: self.texts(variables, list(s)), self.class_names,
+                            self.templates)
+
+  def counts(self, variables) -> ZeroShotCounts:
+    cls = self.class_embeddings(variables)
+    counts = ZeroShotCounts(len(self.class_names))
+    for emb, fields in self.images.stream(variables):
+      counts.update(emb @ cls.T, fields["label"])
+    return counts
+
+  def run(self, variables) -> dict[str, float]:
+    r = self.counts(variables).result()
+    return {f"zeroshot_top{k}": r[f"acc{k}"] for k in (1, 5) if f"acc{k}" in r}
+
+
+class Pairs:
+  """The eval split's image and text embeddings and their ids (equal ids: a correct pair):
+  retrieval_match 'pair' (identical captions are one text) or 'label' (same class)."""
+
+  def __init__(self, images: Embedded, texts: Texts, match: str):
+    if match not in ("pair", "label"):
+      raise ValueError(f"retrieval_match must be 'pair' or 'label'; got {match!r}")
+    self.images, self.texts, self.match = images, texts, match
+
+  def __call__(self, variables) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    """(img [n, d], txt [n, d], ids [n], fields)."""
+    def compute():
+      img, fields = self.images.all(variables)
+      txt = self.texts(variables, fields["text"])
+      ids = fields["label"] if self.match == "label" else caption_ids(fields["text"])
+      return img, txt, ids, fields
+    return self.images.memo.get(self, compute)
+
+  @classmethod
+  def build(cls, inputs: Inputs, s: dict) -> "Pairs":
+    images = inputs.image_embeddings(s["batch_size"])
+    if "text" not in inputs.eval_split.fields:
+      raise NotApplicable("retrieval needs captions and the evaluation split has none")
+    if s["retrieval_match"] == "label":
+      _need_labels(inputs.eval_split, "retrieval_match='label'")
+    key = ("pairs", s["batch_size"], s["retrieval_match"])
+    if key not in inputs._embedded:
+      inputs._embedded[key] = cls(images, inputs.texts(s["batch_size"]), s["retrieval_match"])
+    return inputs._embedded[key]
+
+
+@register("retrieval")
+class Retrieval:
+  """retrieval_{i2t,t2i}_r{1,5,10}: recall@k of image->text and text->image retrieval."""
+  options = ("retrieval_match", "batch_size")
+
+  def __init__(self, pairs: Pairs):
+    self.pairs = pairs
+
+  @classmethod
+  def build(cls, inputs: Inputs, s: dict) -> "Retrieval":
+    return cls(Pairs.build(inputs, s))
+
+  def recall(self, variables) -> dict[str, float]:
+    """{'i2t_r1', ..., 't2i_r10', 'n'}."""
+    img, txt, ids, _ = self.pairs(variables)
+    return {**retrieval_recall(img, txt, img_ids=ids, txt_ids=ids), "n": len(img)}
+
+  def run(self, variables) -> dict[str, float]:
+    return {f"retrieval_{k}": v for k, v in self.recall(variables).items() if k != "n"}
+
+
+@register("probe")
+class Probe:
+  """linear_probe_top1, linear_probe_{k}shot_top1 and knn_top1 of frozen image features,
+  trained on the probe split, tested on the eval split; with an objective whose
+  transfer_head gives a classifier for the class names, transfer_top1 (that classifier as it
+  is), transfer_{k}shot_top1 / transfer_{k}shot_from_zero_top1 (100 steps of gradient descent
+  on k examples per class from it / from zeros) and transfer_classes_found."""
+  options = ("knn_k", "probe_shots", "batch_size")
+
+  def __init__(self, train: Embedded, test: Embedded, *, knn_k: int = 20,
+               shots: Sequence[int] = (), transfer: Callable | None = None,
+               class_names: Sequence[str] | None = None):
+    self.train, self.test, self.knn_k, self.shots = train, test, knn_k, tuple(shots)
+    self.transfer, self.class_names = transfer, list(class_names or [])
+
+  @classmethod
+  def build(cls, inputs: Inputs, s: dict) -> "Probe":
+    if inputs.probe_split is None:
+      raise NotApplicable("the probes need a train split with labels (config.data.label_key)")
+    _need_labels(inputs.eval_split, "the probes")
+    features = inputs.jit(inputs.objective.features)
+    # With towers the image embeddings are the test features: the eval images are embedded
+    # once per round, for zero-shot, retrieval and the probes.
+    test = (inputs.image_embeddings(s["batch_size"]) if inputs.towers is not None
+            else inputs.embedded(inputs.eval_split, features, s["batch_size"]))
+    return cls(inputs.embedded(inputs.probe_split, features, s["batch_size"]), test,
+               knn_k=s["knn_k"], shots=s["probe_shots"],
+               transfer=inputs.objective.transfer_head, class_names=inputs.class_names)
+
+  def run(self, variables) -> dict[str, float]:
+    train_x, train = self.train.all(variables)
+    test_x, test = self.test.all(variables)
+    args = (train_x, train["label"], test_x, test["label"])
+    out = {"linear_probe_top1": linear_probe_accuracy(*args),
+           "knn_top1": knn_accuracy(*args, k=self.knn_k)}
+    for k in self.shots:
+      out[f"linear_probe_{k}shot_top1"] = linear_probe_accuracy(*args, shots=k)
+    head = (self.transfer(variables, self.class_names)
+            if self.transfer is not None and self.class_names else None)
+    if head is not None:
+      out.update(self._transfer(head, args))
+    return out
+
+  def _transfer(self, head, args) -> dict[str, float]:
+    w, b, found = head
+    test_x, test_y = args[2], args[3]
+    out = {"transfer_classes_found": int(found),
+           "transfer_top1": float(np.mean((test_x @ w + b).argmax(1) == test_y))}
+    for k in self.shots:
+      out[f"transfer_{k}shot_top1"] = softmax_regression_accuracy(*args, w0=w, b0=b, shots=k)
+      out[f"transfer_{k}shot_from_zero_top1"] = softmax_regression_accuracy(
+          *args, w0=np.zeros_like(w), b0=np.zeros_like(b), shots=k)
+    return out
+
+
+def _strings(tok, texts) -> list[str]:
+  return list(texts) if isinstance(texts, (list, tuple)) else tok.decode(texts)
+
+
+@register("captioning")
+class Captioning:
+  """caption_bleu (corpus BLEU, mmjax.evaluate.captioning) of the captions generated for the
+  eval images against the eval captions of the image's class (retrieval_match='label') or its
+  own caption; caption_exact_match: the share that name their image's class and no other."""
+  options = ("retrieval_match", "batch_size")
+
+  def __init__(self, generated: Embedded, tokenizer, *, match: str = "pair",
+               class_names: Sequence[str] | None = None):
+    self.generated, self.tok, self.match = generated, tokenizer, match
+    self.class_names = list(class_names or [])
+
+  @classmethod
+  def build(cls, inputs: Inputs, s: dict) -> "Captioning":
+    # The tokenizer's start token, for texts that carry their own.
+    gen = inputs.objective.captioner(getattr(inputs.tokenizer, "bos_id", None))
+    if gen is None:
+      raise NotApplicable("the objective generates no captions (captioner() is None)")
+    if "text" not in inputs.eval_split.fields:
+      raise NotApplicable("captioning needs reference captions and the split has none")
+    return cls(inputs.embedded(inputs.eval_split, gen, s["batch_size"]), inputs.tokenizer,
+               match=s["retrieval_match"], class_names=inputs.class_names)
+
+  def run(self, variables) -> dict[str, float]:
+    tokens, fields = self.generated.all(variables)
+    generated = self.tok.decode(tokens)
+    captions, labels = _strings(self.tok, fields["text"]), fields.get("label")
+    if self.match == "label" and labels is not None:
+      by_class = {c: sorted({t for t, l in zip(captions, labels) if l == c})
+                  for c in np.unique(labels)}
+      refs = [by_class[c] for c in labels]
+    else:
+      refs = [[t] for t in captions]
+    out = {"caption_bleu": corpus_bleu(generated, refs)}
+    if self.class_names and labels is not None:
+      out["caption_exact_match"] = class_word_match(generated, labels, self.class_names)
+    return out
+
+
+@register("rerank")
+class Rerank:
+  """itm_retrieval_{i2t,t2i}_r1: each query's top k by contrastive similarity re-ranked by
+  the objective's matching score (mmjax.evaluate.retrieval.rerank_recall)."""
+  options = ("retrieval_match", "batch_size")
+
+  def __init__(self, pairs: Pairs, image_tokens: Embedded, score: Callable, k: int):
+    self.pairs, self.image_tokens, self.score_fn, self.k = pairs, image_tokens, score, k
+
+  @classmethod
+  def build(cls, inputs: Inputs, s: dict) -> "Rerank":
+    reranker = inputs.objective.reranker()
+    if reranker is None:
+      raise NotApplicable("the objective has no matching head (reranker() is None)")
+    tokens_fn, score_fn, k = reranker
+    return cls(Pairs.build(inputs, s),
+               inputs.embedded(inputs.eval_split, inputs.jit(tokens_fn), s["batch_size"]),
+               inputs.jit(score_fn), k)
+
+  def run(self, variables) -> dict[str, float]:
+    img, txt, ids, fields = self.pairs(variables)
+    image_tokens, _ = self.image_tokens.all(variables)
+    texts, b = np.asarray(fields["text"]), self.image_tokens.batch_size
+
+    def score(ii: np.ndarray, jj: np.ndarray) -> np.ndarray:
+      out = []
+      for s in range(0, len(ii), b):
+        i, j = ii[s:s + b], jj[s:s + b]
+        pad = b - len(i)
+        i, j = np.r_[i, np.repeat(i[:1], pad)], np.r_[j, np.repeat(j[:1], pad)]
+        out.append(np.asarray(self.score_fn(variables, image_tokens[i], texts[j]))[:b - pad])
+      return np.concatenate(out)
+
+    recall = rerank_recall(img @ txt.T, score, k=self.k, img_ids=ids, txt_ids=ids)
+    return {f"itm_retrieval_{k}": v for k, v in recall.items()}
