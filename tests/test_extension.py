@@ -284,3 +284,21 @@ def test_the_name_check_finds_a_name(tmp_path):
   code = _code(probe).lower()
   assert re.search(r"(?<![a-z0-9])wds(?![a-z0-9])", code)
   assert "coca" not in code and "doc naming" not in code
+
+
+def test_a_launch_validates_and_checks_the_workdir_once(tmp_path, monkeypatch):
+  """loop.train: config.validate (the key check, every component's rules) and the
+  finished-workdir check each run once per launch."""
+  from mmjax.train import config as config_lib, loop
+  calls = {"validate": 0, "finished": 0}
+  validate, finished = config_lib.validate, loop._finished
+
+  def count(name, fn):
+    def counted(*a, **kw):
+      calls[name] += 1
+      return fn(*a, **kw)
+    return counted
+  monkeypatch.setattr(config_lib, "validate", count("validate", validate))
+  monkeypatch.setattr(loop, "_finished", count("finished", finished))
+  loop.train(get_config(str(tmp_path / "data")), str(tmp_path / "run"))
+  assert calls == {"validate": 1, "finished": 1}

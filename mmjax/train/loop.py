@@ -237,12 +237,13 @@ def _check_frozen_batch_norm(objective, frozen, batch_stats, config) -> None:
                      "with norm='frozen_bn'")
 
 
-def build(config: ml_collections.ConfigDict) -> Run:
-  """Validates the config and makes everything but the train state: the mesh,
-  the data (built on first use by process 0), the objective and optimizer with
-  the frozen labels worked out once, the state's shardings, the evaluator."""
+def build(config: ml_collections.ConfigDict, *, validate: bool = True) -> Run:
+  """Validates the config (validate=False: the caller just did) and makes everything but the
+  train state: the mesh, the data (built on first use by process 0), the objective and
+  optimizer with the frozen labels worked out once, the state's shardings, the evaluator."""
   t_start = time.time()
-  config_lib.validate(config)
+  if validate:
+    config_lib.validate(config)
   multihost.initialize(config)
   mesh = sharding.make_mesh(config)
   n_data = sharding.data_parallel_size(mesh)
@@ -517,8 +518,8 @@ def _summary(results: dict) -> str:
   return ", ".join(f"{k} {results[k]:.3f}" for k in keys)
 
 
-def run(built: Run, workdir: str, *,
-        callbacks: Sequence[Callable[[int, dict], None]] = ()) -> dict:
+def run(built: Run, workdir: str, *, callbacks: Sequence[Callable[[int, dict], None]] = (),
+        check_finished: bool = True) -> dict:
   """Trains a built run from its start (fresh or resumed); evaluates, checkpoints
   and logs; returns the final results (also in workdir/results.json).
 
@@ -526,9 +527,10 @@ def run(built: Run, workdir: str, *,
   its results are returned (a larger total_steps continues training). A
   non-finite step raises NonFiniteError (config.nan_policy) after the
   checkpoints saved so far are complete; no results are written then.
+  check_finished=False: the caller has just checked (train does, before building).
   """
   config, data_iter = built.config, built.data_iter
-  done = _finished(workdir, config.total_steps)
+  done = _finished(workdir, config.total_steps) if check_finished else None
   if done is not None:
     return done
   built.objective.save_or_check(workdir)
@@ -630,8 +632,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   callbacks: each called as cb(step, metrics) after every step (metrics are
   device arrays; converting them syncs).
   """
-  config_lib.validate(config)
+  config_lib.validate(config)   # once per launch, as the finished-workdir check
   done = _finished(workdir, config.total_steps)
   if done is not None:
     return done
-  return run(build(config), workdir, callbacks=callbacks)
+  return run(build(config, validate=False), workdir, callbacks=callbacks, check_finished=False)
