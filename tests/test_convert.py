@@ -70,7 +70,7 @@ def test_embeddings_match_open_clip(name, n_images, b32, rng, torch_seed):
   size = convert.get_spec(name).image_size
   images = rng.normal(size=(n_images, 3, size, size)).astype(np.float32)
   tokens = random_tokens(rng, 2)
-  config, params, prep, tok = convert.from_open_clip(oc.state_dict(), name)
+  config, params, prep, tok = convert.from_open_clip(oc.state_dict(), name)[:4]
   assert (prep.size, prep.resize, tok) == (convert.get_spec(name).image_size, "crop", "clip")
   zimg, ztxt, scale = features(config, params, images, tokens)
   del params

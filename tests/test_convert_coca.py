@@ -94,8 +94,8 @@ def test_tiny_coca_matches_open_clip(vision_width, rng, torch_seed):
   oc = tiny_open_clip(vision_width)
   images = rng.normal(size=(3, 3, 32, 32)).astype(np.float32)
   tokens = random_tokens(rng, 3, 11, 64, SOT, EOT)
-  config, params, prep, tok = convert.from_open_clip_coca(oc.state_dict(), tiny_config(vision_width),
-                                                         image_size=32)
+  config, params, prep, tok = convert.from_open_clip_coca(
+      oc.state_dict(), tiny_config(vision_width), image_size=32)[:4]
   assert tok == "clip" and prep.size == 32
   got = mmjax_outputs(config, params, images, tokens)
   want = open_clip_outputs(oc, images, tokens)
