@@ -14,7 +14,7 @@ from mmjax.convert import common, openclip
 from mmjax.models import mae, text, two_tower, vit
 from mmjax.models.scan import is_scanned, match_blocks, stack_blocks, unstack_blocks
 from mmjax.nn.layers import REMAT_POLICIES, Encoder, remat_policy
-from mmjax.train import checkpoint, config as config_lib, loop
+from mmjax.train import checkpoint, config as config_lib, init_from, loop
 from tests.configs import tiny_config
 
 TINY = dict(width=32, depth=2, mlp_dim=64, num_heads=2)
@@ -234,8 +234,8 @@ def test_train_with_scan_then_init_a_per_layer_run_from_it(data_dir, tmp_path):
   assert saved["img"]["encoder"]["blocks"]["ln1"]["scale"].shape == (2, 32)
   cfg = tiny_config(data_dir, **steps, **{"init_from.workdir": str(tmp_path / "a")})
   built = loop.build(cfg)
-  state = loop._init_from(built.init_state(), cfg.init_from, built.state_sharding,
-                          built.objective)
+  state = init_from.from_run(built.init_state(), cfg.init_from, built.state_sharding,
+                             built.objective)
   assert "block1" in state.params["img"]["encoder"]
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state.params["img"]),
                unstack_blocks(saved["img"]))
@@ -249,7 +249,8 @@ def test_init_from_converted_checkpoint_into_scanned_run(data_dir, tmp_path):
   cfg = tiny_config(data_dir, **{"loss": "clip", "init_from.checkpoint": f"hf:{hf}",
                                  "total_steps": 0, "model.scan": True})
   built = loop.build(cfg)
-  state = loop._init_from_checkpoint(built.init_state(), built)
+  state = init_from.from_checkpoint(built.init_state(), built.start, built.state_sharding,
+                                    cfg.init_from.checkpoint)
   want = stack_blocks(convert.from_hf(hf).params)
   assert is_scanned(state.params)
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state.params), want)

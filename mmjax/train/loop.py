@@ -19,21 +19,21 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 import tqdm
 from flax import traverse_util
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
-from mmjax import convert, objectives
+from mmjax import objectives
 from mmjax.data import pipeline, sources, tokenizers
 from mmjax.evaluate import Evaluator, evaluator as evaluator_lib
-from mmjax.models import scan as scan_lib
-from mmjax.train import checkpoint, config as config_lib, multihost, optimizer
+from mmjax.train import checkpoint, config as config_lib, init_from, monitor, multihost
+from mmjax.train import optimizer
 from mmjax.train import sharding
 from mmjax.train import state as state_lib
 from mmjax.train.metrics import MetricWriter, plot_curves
+from mmjax.train.monitor import NonFiniteError  # noqa: F401  (raised by run; the launcher catches it)
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 
@@ -82,30 +82,6 @@ def _data_metrics(data_iter) -> dict:
 def _data_state(data_iter) -> dict:
   """Every process's input-pipeline position (each process reads its own shard)."""
   return {"processes": multihost.gather_json(data_iter.get_state())}
-
-
-def _load_checkpoint(config):
-  """config.init_from.checkpoint converted (mmjax.convert.load), or None; its image size
-  and text length replace config.data's (said in one line when they differ)."""
-  spec = config.init_from.checkpoint
-  if not spec:
-    return None
-  try:
-    ckpt = convert.load(spec)
-  except ValueError as e:
-    raise ValueError(f"config.init_from.checkpoint={spec!r}: {e}") from None
-  if ckpt.config["loss"] != config.loss:
-    raise ValueError(f"config.loss={config.loss!r}, but config.init_from.checkpoint={spec!r} "
-                     f"is a {ckpt.config['loss']!r} model; set --config.loss="
-                     f"{ckpt.config['loss']}")
-  d, size, length = config.data, ckpt.preprocess.size, ckpt.config["text"]["max_len"]
-  if (d.image_size, d.text_len) != (size, length):
-    if jax.process_index() == 0:
-      print(f"mmjax: config.data.image_size={size}, text_len={length} from "
-            f"config.init_from.checkpoint (the config said {d.image_size}, {d.text_len})",
-            flush=True)
-    d.image_size, d.text_len = size, length
-  return ckpt
 
 
 def _tokenizer_spec(config, ddir: str, name: str) -> tuple[str, str]:
@@ -252,7 +228,7 @@ def build(config: ml_collections.ConfigDict, *, validate: bool = True) -> Run:
                      f"{n_data} devices of the batch axes x config.accum_steps={config.accum_steps}, "
                      f"and by {jax.process_count()} processes")
   ddir = config_lib.data_dir(config)
-  ckpt = _load_checkpoint(config)
+  ckpt = init_from.load_checkpoint(config)
   # Process 0 builds the dataset and tokenizer (first use only); the others then read them.
   if jax.process_index() == 0:
     source, train_src, tok = _open_data(config, ddir, ckpt)
@@ -295,85 +271,9 @@ def build(config: ml_collections.ConfigDict, *, validate: bool = True) -> Run:
              normalize=normalize)
 
 
-def _cast_like(target, tree, what: str):
-  """tree (host numpy) with target's structure and dtypes; ValueError naming `what` when the
-  structures differ."""
-  if jax.tree_util.tree_structure(tree) != jax.tree_util.tree_structure(target):
-    raise ValueError(f"config.init_from.checkpoint: its {what} do not have this run's "
-                     f"structure ({jax.tree_util.tree_structure(target)})")
-  return jax.tree.map(lambda x, y: np.asarray(y, x.dtype), target, tree)
-
-
-def _init_from_checkpoint(state, built: Run):
-  """The state with every param (and running statistic) replaced by
-  config.init_from.checkpoint's, cast to the run's dtypes and placed with the state's
-  shardings; its per-layer blocks stacked when config.model.scan is set."""
-  start = built.start
-  params = _cast_like(state.params, scan_lib.match_blocks(start["params"], state.params),
-                      "params")
-  params = jax.device_put(params, built.state_sharding.params)
-  stats = state.batch_stats
-  if stats is not None:
-    if not start.get("batch_stats"):
-      raise ValueError("config.init_from.checkpoint: this run's image tower keeps BatchNorm "
-                       "statistics and the checkpoint has none")
-    stats = jax.device_put(_cast_like(stats, start["batch_stats"], "BatchNorm statistics"),
-                           built.state_sharding.batch_stats)
-  if jax.process_index() == 0:
-    print(f"mmjax: params from {built.config.init_from.checkpoint}", flush=True)
-  return state.replace(params=params, batch_stats=stats)
-
-
-def _init_from(state, init_from, state_sharding, objective):
-  """Replaces the params under init_from.prefix with those of another run's checkpoint (its
-  encoder blocks scanned or per-layer, converted to this run's config.model.scan)."""
-  variables, step = checkpoint.load_variables(init_from.workdir)
-  loaded, prefix = variables["params"], init_from.prefix
-  if prefix not in state.params or prefix not in loaded:
-    raise ValueError(f"config.init_from.prefix={prefix!r} must be a top-level params key of both "
-                     f"runs; this run has {sorted(state.params)}, {init_from.workdir!r} has "
-                     f"{sorted(loaded)}")
-  loaded = {**loaded, prefix: scan_lib.match_blocks(loaded[prefix], state.params[prefix])}
-  want = jax.tree_util.tree_leaves_with_path(state.params[prefix])
-  got = dict(jax.tree_util.tree_leaves_with_path(loaded[prefix]))
-  for path, leaf in want:
-    if path not in got or got[path].shape != leaf.shape:
-      raise ValueError(
-          f"config.init_from: {prefix}{jax.tree_util.keystr(path)} is {leaf.shape} here but "
-          f"{getattr(got.get(path), 'shape', 'missing')} in {init_from.workdir!r} (step {step}); "
-          "the towers must have the same architecture")
-  extra = sorted(jax.tree_util.keystr(p) for p in set(got) - {p for p, _ in want})
-  if extra:   # e.g. a deeper tower there: taking its first blocks would be a silent mistake
-    raise ValueError(
-        f"config.init_from: {init_from.workdir!r} (step {step}) has {prefix} parameters this "
-        f"run lacks, e.g. {prefix}{extra[0]} ({len(extra)} in all); the towers must have the "
-        "same architecture")
-  sub = jax.tree.map(lambda x, y: np.asarray(y, x.dtype), state.params[prefix],
-                     jax.tree.unflatten(jax.tree.structure(state.params[prefix]),
-                                        [got[p] for p, _ in want]))
-  params = {**state.params, prefix: sub}
-  params = jax.device_put(params, state_sharding.params)
-  ema, stats = state.ema, state.batch_stats
-  if ema is not None:
-    ema = jax.device_put(objective.ema_init(params), state_sharding.ema)
-  if stats is not None and prefix in stats:   # the prefix's BatchNorm statistics come along
-    theirs = (variables.get("batch_stats") or {}).get(prefix)
-    if theirs is None:
-      raise ValueError(f"config.init_from: {prefix!r} keeps BatchNorm statistics here, and "
-                       f"{init_from.workdir!r} (step {step}) has none")
-    sub_stats = _cast_like(stats[prefix], theirs, f"{prefix!r} BatchNorm statistics")
-    stats = jax.device_put({**stats, prefix: sub_stats}, state_sharding.batch_stats)
-  print(f"mmjax: {prefix!r} initialised from {init_from.workdir} (step {step})", flush=True)
-  return state.replace(params=params, ema=ema, batch_stats=stats)
-
-
 def _sync(name: str) -> None:
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(name)
-
-
-class NonFiniteError(RuntimeError):
-  """A step's loss or gradient norm was not finite (config.nan_policy)."""
 
 
 def _check_writable(workdir: str) -> None:
@@ -425,9 +325,10 @@ def _start(built: Run, ckpt, workdir: str) -> tuple[state_lib.TrainState, int, d
   if restored is None:
     state = built.init_state()
     if config.init_from.workdir:
-      state = _init_from(state, config.init_from, built.state_sharding, built.objective)
+      state = init_from.from_run(state, config.init_from, built.state_sharding, built.objective)
     elif built.start is not None:
-      state = _init_from_checkpoint(state, built)
+      state = init_from.from_checkpoint(state, built.start, built.state_sharding,
+                                         config.init_from.checkpoint)
     # The baseline the trained numbers are compared with.
     return state, 0, built.evaluator(state.variables) if config.evaluate.at_init else {}, {}
   start, state, data_state = restored
@@ -438,84 +339,6 @@ def _start(built: Run, ckpt, workdir: str) -> tuple[state_lib.TrainState, int, d
   built.data_iter.set_state(states[jax.process_index()])
   print(f"mmjax: resumed from {workdir} at step {start}", flush=True)
   return state, start, {}, data_state
-
-
-class _Speed:
-  """Examples per second, the first step (compile) excluded; per log interval and overall."""
-
-  def __init__(self, batch_size: int):
-    self.batch_size, self.t_first, self.steps = batch_size, None, 0
-    self.t_log, self.n_log = time.time(), 0
-
-  def step(self, state) -> None:
-    if self.t_first is None:
-      jax.block_until_ready(state)
-      self.t_first = self.t_log = time.time()
-    else:
-      self.steps += 1
-    self.n_log += 1
-
-  def interval(self) -> float:
-    now = time.time()
-    rate = self.n_log * self.batch_size / max(now - self.t_log, 1e-9)
-    self.t_log, self.n_log = now, 0
-    return rate
-
-  def overall(self) -> float | None:
-    if not self.steps:
-      return None
-    return self.steps * self.batch_size / (time.time() - self.t_first)
-
-
-class _Guard:
-  """Acts on the train step's `finite` flag (config.nan_policy): 'stop' raises
-  NonFiniteError at the first non-finite step, 'skip' counts it and raises after
-  nan_skip_limit in a row. Each step's flag is read when the next step has been
-  queued (push), so the host never waits on the step it just dispatched;
-  `flush` reads the last one (before a checkpoint, a log line, an evaluation)."""
-
-  def __init__(self, policy: str, limit: int, skipped: int = 0, in_a_row: int = 0):
-    self.policy, self.limit, self.skipped, self.in_a_row = policy, limit, skipped, in_a_row
-    self.pending = None
-
-  def push(self, step: int, metrics: dict) -> None:
-    previous, self.pending = self.pending, (step, metrics)
-    if previous is not None:
-      self._check(*previous)
-
-  def flush(self) -> None:
-    if self.pending is not None:
-      self._check(*self.pending)
-      self.pending = None
-
-  def _check(self, step: int, metrics: dict) -> None:
-    if bool(metrics["finite"]):
-      self.in_a_row = 0
-      return
-    m = {k: float(v) for k, v in jax.device_get(metrics).items() if k in ("loss", "lr", "grad_norm")}
-    bad = "loss" if not np.isfinite(m["loss"]) else "grad_norm"
-    others = ", ".join(f"{k} {m[k]:.4g}" for k in ("loss", "lr", "grad_norm") if k != bad)
-    what = f"{bad} is {m[bad]} at step {step} ({others})"
-    if self.policy == "stop":
-      raise NonFiniteError(f"{what}; the run stops here (config.nan_policy='stop'), its newest "
-                           "checkpoint is from before this step")
-    self.skipped += 1
-    self.in_a_row += 1
-    tqdm.tqdm.write(f"mmjax: warning: {what}; update skipped ({self.skipped} so far)")
-    if self.in_a_row >= self.limit:
-      raise NonFiniteError(f"{what}: {self.in_a_row} non-finite steps in a row "
-                           f"(config.nan_skip_limit={self.limit}); the run stops here")
-
-
-_KEY_METRICS = ("zeroshot_top1", "retrieval_i2t_r1", "retrieval_t2i_r1", "linear_probe_top1",
-                "knn_top1", "transfer_top1")
-
-
-def _summary(results: dict) -> str:
-  """The key evaluation numbers, one line: 'zeroshot_top1 0.912, retrieval_i2t_r1 ...'."""
-  keys = [k for k in _KEY_METRICS if k in results] or sorted(
-      k for k, v in results.items() if isinstance(v, float))[:5]
-  return ", ".join(f"{k} {results[k]:.3f}" for k in keys)
 
 
 def run(built: Run, workdir: str, *, callbacks: Sequence[Callable[[int, dict], None]] = (),
@@ -540,7 +363,7 @@ def run(built: Run, workdir: str, *, callbacks: Sequence[Callable[[int, dict], N
   try:
     state, start, init_results, saved = _start(built, ckpt, workdir)
     # The skip count and the current streak of skipped steps resume as they were.
-    guard = _Guard(config.nan_policy, config.nan_skip_limit, saved.get("skipped_steps", 0),
+    guard = monitor.Guard(config.nan_policy, config.nan_skip_limit, saved.get("skipped_steps", 0),
                    saved.get("skipped_in_a_row", 0))
     data_state = lambda: {**_data_state(data_iter), "skipped_steps": guard.skipped,
                           "skipped_in_a_row": guard.in_a_row}
@@ -560,7 +383,7 @@ def run(built: Run, workdir: str, *, callbacks: Sequence[Callable[[int, dict], N
     bar = tqdm.tqdm(total=config.total_steps, initial=start, desc="train", unit="step",
                     dynamic_ncols=True, mininterval=1.0, disable=not primary)
     say = lambda msg: bar.write(msg) if primary else None
-    speed, last_saved = _Speed(config.batch_size), start
+    speed, last_saved = monitor.Speed(config.batch_size), start
     for step in range(start + 1, config.total_steps + 1):
       local = next(data_iter)
       batch = {k: jax.make_array_from_process_local_data(built.batch_sharding, local[k])
@@ -589,7 +412,7 @@ def run(built: Run, workdir: str, *, callbacks: Sequence[Callable[[int, dict], N
         guard.flush()
         results = built.evaluator(state.variables, due)
         writer.write(step, results)
-        say(f"mmjax: step {step} eval: {_summary(results)}")
+        say(f"mmjax: step {step} eval: {monitor.summary(results)}")
     guard.flush()
     bar.close()
     bar = None
@@ -617,7 +440,7 @@ def run(built: Run, workdir: str, *, callbacks: Sequence[Callable[[int, dict], N
     with open(results_path, "w") as f:
       json.dump(results, f, indent=2)
     plot_curves(writer.path, curves_path)
-    print(f"mmjax: done, step {config.total_steps}: {_summary(final)}\n"
+    print(f"mmjax: done, step {config.total_steps}: {monitor.summary(final)}\n"
           f"mmjax: results: {results_path}\nmmjax: curves: {curves_path}", flush=True)
   writer.close()
   return results

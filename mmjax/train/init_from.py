@@ -1,0 +1,108 @@
+"""A run's start from elsewhere: config.init_from.checkpoint (a converted checkpoint's params
+and BatchNorm statistics) or config.init_from.workdir (a subtree of another run's)."""
+
+from __future__ import annotations
+
+import jax
+import ml_collections
+import numpy as np
+
+from mmjax import convert
+from mmjax.models import scan as scan_lib
+from mmjax.train import checkpoint
+from mmjax.train.state import TrainState
+
+
+def load_checkpoint(config: ml_collections.ConfigDict):
+  """config.init_from.checkpoint converted (mmjax.convert.load), or None; its image size
+  and text length replace config.data's (said in one line when they differ)."""
+  spec = config.init_from.checkpoint
+  if not spec:
+    return None
+  try:
+    ckpt = convert.load(spec)
+  except ValueError as e:
+    raise ValueError(f"config.init_from.checkpoint={spec!r}: {e}") from None
+  if ckpt.config["loss"] != config.loss:
+    raise ValueError(f"config.loss={config.loss!r}, but config.init_from.checkpoint={spec!r} "
+                     f"is a {ckpt.config['loss']!r} model; set --config.loss="
+                     f"{ckpt.config['loss']}")
+  d, size, length = config.data, ckpt.preprocess.size, ckpt.config["text"]["max_len"]
+  if (d.image_size, d.text_len) != (size, length):
+    if jax.process_index() == 0:
+      print(f"mmjax: config.data.image_size={size}, text_len={length} from "
+            f"config.init_from.checkpoint (the config said {d.image_size}, {d.text_len})",
+            flush=True)
+    d.image_size, d.text_len = size, length
+  return ckpt
+
+
+def _cast_like(target, tree, what: str):
+  """tree (host numpy) with target's structure and dtypes; ValueError naming `what` when the
+  structures differ."""
+  if jax.tree_util.tree_structure(tree) != jax.tree_util.tree_structure(target):
+    raise ValueError(f"config.init_from.checkpoint: its {what} do not have this run's "
+                     f"structure ({jax.tree_util.tree_structure(target)})")
+  return jax.tree.map(lambda x, y: np.asarray(y, x.dtype), target, tree)
+
+
+def from_checkpoint(state: TrainState, start: dict, state_sharding, spec: str) -> TrainState:
+  """The state with every param (and running statistic) replaced by
+  config.init_from.checkpoint's, cast to the run's dtypes and placed with the state's
+  shardings; its per-layer blocks stacked when config.model.scan is set."""
+  params = _cast_like(state.params, scan_lib.match_blocks(start["params"], state.params),
+                      "params")
+  params = jax.device_put(params, state_sharding.params)
+  stats = state.batch_stats
+  if stats is not None:
+    if not start.get("batch_stats"):
+      raise ValueError("config.init_from.checkpoint: this run's image tower keeps BatchNorm "
+                       "statistics and the checkpoint has none")
+    stats = jax.device_put(_cast_like(stats, start["batch_stats"], "BatchNorm statistics"),
+                           state_sharding.batch_stats)
+  if jax.process_index() == 0:
+    print(f"mmjax: params from {spec}", flush=True)
+  return state.replace(params=params, batch_stats=stats)
+
+
+def from_run(state: TrainState, init_from, state_sharding, objective) -> TrainState:
+  """Replaces the params under init_from.prefix with those of another run's checkpoint (its
+  encoder blocks scanned or per-layer, converted to this run's config.model.scan)."""
+  variables, step = checkpoint.load_variables(init_from.workdir)
+  loaded, prefix = variables["params"], init_from.prefix
+  if prefix not in state.params or prefix not in loaded:
+    raise ValueError(f"config.init_from.prefix={prefix!r} must be a top-level params key of both "
+                     f"runs; this run has {sorted(state.params)}, {init_from.workdir!r} has "
+                     f"{sorted(loaded)}")
+  loaded = {**loaded, prefix: scan_lib.match_blocks(loaded[prefix], state.params[prefix])}
+  want = jax.tree_util.tree_leaves_with_path(state.params[prefix])
+  got = dict(jax.tree_util.tree_leaves_with_path(loaded[prefix]))
+  for path, leaf in want:
+    if path not in got or got[path].shape != leaf.shape:
+      raise ValueError(
+          f"config.init_from: {prefix}{jax.tree_util.keystr(path)} is {leaf.shape} here but "
+          f"{getattr(got.get(path), 'shape', 'missing')} in {init_from.workdir!r} (step {step}); "
+          "the towers must have the same architecture")
+  extra = sorted(jax.tree_util.keystr(p) for p in set(got) - {p for p, _ in want})
+  if extra:   # e.g. a deeper tower there: taking its first blocks would be a silent mistake
+    raise ValueError(
+        f"config.init_from: {init_from.workdir!r} (step {step}) has {prefix} parameters this "
+        f"run lacks, e.g. {prefix}{extra[0]} ({len(extra)} in all); the towers must have the "
+        "same architecture")
+  sub = jax.tree.map(lambda x, y: np.asarray(y, x.dtype), state.params[prefix],
+                     jax.tree.unflatten(jax.tree.structure(state.params[prefix]),
+                                        [got[p] for p, _ in want]))
+  params = {**state.params, prefix: sub}
+  params = jax.device_put(params, state_sharding.params)
+  ema, stats = state.ema, state.batch_stats
+  if ema is not None:
+    ema = jax.device_put(objective.ema_init(params), state_sharding.ema)
+  if stats is not None and prefix in stats:   # the prefix's BatchNorm statistics come along
+    theirs = (variables.get("batch_stats") or {}).get(prefix)
+    if theirs is None:
+      raise ValueError(f"config.init_from: {prefix!r} keeps BatchNorm statistics here, and "
+                       f"{init_from.workdir!r} (step {step}) has none")
+    sub_stats = _cast_like(stats[prefix], theirs, f"{prefix!r} BatchNorm statistics")
+    stats = jax.device_put({**stats, prefix: sub_stats}, state_sharding.batch_stats)
+  print(f"mmjax: {prefix!r} initialised from {init_from.workdir} (step {step})", flush=True)
+  return state.replace(params=params, ema=ema, batch_stats=stats)
