@@ -363,20 +363,13 @@ def run(built: Run, workdir: str, *, callbacks: Sequence[Callable[[int, dict], N
   try:
     state, start, init_results, saved = _start(built, ckpt, workdir)
     # The skip count and the current streak of skipped steps resume as they were.
-    guard = monitor.Guard(config.nan_policy, config.nan_skip_limit, saved.get("skipped_steps", 0),
-                   saved.get("skipped_in_a_row", 0))
+    guard = monitor.Guard(config.nan_policy, config.nan_skip_limit,
+                          saved.get("skipped_steps", 0), saved.get("skipped_in_a_row", 0))
     data_state = lambda: {**_data_state(data_iter), "skipped_steps": guard.skipped,
                           "skipped_in_a_row": guard.in_a_row}
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json(indent=2))
-    # Activations batch-sharded over the mesh (mmjax.nn.partitioning); one device: no
-    # constraints, the step's program as before.
-    mesh = built.mesh if built.mesh.size > 1 else None
-    step_fn = jax.jit(state_lib.make_train_step(built.objective, built.tx,
-                                                schedule=built.schedule,
-                                                normalize=built.normalize, mesh=mesh),
-                      in_shardings=(built.state_sharding, built.batch_sharding),
-                      out_shardings=(built.state_sharding, None), donate_argnums=0)
+    step_fn = _step_fn(built)
     writer = MetricWriter(workdir, resume_step=start)
     if init_results:
       writer.write(0, init_results)
@@ -399,11 +392,7 @@ def run(built: Run, workdir: str, *, callbacks: Sequence[Callable[[int, dict], N
         last_saved = step
       if step % config.log_every == 0 or step == config.total_steps:
         guard.flush()
-        m = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "finite"}
-        m["examples_per_sec"] = speed.interval()
-        m.update(_data_metrics(data_iter))
-        if config.nan_policy == "skip":
-          m["skipped_steps"] = guard.skipped
+        m = _log_row(metrics, speed, data_iter, guard)
         writer.write(step, m)
         bar.set_postfix(loss=f"{m['loss']:.4f}", ex_s=f"{m['examples_per_sec']:.0f}")
       bar.update(1)
@@ -428,19 +417,47 @@ def run(built: Run, workdir: str, *, callbacks: Sequence[Callable[[int, dict], N
     ckpt.close()
     if hasattr(data_iter, "close"):
       data_iter.close()
-  writer.write(config.total_steps, final)
   results = {**final, **{f"init_{k}": v for k, v in init_results.items()},
              "steps": config.total_steps, "examples_per_sec": examples_per_sec,
              "resumed_from_step": start, "wall_s": time.time() - built.t_start,
              "devices": built.mesh.size, "loss": config.loss}
   if config.nan_policy == "skip":
     results["skipped_steps"] = guard.skipped
-  if primary:
+  return _write_results(writer, workdir, config.total_steps, final, results)
+
+
+def _step_fn(built: Run):
+  """The jitted train step on the run's shardings, its state donated. Activations are
+  batch-sharded over the mesh (mmjax.nn.partitioning); one device: no constraints."""
+  mesh = built.mesh if built.mesh.size > 1 else None
+  return jax.jit(state_lib.make_train_step(built.objective, built.tx, schedule=built.schedule,
+                                           normalize=built.normalize, mesh=mesh),
+                 in_shardings=(built.state_sharding, built.batch_sharding),
+                 out_shardings=(built.state_sharding, None), donate_argnums=0)
+
+
+def _log_row(metrics: dict, speed: monitor.Speed, data_iter, guard: monitor.Guard) -> dict:
+  """A metrics.jsonl row: the step's metrics as floats, examples/s since the last row, the
+  input pipeline's counters and (nan_policy 'skip') the steps skipped so far."""
+  m = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "finite"}
+  m["examples_per_sec"] = speed.interval()
+  m.update(_data_metrics(data_iter))
+  if guard.policy == "skip":
+    m["skipped_steps"] = guard.skipped
+  return m
+
+
+def _write_results(writer: MetricWriter, workdir: str, step: int, final: dict,
+                   results: dict) -> dict:
+  """The final evaluation's metrics row; on process 0 results.json and curves.png, said in
+  three lines. Returns results."""
+  writer.write(step, final)
+  if jax.process_index() == 0:
     results_path, curves_path = (os.path.join(workdir, n) for n in ("results.json", "curves.png"))
     with open(results_path, "w") as f:
       json.dump(results, f, indent=2)
     plot_curves(writer.path, curves_path)
-    print(f"mmjax: done, step {config.total_steps}: {monitor.summary(final)}\n"
+    print(f"mmjax: done, step {step}: {monitor.summary(final)}\n"
           f"mmjax: results: {results_path}\nmmjax: curves: {curves_path}", flush=True)
   writer.close()
   return results
