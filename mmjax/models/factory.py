@@ -16,9 +16,10 @@ if TYPE_CHECKING:   # a config is any ConfigDict-like mapping; ml_collections is
 def runtime(config: ml_collections.ConfigDict) -> dict:
   """config.model's runtime settings, the same for every tower: dtype, param_dtype, remat,
   remat_policy, scan, attention_impl."""
-  m = config.model
-  return dict(dtype=dtype(m.dtype), param_dtype=dtype(m.param_dtype), remat=m.remat,
-              remat_policy=m.remat_policy, scan=m.scan, attention_impl=m.attention_impl)
+  model_cfg = config.model
+  return dict(dtype=dtype(model_cfg.dtype), param_dtype=dtype(model_cfg.param_dtype),
+              remat=model_cfg.remat, remat_policy=model_cfg.remat_policy, scan=model_cfg.scan,
+              attention_impl=model_cfg.attention_impl)
 
 
 def dtypes(config: ml_collections.ConfigDict) -> dict:
@@ -50,14 +51,14 @@ def two_tower_model(config: ml_collections.ConfigDict, vocab_size: int, *, loss:
   image.patch_dropout still apply (the loop stacks the checkpoint's per-layer params for
   scan=True: mmjax.models.scan.match_blocks).
   """
-  m, run = config.model, runtime(config)
+  model_cfg, run = config.model, runtime(config)
   if converted is not None:
-    image = dict(converted["image"], patch_dropout=m.image.patch_dropout, **run)
-    if m.image.norm is not None:   # e.g. 'batch': fine-tune an open_clip RN's BatchNorm
+    image = dict(converted["image"], patch_dropout=model_cfg.image.patch_dropout, **run)
+    if model_cfg.image.norm is not None:   # e.g. 'batch': fine-tune an open_clip RN's BatchNorm
       if not image_lib.is_resnet(image):
-        raise ValueError(f"config.model.image.norm={m.image.norm!r}: the checkpoint's image "
-                         "tower is a ViT, which has no such field")
-      image["norm"] = m.image.norm
+        raise ValueError(f"config.model.image.norm={model_cfg.image.norm!r}: the checkpoint's "
+                         "image tower is a ViT, which has no such field")
+      image["norm"] = model_cfg.image.norm
     return two_tower.Model(
         image=image, text=dict(converted["text"], **run),
         **{k: v for k, v in converted.items() if k not in ("image", "text")}, **dtypes(config))
@@ -65,28 +66,28 @@ def two_tower_model(config: ml_collections.ConfigDict, vocab_size: int, *, loss:
   image_proj = "dense"
   if image_lib.is_resnet(image) and resnet.pool_type(image) == "attn":
     # CLIP's ResNet: the attention pool's output projection is the one to embed_dim.
-    image, image_proj = dict(image, output_dim=m.embed_dim), "none"
+    image, image_proj = dict(image, output_dim=model_cfg.embed_dim), "none"
   return two_tower.TwoTower(
       image=image, image_proj=image_proj,
       text=tower_config(config, "text", vocab_size=vocab_size, max_len=config.data.text_len),
-      embed_dim=m.embed_dim, **two_tower.inits(loss, m.temperature_init, m.bias_init),
-      **dtypes(config))
+      embed_dim=model_cfg.embed_dim,
+      **two_tower.inits(loss, model_cfg.temperature_init, model_cfg.bias_init), **dtypes(config))
 
 
 def coca_model(config: ml_collections.ConfigDict, vocab_size: int) -> coca.CoCa:
   """The CoCa model of config.model (towers) and config.coca (decoder, pooler, text ids)."""
-  m, c = config.model, config.coca
-  image = tower_config(config, "image", pool_type=m.image.pool_type or "none")
+  model_cfg, coca_cfg = config.model, config.coca
+  image = tower_config(config, "image", pool_type=model_cfg.image.pool_type or "none")
   try:
-    dims = vit.dims(m.text.variant, decode=text_lib.decode_variant,
-                    **{k: m.text[k] for k in ("width", "depth", "mlp_dim", "num_heads")})
+    dims = vit.dims(model_cfg.text.variant, decode=text_lib.decode_variant,
+                    **{k: model_cfg.text[k] for k in ("width", "depth", "mlp_dim", "num_heads")})
   except ValueError as e:
     raise ValueError(f"config.model.text.{e}") from None
-  text = dict(dims, vocab_size=vocab_size, pad_id=0, correct_cls_mask=c.correct_cls_mask,
-              max_len=config.data.text_len + (c.bos_id is not None), **runtime(config))
-  decoder = dict(depth=c.decoder_depth, num_heads=c.decoder_heads or dims["num_heads"],
-                 mlp_dim=dims["mlp_dim"])
-  return coca.Model(image=image, text=text, decoder=decoder, embed_dim=m.embed_dim,
-                    n_queries=c.n_queries, pool_heads=c.pool_heads,
-                    bos_id=c.bos_id, itm=c.itm_weight > 0, temperature_init=m.temperature_init,
-                    **dtypes(config))
+  text = dict(dims, vocab_size=vocab_size, pad_id=0, correct_cls_mask=coca_cfg.correct_cls_mask,
+              max_len=config.data.text_len + (coca_cfg.bos_id is not None), **runtime(config))
+  decoder = dict(depth=coca_cfg.decoder_depth,
+                 num_heads=coca_cfg.decoder_heads or dims["num_heads"], mlp_dim=dims["mlp_dim"])
+  return coca.Model(image=image, text=text, decoder=decoder, embed_dim=model_cfg.embed_dim,
+                    n_queries=coca_cfg.n_queries, pool_heads=coca_cfg.pool_heads,
+                    bos_id=coca_cfg.bos_id, itm=coca_cfg.itm_weight > 0,
+                    temperature_init=model_cfg.temperature_init, **dtypes(config))

@@ -35,18 +35,19 @@ class CatLIP(Objective):
 
   @classmethod
   def check_config(cls, config):
-    c = config.model.catlip
-    if c.labels not in catlip_vocab.LABELS:
+    settings = config.model.catlip
+    if settings.labels not in catlip_vocab.LABELS:
       raise ValueError(f"config.model.catlip.labels must be one of {catlip_vocab.LABELS}; "
-                       f"got {c.labels!r}")
-    if c.stop_words not in ("sklearn", "none"):
+                       f"got {settings.labels!r}")
+    if settings.stop_words not in ("sklearn", "none"):
       raise ValueError(f"config.model.catlip.stop_words must be 'sklearn' or 'none'; "
-                       f"got {c.stop_words!r}")
-    if isinstance(c.keep_words, str) or not all(isinstance(w, str) for w in c.keep_words):
+                       f"got {settings.stop_words!r}")
+    words = settings.keep_words
+    if isinstance(words, str) or not all(isinstance(w, str) for w in words):
       raise ValueError(f"config.model.catlip.keep_words must be a tuple of words; "
-                       f"got {c.keep_words!r}")
+                       f"got {settings.keep_words!r}")
     for key, low in (("min_count", 1), ("max_labels", 0)):
-      v = c[key]
+      v = settings[key]
       if not isinstance(v, int) or isinstance(v, bool) or v < low:
         raise ValueError(f"config.model.catlip.{key} must be an int >= {low}; got {v!r}")
     if config.data.name == "wds":
@@ -65,11 +66,12 @@ class CatLIP(Objective):
     if context.train_texts is None:
       raise ValueError("config.loss='catlip' builds its labels from the training captions: "
                        "pass Context(train_texts=...)")
-    c = config.model.catlip
+    settings = config.model.catlip
     vocab = catlip_vocab.build_vocabulary(
-        context.train_texts(), labels=c.labels,
-        stop_words=() if c.stop_words == "none" else c.stop_words,
-        keep_words=tuple(c.keep_words), min_count=c.min_count, max_labels=c.max_labels)
+        context.train_texts(), labels=settings.labels,
+        stop_words=() if settings.stop_words == "none" else settings.stop_words,
+        keep_words=tuple(settings.keep_words), min_count=settings.min_count,
+        max_labels=settings.max_labels)
     if jax.process_index() == 0:
       print(f"mmjax: CatLIP: {len(vocab)} labels from the training captions, most frequent "
             f"{', '.join(vocab.labels[:8])}", flush=True)

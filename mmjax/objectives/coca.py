@@ -43,16 +43,16 @@ class CoCa(Objective):
 
   @classmethod
   def check_config(cls, config):
-    c = config.coca
+    settings = config.coca
     for key in ("contrastive_weight", "caption_weight", "itm_weight"):
-      if not c[key] >= 0:
-        raise ValueError(f"config.coca.{key} must be >= 0; got {c[key]!r}")
-    if not 0.0 <= c.label_smoothing < 1.0:
+      if not settings[key] >= 0:
+        raise ValueError(f"config.coca.{key} must be >= 0; got {settings[key]!r}")
+    if not 0.0 <= settings.label_smoothing < 1.0:
       raise ValueError(f"config.coca.label_smoothing must be in [0, 1); got "
-                       f"{c.label_smoothing!r}")
+                       f"{settings.label_smoothing!r}")
     for key, least in (("decoder_depth", 1), ("n_queries", 2), ("eval_beams", 1),
                        ("rerank_k", 1)):
-      value = c[key]
+      value = settings[key]
       if not isinstance(value, int) or isinstance(value, bool) or value < least:
         raise ValueError(f"config.coca.{key} must be an int >= {least}; got {value!r}")
 
@@ -66,7 +66,7 @@ class CoCa(Objective):
 
   def losses(self, params, batch, rng, batch_stats=None) -> tuple[jax.Array, dict]:
     """(the weighted total, {'contrastive_loss', 'caption_loss'[, 'itm_loss'], 'scale'})."""
-    c, model = self.settings, self.model
+    settings, model = self.settings, self.model
     r_drop, r_txt, r_img = jax.random.split(rng, 3)
     kw = dict(train=True, rngs={"dropout": r_drop})
     (zimg, ztxt, out), stats = train_apply(model, params, batch["image"], batch["text"],
@@ -74,10 +74,10 @@ class CoCa(Objective):
     parts = {"contrastive_loss": clip_loss(zimg, ztxt, out["scale"]),
              "caption_loss": caption_loss(out["logits"], out["labels"],
                                           pad_id=model.text["pad_id"],
-                                          label_smoothing=c.label_smoothing)}
-    total = (c.contrastive_weight * parts["contrastive_loss"]
-             + c.caption_weight * parts["caption_loss"])
-    if c.itm_weight > 0:
+                                          label_smoothing=settings.label_smoothing)}
+    total = (settings.contrastive_weight * parts["contrastive_loss"]
+             + settings.caption_weight * parts["caption_loss"])
+    if settings.itm_weight > 0:
       text = batch["text"]
       # Never a negative: the pair itself, or an identical caption (digits repeat them).
       exclude = (text[:, None, :] == text[None, :, :]).all(-1)
@@ -95,7 +95,7 @@ class CoCa(Objective):
                            method="itm_logits")
       n = text.shape[0]
       parts["itm_loss"] = itm_loss(logits, jnp.arange(3 * n) < n)
-      total = total + c.itm_weight * parts["itm_loss"]
+      total = total + settings.itm_weight * parts["itm_loss"]
     return total, with_stats({**parts, "scale": out["scale"]}, stats)
 
   def grad_fn(self, params, ema, batch, rng, batch_stats=None):
@@ -112,14 +112,15 @@ class CoCa(Objective):
   def captioner(self, first=None):
     """The best beam, start token dropped, padding after EOS, jitted; first: the start token
     when the model prepends none (config.coca.bos_id=None: the texts' own, CLIP's SOT)."""
-    c = self.settings
-    gen = coca.make_generate(self.model, max_len=self.model.text["max_len"], eos_id=c.eos_id,
-                             beams=c.eval_beams, length_penalty=c.eval_length_penalty,
-                             first=first if c.bos_id is None else c.bos_id)
+    settings = self.settings
+    gen = coca.make_generate(self.model, max_len=self.model.text["max_len"],
+                             eos_id=settings.eos_id, beams=settings.eval_beams,
+                             length_penalty=settings.eval_length_penalty,
+                             first=first if settings.bos_id is None else settings.bos_id)
 
     def captions(variables, image):
       seqs = gen(variables["params"], image, variables.get("batch_stats"))[0][:, 0, 1:]
-      return seqs[:, :self.text_len] if c.bos_id is not None else seqs
+      return seqs[:, :self.text_len] if settings.bos_id is not None else seqs
     return captions
 
   def reranker(self):

@@ -23,10 +23,10 @@ class MoCo(Objective):
                 momentum=0.99)   # EMA momentum at step 0, rising to 1 (cosine)
 
   def __init__(self, config: ml_collections.ConfigDict, context: Context):
-    c = dict(config.model.moco)
-    self.temperature, self.base_momentum = c.pop("temperature"), c.pop("momentum")
+    heads = dict(config.model.moco)   # the rest: the projector's and predictor's sizes
+    self.temperature, self.base_momentum = heads.pop("temperature"), heads.pop("momentum")
     self.total_steps = config.total_steps
-    self.model = moco.MoCo(image=factory.tower_config(config, "image"), **c,
+    self.model = moco.MoCo(image=factory.tower_config(config, "image"), **heads,
                            **factory.dtypes(config))
 
   def init_variables(self, rng, batch):
@@ -36,8 +36,8 @@ class MoCo(Objective):
     return {k: params[k] for k in moco.EMA_KEYS}
 
   def ema_update(self, ema, params, step):
-    m = moco.momentum(step, self.total_steps, self.base_momentum)
-    return jax.tree.map(lambda e, p: m * e + (1.0 - m) * p, ema,
+    momentum = moco.momentum(step, self.total_steps, self.base_momentum)
+    return jax.tree.map(lambda e, p: momentum * e + (1.0 - momentum) * p, ema,
                         {k: params[k] for k in moco.EMA_KEYS})
 
   def grad_fn(self, params, ema, batch, rng, batch_stats=None):

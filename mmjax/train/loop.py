@@ -33,7 +33,7 @@ from mmjax.train import optimizer
 from mmjax.train import sharding
 from mmjax.train import state as state_lib
 from mmjax.train.metrics import MetricWriter, plot_curves
-from mmjax.train.monitor import NonFiniteError  # noqa: F401  (raised by run; the launcher catches it)
+from mmjax.train.monitor import NonFiniteError  # noqa: F401  (run raises it; launchers catch it)
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 
@@ -392,9 +392,9 @@ def run(built: Run, workdir: str, *, callbacks: Sequence[Callable[[int, dict], N
         last_saved = step
       if step % config.log_every == 0 or step == config.total_steps:
         guard.flush()
-        m = _log_row(metrics, speed, data_iter, guard)
-        writer.write(step, m)
-        bar.set_postfix(loss=f"{m['loss']:.4f}", ex_s=f"{m['examples_per_sec']:.0f}")
+        row = _log_row(metrics, speed, data_iter, guard)
+        writer.write(step, row)
+        bar.set_postfix(loss=f"{row['loss']:.4f}", ex_s=f"{row['examples_per_sec']:.0f}")
       bar.update(1)
       due = built.evaluator.due(step, config.total_steps) if step != config.total_steps else []
       if due:   # each evaluator on its own schedule (config.evals); the final one runs all
@@ -439,12 +439,12 @@ def _step_fn(built: Run):
 def _log_row(metrics: dict, speed: monitor.Speed, data_iter, guard: monitor.Guard) -> dict:
   """A metrics.jsonl row: the step's metrics as floats, examples/s since the last row, the
   input pipeline's counters and (nan_policy 'skip') the steps skipped so far."""
-  m = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "finite"}
-  m["examples_per_sec"] = speed.interval()
-  m.update(_data_metrics(data_iter))
+  row = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "finite"}
+  row["examples_per_sec"] = speed.interval()
+  row.update(_data_metrics(data_iter))
   if guard.policy == "skip":
-    m["skipped_steps"] = guard.skipped
-  return m
+    row["skipped_steps"] = guard.skipped
+  return row
 
 
 def _write_results(writer: MetricWriter, workdir: str, step: int, final: dict,

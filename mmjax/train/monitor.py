@@ -66,7 +66,8 @@ class Guard:
     if bool(metrics["finite"]):
       self.in_a_row = 0
       return
-    m = {k: float(v) for k, v in jax.device_get(metrics).items() if k in ("loss", "lr", "grad_norm")}
+    keys = ("loss", "lr", "grad_norm")
+    m = {k: float(v) for k, v in jax.device_get(metrics).items() if k in keys}
     bad = "loss" if not np.isfinite(m["loss"]) else "grad_norm"
     others = ", ".join(f"{k} {m[k]:.4g}" for k in ("loss", "lr", "grad_norm") if k != bad)
     what = f"{bad} is {m[bad]} at step {step} ({others})"
