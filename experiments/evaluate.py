@@ -159,4 +159,6 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
   hostmem.keep_freed_memory()   # process-wide malloc tuning, before JAX starts: mmjax/hostmem.py
+  from mmjax.data import pipeline   # after the malloc tuning: it imports TFDS
+  pipeline.quiet_tfds_noise()   # process-wide logging, the launcher's to set
   sys.exit(main())

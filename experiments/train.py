@@ -50,7 +50,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-  from mmjax.train import loop  # after flag parsing: a bad flag fails fast
+  from mmjax.data import pipeline   # after flag parsing: a bad flag fails fast
+  from mmjax.train import loop
+  pipeline.quiet_tfds_noise()
   try:
     loop.train(flags.FLAGS.config, flags.FLAGS.workdir)
   except (ValueError, loop.NonFiniteError) as e:

@@ -314,3 +314,23 @@ def test_core_dependencies_match_the_blocked_imports():
         missing.append(f"{extra}: {dist} imports as {sorted(names.get(dist, ['?']))}, not in "
                        "BLOCKED")
   assert not missing, "\n".join(missing)
+
+
+def test_importing_mmjax_adds_no_logging_filter():
+  """Logging is process-wide too: importing every mmjax module adds no filter to the root or
+  absl loggers (the launchers quiet TFDS themselves: pipeline.quiet_tfds_noise). (Handlers are
+  not compared: grain adds a root handler when it is imported.)"""
+  code = (
+      "import importlib, logging, pkgutil, mmjax\n"
+      "names = ('', 'absl')\n"
+      "before = {n: list(logging.getLogger(n).filters) for n in names}\n"
+      "for m in pkgutil.walk_packages(mmjax.__path__, 'mmjax.'):\n"
+      "  importlib.import_module(m.name)\n"
+      "after = {n: list(logging.getLogger(n).filters) for n in names}\n"
+      "assert before == after, (before, after)\n"
+      "from mmjax.data import pipeline\n"
+      "pipeline.quiet_tfds_noise(); pipeline.quiet_tfds_noise()\n"
+      "assert len(logging.getLogger('absl').filters) == 1\n")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       cwd=ROOT, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]

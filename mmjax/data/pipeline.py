@@ -46,7 +46,12 @@ class _TfdsNoise(logging.Filter):
                 and any(n in record.getMessage() for n in self.NOISE))
 
 
-logging.getLogger("absl").addFilter(_TfdsNoise())
+def quiet_tfds_noise() -> None:
+  """Drops those two warnings from absl's logger, for the whole process: the launchers call it
+  (importing mmjax changes no logging)."""
+  logger = logging.getLogger("absl")
+  if not any(isinstance(f, _TfdsNoise) for f in logger.filters):
+    logger.addFilter(_TfdsNoise())
 
 
 def prepare(builder: tfds.core.DatasetBuilder) -> None:
