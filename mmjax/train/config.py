@@ -34,6 +34,77 @@ def _tower_overrides() -> dict:
               num_heads=placeholder(int))
 
 
+def _data_defaults() -> ml_collections.ConfigDict:
+  """config.data: what is read and how."""
+  return ml_collections.ConfigDict(dict(
+      name="mmjax_digits",
+      data_dir=placeholder(str),         # None: $MMJAX_DATA_DIR or ~/.cache/mmjax/datasets
+      train_split="train",
+      eval_split="test",
+      image_key="image",
+      text_key="text",
+      label_key="label",
+      image_size=32,
+      text_len=16,
+      vocab_size=512,         # includes 256 byte-fallback pieces
+      # A trained BPE model file ('trained:PATH'); None: trained on the training captions and
+      # cached as <data_dir>/<name>/tokenizer-bpe-v<vocab_size>.model.
+      tokenizer_path=placeholder(str),
+      # A mmjax.data.tokenizers.get_tokenizer spec ('clip', 'sentencepiece:/path.model',
+      # 'gemma:/path', 'hf:/tokenizer.json', 'trained:/path.model') in place of the trained
+      # one; None: the init_from.checkpoint's own, else the trained sentencepiece.
+      tokenizer=placeholder(str),
+      augment=True,
+      crop_scale_min=0.6,
+      flip=False,             # flips turn a 2 into a mirrored 2: off for digits
+      num_workers=0,          # grain worker processes decoding and augmenting
+      # name='wds': webdataset tar shards (img2dataset's layout), mmjax.data.wds_pipeline.
+      # shards / eval_shards: brace ranges '/data/cc3m/{00000..00331}.tar', a glob or a
+      # file listing paths; the evaluation shards need captions (retrieval) and, for
+      # zero-shot, class labels ('cls') with classnames (a file; None: a classnames.txt
+      # beside eval_shards or in their parent folder, CLIP_benchmark's layout).
+      shards=placeholder(str),
+      eval_shards=placeholder(str),
+      classnames=placeholder(str),
+      image_ext="jpg;png;webp;jpeg",   # the first of these a sample has is its image
+      text_ext="txt",
+      label_ext="cls",
+      streams=0,              # the global batch's parts, each from its own shards; 0: one per
+                              # process (a fixed number makes the batches independent of it)
+      shuffle_buffer=2000,    # raw samples shuffled together, per stream and worker
+      shard_cycle=4,          # shards each stream (and worker) reads at once, interleaved
+      max_skip_fraction=0.5,  # a run whose bad samples and shards exceed this share stops
+  ))
+
+
+def _model_defaults() -> ml_collections.ConfigDict:
+  """config.model: the towers, the shared embedding, the runtime settings."""
+  return ml_collections.ConfigDict(dict(
+      embed_dim=128,
+      dtype="float32",        # compute dtype: 'float32' | 'bfloat16'
+      param_dtype="float32",
+      remat=False,            # recompute each encoder block's activations in the backward pass
+      remat_policy=placeholder(str),  # what remat keeps (layers.REMAT_POLICIES); implies remat
+      scan=False,             # encoder blocks under nn.scan: params encoder/blocks, a [depth] axis
+      attention_impl="auto",  # 'auto' (per platform, when lowered) | 'xla' | 'blockwise' | 'pallas'
+      temperature_init=placeholder(float),  # None: CLIP 1/0.07, SigLIP 10
+      bias_init=placeholder(float),  # None: SigLIP -10
+      # Unset (None) fields take the model's default (vit.ViT, text.TextTransformer:
+      # image pool_type 'map', posemb 'sincos2d'; text pool_type 'last', causal False).
+      image=dict(variant="Ti/4", pool_type=placeholder(str), posemb=placeholder(str),
+                 patch_size=placeholder(int),
+                 patch_dropout=0.0,   # FLIP: share of patch tokens dropped at train time
+                 # ResNet towers (variant 'RN50' .. 'RN50x64', 'BiT-R50x1': mmjax.models.resnet):
+                 # layers, 4 stage depths; norm 'group' | 'batch' (BatchNorm, running
+                 # statistics kept) | 'frozen_bn'; width the stem's, num_heads the attention
+                 # pool's; pool_type 'attn' | 'gap' | 'none'. With init_from.checkpoint an
+                 # open_clip RN's BatchNorm is 'frozen_bn' unless norm says 'batch'.
+                 layers=placeholder(tuple), norm=placeholder(str),
+                 **_tower_overrides()),
+      text=dict(variant="Ti", pool_type=placeholder(str), causal=placeholder(bool),
+                **_tower_overrides()),
+  ))
+
 def defaults() -> ml_collections.ConfigDict:
   """Every config key the trainer understands, with its default value."""
   c = ml_collections.ConfigDict()
@@ -77,71 +148,9 @@ def defaults() -> ml_collections.ConfigDict:
   c.loss_impl = "global"
   c.loss_blocks = "dense"
 
-  c.data = ml_collections.ConfigDict(dict(
-      name="mmjax_digits",
-      data_dir=placeholder(str),         # None: $MMJAX_DATA_DIR or ~/.cache/mmjax/datasets
-      train_split="train",
-      eval_split="test",
-      image_key="image",
-      text_key="text",
-      label_key="label",
-      image_size=32,
-      text_len=16,
-      vocab_size=512,         # includes 256 byte-fallback pieces
-      # A trained BPE model file ('trained:PATH'); None: trained on the training captions and
-      # cached as <data_dir>/<name>/tokenizer-bpe-v<vocab_size>.model.
-      tokenizer_path=placeholder(str),
-      # A mmjax.data.tokenizers.get_tokenizer spec ('clip', 'sentencepiece:/path.model',
-      # 'gemma:/path', 'hf:/tokenizer.json', 'trained:/path.model') in place of the trained
-      # one; None: the init_from.checkpoint's own, else the trained sentencepiece.
-      tokenizer=placeholder(str),
-      augment=True,
-      crop_scale_min=0.6,
-      flip=False,             # flips turn a 2 into a mirrored 2: off for digits
-      num_workers=0,          # grain worker processes decoding and augmenting
-      # name='wds': webdataset tar shards (img2dataset's layout), mmjax.data.wds_pipeline.
-      # shards / eval_shards: brace ranges '/data/cc3m/{00000..00331}.tar', a glob or a
-      # file listing paths; the evaluation shards need captions (retrieval) and, for
-      # zero-shot, class labels ('cls') with classnames (a file; None: a classnames.txt
-      # beside eval_shards or in their parent folder, CLIP_benchmark's layout).
-      shards=placeholder(str),
-      eval_shards=placeholder(str),
-      classnames=placeholder(str),
-      image_ext="jpg;png;webp;jpeg",   # the first of these a sample has is its image
-      text_ext="txt",
-      label_ext="cls",
-      streams=0,              # the global batch's parts, each from its own shards; 0: one per
-                              # process (a fixed number makes the batches independent of it)
-      shuffle_buffer=2000,    # raw samples shuffled together, per stream and worker
-      shard_cycle=4,          # shards each stream (and worker) reads at once, interleaved
-      max_skip_fraction=0.5,  # a run whose bad samples and shards exceed this share stops
-  ))
+  c.data = _data_defaults()
 
-  c.model = ml_collections.ConfigDict(dict(
-      embed_dim=128,
-      dtype="float32",        # compute dtype: 'float32' | 'bfloat16'
-      param_dtype="float32",
-      remat=False,            # recompute each encoder block's activations in the backward pass
-      remat_policy=placeholder(str),  # what remat keeps (layers.REMAT_POLICIES); implies remat
-      scan=False,             # encoder blocks under nn.scan: params encoder/blocks, a [depth] axis
-      attention_impl="auto",  # 'auto' (per platform, when lowered) | 'xla' | 'blockwise' | 'pallas'
-      temperature_init=placeholder(float),  # None: CLIP 1/0.07, SigLIP 10
-      bias_init=placeholder(float),  # None: SigLIP -10
-      # Unset (None) fields take the model's default (vit.ViT, text.TextTransformer:
-      # image pool_type 'map', posemb 'sincos2d'; text pool_type 'last', causal False).
-      image=dict(variant="Ti/4", pool_type=placeholder(str), posemb=placeholder(str),
-                 patch_size=placeholder(int),
-                 patch_dropout=0.0,   # FLIP: share of patch tokens dropped at train time
-                 # ResNet towers (variant 'RN50' .. 'RN50x64', 'BiT-R50x1': mmjax.models.resnet):
-                 # layers, 4 stage depths; norm 'group' | 'batch' (BatchNorm, running
-                 # statistics kept) | 'frozen_bn'; width the stem's, num_heads the attention
-                 # pool's; pool_type 'attn' | 'gap' | 'none'. With init_from.checkpoint an
-                 # open_clip RN's BatchNorm is 'frozen_bn' unless norm says 'batch'.
-                 layers=placeholder(tuple), norm=placeholder(str),
-                 **_tower_overrides()),
-      text=dict(variant="Ti", pool_type=placeholder(str), causal=placeholder(bool),
-                **_tower_overrides()),
-  ))
+  c.model = _model_defaults()
 
   c.optim = ml_collections.ConfigDict(dict(
       lr=1e-3,
