@@ -5,13 +5,16 @@ frozen labels.)"""
 
 import json
 import os
+import types
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from mmjax import convert
-from mmjax.train import checkpoint, loop
+from mmjax.train import checkpoint, init_from, loop
+from mmjax.train.state import TrainState
 from tests.configs import tiny_config
 from tests.open_clip_peer import save_tiny_hf_clip
 
@@ -89,3 +92,23 @@ def test_checkpoint_errors_name_the_field(data_dir, hf_clip, tmp_path):
     loop.train(cfg(data_dir, hf_clip, **{"data.tokenizer": "nonsense"}), str(tmp_path / "w"))
   with pytest.raises(ValueError, match="total_steps must be a non-negative int"):
     loop.train(cfg(data_dir, hf_clip, total_steps=-1), str(tmp_path / "v"))
+
+
+def test_from_checkpoint_takes_the_checkpoints_batch_norm_statistics_too(rng):
+  """init_from.from_checkpoint on a state with BatchNorm statistics: params and running
+  mean / var are the checkpoint's (cast to the run's float32), not the init's zeros / ones;
+  a checkpoint without statistics is refused."""
+  init = {"params": {"img": {"norm": {"scale": jnp.ones(3), "bias": jnp.zeros(3)}}},
+          "batch_stats": {"img": {"norm": {"mean": jnp.zeros(3), "var": jnp.ones(3)}}}}
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=init["params"], opt_state=(),
+                     rng=jax.random.PRNGKey(0), batch_stats=init["batch_stats"])
+  start = jax.tree.map(lambda a: rng.uniform(0.5, 2.0, size=a.shape), init)   # float64
+  shardings = types.SimpleNamespace(params=None, batch_stats=None)
+  got = init_from.from_checkpoint(state, start, shardings, "test:ckpt")
+  for key in ("params", "batch_stats"):
+    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(getattr(got, key)),
+                            jax.tree.leaves(start[key])):
+      assert g.dtype == jnp.float32, jax.tree_util.keystr(path)
+      np.testing.assert_array_equal(g, np.float32(w), err_msg=f"{key}{jax.tree_util.keystr(path)}")
+  with pytest.raises(ValueError, match="keeps BatchNorm statistics and the checkpoint has none"):
+    init_from.from_checkpoint(state, {"params": start["params"]}, shardings, "test:ckpt")

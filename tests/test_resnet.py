@@ -216,3 +216,70 @@ def test_batch_norm_on_8_devices_uses_the_global_batch(rng):
   assert len(pooled8.sharding.device_set) == 8
   (pooled1, _), stats1 = run(params, x)
   assert_close([pooled8, stats8], [pooled1, stats1], dtype=jnp.float32, name="8 devices vs 1")
+
+
+def test_batch_norm_init_at_train_time_leaves_the_running_stats_at_their_init(rng):
+  """init(..., train=True) makes the statistics (mean 0, var 1) without moving them by the
+  dummy batch it traces (Flax's is_initializing guard): a Norm and a whole tower."""
+  x = jnp.asarray(rng.normal(size=(3, 5, 4, 6)) * 2 + 3, jnp.float32)
+  stats = resnet.Norm("batch").init(jax.random.PRNGKey(0), x, True)["batch_stats"]
+  np.testing.assert_array_equal(stats["mean"], np.zeros(6, np.float32))
+  np.testing.assert_array_equal(stats["var"], np.ones(6, np.float32))
+  model = resnet.Model(**TINY, norm="batch")
+  image = jnp.asarray(rng.normal(size=(2, 32, 32, 3)) + 1, jnp.float32)
+  stats = jax.jit(lambda k, y: model.init(k, y, train=True))(jax.random.PRNGKey(0),
+                                                              image)["batch_stats"]
+  for path, leaf in jax.tree_util.tree_leaves_with_path(stats):
+    want = 1.0 if jax.tree_util.keystr(path).endswith("['var']") else 0.0
+    np.testing.assert_array_equal(leaf, np.full(leaf.shape, want, np.float32),
+                                  err_msg=jax.tree_util.keystr(path))
+
+
+def _np_stem_conv1(image, kernel):
+  """float64 stem_conv1: 3x3, stride 2, zero padding 1, NHWC x HWIO."""
+  x = np.pad(np.asarray(image, np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+  k = np.asarray(kernel, np.float64)
+  h, w = (x.shape[1] - 3) // 2 + 1, (x.shape[2] - 3) // 2 + 1
+  return sum(x[:, i:i + 2 * h:2, j:j + 2 * w:2] @ k[i, j] for i in range(3) for j in range(3))
+
+
+@pytest.mark.parametrize("loss", ["siglip", "moco", "catlip", "coca"])   # clip: as siglip
+def test_every_objective_moves_the_running_stats_it_is_given(loss, rng):
+  """norm='batch': grad_fn(..., batch_stats=S) returns 'batch_stats' 0.9 S + 0.1 x (the
+  batch's statistics): from two starts S1, S2 the moved ones differ by 0.9 (S2 - S1) at every
+  BatchNorm (so the objective passes the state's statistics in, not fresh ones), the loss is
+  the same (train time normalises by the batch), and the stem's first norm moved as float64
+  says, by the mean of the views' mean and unbiased variance (MoCo's two views)."""
+  c = _config(loss, norm="batch")
+  obj = objectives.make(c, vocab_size=64, train_texts=lambda: ["a cat", "a dog", "the cat"] * 5)
+  b, size = 4, c.data.image_size
+  batch = {"image": jnp.asarray(rng.uniform(-1, 1, size=(b, size, size, 3)), jnp.float32),
+           "image2": jnp.asarray(rng.uniform(-0.5, 1, size=(b, size, size, 3)), jnp.float32),
+           "text": jnp.asarray(rng.integers(1, 64, size=(b, c.data.text_len)), jnp.int32),
+           "targets": jnp.asarray(rng.integers(0, 2, size=(b, 2)), jnp.float32)}
+  batch = {k: batch[k] for k in obj.batch_keys}
+  variables = jax.jit(obj.init_variables)(jax.random.PRNGKey(0), batch)
+  params, s1 = variables["params"], variables["batch_stats"]
+  s2 = jax.tree.map(lambda a: jnp.asarray(rng.uniform(0.5, 2.0, size=a.shape), jnp.float32), s1)
+  ema = obj.ema_init(params)
+  run = jax.jit(lambda s: obj.grad_fn(params, ema, batch, jax.random.PRNGKey(1), batch_stats=s))
+  (l1, aux1), _ = run(s1)
+  (l2, aux2), _ = run(s2)
+  m1, m2 = aux1["batch_stats"], aux2["batch_stats"]
+  assert jax.tree.structure(m1) == jax.tree.structure(s1)
+  np.testing.assert_allclose(l2, l1, rtol=1e-6)
+  for (path, a1), a2, x1, x2 in zip(jax.tree_util.tree_leaves_with_path(m1), jax.tree.leaves(m2),
+                                    jax.tree.leaves(s1), jax.tree.leaves(s2)):
+    want = 0.9 * (np.asarray(x2, np.float64) - np.asarray(x1, np.float64))
+    assert_close(np.asarray(a2, np.float64) - np.asarray(a1, np.float64), want,
+                 dtype=jnp.float32, name=f"moved from S2 - from S1 {jax.tree_util.keystr(path)}")
+  views = [batch[k] for k in ("image", "image2") if k in batch]
+  y = [_np_stem_conv1(v, params["img"]["stem_conv1"]["kernel"]) for v in views]
+  n = y[0].size // y[0].shape[-1]
+  mean = np.mean([v.mean(axis=(0, 1, 2)) for v in y], axis=0)
+  var = np.mean([v.var(axis=(0, 1, 2)) * n / (n - 1) for v in y], axis=0)
+  s, m = s2["img"]["stem_norm1"], m2["img"]["stem_norm1"]
+  assert_close([m["mean"], m["var"]],
+               [0.9 * np.asarray(s["mean"], np.float64) + 0.1 * mean,
+                0.9 * np.asarray(s["var"], np.float64) + 0.1 * var],
+               dtype=jnp.float32, name=["stem_norm1 mean", "stem_norm1 var"])
