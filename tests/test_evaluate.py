@@ -615,3 +615,25 @@ def test_evaluator_probes_match_sklearn_on_its_features(rng, monkeypatch):
   weight = lambda dist: np.exp((1.0 - dist) / 0.07)
   clf = KNeighborsClassifier(n_neighbors=3, metric="cosine", weights=weight, algorithm="brute")
   assert out["knn_top1"] == np.mean(clf.fit(train_x, train_y).predict(test_x) == test_y)
+
+
+def test_templates_name_the_class_as_clip_benchmark_or_open_clip_do(rng):
+  """'{c}' (CLIP_benchmark: template.format(c=name), any number of times) and one '{}'
+  (open_clip's lists) fill in the same prompts, so the class embeddings are equal; anything
+  else is refused with the reason."""
+  from mmjax.data.prompts import fill_template, template_problem
+  assert fill_template("a photo of a {c}.", "cat") == fill_template("a photo of a {}.", "cat")
+  assert fill_template("{c}, a type of {c}", "cat") == "cat, a type of cat"
+  assert fill_template("{{literal}} {}", "cat") == "{literal} cat"
+  for bad, why in (("a photo", "no '{c}' or '{}'"), ("{c} or {}", "both"),
+                   ("{} and {}", "more than one"), ("a {name}", "fields ['name']"),
+                   ("a {c", "not a format string"), (3, "not a string")):
+    assert why in template_problem(bad), bad
+  assert template_problem("itap of a {c}.") is None and template_problem("{}") is None
+  proj = rng.normal(size=(64, 8))
+  encode = lambda texts: np.stack([proj[[ord(ch) % 64 for ch in t]].sum(0) for t in texts])
+  names = ["cat", "dog", "sea lion"]
+  np.testing.assert_array_equal(class_embeddings(encode, names, ["a {c}.", "{c} art"]),
+                                class_embeddings(encode, names, ["a {}.", "{} art"]))
+  with pytest.raises(ValueError, match=r"templates must be non-empty.*'a photo'"):
+    class_embeddings(encode, names, ["a photo"])

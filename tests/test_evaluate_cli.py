@@ -161,9 +161,10 @@ def test_errors_are_one_line_and_write_nothing(hf_clip, rng, tmp_path, capsys):
 
 def test_clip_benchmark_webdataset_layout_gives_the_image_folder_result(hf_clip, rng, tmp_path):
   """CLIP_benchmark's webdataset eval layout (<dir>/test/*.tar with KEY.webp and KEY.cls,
-  classnames.txt, zeroshot_classification_templates.txt): the same images, class names and
-  templates as an image folder give exactly the folder's metrics, the dataset's templates by
-  default; a retrieval shard set (txt captions) is read as one."""
+  classnames.txt, zeroshot_classification_templates.txt with its '{c}' templates): the same
+  images, class names and templates as an image folder (with '{}' templates) give exactly the
+  folder's metrics, the dataset's templates by default; a retrieval shard set (txt captions)
+  is read as one."""
   import io as io_
   from tests.wds_digits import write_tar
   root = image_folder(tmp_path / "val", rng, [2, 3, 1, 2, 2, 1])
@@ -173,7 +174,10 @@ def test_clip_benchmark_webdataset_layout_gives_the_image_folder_result(hf_clip,
   d = tmp_path / "wds_set"
   (d / "test").mkdir(parents=True)
   (d / "classnames.txt").write_text("\n".join(c.replace("_", " ") for c in folder.classes) + "\n")
-  (d / "zeroshot_classification_templates.txt").write_text("\n".join(templates) + "\n")
+  # CLIP_benchmark's own files name the class '{c}' (template.format(c=classname)).
+  clip_benchmark_templates = [t.replace("{}", "{c}") for t in templates]
+  (d / "zeroshot_classification_templates.txt").write_text(
+      "\n".join(clip_benchmark_templates) + "\n")
   items = folder.items
   for s, chunk in enumerate((items[:5], items[5:])):   # two shards
     samples = []
@@ -193,7 +197,7 @@ def test_clip_benchmark_webdataset_layout_gives_the_image_folder_result(hf_clip,
   assert outs["wds"]["metrics"]["n"] == len(items) and outs["wds"]["templates"] == "dataset"
   ds = eval_data.open_eval_set(f"wds:{d}")
   assert ds.class_names == [c.replace("_", " ") for c in folder.classes]
-  assert ds.templates == templates
+  assert ds.templates == clip_benchmark_templates
   # Captions instead of labels: a retrieval set, read through a shard spec.
   write_tar(tmp_path / "cap.tar", [(f"{i:04d}", {"png": open(path, "rb").read(),
                                                   "txt": f"caption {i}".encode()})

@@ -19,7 +19,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from mmjax.data import pipeline, wds, wds_pipeline
+from mmjax.data import pipeline, prompts, wds, wds_pipeline
 from mmjax.data.preprocess import ImagePrep
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -39,7 +39,8 @@ def imagenet_classnames() -> list[str]:
 
 
 def load_templates(spec: str) -> list[str]:
-  """'openai' (80), 'simple' (7) or a text file with one template per line, each with one '{}'."""
+  """'openai' (80), 'simple' (7) or a text file with one template per line, each naming the
+  class as '{c}' (CLIP_benchmark's) or '{}' (mmjax.evaluate.prompts.template_problem)."""
   if spec in TEMPLATE_SETS:
     out = _data_lines(TEMPLATE_SETS[spec])
   elif os.path.isfile(os.path.expanduser(spec)):
@@ -47,10 +48,11 @@ def load_templates(spec: str) -> list[str]:
       out = [line.strip() for line in f if line.strip()]
   else:
     raise ValueError(f"templates={spec!r}: not one of {sorted(TEMPLATE_SETS)} and not a file")
-  bad = [(i + 1, t) for i, t in enumerate(out) if t.count("{}") != 1]
+  bad = [(i + 1, t, prompts.template_problem(t)) for i, t in enumerate(out)
+         if prompts.template_problem(t)]
   if not out or bad:
-    raise ValueError(f"templates={spec!r}: each template needs exactly one '{{}}'; "
-                     f"bad lines: {bad[:3] or 'the file is empty'}")
+    raise ValueError(f"templates={spec!r}: each template names the class as '{{c}}' or '{{}}'; "
+                     f"bad lines (line, template, why): {bad[:3] or 'the file is empty'}")
   return out
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
+from mmjax.data import prompts
 from mmjax.evaluate import evaluators as registry
 from mmjax.evaluate.streaming import Split
 
@@ -33,11 +34,11 @@ def _check_option(where: str, key: str, value) -> None:
         "retrieval_match": lambda v: v in ("pair", "label"),
         "probe_shots": lambda v: isinstance(v, (tuple, list)) and all(_is_count(k, 1) for k in v),
         "templates": lambda v: v is None or (isinstance(v, (tuple, list)) and v and all(
-            isinstance(t, str) and t.count("{}") == 1 for t in v))}[key]
+            prompts.template_problem(t) is None for t in v))}[key]
   if not ok(value):
     want = {"batch_size": "a positive int", "knn_k": "a positive int",
             "retrieval_match": "'pair' or 'label'", "probe_shots": "a tuple of positive ints",
-            "templates": "None or a tuple of strings, each with one '{}'"}[key]
+            "templates": "None or a tuple of strings, each naming the class as '{c}' or '{}'"}[key]
     raise ValueError(f"{where}.{key} must be {want}; got {value!r}")
 
 

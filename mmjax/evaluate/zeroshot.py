@@ -6,6 +6,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from mmjax.data.prompts import fill_template, template_problem
 from mmjax.evaluate.checks import require_finite
 from mmjax.numerics import l2_normalize
 
@@ -18,17 +19,19 @@ def class_embeddings(encode_text: Callable[[Sequence[str]], np.ndarray],
   Args:
     encode_text: maps n strings to [n, d] text embeddings (L2-normalised).
     class_names: C names, e.g. ["zero", "one", ...].
-    templates: T prompt templates, each with one "{}" for the class name.
+    templates: T prompt templates: the class name as "{c}" (CLIP_benchmark's
+      `template.format(c=name)`, any number of times) or one "{}" (open_clip's lists).
 
   Returns:
     [C, d] float32, unit-norm rows.
   """
   if not class_names:
     raise ValueError("class_names is empty")
-  bad = [t for t in templates if t.count("{}") != 1]
+  bad = [(t, template_problem(t)) for t in templates if template_problem(t)]
   if not templates or bad:
-    raise ValueError(f"templates must be non-empty, each with exactly one '{{}}'; bad: {bad}")
-  prompts = [t.format(c) for c in class_names for t in templates]
+    raise ValueError(f"templates must be non-empty, each with the class name as '{{c}}' or "
+                     f"'{{}}'; bad: {bad[:3]}")
+  prompts = [fill_template(t, c) for c in class_names for t in templates]
   emb = np.asarray(encode_text(prompts), np.float32)
   emb = l2_normalize(emb).reshape(len(class_names), len(templates), -1).mean(1)
   return l2_normalize(emb)
