@@ -119,6 +119,12 @@ def test_impl_and_axis_name_must_agree():
     siglip_loss(x, x, 1.0, 0.0, axis_name="data")
   with pytest.raises(ValueError, match="siglip_loss only"):
     clip_loss(x, x, 1.0, impl="ring_bidir", axis_name="data")
+  # A sharded impl outside shard_map: one line saying so, not JAX's unbound-axis message.
+  for loss, args, impl in ((siglip_loss, (x, x, 1.0, 0.0), "ring_bidir"),
+                           (clip_loss, (x, x, 1.0), "gather"), (clip_loss, (x, x, 1.0), "ring")):
+    with pytest.raises(ValueError, match=rf"impl='{impl}': axis_name='data' is not a mapped "
+                                         r"axis here; call the loss inside shard_map"):
+      loss(*args, impl=impl, axis_name="data")
 
 
 @pytest.mark.parametrize("name,impl", CASES)

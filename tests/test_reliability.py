@@ -336,3 +336,20 @@ def test_evaluators_refuse_non_finite_embeddings(rng):
   with pytest.raises(ValueError, match=r"linear_probe_accuracy: 3 of 30 rows of test_x"):
     linear_probe_accuracy(good, labels, bad, labels)
   assert 0 <= retrieval_recall(good, good)["i2t_r1"] <= 1
+
+
+def test_tilde_paths_expand_in_the_equals_form_too(tmp_path):
+  """`--workdir=~/run` (the shell expands `~` only at the start of a word, so it arrives
+  unexpanded) writes to $HOME/run, as `--workdir ~/run` and config.data.data_dir do, not to a
+  literal ./~/run."""
+  home, cwd = tmp_path / "home", tmp_path / "cwd"
+  home.mkdir()
+  cwd.mkdir()
+  flags = _tiny_flags("~/data", "unused", "--config.total_steps=2",
+                      "--config.optim.warmup_steps=1")
+  i = flags.index("--workdir")
+  flags[i:i + 2] = ["--workdir=~/run"]
+  proc = _launch(*flags, env={"HOME": str(home), "PYTHONPATH": ROOT}, cwd=cwd)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert (home / "run" / "results.json").exists() and (home / "data").is_dir()
+  assert not (cwd / "~").exists()

@@ -56,6 +56,13 @@ def _dispatch(img_emb, txt_emb, impl: str, axis_name, blocks, block) -> Blocks:
   if impl in _SHARDED and axis_name is None:
     raise ValueError(f"impl={impl!r} needs an axis_name (got axis_name=None); "
                      "sharded impls run inside shard_map/pmap")
+  if impl in _SHARDED:
+    try:   # bound only inside shard_map / pmap over it; JAX's own error would not say so
+      jax.lax.axis_size(axis_name)
+    except NameError:
+      raise ValueError(f"impl={impl!r}: axis_name={axis_name!r} is not a mapped axis here; "
+                       "call the loss inside shard_map (or pmap) over that mesh axis, or use "
+                       "impl='global'") from None
   if isinstance(blocks, Blocks):
     if block is not None:
       raise ValueError(f"block={block!r} goes into the Blocks value when blocks= is one")
@@ -115,10 +122,10 @@ def clip_loss(img_emb: jax.Array, txt_emb: jax.Array, scale, *, impl: str = "glo
   Returns:
     float32 scalar: the loss of the whole (global) batch.
   """
-  blocks = _dispatch(img_emb, txt_emb, impl, axis_name, blocks, block)
-  _check_scalar("scale", scale)
   if impl == "ring_bidir":
     raise ValueError("impl='ring_bidir' is implemented for siglip_loss only; use impl='ring'")
+  blocks = _dispatch(img_emb, txt_emb, impl, axis_name, blocks, block)
+  _check_scalar("scale", scale)
   if impl == "gather":
     return distributed.clip_gather(img_emb, txt_emb, scale, axis_name=axis_name)
   if impl == "ring":

@@ -151,7 +151,7 @@ def load_variables(workdir: str, step: int | None = None) -> tuple[dict, int]:
   For initialising from a pretrained run (config.init_from); reads the state
   item without a target, so the other run's model need not be built.
   """
-  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  directory = os.path.join(os.path.abspath(os.path.expanduser(workdir)), "checkpoints")
   if not os.path.isdir(directory):
     raise ValueError(f"config.init_from.workdir={workdir!r} has no checkpoints/ directory")
   with ocp.CheckpointManager(directory) as manager:

@@ -353,6 +353,7 @@ def run(built: Run, workdir: str, *, callbacks: Sequence[Callable[[int, dict], N
   check_finished=False: the caller has just checked (train does, before building).
   """
   config, data_iter = built.config, built.data_iter
+  workdir = os.path.expanduser(workdir)   # '~' as the shell would, in every form it arrives
   done = _finished(workdir, config.total_steps) if check_finished else None
   if done is not None:
     return done
@@ -473,6 +474,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   device arrays; converting them syncs).
   """
   config_lib.validate(config)   # once per launch, as the finished-workdir check
+  workdir = os.path.expanduser(workdir)
   done = _finished(workdir, config.total_steps)
   if done is not None:
     return done
