@@ -146,15 +146,31 @@ def main(argv=None) -> int:
     print(f"mmjax: error: {e}", file=sys.stderr)
     return 1
   text = json.dumps(result, indent=2)
+  print(text, flush=True)   # first: a file that cannot be written must not cost the result
   if a.output:
-    path = os.path.expanduser(a.output)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-      f.write(text + "\n")
-    os.replace(tmp, path)
-  print(text)
+    try:
+      write_atomically(os.path.expanduser(a.output), text + "\n")
+    except OSError as e:
+      print(f"mmjax: error: --output {a.output}: {e.strerror or e}", file=sys.stderr)
+      return 1
   return 0
+
+
+def write_atomically(path: str, text: str) -> None:
+  """Writes text to path (its folders made) through a temporary file beside it and os.replace:
+  path holds the old or the new text, never a part; the temporary file is removed on failure."""
+  parent = os.path.dirname(os.path.abspath(path))
+  if not os.path.lexists(parent):   # a file there: open() below says 'Not a directory'
+    os.makedirs(parent, exist_ok=True)
+  tmp = f"{path}.tmp{os.getpid()}"
+  try:
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.write(text)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.lexists(tmp):
+      os.remove(tmp)
+    raise
 
 
 if __name__ == "__main__":

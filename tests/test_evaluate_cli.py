@@ -159,6 +159,33 @@ def test_errors_are_one_line_and_write_nothing(hf_clip, rng, tmp_path, capsys):
 
 
 
+def test_unwritable_output_keeps_the_result_on_stdout(hf_clip, rng, tmp_path, capsys,
+                                                     monkeypatch):
+  """--output whose parent is a regular file, or an existing folder: the finished result is on
+  stdout, then one line `mmjax: error: --output PATH: reason` and exit 1, no temporary file
+  left. '~' in --output is the home folder."""
+  root = image_folder(tmp_path / "val", rng, [1] * 6)
+  (tmp_path / "afile").write_text("a regular file")
+  (tmp_path / "adir").mkdir()
+  run = lambda out: cli.main(["--checkpoint", f"hf:{hf_clip}", "--dataset", f"folder:{root}",
+                              "--templates", "simple", "--output", out, "--no_progress"])
+  for out in (tmp_path / "afile" / "r.json", tmp_path / "adir"):
+    code = run(str(out))
+    got = capsys.readouterr()
+    assert code == 1, out
+    assert got.err.startswith(f"mmjax: error: --output {out}: ") and got.err.count("\n") == 1
+    result = json.loads(got.out)
+    assert result["task"] == "zeroshot_classification" and result["metrics"]["n"] == 6
+    assert not list(tmp_path.rglob("*.tmp*")), out
+  assert (tmp_path / "afile").read_text() == "a regular file"
+  assert list((tmp_path / "adir").iterdir()) == []
+  monkeypatch.setenv("HOME", str(tmp_path / "home"))
+  assert run("~/evals/r.json") == 0
+  assert json.loads((tmp_path / "home" / "evals" / "r.json").read_text()) == json.loads(
+      capsys.readouterr().out)
+  assert not list(tmp_path.rglob("*.tmp*"))
+
+
 def test_clip_benchmark_webdataset_layout_gives_the_image_folder_result(hf_clip, rng, tmp_path):
   """CLIP_benchmark's webdataset eval layout (<dir>/test/*.tar with KEY.webp and KEY.cls,
   classnames.txt, zeroshot_classification_templates.txt with its '{c}' templates): the same

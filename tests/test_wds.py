@@ -3,6 +3,9 @@ itself; the shard specs (brace ranges, globs, list files); errors."""
 
 import csv
 import io
+import json
+import os
+import re
 
 import numpy as np
 import pytest
@@ -48,7 +51,7 @@ def test_shards_read_back_with_webdataset(rng, tmp_path):
       ext = "png" if i % 3 else "jpg"
       assert s[ext] == (tmp_path / "pics" / rows[i]["image"]).read_bytes()
       assert s["txt"].decode() == rows[i]["caption"]
-      meta = __import__("json").loads(s["json"])
+      meta = json.loads(s["json"])
       assert meta == {"image": rows[i]["image"], "caption": rows[i]["caption"], "row": i}
       assert Image.open(io.BytesIO(s[ext])).size[0] > 0
   # The same inputs write the same bytes.
@@ -86,6 +89,74 @@ def test_writer_errors_name_the_row_and_write_nothing(rng, tmp_path):
   assert wds.write_shards(str(good), str(tmp_path / "t"), overwrite=True)["train"]
   with pytest.raises(ValueError, match="shard_size=0 must be a positive int"):
     wds.write_shards(str(good), str(tmp_path / "u"), shard_size=0)
+
+
+def _tree(root):
+  """{relative path: bytes} of every file under root (None for a folder)."""
+  out = {}
+  for dirpath, dirs, files in os.walk(root):
+    out.update({os.path.relpath(os.path.join(dirpath, d), root): None for d in dirs})
+    for f in files:
+      with open(os.path.join(dirpath, f), "rb") as fh:
+        out[os.path.relpath(fh.name, root)] = fh.read()
+  return out
+
+
+def test_writer_refuses_split_names_that_are_not_plain_folder_names(rng, tmp_path):
+  """A split is a folder under out_dir: '..', '../x', an absolute path, 'a/b', '.', '' (beside
+  rows with a split), surrounding spaces or a non-string raise one ValueError naming the split,
+  the row and the file; overwrite=True then deletes nothing, inside out_dir or beside it. A bad
+  label with overwrite=True deletes nothing either (rows are checked before any rmtree)."""
+  root = tmp_path / "root"
+  out = root / "out"
+  captions, rows = captions_folder(tmp_path / "pics", rng, n=5)
+  wds.write_shards(str(captions), str(out), shard_size=2)
+  (root / "keep.txt").write_text("a sibling of out_dir")
+  (root / "x").mkdir()
+  (root / "x" / "keep.txt").write_text("in a sibling folder")
+  (root / "abs").mkdir()
+  (root / "abs" / "keep.txt").write_text("named by an absolute split")
+  before = _tree(root)
+  bad = ["..", "../x", str(root / "abs"), "a/b", ".", "", " train", "train\n", 3]
+  for split in bad:
+    edited = [{**r, "split": split} if i == 2 else r for i, r in enumerate(rows)]
+    f = tmp_path / "pics" / "bad.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in edited))
+    want = rf"bad.jsonl: row 3: split {re.escape(repr(split))} is not a plain"
+    with pytest.raises(ValueError, match=want):
+      wds.write_shards(str(f), str(out), shard_size=2, overwrite=True)
+    assert _tree(root) == before, split
+  edited = [{**r, "label": "cat"} if i == 3 else r for i, r in enumerate(rows)]
+  f = tmp_path / "pics" / "label.jsonl"
+  f.write_text("".join(json.dumps(r) + "\n" for r in edited))
+  with pytest.raises(ValueError, match=r"label.jsonl: row 4: label 'cat' is not a class index"):
+    wds.write_shards(str(f), str(out), shard_size=2, overwrite=True)
+  assert _tree(root) == before
+  assert sorted(os.listdir(out)) == ["test", "train"]
+
+
+def test_writer_refuses_images_the_reader_skips(rng, tmp_path):
+  """A .bmp or .gif image (or one without an extension) would become a `KEY.bmp` member that
+  config.data.image_ext's default skips: one ValueError naming the row, the image and the
+  extensions read; nothing is written. The writer's extensions are all read by default."""
+  captions, rows = captions_folder(tmp_path / "pics", rng, n=4)
+  for ext in ("bmp", "gif", ""):
+    name = f"odd.{ext}" if ext else "odd"
+    Image.fromarray(rng.integers(0, 256, size=(9, 7, 3), dtype=np.uint8)).save(
+        tmp_path / "pics" / name, format=ext or "png")
+    f = tmp_path / "pics" / f"odd_{ext}.csv"
+    with open(f, "w", newline="") as fh:
+      w = csv.DictWriter(fh, ["image", "caption", "split"])
+      w.writeheader()
+      w.writerows([{**r, "image": name} if i == 1 else r for i, r in enumerate(rows)])
+    with pytest.raises(ValueError, match=rf"odd_{ext}.csv: row 2: image '{name}' .*"
+                       r"jpg, png, webp"):
+      wds.write_shards(str(f), str(tmp_path / "s"))
+    assert not (tmp_path / "s").exists()
+  from mmjax.data import wds_pipeline
+  from mmjax.train import config
+  exts = wds_pipeline._exts(config.defaults().data.image_ext, "image_ext")
+  assert set(wds.IMAGE_EXTS) <= set(exts)
 
 
 # --- reading ------------------------------------------------------------------------------

@@ -126,11 +126,22 @@ def _fingerprint(rows: list[dict], image_digests: list[str], image_size: int) ->
                                     str(_ImageTextFolder.VERSION)]).encode()).hexdigest()
 
 
+def _check_split(captions_file: str, i: int, split) -> None:
+  """A split names a folder (webdataset shards) or a TFDS split: one plain path component."""
+  plain = (isinstance(split, str) and split not in ("", ".", "..") and split == split.strip()
+           and not any(c in split for c in (os.sep, os.altsep or os.sep, "\0")))
+  if not plain:
+    raise ValueError(f"{captions_file}: row {i}: split {split!r} is not a plain folder name "
+                     "(one non-empty path component, not '.' or '..', no separator or "
+                     "surrounding spaces)")
+
+
 def read_checked(captions_file: str, *, test_fraction: float = 0.1, seed: int = 0
                  ) -> tuple[list[dict], str, list[bytes]]:
   """(rows, the captions file's folder, each row's image bytes): every row checked and every
   image opened, a ValueError naming the row and file otherwise; rows without a split column
-  get one ('test' for a seeded test_fraction of them, else 'train')."""
+  get one ('test' for a seeded test_fraction of them, else 'train'); where any row has a split,
+  every row's must be a plain folder name."""
   rows = _read_rows(captions_file)
   root = os.path.dirname(os.path.abspath(captions_file))
   images = []
@@ -144,7 +155,10 @@ def read_checked(captions_file: str, *, test_fraction: float = 0.1, seed: int = 
     except Exception as e:  # PIL raises many kinds
       raise ValueError(f"{captions_file}: row {i}: cannot read image {row['image']!r} ({e})") from None
     images.append(data)
-  if not all(r.get("split") for r in rows):
+  if any(r.get("split") not in (None, "") for r in rows):
+    for i, row in enumerate(rows, 1):
+      _check_split(captions_file, i, row.get("split"))
+  else:
     if not 0 <= test_fraction < 1:
       raise ValueError(f"test_fraction must be in [0, 1); got {test_fraction}")
     n_test = int(round(len(rows) * test_fraction))

@@ -72,9 +72,27 @@ def _member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
   tar.addfile(info, io.BytesIO(data))
 
 
+# The image members write_shards writes: those config.data.image_ext's default reads
+# ("jpg;png;webp;jpeg"); another would be written and then skipped by the trainer.
+IMAGE_EXTS = ("jpg", "png", "webp")
+
+
 def _ext(path: str) -> str:
   ext = os.path.splitext(path)[1].lower().lstrip(".")
-  return {"jpeg": "jpg", "tiff": "tif"}.get(ext, ext) or "img"
+  return {"jpeg": "jpg", "tiff": "tif"}.get(ext, ext)
+
+
+def _check_row(captions_file: str, i: int, row: dict) -> None:
+  """ValueError naming the row: a label that is not a class index, an image the reader skips."""
+  label = str(row.get("label") or "").strip()
+  if label and not re.fullmatch(r"\d+", label):
+    raise ValueError(f"{captions_file}: row {i}: label {row['label']!r} is not a class index "
+                     "(a non-negative integer)")
+  ext = os.path.splitext(row["image"])[1]
+  if _ext(row["image"]) not in IMAGE_EXTS:
+    what = f"is a {ext} file" if ext else "has no extension"
+    raise ValueError(f"{captions_file}: row {i}: image {row['image']!r} {what}; the shard reader "
+                     f"takes {', '.join(IMAGE_EXTS)} (and jpeg) images; convert it first")
 
 
 def write_shards(captions_file: str, out_dir: str, *, shard_size: int = 1000,
@@ -85,10 +103,12 @@ def write_shards(captions_file: str, out_dir: str, *, shard_size: int = 1000,
   webdataset shards, one folder per split: `out_dir/<split>/00000.tar`, ... with
   `shard_size` samples each; returns {split: [shard paths]}.
 
-  Each sample: `KEY.<ext>` (the image file's bytes, not re-encoded), `KEY.txt` (the caption),
+  Each sample: `KEY.<ext>` (the image file's bytes, not re-encoded; .jpg, .jpeg, .png or
+  .webp files, the ones the reader takes), `KEY.txt` (the caption),
   `KEY.json` ({'image', 'caption', 'row'}), and `KEY.cls` (the class index as text) for rows with
   a non-blank 'label' column; KEY is the row number, 9 digits. Every row and image
-  is checked first (a ValueError names the row) and nothing is written until all pass; an
+  is checked first (a ValueError names the row: a split must be a plain folder name) and
+  nothing is written or deleted until all pass; an
   existing out_dir/<split> raises unless overwrite=True. The shards are byte-for-byte the same
   for the same inputs.
   """
@@ -97,19 +117,16 @@ def write_shards(captions_file: str, out_dir: str, *, shard_size: int = 1000,
   captions_file = os.path.expanduser(captions_file)
   rows, _, images = image_folder.read_checked(captions_file, test_fraction=test_fraction,
                                               seed=seed)
+  for i, row in enumerate(rows, 1):
+    _check_row(captions_file, i, row)
   out_dir = os.path.expanduser(out_dir)
-  splits = sorted({r["split"] for r in rows})
+  splits = sorted({r["split"] for r in rows})   # plain folder names: read_checked checks them
   for split in splits:
     d = os.path.join(out_dir, split)
     if os.path.exists(d):
       if not overwrite:
         raise ValueError(f"{d} exists; pass overwrite=True to replace its shards")
       shutil.rmtree(d)
-  for i, row in enumerate(rows, 1):
-    label = str(row.get("label") or "").strip()
-    if label and not re.fullmatch(r"\d+", label):
-      raise ValueError(f"{captions_file}: row {i}: label {row['label']!r} is not a class index "
-                       "(a non-negative integer)")
   out = {}
   for split in splits:
     members = [(i, r, img) for i, (r, img) in enumerate(zip(rows, images)) if r["split"] == split]
