@@ -138,3 +138,30 @@ def test_resume_from_a_checkpoint_reproduces_the_uninterrupted_run(data_dir, tmp
                                rtol=2e-4, atol=2e-5)
   for (path, w), h in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(have)):
     np.testing.assert_array_equal(np.asarray(h), np.asarray(w), err_msg=jax.tree_util.keystr(path))
+
+
+def test_a_resume_keeps_the_first_config_and_refuses_other_data(data_dir, tmp_path, capsys):
+  """A resumed run with a changed config: config.json stays the config the run started with,
+  the new one goes to config.resumed_at_<step>.json, and one line names the changed fields.
+  A checkpoint trained on other data (its data position would be applied to other files) is
+  refused with one line naming both."""
+  from mmjax.train import loop
+  workdir = str(tmp_path / "run")
+  first = tiny_config(data_dir, total_steps=4, **{"checkpoint.every": 2})
+  loop.train(first, workdir)
+  with open(os.path.join(workdir, "config.json")) as f:
+    started = json.load(f)
+  assert started["total_steps"] == 4
+  more = tiny_config(data_dir, total_steps=6, **{"checkpoint.every": 2, "optim.lr": 5e-4})
+  loop.train(more, workdir)
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f) == started
+  with open(os.path.join(workdir, "config.resumed_at_4.json")) as f:
+    assert json.load(f)["total_steps"] == 6
+  out = capsys.readouterr().out
+  assert "resumed with a changed config (optim.lr: 0.001 -> 0.0005; total_steps: 4 -> 6)" in out
+  built = loop.build(tiny_config(data_dir, total_steps=8, **{"checkpoint.every": 2}))
+  built.data_id = "wds-0123456789ab"   # as other shard files of the same count would name it
+  with pytest.raises(ValueError, match=r"step 6\) was trained on other data \(mmjax_digits\) "
+                                       r"than config.data names now \(wds-0123456789ab\)"):
+    loop.run(built, workdir)

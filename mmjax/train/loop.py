@@ -55,6 +55,8 @@ class Run:
   t_start: float                      # when build began: results.json's wall_s counts from here
   start: Any = None                   # config.init_from.checkpoint's variables (host numpy)
   normalize: tuple | None = None      # (mean, std) of uint8 images, applied once on the device
+  data_id: str = ""                   # the training data's name (DataSource.tokenizer_name: a
+                                      # TFDS name, a hash of the shard paths); checkpoints keep it
                                       # (None: [-1, 1])
 
   def init_state(self) -> state_lib.TrainState:
@@ -268,7 +270,7 @@ def build(config: ml_collections.ConfigDict, *, validate: bool = True) -> Run:
              data_iter=data_iter, evaluator=evaluator, rng=rng, abstract=abstract,
              state_sharding=state_sharding, batch_sharding=sharding.batch_sharding(mesh),
              t_start=t_start, start=None if ckpt is None else ckpt.variables,
-             normalize=normalize)
+             normalize=normalize, data_id=source.tokenizer_name)
 
 
 def _sync(name: str) -> None:
@@ -316,6 +318,38 @@ def _finished(workdir: str, total_steps: int) -> dict | None:
   return done
 
 
+def _save_config(config: ml_collections.ConfigDict, workdir: str, start: int) -> None:
+  """config.json holds the config a run started with; a resume with another config writes it
+  to config.resumed_at_<step>.json and says which fields changed."""
+  path = os.path.join(workdir, "config.json")
+  text = config.to_json(indent=2)
+  if start == 0 or not os.path.exists(path):
+    with open(path, "w") as f:
+      f.write(text)
+    return
+  with open(path) as f:
+    first = json.load(f)
+  changed = [f"{k}: {first_v!r} -> {now_v!r}" for k, first_v, now_v in _diff(first,
+                                                                             json.loads(text))]
+  if changed:
+    resumed = os.path.join(workdir, f"config.resumed_at_{start}.json")
+    with open(resumed, "w") as f:
+      f.write(text)
+    print(f"mmjax: resumed with a changed config ({'; '.join(changed[:5])}"
+          f"{'; ...' if len(changed) > 5 else ''}): config.json keeps the first, {resumed} "
+          "this run's", flush=True)
+
+
+def _diff(a, b, prefix: str = ""):
+  """(dotted key, a's value, b's value) where two JSON trees differ."""
+  for key in sorted(set(a) | set(b)):
+    x, y = a.get(key), b.get(key)
+    if isinstance(x, dict) and isinstance(y, dict):
+      yield from _diff(x, y, f"{prefix}{key}.")
+    elif x != y:
+      yield f"{prefix}{key}", x, y
+
+
 def _start(built: Run, ckpt, workdir: str) -> tuple[state_lib.TrainState, int, dict, dict]:
   """(state, start step, init-eval results, extra data state): a fresh state (maybe
   initialised from another run, maybe evaluated) or the newest checkpoint that
@@ -332,6 +366,12 @@ def _start(built: Run, ckpt, workdir: str) -> tuple[state_lib.TrainState, int, d
     # The baseline the trained numbers are compared with.
     return state, 0, built.evaluator(state.variables) if config.evaluate.at_init else {}, {}
   start, state, data_state = restored
+  trained_on = data_state.get("data")
+  if trained_on is not None and trained_on != built.data_id:
+    raise ValueError(f"the checkpoint in {workdir} (step {start}) was trained on other data "
+                     f"({trained_on}) than config.data names now ({built.data_id}): its data "
+                     "position would be applied to other files; resume with the data it started "
+                     "with, or use another --workdir")
   states = data_state["processes"]
   if len(states) != jax.process_count():
     raise ValueError(f"the checkpoint in {workdir} was written by {len(states)} processes; "
@@ -367,9 +407,9 @@ def run(built: Run, workdir: str, *, callbacks: Sequence[Callable[[int, dict], N
     guard = monitor.Guard(config.nan_policy, config.nan_skip_limit,
                           saved.get("skipped_steps", 0), saved.get("skipped_in_a_row", 0))
     data_state = lambda: {**_data_state(data_iter), "skipped_steps": guard.skipped,
-                          "skipped_in_a_row": guard.in_a_row}
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json(indent=2))
+                          "skipped_in_a_row": guard.in_a_row, "data": built.data_id}
+    if primary:
+      _save_config(config, workdir, start)
     step_fn = _step_fn(built)
     writer = MetricWriter(workdir, resume_step=start)
     if init_results:
