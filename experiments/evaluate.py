@@ -62,12 +62,12 @@ class _Clock:
 def evaluate(checkpoint: str, dataset: str, *, split: str = "test", data_dir: str | None = None,
              templates: str | None = None, tokenizer: str | None = None, batch_size: int = 64,
              limit: int | None = None, num_threads: int = 4, progress: bool = True) -> dict:
-  """Evaluates `checkpoint` (a mmjax.convert.load spec) on `dataset`
+  """Evaluates `checkpoint` (a mmjax.convert.load spec, or 'workdir:/run[@step]') on `dataset`
   (mmjax.data.eval_data.open_eval_set spec); returns the result dict. templates: None takes
   the dataset's own (a CLIP_benchmark webdataset folder's), else OpenAI's 80."""
   import jax
   from tqdm import tqdm
-  from mmjax import convert
+  from mmjax.train import export
   from mmjax.data import eval_data, tokenizers
   from mmjax.evaluate import evaluators, streaming
   t0 = time.time()
@@ -79,7 +79,7 @@ def evaluate(checkpoint: str, dataset: str, *, split: str = "test", data_dir: st
     else:
       templates = templates or "openai"
       temps = eval_data.load_templates(templates)
-  ckpt = convert.load(checkpoint)
+  ckpt = export.load(checkpoint)   # a converter's spec, or a run's 'workdir:/path[@step]'
   tok = tokenizers.tokenizer_for_tower(tokenizer, checkpoint_spec=ckpt.tokenizer,
                                        vocab_size=ckpt.config["text"]["vocab_size"],
                                        field="--tokenizer")
@@ -120,7 +120,8 @@ def main(argv=None) -> int:
   p = argparse.ArgumentParser(prog="python -m experiments.evaluate", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--checkpoint", required=True,
-                 help="hf:/dir | big_vision:/path.npz | open_clip:MODEL_NAME:/path")
+                 help="hf:/dir | big_vision:/path.npz | open_clip:MODEL_NAME:/path | "
+                 "workdir:/path/to/run[@STEP] (an mmjax training run)")
   p.add_argument("--dataset", required=True,
                  help="tfds:NAME | folder:/path | a directory | wds:/dir (CLIP_benchmark's "
                  "webdataset layout: <dir>/<split>/*.tar, classnames.txt) | wds:SHARD_SPEC")
@@ -129,7 +130,8 @@ def main(argv=None) -> int:
   p.add_argument("--data_dir", default=None, help="TFDS data dir (default: $MMJAX_DATA_DIR "
                  "or ~/.cache/mmjax/datasets)")
   p.add_argument("--templates", default=None,
-                 help="openai (80) | simple (7) | a file, one template with '{}' per line "
+                 help="openai (80) | simple (7) | a file, one template per line naming the "
+                 "class as '{c}' (CLIP_benchmark's) or '{}' "
                  "(default: the dataset's own, else openai)")
   p.add_argument("--tokenizer", default=None, help="override the checkpoint's tokenizer spec")
   p.add_argument("--batch_size", type=int, default=64)

@@ -4,6 +4,7 @@ at once and NumPy metrics (float64 class embeddings); the streaming sums; errors
 
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -277,3 +278,33 @@ def test_cli_and_trainer_zeroshot_are_one_code_path(hf_clip, rng, tmp_path, monk
                                                           result["metrics"]["acc5"])
   assert ev.evaluators["zeroshot"].counts({"params": ckpt.params}).result() == result["metrics"]
   assert calls == [evaluators.ZeroShot] * 3
+
+
+def test_a_training_run_is_a_checkpoint(data_dir, tmp_path):
+  """`--checkpoint workdir:/run` evaluates the run's newest checkpoint with its own tokenizer
+  and preprocessing (config.json + model.json): on the run's eval split and templates, the
+  command line's acc1 / acc5 are the trainer's final zero-shot numbers; '@STEP' picks an older
+  checkpoint (other numbers); a run of an objective without two towers is refused in one line."""
+  from mmjax.train import export, loop
+  from tests.configs import tiny_config
+  run = tmp_path / "run"
+  results = loop.train(tiny_config(data_dir, total_steps=6, **{"checkpoint.every": 2,
+                                                               "checkpoint.keep": 3}), str(run))
+  ckpt = export.load(f"workdir:{run}")
+  assert ckpt.tokenizer.startswith("trained:") and ckpt.preprocess.size == 32
+  from mmjax.data import digits
+  (tmp_path / "t.txt").write_text("\n".join(digits.ZEROSHOT_TEMPLATES) + "\n")   # the run's
+  out = cli.evaluate(f"workdir:{run}", "tfds:mmjax_digits", data_dir=data_dir, batch_size=128,
+                     templates=str(tmp_path / "t.txt"), progress=False)
+  assert out["metrics"]["n"] == 360
+  assert (out["metrics"]["acc1"], out["metrics"]["acc5"]) == (
+      results["zeroshot_top1"], results["zeroshot_top5"])
+  older = export.load(f"workdir:{run}@2")
+  assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(older.params),
+                                                      jax.tree.leaves(ckpt.params)))
+  mae = tmp_path / "mae"
+  loop.train(tiny_config(data_dir, loss="mae", total_steps=3), str(mae))
+  with pytest.raises(ValueError, match=r"a config.loss='mae' run; only two-tower runs"):
+    export.load(f"workdir:{mae}")
+  with pytest.raises(ValueError, match=r"workdir config .*cannot read it"):
+    export.load(f"workdir:{tmp_path / 'nothing'}")

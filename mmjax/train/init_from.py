@@ -7,9 +7,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from mmjax import convert
 from mmjax.models import scan as scan_lib
-from mmjax.train import checkpoint
+from mmjax.train import checkpoint, export
 from mmjax.train.state import TrainState
 
 
@@ -20,7 +19,7 @@ def load_checkpoint(config: ml_collections.ConfigDict):
   if not spec:
     return None
   try:
-    ckpt = convert.load(spec)
+    ckpt = export.load(spec)   # a converter's spec, or another run: 'workdir:/path[@step]'
   except ValueError as e:
     raise ValueError(f"config.init_from.checkpoint={spec!r}: {e}") from None
   if ckpt.config["loss"] != config.loss:

@@ -27,8 +27,10 @@ from jax.sharding import Mesh, NamedSharding
 
 from mmjax import objectives
 from mmjax.data import pipeline, sources, tokenizers
+from mmjax.data.preprocess import ImagePrep
 from mmjax.evaluate import Evaluator, evaluator as evaluator_lib
-from mmjax.train import checkpoint, config as config_lib, init_from, monitor, multihost
+from mmjax.train import checkpoint, config as config_lib, export, init_from, monitor
+from mmjax.train import multihost
 from mmjax.train import optimizer
 from mmjax.train import sharding
 from mmjax.train import state as state_lib
@@ -55,6 +57,8 @@ class Run:
   t_start: float                      # when build began: results.json's wall_s counts from here
   start: Any = None                   # config.init_from.checkpoint's variables (host numpy)
   normalize: tuple | None = None      # (mean, std) of uint8 images, applied once on the device
+  tokenizer_spec: str = ""            # the run's tokenizer (mmjax.data.tokenizers spec)
+  preprocess: Any = None              # the run's eval image preparation (ImagePrep)
   data_id: str = ""                   # the training data's name (DataSource.tokenizer_name: a
                                       # TFDS name, a hash of the shard paths); checkpoints keep it
                                       # (None: [-1, 1])
@@ -270,7 +274,8 @@ def build(config: ml_collections.ConfigDict, *, validate: bool = True) -> Run:
              data_iter=data_iter, evaluator=evaluator, rng=rng, abstract=abstract,
              state_sharding=state_sharding, batch_sharding=sharding.batch_sharding(mesh),
              t_start=t_start, start=None if ckpt is None else ckpt.variables,
-             normalize=normalize, data_id=source.tokenizer_name)
+             normalize=normalize, data_id=source.tokenizer_name, tokenizer_spec=tok.spec,
+             preprocess=ImagePrep(config.data.image_size) if ckpt is None else ckpt.preprocess)
 
 
 def _sync(name: str) -> None:
@@ -410,6 +415,7 @@ def run(built: Run, workdir: str, *, callbacks: Sequence[Callable[[int, dict], N
                           "skipped_in_a_row": guard.in_a_row, "data": built.data_id}
     if primary:
       _save_config(config, workdir, start)
+      export.save_model_card(workdir, built.tokenizer_spec, built.preprocess)
     step_fn = _step_fn(built)
     writer = MetricWriter(workdir, resume_step=start)
     if init_results:
