@@ -116,6 +116,14 @@ def evaluate(checkpoint: str, dataset: str, *, split: str = "test", data_dir: st
   return out
 
 
+def _check_positive(args, *names: str) -> None:
+  """ValueError naming the first of `names` that is set and not a positive integer."""
+  for name in names:
+    value = getattr(args, name)
+    if value is not None and value < 1:
+      raise ValueError(f"--{name}={value}: must be a positive integer")
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(prog="python -m experiments.evaluate", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -141,6 +149,7 @@ def main(argv=None) -> int:
   p.add_argument("--no_progress", action="store_true")
   a = p.parse_args(argv)
   try:
+    _check_positive(a, "batch_size", "limit", "num_threads")
     result = evaluate(a.checkpoint, a.dataset, split=a.split, data_dir=a.data_dir,
                       templates=a.templates, tokenizer=a.tokenizer, batch_size=a.batch_size,
                       limit=a.limit, num_threads=a.num_threads, progress=not a.no_progress)

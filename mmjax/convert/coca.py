@@ -199,8 +199,8 @@ def from_open_clip_coca(state_dict_or_path: Mapping | str | os.PathLike,
   sd = {k if k.startswith(("visual.", "text_decoder.", "logit_")) else f"text.{k}": v
         for k, v in common.load_state_dict(state_dict_or_path).items()}
   name = model_name if isinstance(model_name, str) else "CoCa"
-  params = common.apply_rules(coca_rules(config), sd, config=config, image_size=size,
-                              what=f"state_dict is not an open_clip {name!r} state dict",
+  what = f"{common.source_name(state_dict_or_path)} is not an open_clip {name!r} state dict"
+  params = common.apply_rules(coca_rules(config), sd, config=config, image_size=size, what=what,
                               dtype=dtype, ignore=lambda k: k.endswith("attn_mask"),
                               shapes=model_shapes(config, size))
   prep = ImagePrep(size, "crop", "bicubic", OPENAI_MEAN, OPENAI_STD, crop_offset="round")

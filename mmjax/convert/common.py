@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
+from safetensors import SafetensorError
 from safetensors.numpy import load_file
 
 from mmjax.data.preprocess import ImagePrep
@@ -314,20 +315,8 @@ def load_state_dict(state_dict_or_path: Mapping | str | os.PathLike) -> dict[str
   sd = state_dict_or_path
   if isinstance(sd, (str, os.PathLike)):
     path = require_file(sd, "state_dict_or_path")
-    if path.endswith(".safetensors"):
-      sd = read_safetensors(path)
-    else:
-      try:
-        import torch   # optional and heavy: only .pt/.bin files need it
-      except ImportError as e:
-        raise ImportError(f"reading {path!r} needs torch (`pip install torch`)") from e
-      try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-      except RuntimeError as e:
-        raise ValueError(f"torch.load({path!r}, weights_only=True) failed ({e}); OpenAI's "
-                         "TorchScript .pt files: load them with open_clip and pass "
-                         "model.state_dict()") from e
-  if not isinstance(sd, Mapping):
+    sd = read_safetensors(path) if path.endswith(".safetensors") else torch_load(path)
+  elif not isinstance(sd, Mapping):
     raise ValueError(f"state_dict_or_path must be a mapping or a file path; got {type(sd)}")
   if "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
     sd = sd["state_dict"]
@@ -338,8 +327,68 @@ def load_state_dict(state_dict_or_path: Mapping | str | os.PathLike) -> dict[str
   return out
 
 
+def _not_empty(path: str) -> None:
+  if os.path.getsize(path) == 0:
+    raise ValueError(f"{path}: empty file (0 bytes)")
+
+
+def _kind(x) -> str:
+  return type(x).__name__
+
+
+def _reason(e: BaseException) -> str:
+  """The exception's type and the first sentence of its message, on one line."""
+  first = str(e).strip().splitlines()[0].split(". ")[0][:160] if str(e).strip() else ""
+  return f"{_kind(e)}: {first}" if first else _kind(e)
+
+
+def source_name(state_dict_or_path) -> str:
+  """How an error names the state dict: its file, or 'state_dict'."""
+  if isinstance(state_dict_or_path, (str, os.PathLike)):
+    return os.path.expanduser(os.fspath(state_dict_or_path))
+  return "state_dict"
+
+
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
-  return load_file(path)
+  """A .safetensors file; ValueError naming it when it is empty, truncated or not one."""
+  _not_empty(path)
+  try:
+    return load_file(path)
+  except SafetensorError as e:
+    raise ValueError(f"{path}: not a readable safetensors file, truncated or corrupt "
+                     f"({_reason(e)})") from None
+
+
+def torch_load(path: str) -> dict[str, Any]:
+  """A torch.save'd state dict (weights_only); ValueError naming the file when it is none."""
+  try:
+    import torch   # optional and heavy: only .pt/.bin files need it
+  except ImportError as e:
+    raise ImportError(f"reading {path!r} needs torch (`pip install torch`)") from e
+  _not_empty(path)
+  try:
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:   # pickle, zip and EOF errors of a file that is no state dict
+    raise ValueError(f"{path}: torch.load(weights_only=True) cannot read it ({_reason(e)}); "
+                     "not a state dict file, truncated, or TorchScript (OpenAI's .pt files: load "
+                     "them with open_clip and pass model.state_dict())") from None
+  if not isinstance(sd, Mapping):
+    raise ValueError(f"{path}: holds a {_kind(sd)}, not a state dict (a mapping of names to "
+                     "tensors)")
+  return sd
+
+
+def read_json(path: str, *, shape: type = dict) -> Any:
+  """A JSON file holding a `shape`; ValueError naming the file otherwise."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      out = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f"{path}: not valid JSON ({_reason(e)})") from None
+  if not isinstance(out, shape):
+    raise ValueError(f"{path}: holds a {_kind(out)}, not a JSON "
+                     f"{'object' if shape is dict else shape.__name__}")
+  return out
 
 
 def require_file(path: str | os.PathLike, arg: str) -> str:

@@ -56,9 +56,49 @@ _ACTS_BACK = {"gelu": "gelu_pytorch_tanh", "gelu_exact": "gelu", "quick_gelu": "
 _ARCH = {"siglip": "SiglipModel", "clip": "CLIPModel"}
 
 
+_POSITIVE = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+_POSITIVE_TOWER = {"vision": ("image_size", "patch_size"),
+                   "text": ("vocab_size", "max_position_embeddings")}
+
+
+def _is_int(x) -> bool:
+  return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _positive(x) -> bool:
+  if isinstance(x, (list, tuple)):
+    return bool(x) and all(map(_positive, x))
+  return _is_int(x) and x > 0
+
+
+def _check_tower(c: Mapping, tower: str, where: str) -> None:
+  """ValueError naming the first field of {tower}_config of the wrong type or value."""
+  name = f"{where}: {tower}_config"
+  for k in _POSITIVE + _POSITIVE_TOWER[tower]:
+    if not _positive(c[k]):
+      raise ValueError(f"{name}.{k}={c[k]!r} is not a positive integer")
+  if c["hidden_size"] % c["num_attention_heads"]:
+    raise ValueError(f"{name}.num_attention_heads={c['num_attention_heads']} does not divide "
+                     f"hidden_size={c['hidden_size']}")
+  eps = c["layer_norm_eps"]
+  if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0:
+    raise ValueError(f"{name}.layer_norm_eps={eps!r} is not a positive number")
+  for k in ("eos_token_id", "pad_token_id", "bos_token_id"):
+    if k in c and not _is_int(c[k]):
+      raise ValueError(f"{name}.{k}={c[k]!r} is not an integer")
+  if c.get("projection_size") is not None and not _positive(c["projection_size"]):
+    raise ValueError(f"{name}.projection_size={c['projection_size']!r} is not a positive integer")
+
+
 def _sub(cfg: Mapping, kind: str, tower: str, where: str) -> dict:
-  got = cfg.get(f"{tower}_config") or {}
+  key = f"{tower}_config"
+  if key not in cfg:
+    raise ValueError(f"{where}: no {key} (a {_ARCH[kind]} config.json has one)")
+  got = cfg[key]
+  if not isinstance(got, Mapping):
+    raise ValueError(f"{where}: {key}={got!r} is not a JSON object")
   out = {**_DEFAULTS[(kind, tower)], **{k: v for k, v in got.items() if v is not None}}
+  _check_tower(out, tower, where)
   if out["hidden_act"] not in _ACTS:
     raise ValueError(f"{where}: {tower}_config.hidden_act={out['hidden_act']!r} is not one of "
                      f"{sorted(_ACTS)}")
@@ -77,6 +117,8 @@ def _square(x, field: str, where: str) -> int:
 
 def mmjax_config(cfg: Mapping, where: str = "config.json") -> tuple[dict, int]:
   """An HF SiglipConfig / CLIPConfig dict -> (two_tower.Model kwargs, image size)."""
+  if not isinstance(cfg, Mapping):
+    raise ValueError(f"{where}: holds a {type(cfg).__name__}, not a JSON object")
   kind = cfg.get("model_type")
   if kind not in _ARCH:
     raise ValueError(f"{where}: model_type={kind!r}; mmjax converts {sorted(_ARCH)} "
@@ -106,6 +148,8 @@ def mmjax_config(cfg: Mapping, where: str = "config.json") -> tuple[dict, int]:
                        f"the largest token id, the EOS only when it is vocab_size - 1 "
                        f"({t['vocab_size'] - 1}) (or transformers' legacy 2)")
     embed = cfg.get("projection_dim") or 512
+    if not _positive(embed):
+      raise ValueError(f"{where}: projection_dim={embed!r} is not a positive integer")
     image.update(pool_type="tok", posemb_cls=True, ln_pre=True, patch_bias=False)
     text.update(causal=True, pool_type="argmax")
     out = dict(image=image, text=text, embed_dim=embed, loss="clip")
@@ -172,8 +216,7 @@ def _preprocess(directory: str, kind: str, size: int) -> ImagePrep:
   path = os.path.join(directory, "preprocessor_config.json")
   if not os.path.isfile(path):
     return prep
-  with open(path) as f:
-    p = json.load(f)
+  p = common.read_json(path)
   resample = {2: "bilinear", 3: "bicubic"}.get(p.get("resample"), prep.resample)
   crop = p.get("do_center_crop", kind == "clip")
   mean = tuple(p.get("image_mean", prep.mean))
@@ -191,6 +234,14 @@ def _tokenizer(directory: str, kind: str, vocab_size: int) -> str | None:
   return f"hf:{tok}" if os.path.isfile(tok) else None
 
 
+def _shards(index: str) -> list[str]:
+  """The shard file names of a model.safetensors.index.json."""
+  got = common.read_json(index).get("weight_map")
+  if not isinstance(got, dict) or not all(isinstance(v, str) for v in got.values()):
+    raise ValueError(f"{index}: no weight_map (a JSON object of tensor name -> shard file)")
+  return sorted(set(got.values()))
+
+
 def read_weights(directory: str) -> dict[str, Any]:
   """model.safetensors, its shards (model.safetensors.index.json) or pytorch_model.bin."""
   single = os.path.join(directory, "model.safetensors")
@@ -198,19 +249,14 @@ def read_weights(directory: str) -> dict[str, Any]:
   if os.path.isfile(single):
     return common.read_safetensors(single)
   if os.path.isfile(index):
-    with open(index) as f:
-      files = sorted(set(json.load(f)["weight_map"].values()))
+    files = _shards(index)
     out = {}
     for name in files:
       out.update(common.read_safetensors(os.path.join(directory, name)))
     return out
   binary = os.path.join(directory, "pytorch_model.bin")
   if os.path.isfile(binary):
-    try:
-      import torch   # optional and heavy: only .pt/.bin files need it
-    except ImportError as e:
-      raise ImportError(f"reading {binary!r} needs torch (`pip install torch`)") from e
-    return torch.load(binary, map_location="cpu", weights_only=True)
+    return common.torch_load(binary)
   raise ValueError(f"path={directory!r} has no model.safetensors, model.safetensors.index.json "
                    "or pytorch_model.bin")
 
@@ -228,8 +274,7 @@ def from_hf(path: str | os.PathLike, *, dtype: Any = np.float32) -> Converted:
   cfg_path = os.path.join(directory, "config.json")
   if not os.path.isfile(cfg_path):
     raise ValueError(f"path={directory!r} has no config.json (a transformers model directory)")
-  with open(cfg_path) as f:
-    cfg = json.load(f)
+  cfg = common.read_json(cfg_path)
   config, size = mmjax_config(cfg, cfg_path)
   weights = read_weights(directory)
   # Buffers some transformers versions saved (not parameters).

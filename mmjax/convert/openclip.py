@@ -344,10 +344,10 @@ def from_open_clip(state_dict_or_path: Mapping | str | os.PathLike, model_name: 
   sd = load_state_dict(state_dict_or_path)
   # Buffers: the attention mask some old checkpoints saved, BatchNorm's step counters.
   ignore = lambda k: k == "attn_mask" or k.endswith(".num_batches_tracked")
+  what = f"{common.source_name(state_dict_or_path)} is not an open_clip {model_name!r} state dict"
   params, stats = common.split_stats(common.apply_rules(
-      rules(config), sd, config=config, image_size=_image_size(model_name),
-      what=f"state_dict is not an open_clip {model_name!r} state dict", dtype=dtype,
-      ignore=ignore))
+      rules(config), sd, config=config, image_size=_image_size(model_name), what=what,
+      dtype=dtype, ignore=ignore))
   siglip = isinstance(get_spec(model_name), SiglipSpec)
   return Converted(config, params, preprocess(model_name), None if siglip else "clip", stats)
 
