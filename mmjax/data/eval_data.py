@@ -157,22 +157,42 @@ def open_eval_set(spec: str, *, split: str = "test", data_dir: str | None = None
 def _open_shards(spec: str, rest: str, split: str) -> EvalSet:
   path = os.path.expanduser(rest)
   shards = os.path.join(path, split, "*.tar") if os.path.isdir(path) else path
+  paths = wds.expand_shards(shards, field="--dataset")   # its own line: the spec, the field
   try:
-    paths = wds.expand_shards(shards, field="dataset")
     source = wds_pipeline.DecodedShards(wds.ShardIndex(paths))
   except ValueError as e:
-    raise ValueError(f"dataset={spec!r}: {e}") from None
+    raise ValueError(f"--dataset={spec!r}: {e}") from None
   names = wds_pipeline.find_beside(paths, "classnames.txt")
   temps = wds_pipeline.find_beside(paths, "zeroshot_classification_templates.txt")
   keys = source.keys(0)
   if names and "label" in keys:
-    return EvalSet(f"wds:{rest}", source, readable_names(wds_pipeline.read_lines(names)),
+    class_names = wds_pipeline.read_lines(names)
+    top = max(_every(source, "label", "cls", "a class label").values())
+    if top >= len(class_names):
+      raise ValueError(f"{names}: {len(class_names)} class names, but the shards have label "
+                       f"{top} (labels index the names: 0..{len(class_names) - 1})")
+    return EvalSet(f"wds:{rest}", source, readable_names(class_names),
                    templates=load_templates(temps) if temps else None)
   if "text" in keys:
+    _every(source, "text", "txt", "a caption")
     return EvalSet(f"wds:{rest}", source, None, label_key=None, text_key="text")
   raise ValueError(f"dataset={spec!r}: its samples have neither a 'cls' label (with a "
                    "classnames.txt beside the shards or in their parent folder) nor a 'txt' "
                    "caption")
+
+
+def _every(source, key: str, ext: str, what: str) -> dict:
+  """{i: record i's `key`} over the whole set (its members read, no image decoded);
+  ValueError naming the shard and the sample key of the first without one: an evaluation on
+  part of a set would report another set's score."""
+  out = {}
+  for i in range(len(source)):
+    meta = source.meta(i)
+    if key not in meta:
+      raise ValueError(f"{source.where(i)} has no .{ext} member ({what}), and the set's "
+                       "other samples do; remove it or add one")
+    out[i] = meta[key]
+  return out
 
 
 class _Prepare:

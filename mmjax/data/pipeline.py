@@ -153,6 +153,11 @@ def _meta(source, i: int) -> dict:
   return source.meta(i) if hasattr(source, "meta") else source[i]
 
 
+def _where(source, i: int) -> str:
+  """Example i, named as the source names it (webdataset shards: the shard and the sample's key)."""
+  return source.where(i) if hasattr(source, "where") else f"example {i}"
+
+
 def iter_texts(source, text_key: str = "text") -> Iterator[str]:
   for i in range(len(source)):
     t = _meta(source, i)[text_key]
@@ -320,8 +325,9 @@ class EvalImages:
 
 def make_eval_arrays(source, data, *, tokenizer, normalize: tuple | None = None,
                      lazy_images: bool = False, prep=None) -> dict:
-  """The split, no augmentation: 'image' float32 [n, S, S, 3], 'text' int32 [n, L],
-  'label' int32 [n] if present. lazy_images: 'image' is an `EvalImages` (decoded per
+  """The split, no augmentation: 'image' float32 [n, S, S, 3], 'text' int32 [n, L] if the
+  examples have captions (all of them: ValueError naming the first without), 'label' int32 [n]
+  if present. lazy_images: 'image' is an `EvalImages` (decoded per
   slice: memory independent of the split's size) instead of one stacked array.
   prep: a converted checkpoint's `ImagePrep` (its resize, crop and normalisation, as
   experiments.evaluate applies them) in place of the square resize and `normalize`.
@@ -330,18 +336,25 @@ def make_eval_arrays(source, data, *, tokenizer, normalize: tuple | None = None,
   """
   image_size, text_len = data.image_size, data.text_len
   image_key, text_key, label_key = data.image_key, data.text_key, data.label_key
-  texts, labels = [], []
+  texts, labels, missing = [], [], None
   for i in range(len(source)):
     ex = _meta(source, i)
-    texts.append(_decode_text(ex[text_key]))
+    if text_key in ex:
+      texts.append(_decode_text(ex[text_key]))
+    elif missing is None:
+      missing = i
     if label_key and label_key in ex:
       labels.append(int(ex[label_key]))
+  if texts and missing is not None:
+    raise ValueError(f"{_where(source, missing)} has no caption ({text_key!r}), and the set's "
+                     "other examples do; an evaluation set captions all its examples or none")
   if prep is not None and prep.size != image_size:
     raise ValueError(f"config.data.image_size={image_size} but the checkpoint's preprocessing "
                      f"makes {prep.size} px images")
   images = EvalImages(source, image_key, image_size, normalize, prep)
-  out = {"image": images if lazy_images else images[:],
-         "text": tokenizer.encode(texts, text_len)}
+  out = {"image": images if lazy_images else images[:]}
+  if texts:
+    out["text"] = tokenizer.encode(texts, text_len)
   if labels:
     out["label"] = np.asarray(labels, np.int32)
   return out

@@ -146,6 +146,7 @@ class WdsSource(DataSource):
   def __init__(self, data, data_dir: str):
     self.dataset = wds_pipeline.WdsDataset(data)
     self.features, self.templates = self.dataset.features, self.dataset.templates
+    self.names_path = self.dataset.names_path   # the class names' file (errors name it)
     self.tokenizer_name = wds_pipeline.shards_id(self.dataset.train_paths)
 
   def class_names(self, label_key):

@@ -27,7 +27,7 @@ import shutil
 import tarfile
 from typing import Iterator
 
-from braceexpand import braceexpand
+from braceexpand import UnbalancedBracesError, braceexpand
 
 from mmjax.data import image_folder
 
@@ -38,7 +38,7 @@ def expand_shards(spec: str, *, field: str = "shards") -> list[str]:
   """Shard paths, in order, from brace ranges ('{00000..00012}.tar', '{a,b}.tar'), globs
   ('/data/*.tar', sorted) or a text file listing one path per line (relative paths are
   relative to the file; '#' starts a comment). ValueError naming `field` when the spec names
-  no shard or a named shard does not exist."""
+  no shard, has unbalanced braces or a named shard does not exist."""
   spec = os.path.expanduser(str(spec))
   if os.path.isfile(spec) and not spec.endswith(".tar"):
     base = os.path.dirname(os.path.abspath(spec))
@@ -46,7 +46,11 @@ def expand_shards(spec: str, *, field: str = "shards") -> list[str]:
       lines = [line.split("#", 1)[0].strip() for line in f]
     patterns = [p if os.path.isabs(p) else os.path.join(base, p) for p in lines if p]
   else:
-    patterns = list(braceexpand(spec))
+    try:
+      patterns = list(braceexpand(spec))
+    except UnbalancedBracesError:
+      raise ValueError(f"{field}={spec!r} has unbalanced braces; a range is "
+                       "'{00000..00010}.tar', a list '{a,b}.tar'") from None
   paths = []
   for p in patterns:
     p = os.path.expanduser(p)

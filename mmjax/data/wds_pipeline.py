@@ -469,6 +469,11 @@ class DecodedShards:
   def __getitem__(self, i: int) -> dict:
     return self.record(self.index[i], self.index.where(i))
 
+  def where(self, i: int) -> str:
+    """Sample i as 'shard PATH, sample KEY' (its __key__), for errors."""
+    shard, _, key = self.index.items[i]
+    return f"shard {self.index.paths[shard]}, sample {key!r}"
+
   def keys(self, i: int) -> set:
     """The fields record i has, without decoding its image."""
     return {self.image_key} | set(self.meta(i))
@@ -517,7 +522,8 @@ class WdsDataset:
     names = data.classnames or find_beside(self.eval_paths, "classnames.txt")
     if data.classnames and not os.path.isfile(os.path.expanduser(data.classnames)):
       raise ValueError(f"config.data.classnames={data.classnames!r} does not exist")
-    self.names = read_lines(os.path.expanduser(names)) if names else None
+    self.names_path = os.path.expanduser(names) if names else None   # errors name it
+    self.names = read_lines(self.names_path) if names else None
     temps = find_beside(self.eval_paths, "zeroshot_classification_templates.txt")
     self.templates = read_lines(temps) if temps else None
     self.features = {data.image_key: "image", data.text_key: "text"}

@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 import tqdm
 from flax import traverse_util
@@ -197,9 +198,27 @@ def _make_evaluator(config, objective, source, train_src, tok, prep=None) -> Eva
     if templates is None:
       templates = source.templates or DEFAULT_TEMPLATES
     zeroshot = (names, list(templates))
-  return Evaluator(objective, e, arrays(source.eval_source()), tokenizer=tok,
+  eval_arrays = arrays(source.eval_source())
+  for a in (eval_arrays, probe_arrays):
+    _check_label_range(a, names, getattr(source, "names_path", None), d)
+  if "text" not in eval_arrays and not config.evals and jax.process_index() == 0:
+    print(f"mmjax: the evaluation set of dataset {d.name!r} has no captions "
+          f"(config.data.text_key={d.text_key!r}): retrieval is skipped", flush=True)
+  return Evaluator(objective, e, eval_arrays, tokenizer=tok,
                    text_len=d.text_len, zeroshot=zeroshot, probe_arrays=probe_arrays,
                    class_names=names, evals=config.evals)
+
+
+def _check_label_range(arrays, names, names_path, d) -> None:
+  """ValueError naming the class names' file (or config.data.label_key) and the largest
+  label when a label has no name."""
+  if not arrays or not names or "label" not in arrays or not len(arrays["label"]):
+    return
+  top = int(np.max(arrays["label"]))
+  if top >= len(names):
+    what = names_path or f"the class names of config.data.label_key={d.label_key!r}"
+    raise ValueError(f"{what}: {len(names)} class names, but the data has label {top} "
+                     f"(labels index the names: 0..{len(names) - 1})")
 
 
 def _check_frozen_batch_norm(objective, frozen, batch_stats, config) -> None:
