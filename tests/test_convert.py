@@ -2,6 +2,8 @@
 float64), exact round trips, files, errors."""
 
 import copy
+import json
+import os
 import subprocess
 import sys
 
@@ -62,7 +64,8 @@ def features(config, params, images_nchw: np.ndarray, tokens: np.ndarray):
 # ViT-B-16, ViT-L-14, ... convert by the same rules as ViT-B-32, their numbers from the table
 # (test_table_matches_open_clip_configs checks it against open_clip's configs); their float64
 # forwards (B-16 ~20 s, L-14 ~100 s and 3.4 GB) exercised no other code path.
-@pytest.mark.parametrize("name,n_images", [("ViT-B-32", 2), ("ViT-B-32-quickgelu", 2)])
+@pytest.mark.parametrize("name,n_images", [("ViT-B-32", 2), ("ViT-B-32-quickgelu", 2),
+                                           ("ViT-S-32-alt", 2)])
 def test_embeddings_match_open_clip(name, n_images, b32, rng, torch_seed):
   """mmjax in float32 on the converted float32 weights within the float32 tolerance of
   open_clip in float64 on the same weights (the tanh GELU in place of the erf one fails)."""
@@ -185,3 +188,72 @@ def test_mmjax_does_not_import_torch():
   code = ("import sys, mmjax.convert, mmjax.data.clip_tokenizer, mmjax.models.two_tower; "
           "assert 'torch' not in sys.modules, 'torch imported'")
   subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _open_clip_configs() -> list[str]:
+  folder = os.path.join(os.path.dirname(open_clip.__file__), "model_configs")
+  return sorted(f[:-5] for f in os.listdir(folder) if f.endswith(".json"))
+
+
+def test_open_clips_own_json_configs_convert_without_a_table_entry(tmp_path):
+  """Every ViT CLIP config open_clip ships (its model_configs/*.json, found by mmjax without
+  importing open_clip), in and outside mmjax's tables (ViT-S-32, ViT-M-16, ViT-e-14, ...):
+  with its depths cut to 2 (open_clip's model creation is slow for the big ones; the depth
+  maps one to one, and ViT-S-32-alt converts at full depth above), mmjax's state dict has
+  every key and shape of open_clip's model built from the same file. Every other config is
+  refused in one line naming the file and a field it does not take."""
+  from mmjax.convert import common, openclip
+  read, refused = [], []
+  for name in _open_clip_configs():
+    path = openclip._json_config_path(name)
+    cfg = common.read_json(path)
+    try:
+      openclip.spec_from_json(cfg, path)
+    except ValueError as e:
+      assert str(e).startswith(f"{path}: open_clip config fields [") and "\n" not in str(e)
+      refused.append(name)
+      continue
+    read.append(name)
+    for tower in ("vision_cfg", "text_cfg"):
+      cfg[tower]["layers"] = 2
+    short = tmp_path / f"{name}-depth2.json"
+    short.write_text(json.dumps(cfg))
+    open_clip.add_model_config(str(short))
+    with torch.device("meta"):   # shapes only, no memory
+      oc = open_clip.create_model(short.stem, pretrained=None, device="meta")
+    want = {k: tuple(v.shape) for k, v in oc.state_dict().items() if k != "attn_mask"}
+    config = convert.open_clip_config(str(short))
+    size = cfg["vision_cfg"]["image_size"]
+    got = common.checkpoint_shapes(openclip.rules(config), config, size)
+    assert got == want, name
+  assert {"ViT-S-32", "ViT-M-16", "ViT-e-14", "ViT-L-16-320"} <= set(read), read
+  assert {"EVA01-g-14", "RN50", "coca_ViT-B-32"} <= set(refused), refused
+  assert convert.get_spec("ViT-M-16") == openclip.spec_from_json(   # by name, from the file
+      common.read_json(openclip._json_config_path("ViT-M-16")), "")
+  with pytest.raises(ValueError, match=r"not a .json file, not one of the installed open_clip"):
+    convert.get_spec("ViT-Q-99")
+
+
+def test_a_json_config_path_converts(tmp_path, rng, torch_seed):
+  """A config file of one's own (model_name a .json path): open_clip builds the model from
+  the same file; mmjax converts its state dict and gives open_clip's float64 features."""
+  cfg = {"embed_dim": 24, "vision_cfg": {"image_size": 32, "layers": 2, "width": 48,
+                                         "patch_size": 8, "head_width": 16, "mlp_ratio": 2.0},
+         "text_cfg": {"context_length": 12, "vocab_size": 64, "width": 32, "heads": 2,
+                      "layers": 2, "mlp_ratio": 3.0}}
+  path = tmp_path / "Tiny-ViT.json"
+  path.write_text(json.dumps(cfg))
+  open_clip.add_model_config(str(path))
+  oc = random_open_clip("Tiny-ViT").double()
+  ckpt = convert.from_open_clip(oc.state_dict(), str(path))
+  assert ckpt.config["image"]["mlp_dim"] == 96 and ckpt.config["text"]["mlp_dim"] == 96
+  images = rng.normal(size=(2, 3, 32, 32))
+  tokens = np.zeros((2, 12), np.int64)   # SOT 62, ids below it, EOT 63 (the argmax pools it)
+  for row, n in zip(tokens, (12, 7)):
+    row[0], row[1:n - 1], row[n - 1] = 62, rng.integers(0, 62, size=n - 2), 63
+  zimg, ztxt, _ = features(ckpt.config, jax.tree.map(np.float32, ckpt.params),
+                           images.astype(np.float32), tokens)
+  with torch.no_grad():
+    want_img = oc.encode_image(torch.from_numpy(images)).numpy()
+    want_txt = oc.encode_text(torch.from_numpy(tokens)).numpy()
+  assert_close([zimg, ztxt], [want_img, want_txt], dtype=jnp.float32, name=["image", "text"])

@@ -30,6 +30,7 @@ projection (image_proj='none'). `num_batches_tracked` is not read and is written
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from typing import Any, Mapping, NamedTuple
 
@@ -56,6 +57,7 @@ class OpenClipSpec(NamedTuple):
   quick_gelu: bool = False
   context_length: int = 77
   vocab_size: int = 49408
+  text_mlp: int | None = None   # None: 4 x text_width
 
 
 def _spec(embed, image, patch, vw, vl, vh, tw, tl, th, vmlp=None) -> OpenClipSpec:
@@ -153,12 +155,73 @@ _LN_EPS = 1e-5   # torch.nn.LayerNorm's default
 
 
 def get_spec(model_name: str) -> OpenClipSpec | SiglipSpec | ResNetSpec:
+  """The model's numbers: from the tables above, else from open_clip's own JSON model config
+  (model_name a path to one, or a name of the installed open_clip's model_configs/)."""
   for table in (OPEN_CLIP_MODELS, OPEN_CLIP_SIGLIP_MODELS, OPEN_CLIP_RESNET_MODELS):
     if model_name in table:
       return table[model_name]
-  raise ValueError(f"model_name={model_name!r} is not a supported open_clip model; "
-                   f"supported: {sorted(OPEN_CLIP_MODELS) + sorted(OPEN_CLIP_SIGLIP_MODELS)}"
-                   f" + {sorted(OPEN_CLIP_RESNET_MODELS)}")
+  path = _json_config_path(model_name)
+  if path is None:
+    raise ValueError(f"model_name={model_name!r} is not a supported open_clip model: not a "
+                     ".json file, not one of the installed open_clip's model_configs, and not "
+                     "in mmjax's tables; supported: "
+                     f"{sorted(OPEN_CLIP_MODELS) + sorted(OPEN_CLIP_SIGLIP_MODELS)}"
+                     f" + {sorted(OPEN_CLIP_RESNET_MODELS)}")
+  return spec_from_json(common.read_json(path), path)
+
+
+def _json_config_path(model_name: str) -> str | None:
+  """A JSON model config for model_name: the path itself, or the installed open_clip's
+  model_configs/<name>.json (found without importing open_clip, which imports torch)."""
+  name = os.path.expanduser(str(model_name))
+  if name.endswith(".json"):
+    return name if os.path.isfile(name) else None
+  found = importlib.util.find_spec("open_clip")
+  if found is None or not found.submodule_search_locations:
+    return None
+  for folder in found.submodule_search_locations:
+    path = os.path.join(folder, "model_configs", f"{name}.json")
+    if os.path.isfile(path):
+      return path
+  return None
+
+
+# The open_clip JSON fields of a ViT CLIP model (its text tower open_clip's own, not a
+# custom/HF one) that this converter reads; any other field changes the layout or the maths.
+_JSON_FIELDS = {"": {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu"},
+                "vision_cfg": {"image_size", "layers", "width", "patch_size", "head_width",
+                               "mlp_ratio", "patch_dropout"},
+                "text_cfg": {"context_length", "vocab_size", "width", "heads", "layers",
+                             "mlp_ratio"}}
+
+
+def spec_from_json(cfg: Mapping, where: str) -> OpenClipSpec:
+  """An OpenClipSpec from open_clip's JSON model config `cfg` (read from `where`); ValueError
+  naming the file and the fields it does not take (timm or Hugging Face towers, custom text
+  towers, attentional pools, ...)."""
+  if not isinstance(cfg, Mapping) or not all(isinstance(cfg.get(k), Mapping)
+                                             for k in ("vision_cfg", "text_cfg")):
+    raise ValueError(f"{where}: not an open_clip model config (no vision_cfg / text_cfg)")
+  odd = sorted(set(cfg) - _JSON_FIELDS[""]) + [
+      f"{part}.{k}" for part in ("vision_cfg", "text_cfg") for k in sorted(cfg[part])
+      if k not in _JSON_FIELDS[part]]
+  v, t = cfg["vision_cfg"], cfg["text_cfg"]
+  if not odd and not isinstance(v.get("layers"), int):
+    odd = ["vision_cfg.layers (a ResNet's stage list)"]
+  if odd:
+    raise ValueError(f"{where}: open_clip config fields {odd[:4]} are not supported (mmjax "
+                     "reads ViT CLIP configs with open_clip's own text tower; its tables hold "
+                     "the SigLIP and ResNet models)")
+  try:
+    return OpenClipSpec(
+        int(cfg["embed_dim"]), int(v["image_size"]), int(v["patch_size"]), int(v["width"]),
+        int(v["layers"]), int(v["width"]) // int(v.get("head_width", 64)),
+        int(v["width"] * v.get("mlp_ratio", 4.0)), int(t["width"]), int(t["layers"]),
+        int(t["heads"]), bool(cfg.get("quick_gelu", False)), int(t["context_length"]),
+        int(t["vocab_size"]), int(t["width"] * t.get("mlp_ratio", 4.0)))
+  except (KeyError, TypeError, ValueError) as e:
+    raise ValueError(f"{where}: a field is missing or not a number ({type(e).__name__}: "
+                     f"{e})") from None
 
 
 def _dims(w: tuple[int, int, int, int]) -> dict:
@@ -178,7 +241,8 @@ def open_clip_config(model_name: str) -> dict[str, Any]:
   act = "quick_gelu" if s.quick_gelu else "gelu_exact"
   common_ = dict(act=act, ln_eps=_LN_EPS)
   text = dict(vocab_size=s.vocab_size, max_len=s.context_length, width=s.text_width,
-              depth=s.text_layers, mlp_dim=4 * s.text_width, num_heads=s.text_heads,
+              depth=s.text_layers, mlp_dim=getattr(s, "text_mlp", None) or 4 * s.text_width,
+              num_heads=s.text_heads,
               causal=True, pool_type="argmax", pad_id=None, **common_)
   if isinstance(s, ResNetSpec):
     image = dict(resnet.decode_variant(model_name.removesuffix("-quickgelu")), norm="frozen_bn",
