@@ -2,6 +2,7 @@
 in float64 on random models built from small configs, exact round trips, files, errors."""
 
 import json
+import string
 
 import jax
 import jax.numpy as jnp
@@ -184,3 +185,121 @@ def test_bad_directories_are_named(tmp_path, torch_seed):
   with pytest.raises(ValueError, match=r"config\['text_proj'\]='dense'; the HF SiglipModel "
                                        r"layout needs 'dense_bias'"):
     convert.to_hf(dict(config, text_proj="dense"), {}, tmp_path / "e", image_size=40)
+
+  hf.save_pretrained(tmp_path / "f")
+  ckpt = convert.from_hf(tmp_path / "f")
+  with pytest.raises(ValueError, match=r"tokenizer='clip' has 49408 ids; the text tower embeds "
+                                       r"300"):
+    convert.to_hf(ckpt.config, ckpt.params, tmp_path / "g", tokenizer="clip")
+  with pytest.raises(ValueError, match=r"tokenizer: tokenizer spec 'bert': unknown kind"):
+    convert.to_hf(ckpt.config, ckpt.params, tmp_path / "g", tokenizer="bert")
+  with pytest.raises(ValueError, match=r"ImagePrep.resize='pad' is not one of"):
+    convert.to_hf(ckpt.config, ckpt.params, tmp_path / "g", preprocess=(40, "pad"))
+
+
+# Exports with the tokenizer and image processor files: transformers' processors against mmjax.
+
+TEXTS = ["a photo of a cat.", "Hello world!", "A DOG, 3.5 kg", "", "two  dogs on the grass " * 9]
+
+
+def hf_processor(directory):
+  """AutoProcessor on the PIL backend (transformers' default with torchvision, resizes with
+  torch's bicubic: up to ~1/255 off PIL's, which mmjax follows), after AutoTokenizer and
+  AutoImageProcessor load the directory alone."""
+  transformers.AutoTokenizer.from_pretrained(directory)
+  transformers.AutoImageProcessor.from_pretrained(directory)
+  return transformers.AutoProcessor.from_pretrained(directory, backend="pil")
+
+
+def check_pixels(proc, prep, rng):
+  for h, w in ((37, 51), (64, 29)):
+    image = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+    got = proc(images=image, return_tensors="np")["pixel_values"][0]
+    np.testing.assert_allclose(got, prep(image).transpose(2, 0, 1), rtol=0, atol=1e-5)
+
+
+def test_clip_export_loads_in_auto_processor(rng, torch_seed, tmp_path):
+  """tokenizer='clip': CLIPTokenizer's ids are mmjax's up to the padding (transformers pads
+  with <|endoftext|>, mmjax with 0); CLIPImageProcessor's pixels are the ImagePrep's;
+  from_hf reads both back."""
+  from mmjax.data.tokenizers import get_tokenizer
+  from tests.open_clip_peer import save_tiny_hf_clip
+  ckpt = convert.from_hf(save_tiny_hf_clip(tmp_path / "a"))
+  prep = ckpt.preprocess._replace(resample="bilinear", mean=(0.1, 0.2, 0.3))
+  out = convert.to_hf(ckpt.config, ckpt.params, tmp_path / "b", tokenizer="clip",
+                      preprocess=prep)
+  assert sorted(p.name for p in (tmp_path / "b").iterdir()) == [
+      "config.json", "merges.txt", "model.safetensors", "preprocessor_config.json",
+      "tokenizer_config.json", "vocab.json"]
+  proc = hf_processor(out)
+  max_len = ckpt.config["text"]["max_len"]
+  got = proc.tokenizer(TEXTS, padding="max_length", max_length=max_len, truncation=True)
+  ids, mask = np.array(got["input_ids"]), np.array(got["attention_mask"], bool)
+  want = get_tokenizer("clip").encode(TEXTS, max_len)
+  np.testing.assert_array_equal(np.where(mask, ids, 0), want)
+  assert (ids[~mask] == 49407).all() and (mask.sum(1) == (want != 0).sum(1)).all()
+  check_pixels(proc, prep, rng)
+  back = convert.from_hf(out)
+  assert (back.preprocess, back.tokenizer) == (prep, "clip")
+
+
+@pytest.mark.filterwarnings("ignore:This sequence already has")   # SiglipTokenizer on "... </s>"
+@pytest.mark.parametrize("kind", ["sentencepiece", "trained", "hf"])
+def test_siglip_export_with_sentencepiece_loads_in_auto_processor(kind, rng, torch_seed,
+                                                                  tmp_path):
+  """A sentencepiece model -> spiece.model (SiglipTokenizer), a tokenizers JSON -> tokenizer.json:
+  transformers' ids (padded to max_len) are the spec's (a trained: one's on text both read
+  alike: lower-case, no punctuation) and those of the spec from_hf gives back;
+  SiglipImageProcessor's pixels are the ImagePrep's."""
+  from mmjax.data.tokenizers import TrainedTokenizer, get_tokenizer
+  from tests.test_tokenizers import EDGE, captions, hf_json, t5_model
+  hf = random_hf("siglip")
+  hf.save_pretrained(tmp_path / "a")
+  ckpt = convert.from_hf(tmp_path / "a")
+  texts = EDGE + captions(rng, 20)
+  if kind == "sentencepiece":
+    spec = f"sentencepiece:{t5_model(tmp_path, rng)[0]}?canonicalize=true"
+  elif kind == "hf":
+    spec = f"hf:{hf_json(tmp_path, rng)[0]}"
+  else:
+    TrainedTokenizer.train(captions(rng, 300), vocab_size=300).save(str(tmp_path / "t.model"))
+    spec = f"trained:{tmp_path / 't.model'}"
+    texts = [" ".join(w for w in t.lower().split() if not set(w) & set(string.punctuation))
+             for t in captions(rng, 30)]
+  prep = ckpt.preprocess._replace(mean=(0.1, 0.2, 0.3), std=(0.4, 0.5, 0.6))
+  out = convert.to_hf(ckpt.config, ckpt.params, tmp_path / "b", tokenizer=spec,
+                      preprocess=prep)
+  files = "tokenizer.json" if kind == "hf" else "spiece.model"
+  assert {files, "tokenizer_config.json", "preprocessor_config.json"} <= {
+      p.name for p in (tmp_path / "b").iterdir()}
+  proc = hf_processor(out)
+  max_len = ckpt.config["text"]["max_len"]
+  got = proc.tokenizer(texts, padding="max_length", max_length=max_len, truncation=True)
+  want = get_tokenizer(spec).encode(texts, max_len)
+  np.testing.assert_array_equal(np.array(got["input_ids"]), want)
+  check_pixels(proc, prep, rng)
+  back = convert.from_hf(out)
+  assert back.preprocess == prep
+  assert back.tokenizer.startswith(f"hf:{out}/tokenizer.json" if kind == "hf" else
+                                   f"sentencepiece:{out}/spiece.model?canonicalize=true")
+  np.testing.assert_array_equal(get_tokenizer(back.tokenizer).encode(texts, max_len), want)
+
+
+def test_evaluate_reads_the_exported_tokenizer(rng, torch_seed, tmp_path):
+  """experiments.evaluate on a SigLIP export with its sentencepiece model: no --tokenizer."""
+  from experiments import evaluate as cli
+  from tests.test_evaluate_cli import image_folder
+  from tests.test_tokenizers import t5_model
+  random_hf("siglip").save_pretrained(tmp_path / "a")
+  ckpt = convert.from_hf(tmp_path / "a")
+  with pytest.raises(ValueError, match="--tokenizer: the checkpoint names no tokenizer"):
+    cli.evaluate(f"hf:{tmp_path / 'a'}", f"folder:{image_folder(tmp_path / 'v0', rng, [1] * 6)}",
+                 progress=False, num_threads=1)
+  out = convert.to_hf(ckpt.config, ckpt.params, tmp_path / "b", tokenizer=f"sentencepiece:"
+                      f"{t5_model(tmp_path, rng)[0]}", preprocess=ckpt.preprocess)
+  root = image_folder(tmp_path / "val", rng, [1, 2, 1, 1, 1, 1])
+  templates = tmp_path / "t.txt"
+  templates.write_text("a photo of a {}.\n")
+  result = cli.evaluate(f"hf:{out}", f"folder:{root}", templates=str(templates), batch_size=4,
+                        progress=False, num_threads=1)
+  assert (result["num_classes"], result["num_templates"]) == (6, 1)

@@ -6,26 +6,33 @@
   tok = get_tokenizer(ckpt.tokenizer)             # mmjax.data.tokenizers
 
   to_hf(ckpt.config, ckpt.params, "out_dir/")    # SiglipModel.from_pretrained("out_dir/") loads it
+  to_hf(ckpt.config, ckpt.params, "out_dir/", tokenizer=ckpt.tokenizer,
+        preprocess=ckpt.preprocess)               # and AutoProcessor.from_pretrained("out_dir/")
 
 The numbers come from config.json (with transformers' defaults for the fields
 save_pretrained leaves out); the arrays from model.safetensors (sharded
 safetensors and pytorch_model.bin too, the latter through torch). Both
-directions are exact. Not covered: Siglip2Model (NaFlex) and CLIP variants
-other than ViT/ViT.
+directions are exact; so are the tokenizer ids and the pixels of the exported processor
+(transformers' PIL backend: its torchvision one resizes up to ~1/255 apart). Not covered:
+Siglip2Model (NaFlex) and CLIP variants other than ViT/ViT.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from typing import Any, Mapping
 
 import numpy as np
+import tokenizers as tokenizers_lib
 from flax import traverse_util
+import sentencepiece as spm
 from safetensors.numpy import save_file
 
 from mmjax.convert import common
 from mmjax.convert.common import Converted, Rule
+from mmjax.data import clip_tokenizer, tokenizers
 from mmjax.data.preprocess import OPENAI_MEAN, OPENAI_STD, ImagePrep
 
 # transformers' config defaults (SiglipVisionConfig / SiglipTextConfig / CLIPVisionConfig /
@@ -218,7 +225,8 @@ def _preprocess(directory: str, kind: str, size: int) -> ImagePrep:
     return prep
   p = common.read_json(path)
   resample = {2: "bilinear", 3: "bicubic"}.get(p.get("resample"), prep.resample)
-  crop = p.get("do_center_crop", kind == "clip")
+  siglip_type = str(p.get("image_processor_type", "")).startswith("Siglip")
+  crop = p.get("do_center_crop", kind == "clip" and not siglip_type)
   mean = tuple(p.get("image_mean", prep.mean))
   std = tuple(p.get("image_std", prep.std))
   return ImagePrep(size, "crop" if crop else "squash", resample, mean, std).check()
@@ -229,9 +237,38 @@ def _tokenizer(directory: str, kind: str, vocab_size: int) -> str | None:
     return "clip"   # OpenAI's BPE, mmjax.data.clip_tokenizer
   spiece = os.path.join(directory, "spiece.model")
   if kind == "siglip" and os.path.isfile(spiece):
-    return f"sentencepiece:{spiece}?canonicalize=true"   # as SiglipTokenizer does
+    # As SiglipTokenizer does, with tokenizer_config.json's pad token and lower-casing.
+    return f"sentencepiece:{spiece}?canonicalize=true" + _spiece_options(directory, spiece)
   tok = os.path.join(directory, "tokenizer.json")
-  return f"hf:{tok}" if os.path.isfile(tok) else None
+  return f"hf:{tok}{_hf_pad_option(directory, tok)}" if os.path.isfile(tok) else None
+
+
+def _pad_token(directory: str) -> str | None:
+  """tokenizer_config.json's pad_token (a string or an AddedToken dict), None without one."""
+  path = os.path.join(directory, "tokenizer_config.json")
+  pad = common.read_json(path).get("pad_token") if os.path.isfile(path) else None
+  pad = pad.get("content") if isinstance(pad, Mapping) else pad
+  return pad if isinstance(pad, str) else None
+
+
+def _hf_pad_option(directory: str, path: str) -> str:
+  """'?pad_id=N' for tokenizer_config.json's pad token (transformers pads with it)."""
+  pad = _pad_token(directory)
+  pad_id = None if pad is None else tokenizers_lib.Tokenizer.from_file(path).token_to_id(pad)
+  return "" if pad_id is None else f"?pad_id={pad_id}"
+
+
+def _spiece_options(directory: str, spiece: str) -> str:
+  """'&pad_id=N' / '&lower=false' where tokenizer_config.json differs from the defaults
+  (pad '</s>' = 1 in SigLIP's vocabulary, lower-cased)."""
+  path = os.path.join(directory, "tokenizer_config.json")
+  p = common.read_json(path) if os.path.isfile(path) else {}
+  out = "" if p.get("do_lower_case", True) else "&lower=false"
+  pad = _pad_token(directory)
+  if pad is not None:
+    pad_id = spm.SentencePieceProcessor(model_file=spiece).piece_to_id(pad)
+    out += "" if pad_id == 1 else f"&pad_id={pad_id}"
+  return out
 
 
 def _shards(index: str) -> list[str]:
@@ -320,11 +357,16 @@ def hf_config(config: Mapping, image_size: int) -> dict:
 
 
 def to_hf(config: Mapping, params: Mapping, path: str | os.PathLike, *,
-          image_size: int | None = None) -> str:
+          image_size: int | None = None, tokenizer: str | None = None,
+          preprocess: ImagePrep | None = None) -> str:
   """Writes config.json + model.safetensors that transformers' SiglipModel / CLIPModel
-  `from_pretrained(path)` loads; returns the directory.
+  `from_pretrained(path)` loads; returns the directory. With `tokenizer` and `preprocess`
+  too, the files AutoProcessor / AutoTokenizer / AutoImageProcessor load (see
+  write_tokenizer and preprocessor_config); from_hf reads both back.
 
   image_size: None takes it from the learned position embeddings.
+  tokenizer: a mmjax.data.tokenizers.get_tokenizer spec (a Converted's .tokenizer).
+  preprocess: the checkpoint's ImagePrep (a Converted's .preprocess).
   """
   flat = traverse_util.flatten_dict(dict(params))
   if image_size is None:
@@ -333,9 +375,101 @@ def to_hf(config: Mapping, params: Mapping, path: str | os.PathLike, *,
                                                               2)[0])
   cfg = hf_config(config, image_size)
   tensors = common.unapply_rules(rules(mmjax_config(cfg)[0]), params)
+  prep = None if preprocess is None else preprocessor_config(preprocess)
   directory = os.path.expanduser(os.fspath(path))
   os.makedirs(directory, exist_ok=True)
-  with open(os.path.join(directory, "config.json"), "w") as f:
-    json.dump(cfg, f, indent=2)
+  if tokenizer is not None:
+    write_tokenizer(tokenizer, directory, max_len=config["text"]["max_len"],
+                    vocab_size=config["text"]["vocab_size"])
+  if prep is not None:
+    _write_json(os.path.join(directory, "preprocessor_config.json"), prep)
+  _write_json(os.path.join(directory, "config.json"), cfg)
   save_file(tensors, os.path.join(directory, "model.safetensors"))
   return directory
+
+
+def _write_json(path: str, obj) -> None:
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(obj, f, indent=2, ensure_ascii=False)
+
+
+_RESAMPLE_IDS = {"bilinear": 2, "bicubic": 3}   # PIL's, as transformers' processors save them
+
+
+def preprocessor_config(prep: ImagePrep) -> dict:
+  """An ImagePrep -> preprocessor_config.json: SiglipImageProcessor ('squash') or
+  CLIPImageProcessor ('crop': shortest edge, then the centre). transformers crops at
+  d // 2 (crop_offset 'floor'); a 'round' one differs by a pixel when d % 4 == 3."""
+  prep = ImagePrep(*prep).check()
+  s = prep.size
+  out = dict(do_resize=True, resample=_RESAMPLE_IDS[prep.resample], do_rescale=True,
+             rescale_factor=1 / 255, do_normalize=True, image_mean=list(map(float, prep.mean)),
+             image_std=list(map(float, prep.std)), do_convert_rgb=True)
+  if prep.resize == "squash":
+    return dict(image_processor_type="SiglipImageProcessor", size=dict(height=s, width=s),
+                **out)
+  return dict(image_processor_type="CLIPImageProcessor", size=dict(shortest_edge=s),
+              do_center_crop=True, crop_size=dict(height=s, width=s), **out)
+
+
+_CLIP_SOT, _CLIP_EOT = "<|startoftext|>", "<|endoftext|>"   # transformers' names
+
+
+def write_tokenizer(spec: str, directory: str, *, max_len: int, vocab_size: int) -> list[str]:
+  """Writes the tokenizer files for a get_tokenizer `spec` that transformers' AutoTokenizer
+  loads into `directory`; returns their names. Each with tokenizer_config.json
+  (model_max_length=max_len):
+
+  - 'clip': vocab.json, merges.txt (CLIPTokenizer; it pads with <|endoftext|> where mmjax pads
+    with 0, '!': a pad token of '!' would split every '!' off the text).
+  - 'sentencepiece:' / 'gemma:' / 'trained:': spiece.model (SiglipTokenizer, with the spec's EOS,
+    pad and unk pieces; transformers canonicalizes the text as ?canonicalize=true does, so a spec
+    without it matches on text with no punctuation).
+  - 'hf:': the tokenizer.json (PreTrainedTokenizerFast).
+  """
+  try:
+    kind, path, options = tokenizers.parse_spec(spec)
+    tok = tokenizers.get_tokenizer(spec)
+  except ValueError as e:
+    raise ValueError(f"tokenizer: {e}") from None
+  if tok.vocab_size > vocab_size:
+    raise ValueError(f"tokenizer={spec!r} has {tok.vocab_size} ids; the text tower embeds "
+                     f"{vocab_size}")
+  if kind == "clip":
+    names = _clip_files(directory)
+    extra = dict(tokenizer_class="CLIPTokenizer", bos_token=_CLIP_SOT, eos_token=_CLIP_EOT,
+                 unk_token=_CLIP_EOT, pad_token=_CLIP_EOT)
+  elif kind == "hf":
+    names = ["tokenizer.json"]
+    shutil.copyfile(path, os.path.join(directory, names[0]))
+    extra = dict(tokenizer_class="PreTrainedTokenizerFast",
+                 pad_token=tok._tok.id_to_token(tok.pad_id))
+  else:
+    names = ["spiece.model"]
+    shutil.copyfile(path, os.path.join(directory, names[0]))
+    extra = _spiece_config(tok, options)
+  _write_json(os.path.join(directory, "tokenizer_config.json"),
+              dict(extra, model_max_length=max_len))
+  return names + ["tokenizer_config.json"]
+
+
+def _spiece_config(tok, options: Mapping) -> dict:
+  """SiglipTokenizer's tokenizer_config.json fields for a sentencepiece-kind tokenizer."""
+  sp = spm.SentencePieceProcessor(model_proto=tok._proto)
+  piece = lambda i: sp.id_to_piece(i) if 0 <= i < sp.get_piece_size() else None
+  lower = options.get("lower", "true").lower() == "true"   # trained: str.lower, no option
+  return dict(tokenizer_class="SiglipTokenizer", eos_token=piece(tok.eos_id),
+              pad_token=piece(tok.pad_id), unk_token=piece(sp.unk_id()),
+              do_lower_case=lower)
+
+
+def _clip_files(directory: str) -> list[str]:
+  """vocab.json + merges.txt of OpenAI CLIP's BPE (mmjax.data.clip_tokenizer's vocabulary)."""
+  tok = clip_tokenizer.ClipTokenizer()
+  names = {clip_tokenizer.SOT: _CLIP_SOT, clip_tokenizer.EOT: _CLIP_EOT}
+  vocab = {names.get(p, p): i for i, p in enumerate(tok._pieces)}
+  merges = sorted(tok._rank, key=tok._rank.get)
+  _write_json(os.path.join(directory, "vocab.json"), vocab)
+  with open(os.path.join(directory, "merges.txt"), "w", encoding="utf-8") as f:
+    f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+  return ["vocab.json", "merges.txt"]
