@@ -276,7 +276,8 @@ def build(config: ml_collections.ConfigDict, *, validate: bool = True) -> Run:
   if config.total_steps == 0:   # evaluate only: no update is ever made
     tx, schedule = optax.identity(), optax.constant_schedule(0.0)
   else:
-    tx, schedule = optimizer.make_optimizer(config.optim, config.total_steps, frozen=frozen)
+    tx, schedule = optimizer.make_optimizer(config.optim, config.total_steps, frozen=frozen,
+                                            params=abstract_params)
   abstract = state_lib.abstract_state(objective, tx, abstract_variables, rng)
   state_sharding = sharding.state_shardings(abstract, mesh, config.sharding)
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
