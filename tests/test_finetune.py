@@ -106,3 +106,64 @@ def test_layer_decay_refusals():
   resnet = {"img": {"stem_conv": {"kernel": jnp.zeros((3, 3))}}, "t": jnp.zeros(())}
   with pytest.raises(ValueError, match="config.optim.layer_decay.*ResNet"):
     optimizer.layer_decay_factors(resnet, 0.5)
+
+
+class _Residual:
+  """loss = ||x w + sum(u) - 4 - y|| (a NaN x: a non-finite step)."""
+  batch_keys = ("x", "y")
+  frozen = None
+
+  def init_variables(self, rng, batch):
+    return {"params": {"w": jnp.zeros(batch["x"].shape[1]), "u": jnp.ones((2, 2))}}
+
+  def grad_fn(self, params, ema, batch, rng, batch_stats=None):
+    def loss(p):
+      r = batch["x"] @ p["w"] - batch["y"] + p["u"].sum() - 4.0
+      return jnp.sqrt(jnp.sum(r * r)), {}
+    return jax.value_and_grad(loss, has_aux=True)(params)
+
+  def ema_init(self, params):
+    return None
+
+  def ema_update(self, ema, params, step):
+    return None
+
+
+def test_weight_ema_walks_the_params_and_skips_non_finite_steps(rng):
+  """params_ema after each of 4 steps (the third non-finite) equals a float64 walk
+  ema = d * ema + (1 - d) * params over the params the step produced."""
+  import optax
+  from mmjax.train import state as state_lib
+  d, n = 0.8, 5
+  x = rng.normal(size=(n, 3)).astype(np.float32)
+  y = rng.normal(size=n).astype(np.float32)
+  tx = optax.adam(0.1)
+  obj = _Residual()
+  state = state_lib.init_state(obj, tx, jax.random.PRNGKey(0), {"x": x, "y": y}, ema_decay=d)
+  step = jax.jit(state_lib.make_train_step(obj, tx, schedule=lambda c: 0.1, ema_decay=d))
+  walk = jax.tree.map(lambda p: np.asarray(p, np.float64), state.params)
+  for i, bad in enumerate([False, False, True, False]):
+    batch = {"x": np.full_like(x, np.nan) if bad else x, "y": y}
+    before = state.params
+    state, metrics = step(state, batch)
+    assert bool(metrics["finite"]) is not bad
+    if bad:
+      jax.tree.map(np.testing.assert_array_equal, state.params, before)
+    else:
+      walk = jax.tree.map(lambda e, p: d * e + (1 - d) * np.asarray(p, np.float64),
+                          walk, state.params)
+    jax.tree.map(lambda got, want: np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7),
+                 state.params_ema, walk)
+  assert not np.allclose(state.params_ema["w"], state.params["w"])   # an average, not a copy
+
+
+def test_ema_decay_off_keeps_no_copy_and_bad_values_are_refused(data_dir):
+  from mmjax.train import config as config_lib
+  from mmjax.train import state as state_lib
+  state = state_lib.init_state(_Residual(), __import__("optax").sgd(0.1), jax.random.PRNGKey(0),
+                               {"x": np.zeros((2, 3), np.float32), "y": np.zeros(2, np.float32)})
+  assert state.params_ema is None
+  for key, bad in (("ema_decay", 1.0), ("ema_decay", -0.1), ("optim.layer_decay", 0.0)):
+    c = tiny_config(data_dir, **{key: bad})
+    with pytest.raises(ValueError, match=f"config.{key}"):
+      config_lib.validate(c)
