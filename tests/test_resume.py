@@ -53,6 +53,9 @@ CASES = {
         "model.image.width": 8, "model.image.num_heads": 2, "model.image.norm": "batch"}),
     "fsdp_gradcache": lambda d: _fsdp(tiny_config(d, loss="siglip", loss_impl="ring_bidir",
                                                   loss_blocks="tiled", accum_steps=2)),
+    # Fine-tuning tools: the weight EMA (a state field, checkpointed) and layer-wise lr decay.
+    "ema_layer_decay": lambda d: tiny_config(d, loss="siglip", ema_decay=0.9,
+                                             **{"optim.layer_decay": 0.8}),
 }
 ONE_DEVICE = {"fsdp_gradcache": lambda d: tiny_config(d, loss="siglip")}
 
@@ -126,6 +129,10 @@ def test_resume_from_a_checkpoint_reproduces_the_uninterrupted_run(data_dir, tmp
   assert jax.tree.structure(have) == jax.tree.structure(want)
   if case == "moco":
     assert want["ema"], "MoCo's checkpoint holds the momentum encoder"
+  if case == "ema_layer_decay":   # the weight EMA is saved, and evaluated at the end
+    assert want["params_ema"]
+    ema_keys = [k for k in results if k.startswith("ema_")]
+    assert ema_keys and all(k[4:] in results for k in ema_keys), sorted(results)
   if case == "resnet_batchnorm":   # the running statistics moved, by the batches' alone,
     mean = np.asarray(want["batch_stats"]["img"]["stem_norm1"]["mean"])
     assert np.abs(mean).max() > 0    # beside the params, where the optimizer never sees them

@@ -132,6 +132,10 @@ def defaults() -> ml_collections.ConfigDict:
   # the metrics) and stops after nan_skip_limit such steps in a row.
   c.nan_policy = "stop"
   c.nan_skip_limit = 10
+  # Weight EMA, any objective, in [0, 1); 0 is off. The state keeps params_ema (checkpointed),
+  # ema = ema_decay * ema + (1 - ema_decay) * params after each finite step; the final
+  # evaluation also runs on it (results keys prefixed 'ema_', e.g. ema_zeroshot_top1).
+  c.ema_decay = 0.0
   c.num_devices = -1          # -1: all; a smaller number uses the first N
   # Axis -> size, one -1 taking the rest. The batch is split over both; 'fsdp'
   # also shards large params and optimizer moments.
@@ -160,6 +164,11 @@ def defaults() -> ml_collections.ConfigDict:
       b1=0.9,
       b2=0.95,
       grad_clip=1.0,          # global norm; 0 disables
+      # Layer-wise lr decay (BEiT / timm), in (0, 1]; 1 is off. In each transformer tower
+      # ('img', 'txt') with L blocks, block i's lr is lr * layer_decay ** (L - i), the
+      # embeddings' lr * layer_decay ** (L + 1); the rest (final norm, heads,
+      # projections, t, b) keep lr. ResNet towers are refused.
+      layer_decay=1.0,
   ))
 
   c.evaluate = ml_collections.ConfigDict(dict(
@@ -263,6 +272,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if not isinstance(every, int) or isinstance(every, bool) or every < 0:
     raise ValueError(f"config.evaluate.every must be a positive int, or 0 for only at the end; "
                      f"got {every!r}")
+  ema = config.ema_decay
+  if not isinstance(ema, (int, float)) or isinstance(ema, bool) or not 0 <= ema < 1:
+    raise ValueError(f"config.ema_decay must be in [0, 1) (0: off); got {ema!r}")
+  decay = config.optim.layer_decay
+  if not isinstance(decay, (int, float)) or isinstance(decay, bool) or not 0 < decay <= 1:
+    raise ValueError(f"config.optim.layer_decay must be in (0, 1] (1: off); got {decay!r}")
   if config.nan_policy not in NAN_POLICIES:
     raise ValueError(f"config.nan_policy must be one of {NAN_POLICIES}; got {config.nan_policy!r}")
   for key in ("dtype", "param_dtype"):

@@ -68,7 +68,8 @@ class Run:
     """The initial state, created on the mesh already sharded (no host copy)."""
     d = self.config.data
     dummy = _dummy_batch(d)
-    return jax.jit(lambda r: state_lib.init_state(self.objective, self.tx, r, dummy),
+    return jax.jit(lambda r: state_lib.init_state(self.objective, self.tx, r, dummy,
+                                                  ema_decay=self.config.ema_decay),
                    out_shardings=self.state_sharding)(self.rng)
 
 
@@ -276,8 +277,10 @@ def build(config: ml_collections.ConfigDict, *, validate: bool = True) -> Run:
   if config.total_steps == 0:   # evaluate only: no update is ever made
     tx, schedule = optax.identity(), optax.constant_schedule(0.0)
   else:
-    tx, schedule = optimizer.make_optimizer(config.optim, config.total_steps, frozen=frozen)
-  abstract = state_lib.abstract_state(objective, tx, abstract_variables, rng)
+    tx, schedule = optimizer.make_optimizer(config.optim, config.total_steps, frozen=frozen,
+                                            params=abstract_params)
+  abstract = state_lib.abstract_state(objective, tx, abstract_variables, rng,
+                                      ema_decay=config.ema_decay)
   state_sharding = sharding.state_shardings(abstract, mesh, config.sharding)
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           abstract, state_sharding)
@@ -387,6 +390,8 @@ def _start(built: Run, ckpt, workdir: str) -> tuple[state_lib.TrainState, int, d
     elif built.start is not None:
       state = init_from.from_checkpoint(state, built.start, built.state_sharding,
                                          config.init_from.checkpoint)
+    if state.params_ema is not None:   # the weight EMA starts where training starts
+      state = state.replace(params_ema=jax.tree.map(jnp.copy, state.params))
     # The baseline the trained numbers are compared with.
     return state, 0, built.evaluator(state.variables) if config.evaluate.at_init else {}, {}
   start, state, data_state = restored
@@ -476,6 +481,8 @@ def run(built: Run, workdir: str, *, callbacks: Sequence[Callable[[int, dict], N
     if last_saved != config.total_steps:
       checkpoint.save(ckpt, config.total_steps, state, data_state(), force=True)
     final = built.evaluator(state.variables)
+    if state.params_ema is not None:   # config.ema_decay: the weight EMA evaluated too
+      final.update({f"ema_{k}": v for k, v in built.evaluator(state.ema_variables).items()})
     ckpt.wait_until_finished()
   finally:
     if bar is not None:
@@ -497,7 +504,8 @@ def _step_fn(built: Run):
   batch-sharded over the mesh (mmjax.nn.partitioning); one device: no constraints."""
   mesh = built.mesh if built.mesh.size > 1 else None
   return jax.jit(state_lib.make_train_step(built.objective, built.tx, schedule=built.schedule,
-                                           normalize=built.normalize, mesh=mesh),
+                                           normalize=built.normalize, mesh=mesh,
+                                           ema_decay=built.config.ema_decay),
                  in_shardings=(built.state_sharding, built.batch_sharding),
                  out_shardings=(built.state_sharding, None), donate_argnums=0)
 

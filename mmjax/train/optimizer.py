@@ -1,4 +1,5 @@
-"""AdamW with warmup + cosine decay, global-norm clipping, a weight-decay mask, and frozen params."""
+"""AdamW with warmup + cosine decay, global-norm clipping, a weight-decay mask, frozen params
+and layer-wise learning-rate decay."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Sequence
 
 import jax
 import ml_collections
+import numpy as np
 import optax
 
 
@@ -43,15 +45,78 @@ def frozen_labels(params, patterns: Sequence[str]):
       else "train", params)
 
 
+# The towers layer decay applies to, and the names in a tower before its encoder (depth 0).
+TOWERS = ("img", "txt")
+EMBEDDING = ("embedding", "token_embedding", "pos_embedding", "cls", "ln_pre")
+_BLOCK = re.compile(r"block(\d+)")
+
+
+def _tower_depth(tower: str, encoder) -> int:
+  """L, the number of encoder blocks of params[tower]['encoder'] (scanned or not)."""
+  if "blocks" in encoder:   # nn.scan: every leaf stacked on a leading [L] axis
+    return jax.tree.leaves(encoder["blocks"])[0].shape[0]
+  found = [int(m.group(1)) for k in encoder if (m := _BLOCK.fullmatch(k))]
+  if not found:
+    raise ValueError(f"config.optim.layer_decay: params['{tower}']['encoder'] has no blocks")
+  return max(found) + 1
+
+
+def layer_decay_factors(params, decay: float):
+  """Per-leaf lr factors decay ** (L + 1 - d) (BEiT / timm layer-wise lr decay).
+
+  params: the model's params (abstract is enough). In each tower ('img', 'txt', a ViT or
+  text transformer with L blocks) d = 0 for the embeddings (EMBEDDING), d = i + 1 for
+  encoder block i, d = L + 1 (factor 1) for the rest (final norm, pooling head); params
+  outside the towers (projections, t, b, heads) get 1. Returns a pytree like params: a
+  float per leaf, or for the scanned blocks (encoder/blocks, [L, ...]) a float32
+  [L, 1, ..., 1] array scaling each layer along the leading axis.
+  """
+  def factor(path, x):
+    keys = param_path(path).split("/")
+    tower = keys[0]
+    if tower not in TOWERS or len(keys) < 2:
+      return 1.0
+    encoder = params[tower].get("encoder") if hasattr(params[tower], "get") else None
+    if encoder is None:
+      raise ValueError(f"config.optim.layer_decay: params['{tower}'] has no transformer "
+                       "encoder (a ResNet?); layer decay applies to ViT and text towers")
+    depth = _tower_depth(tower, encoder)
+    if keys[1] in EMBEDDING:
+      return float(decay ** (depth + 1))
+    if keys[1] != "encoder":
+      return 1.0
+    if keys[2] == "blocks":
+      per_layer = decay ** (depth - np.arange(depth, dtype=np.float64))   # d = i + 1
+      return per_layer.astype(np.float32).reshape((depth,) + (1,) * (len(x.shape) - 1))
+    m = _BLOCK.fullmatch(keys[2])
+    return float(decay ** (depth - int(m.group(1)))) if m else 1.0
+  return jax.tree_util.tree_map_with_path(factor, params)
+
+
+def scale_by_tree(factors) -> optax.GradientTransformation:
+  """Multiplies each update by its leaf of `factors` (a float or a broadcastable array)."""
+  def scale(updates, params=None):
+    del params
+    return jax.tree.map(lambda u, f: u * np.asarray(f, u.dtype), updates, factors)
+  return optax.stateless(scale)
+
+
 def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int, *,
-                   frozen=None) -> tuple[optax.GradientTransformation, optax.Schedule]:
+                   frozen=None, params=None) -> tuple[optax.GradientTransformation,
+                                                      optax.Schedule]:
   """Returns (tx, lr_schedule) from config.optim.
 
   frozen: None, or frozen_labels(params, config.frozen) ('frozen' / 'train'
   per leaf, e.g. from ['img/.*'] for LiT). The frozen parameters get zero
   updates and no optimizer state at all (optax.multi_transform with
   set_to_zero); the clip norm counts the rest.
+  params: the model's params (abstract is enough), needed for optim.layer_decay < 1:
+  each final update (Adam's step and its weight decay) is scaled by
+  layer_decay_factors, i.e. each layer's lr is lr * layer_decay ** (L + 1 - depth).
   """
+  decay = optim.get("layer_decay", 1.0)
+  if not 0 < decay <= 1:
+    raise ValueError(f"config.optim.layer_decay must be in (0, 1]; got {decay!r}")
   if not 0 <= optim.warmup_steps < total_steps:
     raise ValueError(f"config.optim.warmup_steps ({optim.warmup_steps}) must be in "
                      f"[0, config.total_steps={total_steps})")
@@ -66,4 +131,8 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int, *,
   tx = optax.chain(*parts)
   if frozen is not None:
     tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, frozen)
+  if decay != 1:
+    if params is None:
+      raise ValueError("config.optim.layer_decay < 1 needs the params (make_optimizer(params=))")
+    tx = optax.chain(tx, scale_by_tree(layer_decay_factors(params, decay)))
   return tx, schedule

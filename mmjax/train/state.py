@@ -21,6 +21,7 @@ class TrainState:
   rng: jax.Array        # raw uint32[2] key; step keys are fold_in(rng, step)
   ema: Any = None       # momentum-encoder params (MoCo), else None
   batch_stats: Any = None   # running statistics (BatchNorm's), outside the optimizer; else None
+  params_ema: Any = None    # weight EMA of params (config.ema_decay > 0), else None
 
   @property
   def variables(self) -> dict:
@@ -29,23 +30,30 @@ class TrainState:
       return {"params": self.params}
     return {"params": self.params, "batch_stats": self.batch_stats}
 
+  @property
+  def ema_variables(self) -> dict:
+    """variables with the weight EMA (params_ema) as 'params'; the running statistics stay."""
+    return {**self.variables, "params": self.params_ema}
+
 
 def init_state(objective, tx: optax.GradientTransformation, rng: jax.Array,
-               batch: dict) -> TrainState:
+               batch: dict, *, ema_decay: float = 0.0) -> TrainState:
   """Initialises params from a dummy batch (shapes only matter).
 
   objective: an mmjax.objectives.Objective (init_variables, ema_init).
+  ema_decay > 0: params_ema starts as a copy of params (config.ema_decay).
   """
   init_rng, rng = jax.random.split(rng)
   variables = objective.init_variables(init_rng, batch)
   params = variables["params"]
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     opt_state=tx.init(params), rng=rng, ema=objective.ema_init(params),
-                    batch_stats=variables.get("batch_stats") or None)
+                    batch_stats=variables.get("batch_stats") or None,
+                    params_ema=jax.tree.map(jnp.copy, params) if ema_decay else None)
 
 
 def abstract_state(objective, tx: optax.GradientTransformation, abstract_variables: dict,
-                   rng: jax.Array) -> TrainState:
+                   rng: jax.Array, *, ema_decay: float = 0.0) -> TrainState:
   """init_state's shapes and dtypes from the variables' (jax.ShapeDtypeStruct leaves, as
   jax.eval_shape(objective.init_variables, ...) gives them), without tracing the init again."""
   params = abstract_variables["params"]
@@ -53,7 +61,8 @@ def abstract_state(objective, tx: optax.GradientTransformation, abstract_variabl
                     opt_state=jax.eval_shape(tx.init, params),
                     rng=jax.ShapeDtypeStruct(jnp.shape(rng), jnp.asarray(rng).dtype),
                     ema=jax.eval_shape(objective.ema_init, params),
-                    batch_stats=abstract_variables.get("batch_stats") or None)
+                    batch_stats=abstract_variables.get("batch_stats") or None,
+                    params_ema=params if ema_decay else None)
 
 
 def images_to_float(batch: dict, normalize: tuple | None = None) -> dict:
@@ -82,7 +91,7 @@ def _schedule_count(opt_state, step: jax.Array) -> jax.Array:
 
 def make_train_step(objective, tx: optax.GradientTransformation, *,
                     schedule: Callable[[jax.Array], jax.Array], normalize: tuple | None = None,
-                    mesh: Mesh | None = None):
+                    mesh: Mesh | None = None, ema_decay: float = 0.0):
   """Returns train_step(state, batch) -> (state, metrics), pure, ready for jit.
 
   batch: the objective's batch_keys, e.g. {'image': [B, H, W, 3] float32,
@@ -95,6 +104,8 @@ def make_train_step(objective, tx: optax.GradientTransformation, *,
   and EMA stay as they were (the optimizer's count, so its lr schedule, does not
   advance) and metrics['finite'] is False: the loop stops or skips
   (config.nan_policy), and no state holding a non-finite update exists.
+  ema_decay > 0: after each finite step state.params_ema becomes
+  ema_decay * params_ema + (1 - ema_decay) * params (the new params; config.ema_decay).
   mesh: the towers' activations are constrained to it (batch-sharded over its batch axes,
   mmjax.nn.partitioning's default rules) while the step is traced; None: no constraints.
   """
@@ -115,14 +126,21 @@ def make_train_step(objective, tx: optax.GradientTransformation, *,
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = objective.ema_update(state.ema, params, state.step)
+    params_ema = state.params_ema
+    if ema_decay:
+      params_ema = jax.tree.map(
+          lambda e, p: (ema_decay * e.astype(jnp.float32)
+                        + (1 - ema_decay) * p.astype(jnp.float32)).astype(e.dtype),
+          state.params_ema, params)
     # A non-finite loss or gradient changes nothing but the step count.
-    params, opt_state, ema, stats = jax.tree.map(
-        lambda new, old: jnp.where(finite, new, old), (params, opt_state, ema, stats),
-        (state.params, state.opt_state, state.ema, state.batch_stats))
+    params, opt_state, ema, stats, params_ema = jax.tree.map(
+        lambda new, old: jnp.where(finite, new, old),
+        (params, opt_state, ema, stats, params_ema),
+        (state.params, state.opt_state, state.ema, state.batch_stats, state.params_ema))
     metrics = {"loss": value, "lr": schedule(_schedule_count(state.opt_state, state.step)),
                "grad_norm": grad_norm, "finite": finite, **aux}
     new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema,
-                        batch_stats=stats)
+                        batch_stats=stats, params_ema=params_ema)
     return new, metrics
 
   return train_step
