@@ -6,7 +6,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmjax.data import catlip_vocab
 from mmjax.models import image as image_lib
 from mmjax.models import resnet
 from mmjax import objectives

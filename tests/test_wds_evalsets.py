@@ -5,7 +5,6 @@ one line naming the file, the sample or the field."""
 
 import io
 import json
-import os
 
 import numpy as np
 import pytest
