@@ -7,8 +7,10 @@ r"""Zero-shot classification or image-text retrieval of a checkpoint (CLIP_bench
 
 Classification (a dataset with class labels): one embedding per class, the templates' text
 embeddings averaged and re-normalised; acc1, acc5 and the mean per-class recall (balanced
-accuracy). Retrieval (a dataset of image-caption pairs): image->text and text->image
-recall@1/5/10, identical captions counting as one text. Images stream through in fixed-size
+accuracy). Retrieval (images with one or more captions each, CLIP_benchmark's retrieval
+sets: one caption per line of a sample's .txt): image->text and text->image recall@1/5/10,
+each caption a text that goes with its own image (an image counts as found by any of its
+captions). Images stream through in fixed-size
 batches (running sums: memory does not grow with the dataset for classification; retrieval
 keeps one embedding per example). The JSON result goes to --output (written only when the
 whole evaluation succeeded) and to stdout.
@@ -78,7 +80,8 @@ def evaluate(checkpoint: str, dataset: str, *, split: str = "test", data_dir: st
       temps, templates = ds.templates, "dataset"
     else:
       templates = templates or "openai"
-      temps = eval_data.load_templates(templates)
+      temps = eval_data.load_templates(templates, class_names=ds.class_names,
+                                       dataset=eval_data.dataset_keys(ds.name))
   ckpt = export.load(checkpoint)   # a converter's spec, or a run's 'workdir:/path[@step]'
   tok = tokenizers.tokenizer_for_tower(tokenizer, checkpoint_spec=ckpt.tokenizer,
                                        vocab_size=ckpt.config["text"]["vocab_size"],
@@ -112,7 +115,10 @@ def evaluate(checkpoint: str, dataset: str, *, split: str = "test", data_dir: st
          "metrics": metrics, "tokenizer": tok.spec, "image_size": ckpt.preprocess.size,
          "images_per_second": clock.rate(), "seconds": time.time() - t0}
   if temps is not None:
-    out.update(templates=templates, num_templates=len(temps), num_classes=len(ds.class_names))
+    prompts = (sum(map(len, temps.values())) if isinstance(temps, dict)
+               else len(temps) * len(ds.class_names))
+    out.update(templates=templates, num_prompts=prompts, num_classes=len(ds.class_names),
+               num_templates=None if isinstance(temps, dict) else len(temps))
   return out
 
 
@@ -139,8 +145,9 @@ def main(argv=None) -> int:
                  "or ~/.cache/mmjax/datasets)")
   p.add_argument("--templates", default=None,
                  help="openai (80) | simple (7) | a file, one template per line naming the "
-                 "class as '{c}' (CLIP_benchmark's) or '{}' "
-                 "(default: the dataset's own, else openai)")
+                 "class as '{c}' (CLIP_benchmark's) or '{}' | a JSON file as CLIP_benchmark's "
+                 "--custom_template_file: a list, per-class prompts {class: [prompt, ...]}, or "
+                 "either under the dataset's name (default: the dataset's own, else openai)")
   p.add_argument("--tokenizer", default=None, help="override the checkpoint's tokenizer spec")
   p.add_argument("--batch_size", type=int, default=64)
   p.add_argument("--limit", type=int, default=None, help="the first N examples only")

@@ -10,6 +10,7 @@ does not grow with the dataset), with the class names and templates zero-shot ne
 from __future__ import annotations
 
 import importlib.resources
+import json
 import os
 import re
 from typing import Iterator, NamedTuple, Sequence
@@ -38,22 +39,66 @@ def imagenet_classnames() -> list[str]:
   return _data_lines("imagenet_classnames.txt")
 
 
-def load_templates(spec: str) -> list[str]:
-  """'openai' (80), 'simple' (7) or a text file with one template per line, each naming the
-  class as '{c}' (CLIP_benchmark's) or '{}' (mmjax.evaluate.prompts.template_problem)."""
+def load_templates(spec: str, *, class_names: Sequence[str] | None = None,
+                   dataset: Sequence[str] = ()) -> list[str] | dict[str, list[str]]:
+  """Zero-shot prompts: 'openai' (80), 'simple' (7), a text file with one template per line
+  naming the class as '{c}' (CLIP_benchmark's) or '{}' (mmjax.data.prompts.template_problem),
+  or a JSON file as CLIP_benchmark's --custom_template_file takes it: a list of templates,
+  per-class prompts {class name: [prompt, ...]} (CuPL's), or either of those under a dataset
+  key (`dataset`'s names tried in order, then CLIP_benchmark's fallback 'imagenet1k').
+
+  Returns a list of templates, or {class name: prompts} for the `class_names` (all needed)."""
+  path = os.path.expanduser(spec)
   if spec in TEMPLATE_SETS:
-    out = _data_lines(TEMPLATE_SETS[spec])
-  elif os.path.isfile(os.path.expanduser(spec)):
-    with open(os.path.expanduser(spec), encoding="utf-8") as f:
-      out = [line.strip() for line in f if line.strip()]
-  else:
+    return _checked_templates(spec, _data_lines(TEMPLATE_SETS[spec]))
+  if not os.path.isfile(path):
     raise ValueError(f"templates={spec!r}: not one of {sorted(TEMPLATE_SETS)} and not a file")
+  if path.endswith(".json"):
+    return _json_templates(spec, _read_json(spec), class_names, tuple(dataset))
+  with open(path, encoding="utf-8") as f:
+    return _checked_templates(spec, [line.strip() for line in f if line.strip()])
+
+
+def _checked_templates(spec: str, out) -> list[str]:
   bad = [(i + 1, t, prompts.template_problem(t)) for i, t in enumerate(out)
          if prompts.template_problem(t)]
   if not out or bad:
     raise ValueError(f"templates={spec!r}: each template names the class as '{{c}}' or '{{}}'; "
                      f"bad lines (line, template, why): {bad[:3] or 'the file is empty'}")
-  return out
+  return list(out)
+
+
+def _read_json(spec: str):
+  try:
+    with open(os.path.expanduser(spec), encoding="utf-8") as f:
+      return json.load(f)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"templates={spec!r}: not JSON ({e})") from None
+
+
+def _json_templates(spec, data, class_names, dataset):
+  if isinstance(data, list):
+    return _checked_templates(spec, data)
+  if not isinstance(data, dict):
+    raise ValueError(f"templates={spec!r}: a JSON list of templates or a dict; got "
+                     f"{type(data).__name__}")
+  if class_names and all(c in data for c in class_names):
+    bad = [c for c in class_names if not _prompt_list(data[c])]
+    if bad:
+      raise ValueError(f"templates={spec!r}: class {bad[0]!r} needs a non-empty list of "
+                       f"prompt strings; got {data[bad[0]]!r}"[:300])
+    return {c: list(data[c]) for c in class_names}
+  for key in (*dataset, "imagenet1k"):
+    if key in data:
+      return _json_templates(f"{spec}[{key!r}]", data[key], class_names, ())
+  missing = [c for c in class_names or () if c not in data]
+  raise ValueError(f"templates={spec!r}: neither a list of templates nor prompts for every "
+                   f"class (missing {missing[:3]}) nor an entry for the dataset (keys tried: "
+                   f"{[*dataset, 'imagenet1k']})")
+
+
+def _prompt_list(x) -> bool:
+  return isinstance(x, list) and bool(x) and all(isinstance(t, str) and t for t in x)
 
 
 def readable_names(names: Sequence[str]) -> list[str]:
@@ -155,30 +200,84 @@ def open_eval_set(spec: str, *, split: str = "test", data_dir: str | None = None
 
 
 def _open_shards(spec: str, rest: str, split: str) -> EvalSet:
+  """CLIP_benchmark's webdataset layout as its build_wds_dataset reads it: <dir>/<split>/
+  {0..N-1}.tar with N in <dir>/<split>/nshards.txt (else the folder's *.tar), and in <dir>
+  dataset_type.txt ('classification', the default, or 'retrieval'), classnames.txt and
+  zeroshot_classification_templates.txt; or a shard spec, its metadata beside the shards."""
   path = os.path.expanduser(rest)
-  shards = os.path.join(path, split, "*.tar") if os.path.isdir(path) else path
-  paths = wds.expand_shards(shards, field="--dataset")   # its own line: the spec, the field
+  paths = (_split_shards(path, split) if os.path.isdir(path)
+           else wds.expand_shards(path, field="--dataset"))   # its own line: spec and field
   try:
     source = wds_pipeline.DecodedShards(wds.ShardIndex(paths))
   except ValueError as e:
     raise ValueError(f"--dataset={spec!r}: {e}") from None
-  names = wds_pipeline.find_beside(paths, "classnames.txt")
-  temps = wds_pipeline.find_beside(paths, "zeroshot_classification_templates.txt")
-  keys = source.keys(0)
-  if names and "label" in keys:
-    class_names = wds_pipeline.read_lines(names)
-    top = max(_every(source, "label", "cls", "a class label").values())
-    if top >= len(class_names):
-      raise ValueError(f"{names}: {len(class_names)} class names, but the shards have label "
-                       f"{top} (labels index the names: 0..{len(class_names) - 1})")
-    return EvalSet(f"wds:{rest}", source, readable_names(class_names),
-                   templates=load_templates(temps) if temps else None)
-  if "text" in keys:
-    _every(source, "text", "txt", "a caption")
+  beside = lambda name: (os.path.join(path, name) if os.path.isdir(path)
+                         and os.path.isfile(os.path.join(path, name))
+                         else wds_pipeline.find_beside(paths, name))
+  kind = _dataset_type(beside("dataset_type.txt"), source)
+  if kind == "retrieval":
+    empty = [i for i, t in _every(source, "text", "txt", "a caption").items() if not captions(t)]
+    if empty:
+      raise ValueError(f"{source.where(empty[0])}: its .txt holds no caption, and a "
+                       f"retrieval sample needs one ({len(empty)} samples have none)")
     return EvalSet(f"wds:{rest}", source, None, label_key=None, text_key="text")
-  raise ValueError(f"dataset={spec!r}: its samples have neither a 'cls' label (with a "
-                   "classnames.txt beside the shards or in their parent folder) nor a 'txt' "
-                   "caption")
+  names = beside("classnames.txt")
+  if not names:
+    raise ValueError(f"dataset={spec!r}: a classification set (dataset_type.txt says so, or "
+                     "its samples have .cls labels) needs classnames.txt beside the shards or "
+                     "in their parent folder, one class name per line in label order")
+  class_names = wds_pipeline.read_lines(names)
+  top = max(_every(source, "label", "cls", "a class label").values())
+  if top >= len(class_names):
+    raise ValueError(f"{names}: {len(class_names)} class names, but the shards have label "
+                     f"{top} (labels index the names: 0..{len(class_names) - 1})")
+  temps = beside("zeroshot_classification_templates.txt")
+  # The names as written (CLIP_benchmark's files hold readable names: no '_' replaced).
+  return EvalSet(f"wds:{rest}", source, class_names,
+                 templates=load_templates(temps) if temps else None)
+
+
+def dataset_keys(name: str) -> tuple[str, ...]:
+  """The names a dataset goes by in CLIP_benchmark's template files, most specific first:
+  'wds:/data/wds_cifar10' -> ('wds/cifar10', 'cifar10', 'wds_cifar10')."""
+  kind, _, rest = name.partition(":")
+  base = os.path.basename(os.path.normpath(rest)) if kind in ("wds", "folder") else rest
+  short = base[4:] if base.startswith("wds_") else base
+  return tuple(dict.fromkeys((f"{kind}/{short}", short, base)))
+
+
+def _split_shards(folder: str, split: str) -> list[str]:
+  """<folder>/<split>/{0..N-1}.tar (N from its nshards.txt), else its *.tar in order."""
+  where = os.path.join(folder, split)
+  count = os.path.join(where, "nshards.txt")
+  if not os.path.isfile(count):
+    return wds.expand_shards(os.path.join(where, "*.tar"), field="--dataset")
+  with open(count, encoding="utf-8") as f:
+    text = f.read().strip()
+  if not text.isdigit() or int(text) < 1:
+    raise ValueError(f"{count}: must hold a positive shard count; got {text[:40]!r}")
+  paths = [os.path.join(where, f"{i}.tar") for i in range(int(text))]
+  missing = [p for p in paths if not os.path.isfile(p)]
+  if missing:
+    raise ValueError(f"{count} says {text} shards, but {len(missing)} are missing, e.g. "
+                     f"{missing[0]}")
+  return paths
+
+
+def _dataset_type(path: str | None, source) -> str:
+  """'classification' or 'retrieval': dataset_type.txt's word, else what the samples carry
+  (a .cls label: classification; only a .txt caption: retrieval)."""
+  if path is None:
+    keys = source.keys(0)
+    if "label" in keys or "text" not in keys:
+      return "classification"
+    return "retrieval"
+  with open(path, encoding="utf-8") as f:
+    kind = f.read().strip().lower()
+  if kind not in ("classification", "retrieval"):
+    raise ValueError(f"{path}: {kind[:40]!r} is not a dataset type mmjax evaluates "
+                     "('classification' or 'retrieval'; multi-label sets are not supported)")
+  return kind
 
 
 def _every(source, key: str, ext: str, what: str) -> dict:
@@ -193,6 +292,12 @@ def _every(source, key: str, ext: str, what: str) -> dict:
                        "other samples do; remove it or add one")
     out[i] = meta[key]
   return out
+
+
+def captions(text: str) -> list[str]:
+  """A sample's captions: its text's non-empty lines, stripped (CLIP_benchmark splits a
+  retrieval set's .txt into lines: COCO's and Flickr30k's five captions per image)."""
+  return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 class _Prepare:
@@ -212,9 +317,9 @@ class _Prepare:
     out = {"image": image}
     if self.label_key:
       out["label"] = np.int32(ex[self.label_key])
-    if self.text_key:
+    if self.text_key:   # CLIP_benchmark's retrieval sets: one caption per line
       t = ex[self.text_key]
-      out["text"] = t.decode() if isinstance(t, bytes) else str(t)
+      out["text"] = captions(t.decode() if isinstance(t, bytes) else str(t))
     return out
 
 
@@ -222,7 +327,8 @@ def eval_batches(ds: EvalSet, prep: ImagePrep, batch_size: int, *, limit: int | 
                  num_threads: int = 4) -> Iterator[dict]:
   """The dataset once, in order, in batches of exactly batch_size (the last one padded by
   repeating its first example, `valid` False there): 'image' float32 [b, S, S, 3],
-  'label' int32 [b] (classification), 'text' list of b strings (retrieval), 'valid' bool [b].
+  'label' int32 [b] (classification), 'text' (retrieval) b lists of captions (mmjax.data.
+  eval_data.captions: a sample's lines), 'valid' bool [b].
   limit: the first `limit` examples only."""
   if batch_size <= 0:
     raise ValueError(f"batch_size={batch_size} must be positive")

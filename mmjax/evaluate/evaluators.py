@@ -11,7 +11,7 @@ take; the evaluators pass it through untouched.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import numpy as np
@@ -111,7 +111,8 @@ class ZeroShot:
   def __init__(self, images: Embedded, texts: Texts, class_names: Sequence[str],
                templates: Sequence[str]):
     self.images, self.texts = images, texts
-    self.class_names, self.templates = list(class_names), list(templates)
+    self.class_names = list(class_names)   # templates: a list, or per-class prompts (a dict)
+    self.templates = dict(templates) if isinstance(templates, dict) else list(templates)
 
   @classmethod
   def build(cls, inputs: Inputs, s: dict) -> "ZeroShot":
@@ -139,22 +140,40 @@ class ZeroShot:
     return {f"zeroshot_top{k}": r[f"acc{k}"] for k in (1, 5) if f"acc{k}" in r}
 
 
+class Pairing(NamedTuple):
+  """The eval split's embeddings for retrieval: text j describes image i when
+  img_ids[i] == txt_ids[j]; texts: text j's input (a token row or a string)."""
+  img: np.ndarray       # [n, d]
+  txt: np.ndarray       # [m, d]
+  img_ids: np.ndarray   # [n] int
+  txt_ids: np.ndarray   # [m] int
+  texts: Any            # [m, L] token rows or m strings
+
+
 class Pairs:
-  """The eval split's image and text embeddings and their ids (equal ids: a correct pair):
-  retrieval_match 'pair' (identical captions are one text) or 'label' (same class)."""
+  """The eval split's image and text embeddings and which go together.
+
+  One text per image: retrieval_match 'pair' (text i goes with image i, identical captions
+  counting as one text) or 'label' (same class). Several captions per image (a list per
+  image, as CLIP_benchmark's retrieval sets give them): every caption is a text and goes with
+  its image only, CLIP_benchmark's protocol.
+  """
 
   def __init__(self, images: Embedded, texts: Texts, match: str):
     if match not in ("pair", "label"):
       raise ValueError(f"retrieval_match must be 'pair' or 'label'; got {match!r}")
     self.images, self.texts, self.match = images, texts, match
 
-  def __call__(self, variables) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
-    """(img [n, d], txt [n, d], ids [n], fields)."""
+  def __call__(self, variables) -> Pairing:
     def compute():
       img, fields = self.images.all(variables)
-      txt = self.texts(variables, fields["text"])
-      ids = fields["label"] if self.match == "label" else caption_ids(fields["text"])
-      return img, txt, ids, fields
+      texts = fields["text"]
+      if isinstance(texts, list) and texts and isinstance(texts[0], list):
+        flat = [t for caps in texts for t in caps]
+        txt_ids = np.repeat(np.arange(len(texts)), [len(caps) for caps in texts])
+        return Pairing(img, self.texts(variables, flat), np.arange(len(img)), txt_ids, flat)
+      ids = fields["label"] if self.match == "label" else caption_ids(texts)
+      return Pairing(img, self.texts(variables, texts), ids, ids, texts)
     return self.images.memo.get(self, compute)
 
   @classmethod
@@ -184,8 +203,9 @@ class Retrieval:
 
   def recall(self, variables) -> dict[str, float]:
     """{'i2t_r1', ..., 't2i_r10', 'n'}."""
-    img, txt, ids, _ = self.pairs(variables)
-    return {**retrieval_recall(img, txt, img_ids=ids, txt_ids=ids), "n": len(img)}
+    p = self.pairs(variables)
+    return {**retrieval_recall(p.img, p.txt, img_ids=p.img_ids, txt_ids=p.txt_ids),
+            "n": len(p.img)}
 
   def run(self, variables) -> dict[str, float]:
     return {f"retrieval_{k}": v for k, v in self.recall(variables).items() if k != "n"}
@@ -277,7 +297,9 @@ class Captioning:
     tokens, fields = self.generated.all(variables)
     generated = self.tok.decode(tokens)
     captions, labels = _strings(self.tok, fields["text"]), fields.get("label")
-    if self.match == "label" and labels is not None:
+    if captions and isinstance(captions[0], list):   # several references per image
+      refs = [list(c) for c in captions]
+    elif self.match == "label" and labels is not None:
       by_class = {c: sorted({t for t, l in zip(captions, labels) if l == c})
                   for c in np.unique(labels)}
       refs = [by_class[c] for c in labels]
@@ -309,9 +331,9 @@ class Rerank:
                inputs.jit(score_fn), k)
 
   def run(self, variables) -> dict[str, float]:
-    img, txt, ids, fields = self.pairs(variables)
+    p = self.pairs(variables)
     image_tokens, _ = self.image_tokens.all(variables)
-    texts, b = np.asarray(fields["text"]), self.image_tokens.batch_size
+    texts, b = np.asarray(p.texts), self.image_tokens.batch_size
 
     def score(ii: np.ndarray, jj: np.ndarray) -> np.ndarray:
       out = []
@@ -322,5 +344,6 @@ class Rerank:
         out.append(np.asarray(self.score_fn(variables, image_tokens[i], texts[j]))[:b - pad])
       return np.concatenate(out)
 
-    recall = rerank_recall(img @ txt.T, score, k=self.k, img_ids=ids, txt_ids=ids)
+    recall = rerank_recall(p.img @ p.txt.T, score, k=self.k, img_ids=p.img_ids,
+                           txt_ids=p.txt_ids)
     return {f"itm_retrieval_{k}": v for k, v in recall.items()}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -13,28 +13,49 @@ from mmjax.numerics import l2_normalize
 
 def class_embeddings(encode_text: Callable[[Sequence[str]], np.ndarray],
                      class_names: Sequence[str],
-                     templates: Sequence[str]) -> np.ndarray:
-  """One embedding per class: the template ensemble, averaged and re-normalised.
+                     templates: Sequence[str] | Mapping[str, Sequence[str]]) -> np.ndarray:
+  """One embedding per class: its prompts' text embeddings, averaged and re-normalised.
 
   Args:
     encode_text: maps n strings to [n, d] text embeddings (L2-normalised).
     class_names: C names, e.g. ["zero", "one", ...].
-    templates: T prompt templates: the class name as "{c}" (CLIP_benchmark's
-      `template.format(c=name)`, any number of times) or one "{}" (open_clip's lists).
+    templates: T prompt templates, each naming the class as "{c}" (CLIP_benchmark's
+      `template.format(c=name)`, any number of times) or one "{}" (open_clip's lists); or
+      per-class prompts {class name: [prompt, ...]} used as they are (CLIP_benchmark's
+      CuPL-style template files), every class name a key.
 
   Returns:
     [C, d] float32, unit-norm rows.
   """
   if not class_names:
     raise ValueError("class_names is empty")
+  per_class = _per_class_prompts(class_names, templates)
+  counts = [len(p) for p in per_class]
+  emb = l2_normalize(np.asarray(encode_text([t for p in per_class for t in p]), np.float32))
+  ends = np.cumsum(counts)
+  means = np.add.reduceat(emb, ends - counts, axis=0) / np.asarray(counts)[:, None]
+  return l2_normalize(means)
+
+
+def _per_class_prompts(class_names: Sequence[str], templates) -> list[list[str]]:
+  """Each class's prompts: the templates filled in, or its entry of a per-class dict."""
+  if isinstance(templates, Mapping):
+    missing = [c for c in class_names if c not in templates]
+    empty = [c for c in class_names if c in templates and not _strings(templates[c])]
+    if missing or empty:
+      raise ValueError(f"per-class prompts: no prompts for {len(missing) + len(empty)} of "
+                       f"{len(class_names)} classes, e.g. {(missing + empty)[:3]}")
+    return [list(templates[c]) for c in class_names]
   bad = [(t, template_problem(t)) for t in templates if template_problem(t)]
   if not templates or bad:
     raise ValueError(f"templates must be non-empty, each with the class name as '{{c}}' or "
                      f"'{{}}'; bad: {bad[:3]}")
-  prompts = [fill_template(t, c) for c in class_names for t in templates]
-  emb = np.asarray(encode_text(prompts), np.float32)
-  emb = l2_normalize(emb).reshape(len(class_names), len(templates), -1).mean(1)
-  return l2_normalize(emb)
+  return [[fill_template(t, c) for t in templates] for c in class_names]
+
+
+def _strings(x) -> bool:
+  """A non-empty list of strings."""
+  return isinstance(x, (list, tuple)) and bool(x) and all(isinstance(t, str) for t in x)
 
 
 def zeroshot_accuracy(img_emb: np.ndarray, class_emb: np.ndarray,
