@@ -167,7 +167,10 @@ def defaults() -> ml_collections.ConfigDict:
       # Layer-wise lr decay (BEiT / timm), in (0, 1]; 1 is off. In each transformer tower
       # ('img', 'txt') with L blocks, block i's lr is lr * layer_decay ** (L - i), the
       # embeddings' lr * layer_decay ** (L + 1); the rest (final norm, heads,
-      # projections, t, b) keep lr. ResNet towers are refused.
+      # projections, t, b) keep lr. A ResNet tower counts its residual blocks (timm's
+      # grouping): with L blocks in all stages, the stem is depth 0 (lr * decay ** (L + 1)),
+      # block k of the flattened stages (stage1_0 = 0, then on through stage 4) depth k + 1
+      # (lr * decay ** (L - k)); the attention pool keeps lr.
       layer_decay=1.0,
   ))
 
