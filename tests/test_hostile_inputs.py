@@ -15,7 +15,7 @@ from mmjax.data import wds_pipeline
 from mmjax.models import coca, factory
 from mmjax.train import config as config_lib
 from tests.configs import tiny_config
-from tests.test_coca import BOS, EOS, LEN, VOCAB, params_of, tiny
+from tests.test_coca import EOS, LEN, VOCAB, params_of, tiny
 
 TEXT_VOCAB = 100
 
