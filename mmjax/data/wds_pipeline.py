@@ -484,6 +484,20 @@ def read_lines(path: str) -> list[str]:
     return [line.strip() for line in f if line.strip()]
 
 
+def read_class_names(path: str) -> list[str]:
+  """One class name a line, in label order, stripped; trailing blank lines dropped. A blank
+  line before the last name is refused naming the file and line: dropping it would give every
+  later class the label of the one before."""
+  with open(path, encoding="utf-8") as f:
+    names = [line.strip() for line in f]
+  while names and not names[-1]:
+    names.pop()
+  if "" in names:
+    raise ValueError(f"{path}: line {names.index('') + 1} is blank (one class name a line, "
+                     "in label order)")
+  return names
+
+
 def find_beside(paths: list[str], name: str) -> str | None:
   """`name` in the folder of the first shard or its parent (CLIP_benchmark's layout:
   classnames.txt and zeroshot_classification_templates.txt beside test/*.tar)."""
@@ -523,7 +537,7 @@ class WdsDataset:
     if data.classnames and not os.path.isfile(os.path.expanduser(data.classnames)):
       raise ValueError(f"config.data.classnames={data.classnames!r} does not exist")
     self.names_path = os.path.expanduser(names) if names else None   # errors name it
-    self.names = read_lines(self.names_path) if names else None
+    self.names = read_class_names(self.names_path) if names else None
     temps = find_beside(self.eval_paths, "zeroshot_classification_templates.txt")
     self.templates = read_lines(temps) if temps else None
     self.features = {data.image_key: "image", data.text_key: "text"}

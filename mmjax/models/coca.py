@@ -27,11 +27,13 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mmjax.models import image as image_lib
 from mmjax.models import vit
 from mmjax.nn.attention import MultiHeadAttention
-from mmjax.nn.layers import BlockSettings, Encoder, EncoderBlock, MlpBlock, remat_policy
+from mmjax.nn.layers import (BlockSettings, Encoder, EncoderBlock, MlpBlock, check_token_ids,
+                              remat_policy)
 from mmjax.nn.linear import Dense, LayerNorm
 from mmjax.numerics import l2_normalize
 
@@ -114,6 +116,7 @@ class CocaText(nn.Module):
     b, length = tokens.shape
     if index is None and length > self.max_len:
       raise ValueError(f"tokens must be [b, L] with L <= max_len={self.max_len}; got {tokens.shape}")
+    check_token_ids(tokens, self.vocab_size)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = nn.Embed(self.vocab_size, self.width, embedding_init=nn.initializers.normal(0.02),
                  name="token_embedding", **kw)(tokens)
@@ -388,6 +391,16 @@ def beam_search(step, cache, first: jax.Array, *, batch: int, beams: int, max_le
   return (jnp.take_along_axis(seq, order[..., None], axis=1), take(score), take(logp))
 
 
+def _check_decoding_ids(vocab_size: int, pad_id: int | None, **ids) -> None:
+  """Each of ids (name=token id) must be in [0, vocab_size) and not pad_id (a live beam never
+  emits it, so an eos_id equal to it would never end a caption)."""
+  for name, value in ids.items():
+    if not isinstance(value, (int, np.integer)) or not 0 <= value < vocab_size:
+      raise ValueError(f"{name}={value!r} must be a token id in [0, vocab_size={vocab_size})")
+    if value == pad_id:
+      raise ValueError(f"{name}={value!r} is the pad id (a beam never emits it)")
+
+
 def make_generate(model: CoCa, *, max_len: int, eos_id: int, beams: int = 1,
                   length_penalty: float = 0.0, first: int | None = None):
   """A jitted captioner gen(params, images [b, H, W, 3][, batch_stats: an image tower's
@@ -405,10 +418,13 @@ def make_generate(model: CoCa, *, max_len: int, eos_id: int, beams: int = 1,
   if not 2 <= max_len <= positions:
     raise ValueError(f"max_len={max_len} must be in [2, {positions}] (the text tower's "
                      "max_len: positions, bos included)")
-  if beams < 1:
-    raise ValueError(f"beams={beams} must be >= 1")
-  dec = model.clone(decode=True)
+  if not isinstance(beams, int) or isinstance(beams, bool) or beams < 1:
+    raise ValueError(f"beams={beams!r} must be an int >= 1")
   pad_id = model.text.get("pad_id", 0)
+  _check_decoding_ids(model.text["vocab_size"], pad_id, eos_id=eos_id, first=first)
+  if not math.isfinite(length_penalty):
+    raise ValueError(f"length_penalty={length_penalty!r} must be finite")
+  dec = model.clone(decode=True)
 
   def gen(params, image, batch_stats=None):
     b = image.shape[0]

@@ -74,9 +74,24 @@ def two_tower_model(config: ml_collections.ConfigDict, vocab_size: int, *, loss:
       **two_tower.inits(loss, model_cfg.temperature_init, model_cfg.bias_init), **dtypes(config))
 
 
+def _check_coca_ids(coca_cfg, vocab_size: int, *, pad_id: int) -> None:
+  """config.coca.bos_id (unless None) and eos_id: token ids of the tokenizer's vocabulary
+  (an embedding gather clamps any other silently), neither the pad id."""
+  for key in ("bos_id", "eos_id"):
+    value = coca_cfg[key]
+    if value is None and key == "bos_id":
+      continue
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < vocab_size:
+      raise ValueError(f"config.coca.{key}={value!r} must be a token id of the tokenizer's "
+                       f"vocabulary [0, {vocab_size})")
+    if value == pad_id:
+      raise ValueError(f"config.coca.{key}={value!r} is the pad id")
+
+
 def coca_model(config: ml_collections.ConfigDict, vocab_size: int) -> coca.CoCa:
   """The CoCa model of config.model (towers) and config.coca (decoder, pooler, text ids)."""
   model_cfg, coca_cfg = config.model, config.coca
+  _check_coca_ids(coca_cfg, vocab_size, pad_id=0)
   image = tower_config(config, "image", pool_type=model_cfg.image.pool_type or "none")
   try:
     dims = vit.dims(model_cfg.text.variant, decode=text_lib.decode_variant,

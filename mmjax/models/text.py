@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.models import vit
-from mmjax.nn.layers import Encoder, MAPHead
+from mmjax.nn.layers import Encoder, MAPHead, check_token_ids
 from mmjax.nn.partitioning import constrain
 
 
@@ -83,6 +83,7 @@ class TextTransformer(nn.Module):
   def __call__(self, tokens: jax.Array, *, train: bool = False):
     if tokens.ndim != 2 or tokens.shape[1] > self.max_len:
       raise ValueError(f"tokens must be [b, L] with L <= max_len={self.max_len}; got {tokens.shape}")
+    check_token_ids(tokens, self.vocab_size)
     width, kw = self.width, dict(dtype=self.dtype, param_dtype=self.param_dtype)
     b, length = tokens.shape
     x = nn.Embed(self.vocab_size, width, embedding_init=nn.initializers.normal(0.02),

@@ -119,6 +119,20 @@ REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_
                   "everything_saveable")
 
 
+def check_token_ids(tokens, vocab_size: int) -> None:
+  """Raises ValueError naming the row and the id when concrete tokens [b, L] hold an id
+  outside [0, vocab_size) (the embedding's gather would clamp it silently); traced tokens
+  (under jit) pass unchecked: they come from the tokenizer the vocabulary was sized by."""
+  if isinstance(tokens, jax.core.Tracer):
+    return
+  ids = np.asarray(tokens)
+  bad = np.argwhere((ids < 0) | (ids >= vocab_size))
+  if bad.size:
+    row, col = bad[0]
+    raise ValueError(f"tokens: id {ids[row, col]} is outside the vocabulary [0, {vocab_size}) "
+                     f"(row {row}, position {col}; {len(bad)} such ids)")
+
+
 @functools.lru_cache(maxsize=None)   # one object per name: remat's static argument
 def remat_policy(name: str | None):
   """A REMAT_POLICIES name -> the jax.checkpoint policy; None -> None (jax's default: nothing

@@ -3,6 +3,8 @@ the contrastive similarities); the evaluator gets captions and ITM re-ranking fr
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -50,6 +52,9 @@ class CoCa(Objective):
     if not 0.0 <= settings.label_smoothing < 1.0:
       raise ValueError(f"config.coca.label_smoothing must be in [0, 1); got "
                        f"{settings.label_smoothing!r}")
+    penalty = settings.eval_length_penalty
+    if not isinstance(penalty, (int, float)) or not math.isfinite(penalty):
+      raise ValueError(f"config.coca.eval_length_penalty must be a finite number; got {penalty!r}")
     for key, least in (("decoder_depth", 1), ("n_queries", 2), ("eval_beams", 1),
                        ("rerank_k", 1)):
       value = settings[key]

@@ -7,6 +7,7 @@ command line fails at once instead of being silently ignored.
 
 from __future__ import annotations
 
+import math
 import os
 
 import ml_collections
@@ -167,7 +168,10 @@ def defaults() -> ml_collections.ConfigDict:
       # Layer-wise lr decay (BEiT / timm), in (0, 1]; 1 is off. In each transformer tower
       # ('img', 'txt') with L blocks, block i's lr is lr * layer_decay ** (L - i), the
       # embeddings' lr * layer_decay ** (L + 1); the rest (final norm, heads,
-      # projections, t, b) keep lr. ResNet towers are refused.
+      # projections, t, b) keep lr. A ResNet tower counts its residual blocks (timm's
+      # grouping): with L blocks in all stages, the stem is depth 0 (lr * decay ** (L + 1)),
+      # block k of the flattened stages (stage1_0 = 0, then on through stage 4) depth k + 1
+      # (lr * decay ** (L - k)); the attention pool keeps lr.
       layer_decay=1.0,
   ))
 
@@ -232,6 +236,37 @@ def _get(config, dotted: str):
   return config
 
 
+# config.optim's numbers: (low, low inclusive, high, high inclusive), what the range keeps off.
+OPTIM_RANGES = {
+    "lr": (0, False, math.inf, False, "a zero lr trains nothing, a negative one ascends"),
+    "end_lr_fraction": (0, True, 1, True, "the cosine ends at lr * end_lr_fraction"),
+    "weight_decay": (0, True, math.inf, False, "a negative one pushes weights away from 0"),
+    "b1": (0, True, 1, False, "Adam's bias correction divides by 1 - b ** t"),
+    "b2": (0, True, 1, False, "Adam's bias correction divides by 1 - b ** t"),
+    "grad_clip": (0, True, math.inf, False, "0 is off; a negative norm flips the update"),
+    "layer_decay": (0, False, 1, True, "1 is off"),
+}
+
+
+def _check_optim(optim) -> None:
+  """Each OPTIM_RANGES field of config.optim a number in its range (NaN never is)."""
+  for key, (lo, lo_in, hi, hi_in, why) in OPTIM_RANGES.items():
+    v = optim[key]
+    ok = (isinstance(v, (int, float)) and not isinstance(v, bool)
+          and (lo <= v if lo_in else lo < v) and (v <= hi if hi_in else v < hi))
+    if not ok:
+      span = f"{'[' if lo_in else '('}{lo}, {hi}{']' if hi_in else ')'}"
+      raise ValueError(f"config.optim.{key} must be in {span} ({why}); got {v!r}")
+
+
+def _check_eval_names(evals) -> None:
+  """config.evals' names prefix their metrics: non-empty, no whitespace."""
+  for name in evals.keys():
+    if not isinstance(name, str) or not name or any(c.isspace() for c in name):
+      raise ValueError(f"config.evals: the name {name!r} must be non-empty without whitespace "
+                       "(a metric prefix, e.g. 'zs')")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the field for what can be checked before any data or compile:
   the keys, the objective's and the data source's own rules (Objective.check_config,
@@ -275,9 +310,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   ema = config.ema_decay
   if not isinstance(ema, (int, float)) or isinstance(ema, bool) or not 0 <= ema < 1:
     raise ValueError(f"config.ema_decay must be in [0, 1) (0: off); got {ema!r}")
-  decay = config.optim.layer_decay
-  if not isinstance(decay, (int, float)) or isinstance(decay, bool) or not 0 < decay <= 1:
-    raise ValueError(f"config.optim.layer_decay must be in (0, 1] (1: off); got {decay!r}")
+  _check_optim(config.optim)
   if config.nan_policy not in NAN_POLICIES:
     raise ValueError(f"config.nan_policy must be one of {NAN_POLICIES}; got {config.nan_policy!r}")
   for key in ("dtype", "param_dtype"):
@@ -297,6 +330,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if not hasattr(config.evals, "items"):
     raise ValueError(f"config.evals must be a dict of name -> dict(type=..., every=...); "
                      f"got {config.evals!r}")
+  _check_eval_names(config.evals)
   check_evals(config.evals)
 
 

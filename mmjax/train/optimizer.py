@@ -49,6 +49,9 @@ def frozen_labels(params, patterns: Sequence[str]):
 TOWERS = ("img", "txt")
 EMBEDDING = ("embedding", "token_embedding", "pos_embedding", "cls", "ln_pre")
 _BLOCK = re.compile(r"block(\d+)")
+# A ResNet tower (mmjax.models.resnet): its stem (depth 0) and its residual blocks.
+RESNET_STEM = re.compile(r"stem_(conv|norm)\d*")
+_RESNET_BLOCK = re.compile(r"stage(\d+)_(\d+)")
 
 
 def _tower_depth(tower: str, encoder) -> int:
@@ -61,14 +64,42 @@ def _tower_depth(tower: str, encoder) -> int:
   return max(found) + 1
 
 
+def resnet_block_depths(tower_params) -> dict[str, int]:
+  """{'stage1_0': 1, 'stage1_1': 2, ..., 'stage4_2': L}: a ResNet tower's residual blocks
+  (keys 'stage<s>_<i>') in forward order, the stages flattened, block k (from 0) at depth
+  k + 1; {} for a tower with no such blocks (not a ResNet)."""
+  found = sorted((int(m.group(1)), int(m.group(2)), k) for k in tower_params
+                 if (m := _RESNET_BLOCK.fullmatch(k)))
+  return {k: d for d, (_, _, k) in enumerate(found, start=1)}
+
+
+def _resnet_factor(tower: str, tower_params, key: str, decay: float) -> float:
+  """decay ** (L + 1 - d) for the param under params[tower][key] of a ResNet tower with L
+  blocks: d = 0 for the stem (RESNET_STEM), d = k + 1 for block k of the flattened stages
+  (resnet_block_depths), factor 1 for the rest (the attention pool)."""
+  depths = resnet_block_depths(tower_params)
+  if not depths:
+    raise ValueError(f"config.optim.layer_decay: params['{tower}'] has neither a transformer "
+                     "encoder nor ResNet blocks ('stage<s>_<i>'); layer decay applies to ViT, "
+                     "text and ResNet towers")
+  n = len(depths)
+  if RESNET_STEM.fullmatch(key):
+    return float(decay ** (n + 1))
+  return float(decay ** (n + 1 - depths[key])) if key in depths else 1.0
+
+
 def layer_decay_factors(params, decay: float):
   """Per-leaf lr factors decay ** (L + 1 - d) (BEiT / timm layer-wise lr decay).
 
-  params: the model's params (abstract is enough). In each tower ('img', 'txt', a ViT or
-  text transformer with L blocks) d = 0 for the embeddings (EMBEDDING), d = i + 1 for
-  encoder block i, d = L + 1 (factor 1) for the rest (final norm, pooling head); params
-  outside the towers (projections, t, b, heads) get 1. Returns a pytree like params: a
-  float per leaf, or for the scanned blocks (encoder/blocks, [L, ...]) a float32
+  params: the model's params (abstract is enough). In each tower ('img', 'txt'):
+    a ViT or text transformer with L blocks: d = 0 for the embeddings (EMBEDDING), d = i + 1
+      for encoder block i, d = L + 1 (factor 1) for the rest (final norm, pooling head);
+    a ResNet with L residual blocks in all (timm's per-block grouping): d = 0 for the stem
+      (stem_conv*, stem_norm*), d = k + 1 for block k of the stages flattened in forward
+      order ('stage1_0' is block 0, the first block of stage 2 follows the last of stage 1),
+      d = L + 1 (factor 1) for the attention pool.
+  Params outside the towers (projections, t, b, heads) get 1. Returns a pytree like params:
+  a float per leaf, or for the scanned blocks (encoder/blocks, [L, ...]) a float32
   [L, 1, ..., 1] array scaling each layer along the leading axis.
   """
   def factor(path, x):
@@ -78,8 +109,7 @@ def layer_decay_factors(params, decay: float):
       return 1.0
     encoder = params[tower].get("encoder") if hasattr(params[tower], "get") else None
     if encoder is None:
-      raise ValueError(f"config.optim.layer_decay: params['{tower}'] has no transformer "
-                       "encoder (a ResNet?); layer decay applies to ViT and text towers")
+      return _resnet_factor(tower, params[tower], keys[1], decay)
     depth = _tower_depth(tower, encoder)
     if keys[1] in EMBEDDING:
       return float(decay ** (depth + 1))
