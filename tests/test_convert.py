@@ -195,13 +195,24 @@ def _open_clip_configs() -> list[str]:
   return sorted(f[:-5] for f in os.listdir(folder) if f.endswith(".json"))
 
 
+def _shortened(cfg: dict) -> dict:
+  """cfg with its open_clip text tower, and a ViT image tower, cut to 2 blocks (open_clip's
+  model creation is slow for the big ones; the depth maps one to one). A timm trunk's and a
+  ResNet's depths stay: the meta device builds them at no cost."""
+  cfg["text_cfg"]["layers"] = 2
+  vision = cfg["vision_cfg"]
+  if isinstance(vision.get("layers"), int) and "timm_model_name" not in vision:
+    vision["layers"] = 2
+  return cfg
+
+
 def test_open_clips_own_json_configs_convert_without_a_table_entry(tmp_path):
-  """Every ViT CLIP config open_clip ships (its model_configs/*.json, found by mmjax without
-  importing open_clip), in and outside mmjax's tables (ViT-S-32, ViT-M-16, ViT-e-14, ...):
-  with its depths cut to 2 (open_clip's model creation is slow for the big ones; the depth
-  maps one to one, and ViT-S-32-alt converts at full depth above), mmjax's state dict has
-  every key and shape of open_clip's model built from the same file. Every other config is
-  refused in one line naming the file and a field it does not take."""
+  """Every ViT CLIP, SigLIP (timm trunk) and ModifiedResNet config open_clip ships (its
+  model_configs/*.json, found by mmjax without importing open_clip), in and outside mmjax's
+  table (ViT-S-32, ViT-M-16, ViT-e-14, RN50x64, ViT-gopt-16-SigLIP2-384, ...), `_shortened`:
+  mmjax's state dict has every key and shape of open_clip's model built from the same file
+  (a SigLIP's text keys without open_clip's 'text.' prefix, as from_open_clip reads them).
+  Every other config is refused in one line naming the file and a field it does not take."""
   from mmjax.convert import common, openclip
   read, refused = [], []
   for name in _open_clip_configs():
@@ -210,28 +221,50 @@ def test_open_clips_own_json_configs_convert_without_a_table_entry(tmp_path):
     try:
       openclip.spec_from_json(cfg, path)
     except ValueError as e:
-      assert str(e).startswith(f"{path}: open_clip config fields [") and "\n" not in str(e)
+      assert str(e).startswith(f"{path}: open_clip config field") and "\n" not in str(e)
       refused.append(name)
       continue
     read.append(name)
-    for tower in ("vision_cfg", "text_cfg"):
-      cfg[tower]["layers"] = 2
-    short = tmp_path / f"{name}-depth2.json"
-    short.write_text(json.dumps(cfg))
+    short = tmp_path / f"{name}-short.json"
+    short.write_text(json.dumps(_shortened(cfg)))
     open_clip.add_model_config(str(short))
     with torch.device("meta"):   # shapes only, no memory
       oc = open_clip.create_model(short.stem, pretrained=None, device="meta")
-    want = {k: tuple(v.shape) for k, v in oc.state_dict().items() if k != "attn_mask"}
-    config = convert.open_clip_config(str(short))
-    size = cfg["vision_cfg"]["image_size"]
-    got = common.checkpoint_shapes(openclip.rules(config), config, size)
+    want = {k.removeprefix("text."): tuple(v.shape) for k, v in oc.state_dict().items()
+            if k != "attn_mask" and not k.endswith("num_batches_tracked")}
+    spec = convert.get_spec(str(short))
+    got = common.checkpoint_shapes(openclip.rules(openclip.spec_config(spec)),
+                                   openclip.spec_config(spec), spec.image_size)
     assert got == want, name
-  assert {"ViT-S-32", "ViT-M-16", "ViT-e-14", "ViT-L-16-320"} <= set(read), read
-  assert {"EVA01-g-14", "RN50", "coca_ViT-B-32"} <= set(refused), refused
+  assert len(read) == 66, (len(read), read)   # 31 ViT, 25 SigLIP, 10 ResNet
+  assert {"ViT-S-32", "ViT-M-16", "ViT-e-14", "ViT-L-16-320", "RN50x64-quickgelu",
+          "ViT-gopt-16-SigLIP2-384", "ViT-SO400M-16-SigLIP-i18n-256"} <= set(read), read
+  assert {"EVA01-g-14", "coca_ViT-B-32", "convnext_base", "nllb-clip-base-siglip",
+          "vit_medium_patch16_gap_256", "ViT-SO400M-14-SigLIP-384"} <= set(refused), refused
   assert convert.get_spec("ViT-M-16") == openclip.spec_from_json(   # by name, from the file
       common.read_json(openclip._json_config_path("ViT-M-16")), "")
   with pytest.raises(ValueError, match=r"not a .json file, not one of the installed open_clip"):
     convert.get_spec("ViT-Q-99")
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("vision_cfg.timm_model_name", "convnext_base", "vision_cfg.timm_model_name='convnext_base'"),
+    ("vision_cfg.timm_pool", "avg", "vision_cfg.timm_pool='avg'"),
+    ("text_cfg.no_causal_mask", False, "text_cfg.no_causal_mask=False"),
+    ("text_cfg.pool_type", "argmax", "text_cfg.pool_type='argmax'"),
+    ("vision_cfg.image_size", 256, r"vision_cfg.image_size=256 \(timm's trunk is 224 px\)"),
+    ("text_cfg.act_kwargs", {"approximate": "none"}, "text_cfg.act_kwargs="),
+    ("vision_cfg.width", 64, r"\['vision_cfg.width'\] are")])
+def test_a_siglip_config_mmjax_cannot_build_is_named(tmp_path, field, value, message):
+  """A SigLIP config changed in one layout field is refused naming the file and the field."""
+  from mmjax.convert import common, openclip
+  cfg = common.read_json(openclip._json_config_path("ViT-B-16-SigLIP"))
+  part, key = field.split(".")
+  cfg[part][key] = value
+  path = tmp_path / "odd.json"
+  path.write_text(json.dumps(cfg))
+  with pytest.raises(ValueError, match=f"^{path}: open_clip config fields? .*{message}"):
+    convert.get_spec(str(path))
 
 
 def test_a_json_config_path_converts(tmp_path, rng, torch_seed):

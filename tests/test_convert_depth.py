@@ -10,6 +10,7 @@ layouts) read by open_clip's own big_vision reader. transformers: CLIPModel and 
 from small configs with num_hidden_layers >= 12."""
 
 import copy
+import json
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 
 from mmjax import convert
-from mmjax.convert.openclip import OpenClipSpec, SiglipSpec
+from mmjax.convert.openclip import OpenClipSpec, TimmTrunk
 from mmjax.models import two_tower
 from mmjax.models.scan import stack_blocks
 from tests.open_clip_peer import import_open_clip, import_transformers
@@ -33,6 +34,7 @@ V_DEPTH, T_DEPTH = 12, 13
 # Image: width 24, 3 heads of 8 (h != d, so a [h, d] read as [d, h] fails); text: 16, 2 heads.
 SIZE, PATCH, VW, VH, TW, TH, VOCAB, CTX = 16, 4, 24, 3, 16, 2, 64, 8
 CLIP_NAME, SIGLIP_NAME = "mmjax-test-deep-clip", "mmjax-test-deep-siglip"
+SIGLIP_TRUNK = "mmjax-test-tiny-siglip-trunk"   # timm's ViT-B/16 SigLIP built small
 
 
 def _perturb_vectors(model):
@@ -65,29 +67,31 @@ def deep_clip():
 
 
 @pytest.fixture(scope="module")
-def deep_siglip():
+def deep_siglip(tmp_path_factory):
   """open_clip's SigLIP layout (timm 'map' trunk, bidirectional text pooled last, text
   projection with bias) with big_vision's tanh GELU, so the same model reads .npz files."""
   cfg = dict(embed_dim=VW, init_logit_bias=-10, custom_text=True,
-             vision_cfg=dict(image_size=SIZE, timm_model_name="vit_base_patch16_siglip_224",
+             vision_cfg=dict(image_size=SIZE, timm_model_name=SIGLIP_TRUNK,
                              timm_model_pretrained=False, timm_pool="map", timm_proj="none"),
              text_cfg=dict(context_length=CTX, vocab_size=VOCAB, width=TW, heads=TH,
                            layers=T_DEPTH, mlp_ratio=2, no_causal_mask=True, proj_bias=True,
                            pool_type="last", norm_kwargs={"eps": 1e-6},
                            act_kwargs={"approximate": "tanh"}))
-  spec = SiglipSpec(SIZE, PATCH, (VW, V_DEPTH, VH, 2 * VW), "gelu", (TW, T_DEPTH, TH, 2 * TW),
-                    "gelu", VOCAB, CTX, VW, "dense_bias")
+  trunk = TimmTrunk(PATCH, SIZE, (VW, V_DEPTH, VH, 2 * VW), "gelu")
   create = timm.create_model
   small = dict(img_size=SIZE, patch_size=PATCH, embed_dim=VW, depth=V_DEPTH, num_heads=VH,
                mlp_ratio=2, act_layer="gelu_tanh")
   with pytest.MonkeyPatch.context() as mp:
     mp.setitem(open_clip.factory._MODEL_CONFIGS, SIGLIP_NAME, cfg)
-    mp.setitem(convert.OPEN_CLIP_SIGLIP_MODELS, SIGLIP_NAME, spec)
-    mp.setattr(timm, "create_model", lambda name, **kw: create(name, **{**kw, **small}))
+    mp.setattr(timm, "create_model", lambda name, **kw: create(
+        "vit_base_patch16_siglip_224", **{**kw, **small}))
     torch.manual_seed(1)
     model = open_clip.create_model(SIGLIP_NAME, pretrained=None)
     mp.undo()
-    mp.setitem(convert.OPEN_CLIP_SIGLIP_MODELS, SIGLIP_NAME, spec)
+    # mmjax reads the same config from a file, its trunk's numbers from TIMM_SIGLIP_TRUNKS
+    mp.setitem(convert.TIMM_SIGLIP_TRUNKS, SIGLIP_TRUNK, trunk)
+    (path := tmp_path_factory.mktemp("deep") / f"{SIGLIP_NAME}.json").write_text(json.dumps(cfg))
+    model.mmjax_name = str(path)
     assert len(model.visual.trunk.blocks) == V_DEPTH
     yield _perturb_vectors(model)
 
@@ -159,7 +163,7 @@ def test_open_clip_clip_export_depth12_matches_open_clip(deep_clip, rng):
 # ---------------------------------------------------------------- open_clip SigLIP, big_vision
 
 def test_open_clip_siglip_import_depth12_matches_open_clip(deep_siglip, rng):
-  ckpt = convert.from_open_clip(deep_siglip.state_dict(), SIGLIP_NAME)
+  ckpt = convert.from_open_clip(deep_siglip.state_dict(), deep_siglip.mmjax_name)
   images, tokens = _images(rng), _tokens(rng)
   want = _open_clip(deep_siglip, images, tokens)
   for what, got in _from_both(ckpt, images, tokens).items():
@@ -167,7 +171,7 @@ def test_open_clip_siglip_import_depth12_matches_open_clip(deep_siglip, rng):
 
 
 def test_open_clip_siglip_export_depth12_matches_open_clip(deep_siglip, rng):
-  config = convert.open_clip_config(SIGLIP_NAME)
+  config = convert.open_clip_config(deep_siglip.mmjax_name)
   params = _random_params(config, rng)
   oc = copy.deepcopy(deep_siglip)
   oc.load_state_dict(convert.to_open_clip(_scanned(config), params, as_torch=True))   # strict
@@ -181,7 +185,7 @@ def test_big_vision_npz_depth12_matches_open_clips_reader(deep_siglip, rng, tmp_
   """Scanned mmjax params -> to_big_vision (encoderblock_{i} or one stacked encoderblock) ->
   open_clip.convert.load_big_vision_weights: open_clip's features are mmjax's; from_big_vision
   reads the file back into the same params."""
-  config = convert.open_clip_config(SIGLIP_NAME)
+  config = convert.open_clip_config(deep_siglip.mmjax_name)
   params = _random_params(config, rng)
   path = convert.to_big_vision(_scanned(config), params, tmp_path / "m.npz", scan=scan)
   with np.load(path) as f:

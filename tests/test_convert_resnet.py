@@ -102,18 +102,45 @@ def test_round_trips_are_exact(rn50, rng):
                {"params": params, "batch_stats": stats})
 
 
-def test_table_matches_open_clip_configs():
-  for name, spec in convert.OPEN_CLIP_RESNET_MODELS.items():
-    c = open_clip.get_model_config(name)
-    v, t = c["vision_cfg"], c["text_cfg"]
-    layers, width = resnet.CLIP_VARIANTS[name.removesuffix("-quickgelu")]
-    assert (tuple(v["layers"]), v["width"], v["image_size"]) == (
-        layers, width, spec.image_size), name
-    assert v.get("head_width", 64) == 64, name   # the pool's heads: width * 32 / 64
-    assert (c["embed_dim"], t["width"], t["heads"], t["layers"], t["context_length"],
-            t["vocab_size"], c.get("quick_gelu", False)) == (
-        spec.embed_dim, spec.text_width, spec.text_heads, spec.text_layers,
-        spec.context_length, spec.vocab_size, spec.quick_gelu), name
+def test_json_configs_agree_with_resnet_variants():
+  """open_clip's RN*.json read by mmjax give mmjax.models.resnet's variants of the same name."""
+  for name in resnet.CLIP_VARIANTS:
+    for suffix in ("", "-quickgelu"):
+      image = convert.open_clip_config(name + suffix)["image"]
+      assert {k: image[k] for k in ("style", "layers", "width", "num_heads")} == (
+          resnet.decode_variant(name)), name
+
+
+def test_a_shrunk_resnet_json_matches_open_clip(tmp_path, rng, torch_seed):
+  """open_clip's RN50-quickgelu.json shrunk (stages 1, 2, 1, 1, stem width 16, head_width 128:
+  4 pool heads, 64 px, a 24-wide embedding, a 2-block text tower of width 32): built by
+  open_clip from the file, converted by mmjax from the same file, the same features."""
+  import json
+  from mmjax.convert import common, openclip
+  cfg = common.read_json(openclip._json_config_path("RN50-quickgelu"))
+  cfg["embed_dim"] = 24
+  cfg["vision_cfg"].update(layers=[1, 2, 1, 1], width=16, head_width=128, image_size=64)
+  cfg["text_cfg"].update(width=32, heads=2, layers=2, vocab_size=64, context_length=12)
+  path = tmp_path / "Small-RN50-quickgelu.json"
+  path.write_text(json.dumps(cfg))
+  open_clip.add_model_config(str(path))
+  oc = moved_off_init(open_clip.create_model(path.stem, pretrained=None))
+  ckpt = convert.from_open_clip(oc.state_dict(), str(path))
+  assert ckpt.config["image"]["num_heads"] == 4 and ckpt.config["text"]["act"] == "quick_gelu"
+  images = rng.normal(size=(2, 3, 64, 64)).astype(np.float32)
+  tokens = np.zeros((2, 12), np.int64)
+  for row, n in zip(tokens, (12, 5)):
+    row[0], row[1:n - 1], row[n - 1] = 62, rng.integers(0, 62, size=n - 2), 63
+  model = two_tower.Model(**ckpt.config)
+  proj = lambda tower: lambda m, x: getattr(m, f"{tower}_proj")(getattr(m, tower)(x)[0])
+  zimg = model.apply(ckpt.variables, jnp.asarray(images.transpose(0, 2, 3, 1)), method=proj("img"))
+  ztxt = model.apply(ckpt.variables, jnp.asarray(tokens, jnp.int32), method=proj("txt"))
+  oc = oc.double()
+  with torch.no_grad():
+    want_img = oc.encode_image(torch.from_numpy(images).double()).numpy()
+    want_txt = oc.encode_text(torch.from_numpy(tokens)).numpy()
+  assert_close([zimg, ztxt], [want_img, want_txt], dtype=jnp.float32,
+               name=["image features", "text features"])
 
 
 def test_bad_inputs_are_named(rn50):

@@ -3,6 +3,7 @@ block layouts, read by open_clip's own big_vision reader) against open_clip in f
 round trips; the SigLIP table against open_clip's configs and timm's models."""
 
 import copy
+import json
 
 import jax
 import jax.numpy as jnp
@@ -19,13 +20,13 @@ import torch  # noqa: E402  (after the skip above)
 
 NAME = "ViT-B-16-SigLIP-2layers"   # ViT-B-16-SigLIP cut to 2 + 2 blocks (speed; same code paths)
 DEPTH = 2
+TRUNK = "mmjax-test-vit_base_patch16_siglip_224-2blocks"
 
 
 @pytest.fixture(scope="module")
 def siglip():
   """open_clip's random ViT-B-16-SigLIP with its first DEPTH blocks per tower, every vector
-  moved off its init (module-scoped, so fixed-seeded; per-test draws use `rng`), and a row
-  NAME for it in mmjax's table while this module runs."""
+  moved off its init (module-scoped, so fixed-seeded; per-test draws use `rng`)."""
   torch.manual_seed(0)
   model = open_clip.create_model("ViT-B-16-SigLIP", pretrained=None).eval()
   model.visual.trunk.blocks = model.visual.trunk.blocks[:DEPTH]
@@ -34,11 +35,23 @@ def siglip():
     for p in model.parameters():
       if p.ndim <= 1 or p.shape[:2] == (1, 1):   # vectors, logit scale/bias, the MAP latent
         p.add_(0.2 * torch.randn_like(p))
-  table = convert.OPEN_CLIP_SIGLIP_MODELS
-  full = table["ViT-B-16-SigLIP"]
-  table[NAME] = full._replace(vision=(768, DEPTH, 12, 3072), text=(768, DEPTH, 12, 3072))
-  yield model
-  del table[NAME]
+  return model
+
+
+@pytest.fixture(scope="module")
+def siglip_name(tmp_path_factory):
+  """A .json path for `siglip`: open_clip's ViT-B-16-SigLIP.json with DEPTH text blocks and
+  the trunk TRUNK, its timm trunk with DEPTH blocks, in TIMM_SIGLIP_TRUNKS while this module
+  runs."""
+  from mmjax.convert import common, openclip
+  cfg = common.read_json(openclip._json_config_path("ViT-B-16-SigLIP"))
+  cfg["vision_cfg"]["timm_model_name"], cfg["text_cfg"]["layers"] = TRUNK, DEPTH
+  path = tmp_path_factory.mktemp("siglip") / f"{NAME}.json"
+  path.write_text(json.dumps(cfg))
+  full = convert.TIMM_SIGLIP_TRUNKS["vit_base_patch16_siglip_224"]
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setitem(convert.TIMM_SIGLIP_TRUNKS, TRUNK, full._replace(vision=(768, DEPTH, 12, 3072)))
+    yield str(path)
 
 
 def big_vision_config(config):
@@ -85,8 +98,8 @@ def inputs(rng, n=2):
   return images, tokens
 
 
-def test_open_clip_siglip_matches(siglip, rng):
-  ckpt = convert.from_open_clip(siglip.state_dict(), NAME)
+def test_open_clip_siglip_matches(siglip, siglip_name, rng):
+  ckpt = convert.from_open_clip(siglip.state_dict(), siglip_name)
   assert ckpt.config["image_proj"] == "none" and ckpt.config["text_proj"] == "dense_bias"
   assert ckpt.tokenizer is None and ckpt.preprocess.resize == "squash"
   images, tokens = inputs(rng)
@@ -97,11 +110,11 @@ def test_open_clip_siglip_matches(siglip, rng):
   np.testing.assert_array_equal(ckpt.params["b"], siglip.logit_bias.detach().numpy())
 
 
-def test_big_vision_npz_matches_open_clips_reader(siglip, rng, tmp_path):
+def test_big_vision_npz_matches_open_clips_reader(siglip, siglip_name, rng, tmp_path):
   """mmjax params written as .npz in both layouts: open_clip.convert.load_big_vision_weights
   reads each into the same state dict, from_big_vision reads each into the same params,
   whose embeddings are open_clip's (with big_vision's tanh GELU) in float64."""
-  config, params, *_ = convert.from_open_clip(siglip.state_dict(), NAME)
+  config, params, *_ = convert.from_open_clip(siglip.state_dict(), siglip_name)
   config = big_vision_config(config)
   params = jax.tree.map(lambda x: x + 0.01 * rng.standard_normal(x.shape, np.float32), params)
   loaded = {}
@@ -126,11 +139,11 @@ def test_big_vision_npz_matches_open_clips_reader(siglip, rng, tmp_path):
   assert_close(got, want, dtype=jnp.float32, name=["image features", "text features"])
 
 
-def test_round_trips_are_exact(siglip, tmp_path):
+def test_round_trips_are_exact(siglip, siglip_name, tmp_path):
   """open_clip SigLIP -> mmjax -> open_clip (strict load, bitwise); npz -> mmjax -> npz in
   each layout (the same keys and arrays)."""
   want = siglip.state_dict()
-  ckpt = convert.from_open_clip(want, NAME)
+  ckpt = convert.from_open_clip(want, siglip_name)
   back = convert.to_open_clip(ckpt.config, ckpt.params, as_torch=True)
   fresh = copy.deepcopy(siglip)
   fresh.load_state_dict(back)   # strict
@@ -148,8 +161,8 @@ def test_round_trips_are_exact(siglip, tmp_path):
         np.testing.assert_array_equal(fa[k], fb[k], err_msg=k)
 
 
-def test_big_vision_errors_name_the_array_or_field(siglip, tmp_path):
-  ckpt = convert.from_open_clip(siglip.state_dict(), NAME)
+def test_big_vision_errors_name_the_array_or_field(siglip, siglip_name, tmp_path):
+  ckpt = convert.from_open_clip(siglip.state_dict(), siglip_name)
   config = big_vision_config(ckpt.config)
   with pytest.raises(ValueError, match=r"config\['image'\]\['act'\]='gelu_exact'; big_vision's "
                                        r"two-tower layout needs 'gelu'"):
@@ -185,39 +198,48 @@ def test_big_vision_errors_name_the_array_or_field(siglip, tmp_path):
                               "bias": np.zeros(768, np.float32)}}}, tmp_path / "x.npz")
 
 
-def test_siglip_table_matches_open_clip_and_timm():
-  """Every OPEN_CLIP_SIGLIP_MODELS row against open_clip's model config and the timm model it
-  names (built on the meta device: shapes only)."""
-  import functools
+def test_timm_trunk_table_matches_timm():
+  """Every TIMM_SIGLIP_TRUNKS row against the timm model it names (built on the meta device:
+  shapes only): patch, size, widths, depth, heads, the GELU of its blocks and its MAP head."""
   import timm
-
-  @functools.cache
-  def timm_model(name):
-    with torch.device("meta"):
-      return timm.create_model(name, pretrained=False)
-
-  for name, s in convert.OPEN_CLIP_SIGLIP_MODELS.items():
-    if name == NAME:   # this module's own row
+  for name, s in convert.TIMM_SIGLIP_TRUNKS.items():
+    if name == TRUNK:   # this module's own row
       continue
-    c = open_clip.get_model_config(name)
-    v, t = c["vision_cfg"], c["text_cfg"]
-    assert (v["timm_pool"], v["timm_proj"], t["pool_type"], t["no_causal_mask"]) == (
-        "map", "none", "last", True), name
-    trunk = timm_model(v["timm_model_name"])
+    with torch.device("meta"):
+      trunk = timm.create_model(name, pretrained=False, num_classes=0, global_pool="map")
     block = trunk.blocks[0]
     gelu = lambda m: {("GELU", "none"): "gelu_exact", ("GELU", "tanh"): "gelu",
                       ("GELUTanh", None): "gelu"}[type(m).__name__, getattr(m, "approximate", None)]
-    got = (s.image_size, s.patch_size, s.vision, s.vision_act)
-    want = (v["image_size"], trunk.patch_embed.patch_size[0],
+    got = (s.patch_size, s.image_size, s.vision, s.act)
+    want = (trunk.patch_embed.patch_size[0], trunk.patch_embed.img_size[0],
             (trunk.embed_dim, len(trunk.blocks), block.attn.num_heads,
              block.mlp.fc1.out_features), gelu(block.mlp.act))
     assert got == want, name
     assert trunk.attn_pool.mlp.fc1.out_features == s.vision[3] and trunk.norm.eps == 1e-6, name
-    assert gelu(trunk.attn_pool.mlp.act) == s.vision_act, name
-    tact = "gelu" if t.get("act_kwargs", {}).get("approximate") == "tanh" else "gelu_exact"
-    proj = ("none" if t.get("proj_type") == "none" else
-            "dense_bias" if t.get("proj_bias") else "dense")
-    assert (s.text, s.text_act, s.vocab_size, s.context_length, s.embed_dim, s.text_proj) == (
-        (t["width"], t["layers"], t["heads"], int(t["width"] * t.get("mlp_ratio", 4.0))),
-        tact, t["vocab_size"], t["context_length"], c["embed_dim"], proj), name
-    assert t["norm_kwargs"] == {"eps": 1e-6}, name
+    assert gelu(trunk.attn_pool.mlp.act) == s.act and trunk.cls_token is None, name
+
+
+def test_a_shrunk_siglip_json_matches_open_clip(tmp_path, rng, torch_seed):
+  """open_clip's ViT-B-32-SigLIP2-256.json (its trunk the real timm B/32 at 256 px, which
+  the JSON cannot shrink: the name decides it) with a small text tower (width 64, 2 heads, 2
+  blocks, mlp_ratio 3, vocab 100, 16 tokens, tanh GELU, projection with bias to 768): built
+  by open_clip from the file, converted by mmjax from the same file, the same features."""
+  from mmjax.convert import common, openclip
+  cfg = common.read_json(openclip._json_config_path("ViT-B-32-SigLIP2-256"))
+  cfg["text_cfg"].update(width=64, heads=2, layers=2, mlp_ratio=3.0, vocab_size=100,
+                         context_length=16)
+  path = tmp_path / "Small-B-32-SigLIP2.json"
+  path.write_text(json.dumps(cfg))
+  open_clip.add_model_config(str(path))
+  model = open_clip.create_model(path.stem, pretrained=None).eval()
+  with torch.no_grad():
+    for p in model.parameters():
+      if p.ndim <= 1 or p.shape[:2] == (1, 1):
+        p.add_(0.2 * torch.randn_like(p))
+  ckpt = convert.from_open_clip(model.state_dict(), str(path))
+  assert ckpt.config["image"]["act"] == ckpt.config["text"]["act"] == "gelu"
+  images = rng.normal(size=(2, 3, 256, 256)).astype(np.float32)
+  tokens = rng.integers(0, 100, size=(2, 16)).astype(np.int64)
+  got = features(ckpt.config, ckpt.params, images, tokens)
+  want = open_clip_features(model, images, tokens)
+  assert_close(got, want, dtype=jnp.float32, name=["image features", "text features"])

@@ -157,7 +157,7 @@ _LAYOUT = {
 }
 
 
-def _settings(tower: str, fields: Mapping) -> dict:
+def tower_settings(tower: str, fields: Mapping) -> dict:
   """Every field of the tower, the given ones decoded and checked, the rest the defaults."""
   cls, decode = (vit.ViT, vit.config) if tower == "image" else (text.TextTransformer,
                                                                  text.config)
@@ -174,7 +174,7 @@ def layout_mismatches(config: Mapping, want: Mapping, layout: str) -> list[str]:
     if got != need:
       out.append(f"config[{key!r}]={got!r}; {layout} needs {need!r}")
   for tower in ("image", "text"):
-    got, need = _settings(tower, config[tower]), _settings(tower, want[tower])
+    got, need = tower_settings(tower, config[tower]), tower_settings(tower, want[tower])
     out += [f"config[{tower!r}][{key!r}]={got[key]!r}; {layout} needs {need[key]!r}"
             for key in _LAYOUT[tower] if got[key] != need[key]]
   return out

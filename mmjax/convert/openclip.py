@@ -21,6 +21,10 @@ Which name to give: open_clip's ViT-B-32 / ViT-B-16 / ViT-L-14 use the erf
 GELU; OpenAI's original weights (pretrained='openai') need the '-quickgelu'
 names, as in open_clip. The state dict's shapes are checked against the name.
 
+Other names are read from open_clip's own JSON model configs (the installed package's
+model_configs/<name>.json, or model_name a .json path): ViT CLIP, SigLIP (the timm trunks of
+TIMM_SIGLIP_TRUNKS) and ModifiedResNet configs; any other is refused naming the file and field.
+
 The ResNet models (RN50, RN101, RN50x4, RN50x16, RN50x64 and their '-quickgelu' twins, the
 ones OpenAI's weights need) convert into mmjax.models.resnet with norm='frozen_bn': each
 BatchNorm's running mean and var become params that get no gradient (open_clip's
@@ -96,77 +100,61 @@ class SiglipSpec(NamedTuple):
   text_proj: str                      # two_tower.PROJECTIONS
 
 
+class TimmTrunk(NamedTuple):
+  """The numbers of one timm SigLIP ViT (open_clip's vision_cfg.timm_model_name), which the
+  JSON config does not spell out: timm's model definition does."""
+  patch_size: int
+  image_size: int
+  vision: tuple[int, int, int, int]   # width, depth, heads, mlp
+  act: str                            # 'gelu_exact' (timm's nn.GELU) or 'gelu' (gelu_tanh)
+
+
 _B, _L = (768, 12, 12, 3072), (1024, 24, 16, 4096)
 _SO = (1152, 27, 16, 4304)
 _G = (1536, 40, 16, 6144)
-
-
-def _sig(size, patch, vision, vision_act, text, text_act, vocab, embed=None, context=64,
-         proj="dense_bias") -> SiglipSpec:
-  return SiglipSpec(size, patch, vision, vision_act, text, text_act, vocab, context,
-                    embed or vision[0], proj)
-
-
 _E, _T = "gelu_exact", "gelu"   # the erf GELU (timm / torch default) and the tanh one
-OPEN_CLIP_SIGLIP_MODELS: dict[str, SiglipSpec] = {
-    **{f"ViT-B-16-SigLIP{s}": _sig(n, 16, _B, _E, _B, _E, 32000)
-       for s, n in (("", 224), ("-256", 256), ("-384", 384), ("-512", 512))},
-    "ViT-B-16-SigLIP-i18n-256": _sig(256, 16, _B, _E, _B, _E, 250000),
-    **{f"ViT-B-16-SigLIP2{s}": _sig(n, 16, _B, _E, _B, _T, 256000)
-       for s, n in (("", 224), ("-256", 256), ("-384", 384), ("-512", 512))},
-    "ViT-B-32-SigLIP2-256": _sig(256, 32, _B, _T, _B, _T, 256000),
-    "ViT-L-16-SigLIP-256": _sig(256, 16, _L, _E, _L, _E, 32000),
-    "ViT-L-16-SigLIP-384": _sig(384, 16, _L, _E, _L, _E, 32000),
-    "ViT-L-16-SigLIP2-256": _sig(256, 16, _L, _E, _L, _T, 256000),
-    "ViT-L-16-SigLIP2-384": _sig(384, 16, _L, _E, _L, _T, 256000),
-    "ViT-L-16-SigLIP2-512": _sig(512, 16, _L, _T, _L, _T, 256000),
-    "ViT-SO400M-14-SigLIP": _sig(224, 14, _SO, _E, _SO, _E, 32000, context=16),
-    "ViT-SO400M-14-SigLIP-378": _sig(378, 14, _SO, _E, _SO, _E, 32000),
-    "ViT-SO400M-14-SigLIP-384": _sig(384, 14, _SO, _E, _SO, _E, 32000),
-    "ViT-SO400M-14-SigLIP2": _sig(224, 14, _SO, _E, _SO, _T, 256000),
-    "ViT-SO400M-14-SigLIP2-378": _sig(378, 14, _SO, _E, _SO, _T, 256000),
-    "ViT-SO400M-16-SigLIP-i18n-256": _sig(256, 16, _SO, _T, _SO, _E, 250000, proj="none"),
-    **{f"ViT-SO400M-16-SigLIP2-{n}": _sig(n, 16, _SO, _T, _SO, _T, 256000)
-       for n in (256, 384, 512)},
-    **{f"ViT-gopt-16-SigLIP2-{n}": _sig(n, 16, _G, _T, _SO, _T, 256000) for n in (256, 384)},
+# timm's vit_*_siglip_* models that open_clip's SigLIP configs name.
+TIMM_SIGLIP_TRUNKS: dict[str, TimmTrunk] = {
+    **{f"vit_base_patch16_siglip_{n}": TimmTrunk(16, n, _B, _E) for n in (224, 256, 384, 512)},
+    "vit_base_patch32_siglip_256": TimmTrunk(32, 256, _B, _T),
+    **{f"vit_large_patch16_siglip_{n}": TimmTrunk(16, n, _L, _E) for n in (256, 384)},
+    "vit_large_patch16_siglip_512": TimmTrunk(16, 512, _L, _T),
+    **{f"vit_so400m_patch14_siglip_{n}": TimmTrunk(14, n, _SO, _E) for n in (224, 378, 384)},
+    **{f"vit_so400m_patch16_siglip_{n}": TimmTrunk(16, n, _SO, _T) for n in (256, 384, 512)},
+    **{f"vit_giantopt_patch16_siglip_{n}": TimmTrunk(16, n, _G, _T) for n in (256, 384)},
 }
 
 
 class ResNetSpec(NamedTuple):
-  """One open_clip ModifiedResNet CLIP model: the image tower is mmjax.models.resnet's
-  variant of the same name; the text tower is CLIP's."""
+  """One open_clip ModifiedResNet CLIP model (model_configs/RN*.json): the image tower is
+  mmjax.models.resnet's style='clip' ResNet; the text tower is CLIP's."""
   embed_dim: int
   image_size: int
+  layers: tuple[int, int, int, int]   # blocks per stage
+  width: int                          # the stem's; the features are 32 x width wide
+  heads: int                          # the attention pool's: 32 x width / head_width
   text_width: int
+  text_layers: int
   text_heads: int
   quick_gelu: bool = False
-  text_layers: int = 12
   context_length: int = 77
   vocab_size: int = 49408
-
-
-_RN = {"RN50": ResNetSpec(1024, 224, 512, 8), "RN101": ResNetSpec(512, 224, 512, 8),
-       "RN50x4": ResNetSpec(640, 288, 640, 10), "RN50x16": ResNetSpec(768, 384, 768, 12),
-       "RN50x64": ResNetSpec(1024, 448, 1024, 16)}
-OPEN_CLIP_RESNET_MODELS: dict[str, ResNetSpec] = {
-    **_RN, **{f"{n}-quickgelu": s._replace(quick_gelu=True) for n, s in _RN.items()}}
+  text_mlp: int | None = None         # None: 4 x text_width
 
 _LN_EPS = 1e-5   # torch.nn.LayerNorm's default
 
 
 def get_spec(model_name: str) -> OpenClipSpec | SiglipSpec | ResNetSpec:
-  """The model's numbers: from the tables above, else from open_clip's own JSON model config
+  """The model's numbers: from OPEN_CLIP_MODELS, else from open_clip's own JSON model config
   (model_name a path to one, or a name of the installed open_clip's model_configs/)."""
-  for table in (OPEN_CLIP_MODELS, OPEN_CLIP_SIGLIP_MODELS, OPEN_CLIP_RESNET_MODELS):
-    if model_name in table:
-      return table[model_name]
+  if model_name in OPEN_CLIP_MODELS:
+    return OPEN_CLIP_MODELS[model_name]
   path = _json_config_path(model_name)
   if path is None:
     raise ValueError(f"model_name={model_name!r} is not a supported open_clip model: not a "
                      ".json file, not one of the installed open_clip's model_configs, and not "
-                     "in mmjax's tables; supported: "
-                     f"{sorted(OPEN_CLIP_MODELS) + sorted(OPEN_CLIP_SIGLIP_MODELS)}"
-                     f" + {sorted(OPEN_CLIP_RESNET_MODELS)}")
+                     f"in mmjax's table; supported: {sorted(OPEN_CLIP_MODELS)} and open_clip's "
+                     "ViT, SigLIP and ResNet model configs")
   return spec_from_json(common.read_json(path), path)
 
 
@@ -186,42 +174,132 @@ def _json_config_path(model_name: str) -> str | None:
   return None
 
 
-# The open_clip JSON fields of a ViT CLIP model (its text tower open_clip's own, not a
-# custom/HF one) that this converter reads; any other field changes the layout or the maths.
-_JSON_FIELDS = {"": {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu"},
-                "vision_cfg": {"image_size", "layers", "width", "patch_size", "head_width",
-                               "mlp_ratio", "patch_dropout"},
-                "text_cfg": {"context_length", "vocab_size", "width", "heads", "layers",
-                             "mlp_ratio"}}
+# The open_clip JSON fields this converter reads, per kind of model ('vit': a ViT CLIP model,
+# 'resnet': a ModifiedResNet CLIP model, both with open_clip's own text tower; 'siglip': a timm
+# SigLIP trunk beside open_clip's custom text tower); any other field changes the layout or
+# the maths. Tokenizer fields and timm_model_pretrained change neither.
+_CLIP_TEXT = {"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio"}
+_JSON_FIELDS = {
+    "vit": {"": {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu"},
+            "vision_cfg": {"image_size", "layers", "width", "patch_size", "head_width",
+                           "mlp_ratio", "patch_dropout"},
+            "text_cfg": _CLIP_TEXT},
+    "resnet": {"": {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu"},
+               "vision_cfg": {"image_size", "layers", "width", "patch_size", "head_width"},
+               "text_cfg": _CLIP_TEXT},
+    "siglip": {"": {"embed_dim", "vision_cfg", "text_cfg", "init_logit_bias", "custom_text"},
+               "vision_cfg": {"image_size", "timm_model_name", "timm_model_pretrained",
+                              "timm_pool", "timm_proj"},
+               "text_cfg": _CLIP_TEXT | {"hf_tokenizer_name", "tokenizer_kwargs",
+                                         "no_causal_mask", "proj_bias", "proj_type",
+                                         "pool_type", "norm_kwargs", "act_kwargs"}}}
+_ABSENT = object()
+# The values a SigLIP config's layout fields may take (_ABSENT: the field left out).
+_SIGLIP_VALUES = {
+    "custom_text": (True,), "vision_cfg.timm_pool": ("map",), "vision_cfg.timm_proj": ("none",),
+    "text_cfg.no_causal_mask": (True,), "text_cfg.pool_type": ("last",),
+    "text_cfg.proj_type": (_ABSENT, "linear", "none"), "text_cfg.norm_kwargs": ({"eps": 1e-6},),
+    "text_cfg.act_kwargs": (_ABSENT, None, {"approximate": "tanh"})}
 
 
-def spec_from_json(cfg: Mapping, where: str) -> OpenClipSpec:
-  """An OpenClipSpec from open_clip's JSON model config `cfg` (read from `where`); ValueError
-  naming the file and the fields it does not take (timm or Hugging Face towers, custom text
+def _json_kind(cfg: Mapping) -> str:
+  """'siglip' (a timm trunk), 'resnet' (a stage list) or 'vit'."""
+  v = cfg["vision_cfg"]
+  if "timm_model_name" in v:
+    return "siglip"
+  return "resnet" if isinstance(v.get("layers"), (list, tuple)) else "vit"
+
+
+def _field(cfg: Mapping, dotted: str) -> Any:
+  """cfg['text_cfg']['pool_type'] for 'text_cfg.pool_type'; _ABSENT if not there."""
+  for part in dotted.split("."):
+    cfg = cfg.get(part, _ABSENT) if isinstance(cfg, Mapping) else _ABSENT
+  return cfg
+
+
+def _refuse(where: str, fields: str, kind: str) -> ValueError:
+  return ValueError(f"{where}: open_clip config field{fields} not supported (mmjax reads ViT "
+                    "and ModifiedResNet CLIP configs with open_clip's own text tower, and "
+                    f"SigLIP configs with a timm trunk of {sorted(TIMM_SIGLIP_TRUNKS)[:2]}...; "
+                    f"read as a {kind} config)")
+
+
+def _check_json_fields(cfg: Mapping, where: str, kind: str) -> None:
+  """ValueError naming the file and the first fields the kind of model does not take."""
+  allowed = _JSON_FIELDS[kind]
+  odd = sorted(set(cfg) - allowed[""]) + [
+      f"{part}.{k}" for part in ("vision_cfg", "text_cfg") for k in sorted(cfg[part])
+      if k not in allowed[part]]
+  if odd:
+    raise _refuse(where, f"s {odd[:4]} are", kind)
+  if kind == "vit" and not isinstance(cfg["vision_cfg"].get("layers"), int):
+    raise _refuse(where, f" vision_cfg.layers={cfg['vision_cfg'].get('layers')!r} is", kind)
+  if kind != "siglip":
+    return
+  values = {"vision_cfg.timm_model_name": tuple(TIMM_SIGLIP_TRUNKS), **_SIGLIP_VALUES}
+  for dotted, ok in values.items():
+    got = _field(cfg, dotted)
+    if not any(got is v or (got == v and type(got) is type(v)) for v in ok):
+      raise _refuse(where, f" {dotted}={'(absent)' if got is _ABSENT else repr(got)} is", kind)
+  trunk = TIMM_SIGLIP_TRUNKS[cfg["vision_cfg"]["timm_model_name"]]
+  size = _field(cfg, "vision_cfg.image_size")
+  if size != trunk.image_size:   # timm builds the size its name says
+    raise _refuse(where, f" vision_cfg.image_size={size!r} (timm's trunk is {trunk.image_size} "
+                  "px) is", kind)
+  if size % trunk.patch_size:   # timm's patch embedding drops the last pixels; mmjax's ViT refuses
+    raise _refuse(where, f" vision_cfg.image_size={size!r} (not a multiple of the trunk's patch "
+                  f"{trunk.patch_size}) is", kind)
+
+
+def spec_from_json(cfg: Mapping, where: str) -> OpenClipSpec | SiglipSpec | ResNetSpec:
+  """The spec of open_clip's JSON model config `cfg` (read from `where`); ValueError naming
+  the file and the field mmjax cannot build (other timm trunks, Hugging Face or custom text
   towers, attentional pools, ...)."""
   if not isinstance(cfg, Mapping) or not all(isinstance(cfg.get(k), Mapping)
                                              for k in ("vision_cfg", "text_cfg")):
     raise ValueError(f"{where}: not an open_clip model config (no vision_cfg / text_cfg)")
-  odd = sorted(set(cfg) - _JSON_FIELDS[""]) + [
-      f"{part}.{k}" for part in ("vision_cfg", "text_cfg") for k in sorted(cfg[part])
-      if k not in _JSON_FIELDS[part]]
-  v, t = cfg["vision_cfg"], cfg["text_cfg"]
-  if not odd and not isinstance(v.get("layers"), int):
-    odd = ["vision_cfg.layers (a ResNet's stage list)"]
-  if odd:
-    raise ValueError(f"{where}: open_clip config fields {odd[:4]} are not supported (mmjax "
-                     "reads ViT CLIP configs with open_clip's own text tower; its tables hold "
-                     "the SigLIP and ResNet models)")
+  kind = _json_kind(cfg)
+  _check_json_fields(cfg, where, kind)
   try:
-    return OpenClipSpec(
-        int(cfg["embed_dim"]), int(v["image_size"]), int(v["patch_size"]), int(v["width"]),
-        int(v["layers"]), int(v["width"]) // int(v.get("head_width", 64)),
-        int(v["width"] * v.get("mlp_ratio", 4.0)), int(t["width"]), int(t["layers"]),
-        int(t["heads"]), bool(cfg.get("quick_gelu", False)), int(t["context_length"]),
-        int(t["vocab_size"]), int(t["width"] * t.get("mlp_ratio", 4.0)))
+    return _JSON_READERS[kind](cfg, cfg["vision_cfg"], cfg["text_cfg"])
   except (KeyError, TypeError, ValueError) as e:
     raise ValueError(f"{where}: a field is missing or not a number ({type(e).__name__}: "
                      f"{e})") from None
+
+
+def _mlp(tower: Mapping) -> int:
+  return int(tower["width"] * tower.get("mlp_ratio", 4.0))
+
+
+def _vit_spec(cfg: Mapping, v: Mapping, t: Mapping) -> OpenClipSpec:
+  return OpenClipSpec(
+      int(cfg["embed_dim"]), int(v["image_size"]), int(v["patch_size"]), int(v["width"]),
+      int(v["layers"]), int(v["width"]) // int(v.get("head_width", 64)), _mlp(v),
+      int(t["width"]), int(t["layers"]), int(t["heads"]), bool(cfg.get("quick_gelu", False)),
+      int(t["context_length"]), int(t["vocab_size"]), _mlp(t))
+
+
+def _resnet_spec(cfg: Mapping, v: Mapping, t: Mapping) -> ResNetSpec:
+  # open_clip's ModifiedResNet: heads = width * 32 // head_width (its features are 32 x width)
+  return ResNetSpec(
+      int(cfg["embed_dim"]), int(v["image_size"]), tuple(int(n) for n in v["layers"]),
+      int(v["width"]), int(v["width"]) * 32 // int(v.get("head_width", 64)), int(t["width"]),
+      int(t["layers"]), int(t["heads"]), bool(cfg.get("quick_gelu", False)),
+      int(t["context_length"]), int(t["vocab_size"]), _mlp(t))
+
+
+def _siglip_spec(cfg: Mapping, v: Mapping, t: Mapping) -> SiglipSpec:
+  trunk = TIMM_SIGLIP_TRUNKS[v["timm_model_name"]]
+  float(cfg["init_logit_bias"])   # open_clip has a logit_bias only with it
+  proj = ("none" if t.get("proj_type") == "none" else
+          "dense_bias" if t.get("proj_bias", False) else "dense")
+  act = "gelu" if (t.get("act_kwargs") or {}).get("approximate") == "tanh" else "gelu_exact"
+  return SiglipSpec(trunk.image_size, trunk.patch_size, trunk.vision, trunk.act,
+                    (int(t["width"]), int(t["layers"]), int(t["heads"]), _mlp(t)), act,
+                    int(t["vocab_size"]), int(t["context_length"]), int(cfg["embed_dim"]), proj)
+
+
+_JSON_READERS = {"vit": _vit_spec, "resnet": _resnet_spec, "siglip": _siglip_spec}
 
 
 def _dims(w: tuple[int, int, int, int]) -> dict:
@@ -230,7 +308,11 @@ def _dims(w: tuple[int, int, int, int]) -> dict:
 
 def open_clip_config(model_name: str) -> dict[str, Any]:
   """The `two_tower.Model(**config)` keyword arguments of an open_clip model."""
-  s = get_spec(model_name)
+  return spec_config(get_spec(model_name))
+
+
+def spec_config(s: OpenClipSpec | SiglipSpec | ResNetSpec) -> dict[str, Any]:
+  """The `two_tower.Model(**config)` keyword arguments of a spec."""
   if isinstance(s, SiglipSpec):
     image = dict(_dims(s.vision), patch_size=(s.patch_size, s.patch_size), pool_type="map",
                  posemb="learn", patch_bias=True, act=s.vision_act, ln_eps=1e-6)
@@ -241,12 +323,12 @@ def open_clip_config(model_name: str) -> dict[str, Any]:
   act = "quick_gelu" if s.quick_gelu else "gelu_exact"
   common_ = dict(act=act, ln_eps=_LN_EPS)
   text = dict(vocab_size=s.vocab_size, max_len=s.context_length, width=s.text_width,
-              depth=s.text_layers, mlp_dim=getattr(s, "text_mlp", None) or 4 * s.text_width,
+              depth=s.text_layers, mlp_dim=s.text_mlp or 4 * s.text_width,
               num_heads=s.text_heads,
               causal=True, pool_type="argmax", pad_id=None, **common_)
   if isinstance(s, ResNetSpec):
-    image = dict(resnet.decode_variant(model_name.removesuffix("-quickgelu")), norm="frozen_bn",
-                 pool_type="attn", output_dim=s.embed_dim)
+    image = dict(style="clip", layers=s.layers, width=s.width, num_heads=s.heads,
+                 norm="frozen_bn", pool_type="attn", output_dim=s.embed_dim)
     return dict(image=image, text=text, embed_dim=s.embed_dim, loss="clip", image_proj="none")
   image = dict(width=s.vision_width, depth=s.vision_layers, mlp_dim=s.vision_mlp,
                num_heads=s.vision_heads, patch_size=(s.patch_size, s.patch_size),
@@ -377,10 +459,6 @@ def rules(config: Mapping) -> list[Rule]:
       common.scalar("logit_scale", ("t",))]
 
 
-def _image_size(model_name: str) -> int:
-  return get_spec(model_name).image_size
-
-
 def from_open_clip(state_dict_or_path: Mapping | str | os.PathLike, model_name: str, *,
                    dtype: Any = np.float32) -> Converted:
   """An open_clip CLIP (ViT or ResNet) or SigLIP state dict -> Converted(config, params,
@@ -388,11 +466,12 @@ def from_open_clip(state_dict_or_path: Mapping | str | os.PathLike, model_name: 
 
   Args:
     state_dict_or_path: {key: torch tensor or array}, or a path (load_state_dict).
-    model_name: an OPEN_CLIP_MODELS, OPEN_CLIP_SIGLIP_MODELS or OPEN_CLIP_RESNET_MODELS
-      key (or a coca_* name of OPEN_CLIP_COCA_MODELS: mmjax.convert.coca, a CoCa model
-      config), e.g. 'ViT-B-32' (GELU), 'ViT-B-32-quickgelu' / 'RN50-quickgelu' (OpenAI's
-      weights), 'RN50' or 'ViT-B-16-SigLIP'; decides the activations and the heads, and the state
-      dict's shapes must match it.
+    model_name: an OPEN_CLIP_MODELS key, a name of the installed open_clip's ViT, SigLIP or
+      ModifiedResNet model_configs, or a path to such a .json (or a coca_* name of
+      OPEN_CLIP_COCA_MODELS: mmjax.convert.coca, a CoCa model config), e.g. 'ViT-B-32'
+      (GELU), 'ViT-B-32-quickgelu' / 'RN50-quickgelu' (OpenAI's weights), 'RN50' or
+      'ViT-B-16-SigLIP'; decides the activations and the heads, and the state dict's shapes
+      must match it.
     dtype: of the returned params (numpy arrays, host memory).
 
   Returns:
@@ -404,28 +483,41 @@ def from_open_clip(state_dict_or_path: Mapping | str | os.PathLike, model_name: 
   """
   if str(model_name).startswith("coca_"):   # open_clip's CoCa models: mmjax.convert.coca
     return coca.from_open_clip_coca(state_dict_or_path, model_name, dtype=dtype)
-  config = open_clip_config(model_name)
+  spec = get_spec(model_name)
+  config = spec_config(spec)
   sd = load_state_dict(state_dict_or_path)
   # Buffers: the attention mask some old checkpoints saved, BatchNorm's step counters.
   ignore = lambda k: k == "attn_mask" or k.endswith(".num_batches_tracked")
   what = f"{common.source_name(state_dict_or_path)} is not an open_clip {model_name!r} state dict"
   params, stats = common.split_stats(common.apply_rules(
-      rules(config), sd, config=config, image_size=_image_size(model_name), what=what,
+      rules(config), sd, config=config, image_size=spec.image_size, what=what,
       dtype=dtype, ignore=ignore))
-  siglip = isinstance(get_spec(model_name), SiglipSpec)
+  siglip = isinstance(spec, SiglipSpec)
   return Converted(config, params, preprocess(model_name), None if siglip else "clip", stats)
 
 
 # ------------------------------------------------------------ writing state dicts
 
 def _check_siglip_layout(config: Mapping) -> None:
-  """config must be one of OPEN_CLIP_SIGLIP_MODELS: ValueError naming the first field that
-  differs from the closest of them."""
-  tries = [common.layout_mismatches(config, open_clip_config(name), f"open_clip's {name}")
-           for name in OPEN_CLIP_SIGLIP_MODELS]
-  best = min(tries, key=len)
-  if best:
-    raise ValueError(best[0])
+  """config must be open_clip's SigLIP layout (a timm 'map' trunk, the bidirectional text tower
+  pooled last; any size): ValueError naming the first field that differs."""
+  if config.get("loss") != "siglip":
+    raise ValueError(f"config['loss']={config.get('loss')!r}; open_clip's SigLIP is 'siglip'")
+  img, txt = (common.tower_settings(t, config[t]) for t in ("image", "text"))
+  for tower, act in (("image", img["act"]), ("text", txt["act"])):
+    if act not in ("gelu", "gelu_exact"):
+      raise ValueError(f"config[{tower!r}]['act']={act!r}; open_clip's SigLIP needs 'gelu' "
+                       "(gelu_tanh) or 'gelu_exact' (nn.GELU)")
+  proj = config.get("text_proj", "dense")
+  if proj not in ("dense", "dense_bias", "none"):
+    raise ValueError(f"config['text_proj']={proj!r}; open_clip's SigLIP needs 'dense', "
+                     "'dense_bias' or 'none'")
+  patch = img["patch_size"]
+  patch = patch[0] if isinstance(patch, (tuple, list)) else patch   # the check names non-square
+  dims = lambda s: (s["width"], s["depth"], s["num_heads"], s["mlp_dim"])
+  want = spec_config(SiglipSpec(0, patch, dims(img), img["act"], dims(txt), txt["act"],
+                                txt["vocab_size"], txt["max_len"], config.get("embed_dim"), proj))
+  common.check_layout(config, want, "open_clip's ViT-*-SigLIP* layout")
 
 
 def _check_clip_layout(config: Mapping) -> None:
@@ -470,8 +562,7 @@ def to_open_clip(config: Mapping, params: Mapping, *, batch_stats: Mapping | Non
 
   Args:
     config: two_tower.Model kwargs (as from_open_clip / open_clip_config give);
-      checked to describe open_clip's CLIP layout (any size) or one of
-      OPEN_CLIP_SIGLIP_MODELS.
+      checked to describe open_clip's CLIP or SigLIP layout (any size).
     params: the model's params (numpy or jax arrays).
     batch_stats: a ResNet's BatchNorm statistics (Converted.batch_stats, TrainState's).
     as_torch: torch tensors (for `model.load_state_dict`) instead of numpy.
