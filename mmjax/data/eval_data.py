@@ -226,7 +226,7 @@ def _open_shards(spec: str, rest: str, split: str) -> EvalSet:
     raise ValueError(f"dataset={spec!r}: a classification set (dataset_type.txt says so, or "
                      "its samples have .cls labels) needs classnames.txt beside the shards or "
                      "in their parent folder, one class name per line in label order")
-  class_names = wds_pipeline.read_lines(names)
+  class_names = wds_pipeline.read_class_names(names)
   top = max(_every(source, "label", "cls", "a class label").values())
   if top >= len(class_names):
     raise ValueError(f"{names}: {len(class_names)} class names, but the shards have label "

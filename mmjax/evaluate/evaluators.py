@@ -319,6 +319,7 @@ class Rerank:
 
   def __init__(self, pairs: Pairs, image_tokens: Embedded, score: Callable, k: int):
     self.pairs, self.image_tokens, self.score_fn, self.k = pairs, image_tokens, score, k
+    self.encode = None   # strings -> token rows (an evaluation set's captions)
 
   @classmethod
   def build(cls, inputs: Inputs, s: dict) -> "Rerank":
@@ -326,14 +327,17 @@ class Rerank:
     if reranker is None:
       raise NotApplicable("the objective has no matching head (reranker() is None)")
     tokens_fn, score_fn, k = reranker
-    return cls(Pairs.build(inputs, s),
-               inputs.embedded(inputs.eval_split, inputs.jit(tokens_fn), s["batch_size"]),
-               inputs.jit(score_fn), k)
+    out = cls(Pairs.build(inputs, s),
+              inputs.embedded(inputs.eval_split, inputs.jit(tokens_fn), s["batch_size"]),
+              inputs.jit(score_fn), k)
+    out.encode = lambda texts: inputs.tokenizer.encode(texts, inputs.text_len)
+    return out
 
   def run(self, variables) -> dict[str, float]:
     p = self.pairs(variables)
     image_tokens, _ = self.image_tokens.all(variables)
-    texts, b = np.asarray(p.texts), self.image_tokens.batch_size
+    texts, b = p.texts, self.image_tokens.batch_size
+    texts = np.asarray(self.encode(texts) if isinstance(texts, list) else texts)
 
     def score(ii: np.ndarray, jj: np.ndarray) -> np.ndarray:
       out = []

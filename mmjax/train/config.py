@@ -189,7 +189,8 @@ def defaults() -> ml_collections.ConfigDict:
   # big_vision's config.evals: name -> dict(type=<mmjax.evaluate.names()>, every=<steps; 0:
   # only at the end; default evaluate.every>, **config.evaluate keys for it alone), e.g.
   # c.evals.zs = dict(type='zeroshot', every=100, templates=('a {}',)). Empty: the standard
-  # set (every evaluator the objective and data allow) every config.evaluate.every.
+  # set (every evaluator the objective and data allow) every config.evaluate.every. An entry
+  # with dataset='wds:/dir' (split=, limit=) evaluates on that set, its metrics '<name>/...'.
   c.evals = ml_collections.ConfigDict()
 
   c.checkpoint = ml_collections.ConfigDict(dict(every=250, keep=2))

@@ -205,9 +205,53 @@ def _make_evaluator(config, objective, source, train_src, tok, prep=None) -> Eva
   if "text" not in eval_arrays and not config.evals and jax.process_index() == 0:
     print(f"mmjax: the evaluation set of dataset {d.name!r} has no captions "
           f"(config.data.text_key={d.text_key!r}): retrieval is skipped", flush=True)
+  evals, sets = _own_eval_sets(config, prep or ImagePrep(d.image_size), names)
   return Evaluator(objective, e, eval_arrays, tokenizer=tok,
                    text_len=d.text_len, zeroshot=zeroshot, probe_arrays=probe_arrays,
-                   class_names=names, evals=config.evals)
+                   class_names=names, evals=evals, datasets=sets)
+
+
+def _own_eval_sets(config, prep: ImagePrep, run_names) -> tuple[dict, dict]:
+  """config.evals with templates specs loaded, and {entry: EvalSet} for the entries with a
+  `dataset` (entries on the same dataset, split and limit share one), streamed through the
+  run's eval preprocessing `prep`."""
+  from mmjax.data import eval_data   # the evaluation sets' reader (TFDS, folders, shards)
+  evals, sets, opened = {}, {}, {}
+  for name, spec in (config.evals or {}).items():
+    spec = dict(spec.items())
+    ds = None
+    if "dataset" in spec:
+      key = (spec["dataset"], spec.get("split", "test"), spec.get("limit"))
+      if key not in opened:
+        opened[key] = _open_eval_set(config, name, spec, prep)
+      ds, sets[name] = opened[key]
+    if isinstance(spec.get("templates"), str):
+      try:
+        spec["templates"] = eval_data.load_templates(
+            os.path.expanduser(spec["templates"]),
+            class_names=ds.class_names if ds else run_names,
+            dataset=eval_data.dataset_keys(ds.name) if ds else ())
+      except (ValueError, OSError) as e:
+        raise ValueError(f"config.evals.{name}.templates: {e}") from None
+    evals[name] = spec
+  return evals, sets
+
+
+def _open_eval_set(config, name: str, spec: dict, prep: ImagePrep):
+  """(the eval_data.EvalSet, its evaluator_lib.EvalSet) of config.evals.<name>.dataset."""
+  from mmjax.data import eval_data
+  from mmjax.evaluate.streaming import Split
+  try:
+    ds = eval_data.open_eval_set(spec["dataset"],
+                                 split=spec.get("split", "test"),
+                                 data_dir=config_lib.data_dir(config))
+  except (ValueError, OSError) as e:
+    raise ValueError(f"config.evals.{name}.dataset={spec['dataset']!r}: {e}") from None
+  limit, threads = spec.get("limit"), max(1, config.data.num_workers or 4)
+  batches = lambda b: eval_data.eval_batches(ds, prep, b, limit=limit, num_threads=threads)
+  templates = ds.templates or list(config.evaluate.templates or DEFAULT_TEMPLATES)
+  return ds, evaluator_lib.EvalSet(Split(batches, ["label"] if ds.class_names else ["text"]),
+                                   ds.class_names, templates)
 
 
 def _check_label_range(arrays, names, names_path, d) -> None:
@@ -471,6 +515,9 @@ def run(built: Run, workdir: str, *, callbacks: Sequence[Callable[[int, dict], N
       if due:   # each evaluator on its own schedule (config.evals); the final one runs all
         guard.flush()
         results = built.evaluator(state.variables, due)
+        if state.params_ema is not None:   # config.ema_decay: the EMA on the same schedule
+          results.update({f"ema_{k}": v
+                          for k, v in built.evaluator(state.ema_variables, due).items()})
         writer.write(step, results)
         say(f"mmjax: step {step} eval: {monitor.summary(results)}")
     guard.flush()
