@@ -60,6 +60,7 @@ class Run:
   normalize: tuple | None = None      # (mean, std) of uint8 images, applied once on the device
   tokenizer_spec: str = ""            # the run's tokenizer (mmjax.data.tokenizers spec)
   preprocess: Any = None              # the run's eval image preparation (ImagePrep)
+  architecture: dict | None = None    # config.init_from.checkpoint's two_tower kwargs, else None
   data_id: str = ""                   # the training data's name (DataSource.tokenizer_name: a
                                       # TFDS name, a hash of the shard paths); checkpoints keep it
                                       # (None: [-1, 1])
@@ -297,7 +298,8 @@ def build(config: ml_collections.ConfigDict, *, validate: bool = True) -> Run:
              state_sharding=state_sharding, batch_sharding=sharding.batch_sharding(mesh),
              t_start=t_start, start=None if ckpt is None else ckpt.variables,
              normalize=normalize, data_id=source.tokenizer_name, tokenizer_spec=tok.spec,
-             preprocess=ImagePrep(config.data.image_size) if ckpt is None else ckpt.preprocess)
+             preprocess=ImagePrep(config.data.image_size) if ckpt is None else ckpt.preprocess,
+             architecture=None if ckpt is None else ckpt.config)
 
 
 def _sync(name: str) -> None:
@@ -439,7 +441,8 @@ def run(built: Run, workdir: str, *, callbacks: Sequence[Callable[[int, dict], N
                           "skipped_in_a_row": guard.in_a_row, "data": built.data_id}
     if primary:
       _save_config(config, workdir, start)
-      export.save_model_card(workdir, built.tokenizer_spec, built.preprocess)
+      export.save_model_card(workdir, built.tokenizer_spec, built.preprocess,
+                             built.architecture)
     step_fn = _step_fn(built)
     writer = MetricWriter(workdir, resume_step=start)
     if init_results:
