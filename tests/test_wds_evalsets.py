@@ -237,3 +237,11 @@ def test_per_class_prompts_average_per_class():
   np.testing.assert_allclose(got, [want_x, unit([1, 1])], rtol=1e-6)
   with pytest.raises(ValueError, match=r"no prompts for 1 of 2 classes, e.g. \['y'\]"):
     class_embeddings(encode, ["x", "y"], {"x": ["a"]})
+
+
+def test_identical_captions_go_with_every_image_that_has_them():
+  """Several captions per image: caption j goes with image i when image i has one equal to it
+  (copies of a caption tie; CLIP_benchmark's top-k would pick one of them arbitrarily)."""
+  from mmjax.evaluate.evaluators import caption_match
+  got = caption_match([["a dog", "a cat"], ["a cat"], ["a car"]])
+  np.testing.assert_array_equal(got, [[1, 1, 1, 0], [0, 1, 1, 0], [0, 0, 0, 1]])

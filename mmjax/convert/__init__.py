@@ -13,13 +13,14 @@ from mmjax.convert.common import Converted, load_state_dict
 from mmjax.convert.hf import from_hf, to_hf
 from mmjax.convert.openclip import (OPEN_CLIP_MODELS, TIMM_SIGLIP_TRUNKS, OpenClipSpec,
                                     ResNetSpec, SiglipSpec, from_open_clip, get_spec,
-                                    open_clip_config, to_open_clip)
+                                    open_clip_config, open_clip_model_config, to_open_clip)
 
 __all__ = ["Converted", "OPEN_CLIP_COCA_MODELS", "coca_config", "from_open_clip_coca",
            "open_clip_coca_config", "to_open_clip_coca", "OPEN_CLIP_MODELS",
            "TIMM_SIGLIP_TRUNKS", "OpenClipSpec", "ResNetSpec",
            "SiglipSpec", "from_big_vision", "from_hf", "from_open_clip", "get_spec", "load",
-           "load_state_dict", "open_clip_config", "to_big_vision", "to_hf", "to_open_clip"]
+           "load_state_dict", "open_clip_config", "open_clip_model_config", "to_big_vision",
+           "to_hf", "to_open_clip"]
 
 KINDS = ("big_vision", "hf", "open_clip")
 

@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file
 
 from mmjax.data.preprocess import ImagePrep
-from mmjax.models import scan as scan_lib, text, two_tower, vit
+from mmjax.models import image as image_lib, scan as scan_lib, text, two_tower, vit
 
 Path = tuple[str, ...]
 
@@ -158,9 +158,12 @@ _LAYOUT = {
 
 
 def tower_settings(tower: str, fields: Mapping) -> dict:
-  """Every field of the tower, the given ones decoded and checked, the rest the defaults."""
+  """Every field of the tower, the given ones decoded and checked, the rest the defaults.
+  The complete fields of a built model (a run's: mmjax.train.export) name their kind too."""
   cls, decode = (vit.ViT, vit.config) if tower == "image" else (text.TextTransformer,
                                                                  text.config)
+  if fields.get(image_lib.KIND) == "vit":
+    fields = {k: v for k, v in fields.items() if k != image_lib.KIND}
   return {**{f.name: f.default for f in dataclasses.fields(cls)}, **decode(**fields)}
 
 

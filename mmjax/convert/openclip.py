@@ -337,6 +337,35 @@ def spec_config(s: OpenClipSpec | SiglipSpec | ResNetSpec) -> dict[str, Any]:
   return dict(image=image, text=text, embed_dim=s.embed_dim, loss="clip")
 
 
+def open_clip_model_config(config: Mapping, image_size: int) -> dict[str, Any]:
+  """open_clip's JSON model config ({'embed_dim', 'quick_gelu', 'vision_cfg', 'text_cfg'}, as in
+  its model_configs/*.json) of `config`, a CLIP ViT layout of any size (to_open_clip's state
+  dict loads into the model open_clip builds from it). ValueError naming the first field the
+  JSON cannot express; SigLIP, ResNet and CoCa models are refused (open_clip names them by its
+  own configs: to_open_clip's state dict loads into `open_clip.create_model(name)`)."""
+  kind = ("a CoCa" if "decoder" in config else "a SigLIP" if config.get("loss") == "siglip"
+          else "a ResNet" if "layers" in config["image"] else None)
+  if kind:
+    raise ValueError(f"{kind} model: mmjax writes open_clip JSON model configs for CLIP ViT "
+                     "layouts only (convert.to_open_clip's state dict loads into open_clip's "
+                     "own config of that name)")
+  _check_clip_layout(config)
+  img, txt = config["image"], config["text"]
+  patch = np.broadcast_to(img["patch_size"], 2).tolist()
+  ratio = lambda c: c["mlp_dim"] / c["width"]
+  out = {"embed_dim": int(config["embed_dim"]), "quick_gelu": img["act"] == "quick_gelu",
+         "vision_cfg": {"image_size": int(image_size), "layers": img["depth"],
+                        "width": img["width"], "patch_size": patch[0],
+                        "head_width": img["width"] // img["num_heads"], "mlp_ratio": ratio(img)},
+         "text_cfg": {"context_length": txt["max_len"], "vocab_size": txt["vocab_size"],
+                      "width": txt["width"], "heads": txt["num_heads"], "layers": txt["depth"],
+                      "mlp_ratio": ratio(txt)}}
+  where = "the open_clip JSON config made from config"
+  common.check_layout(config, spec_config(spec_from_json(out, where)),
+                      f"{where} (non-square patches, heads not dividing the width?)")
+  return out
+
+
 def preprocess(model_name: str) -> ImagePrep:
   """open_clip's eval preprocessing of the model (resize, crop, normalisation), as its
   pretrained configs give it (torchvision's centre crop offset)."""

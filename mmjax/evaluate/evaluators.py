@@ -141,13 +141,23 @@ class ZeroShot:
 
 
 class Pairing(NamedTuple):
-  """The eval split's embeddings for retrieval: text j describes image i when
-  img_ids[i] == txt_ids[j]; texts: text j's input (a token row or a string)."""
+  """The eval split's embeddings for retrieval: text j describes image i where match[i, j];
+  texts: text j's input (a token row or a string)."""
   img: np.ndarray       # [n, d]
   txt: np.ndarray       # [m, d]
-  img_ids: np.ndarray   # [n] int
-  txt_ids: np.ndarray   # [m] int
+  match: np.ndarray     # [n, m] bool
   texts: Any            # [m, L] token rows or m strings
+
+
+def caption_match(captions: Sequence[Sequence[str]]) -> np.ndarray:
+  """[n, m] bool for n images' caption lists (m captions in all, in order): caption j goes
+  with image i when image i has a caption equal to it."""
+  flat = [t for caps in captions for t in caps]
+  owner = np.repeat(np.arange(len(captions)), [len(c) for c in captions])
+  _, sid = np.unique(np.asarray(flat, dtype=object).astype(str), return_inverse=True)
+  has = np.zeros((len(captions), sid.max() + 1), bool)
+  has[owner, sid] = True
+  return has[:, sid]
 
 
 class Pairs:
@@ -155,8 +165,9 @@ class Pairs:
 
   One text per image: retrieval_match 'pair' (text i goes with image i, identical captions
   counting as one text) or 'label' (same class). Several captions per image (a list per
-  image, as CLIP_benchmark's retrieval sets give them): every caption is a text and goes with
-  its image only, CLIP_benchmark's protocol.
+  image, as CLIP_benchmark's retrieval sets give them): every caption is a text, CLIP_benchmark's
+  protocol, and goes with its image, and with any other image that has the same caption
+  word for word (whose copies tie: CLIP_benchmark's top-k would pick one arbitrarily).
   """
 
   def __init__(self, images: Embedded, texts: Texts, match: str):
@@ -170,10 +181,9 @@ class Pairs:
       texts = fields["text"]
       if isinstance(texts, list) and texts and isinstance(texts[0], list):
         flat = [t for caps in texts for t in caps]
-        txt_ids = np.repeat(np.arange(len(texts)), [len(caps) for caps in texts])
-        return Pairing(img, self.texts(variables, flat), np.arange(len(img)), txt_ids, flat)
+        return Pairing(img, self.texts(variables, flat), caption_match(texts), flat)
       ids = fields["label"] if self.match == "label" else caption_ids(texts)
-      return Pairing(img, self.texts(variables, texts), ids, ids, texts)
+      return Pairing(img, self.texts(variables, texts), ids[:, None] == ids[None, :], texts)
     return self.images.memo.get(self, compute)
 
   @classmethod
@@ -204,8 +214,7 @@ class Retrieval:
   def recall(self, variables) -> dict[str, float]:
     """{'i2t_r1', ..., 't2i_r10', 'n'}."""
     p = self.pairs(variables)
-    return {**retrieval_recall(p.img, p.txt, img_ids=p.img_ids, txt_ids=p.txt_ids),
-            "n": len(p.img)}
+    return {**retrieval_recall(p.img, p.txt, match=p.match), "n": len(p.img)}
 
   def run(self, variables) -> dict[str, float]:
     return {f"retrieval_{k}": v for k, v in self.recall(variables).items() if k != "n"}
@@ -348,6 +357,5 @@ class Rerank:
         out.append(np.asarray(self.score_fn(variables, image_tokens[i], texts[j]))[:b - pad])
       return np.concatenate(out)
 
-    recall = rerank_recall(p.img @ p.txt.T, score, k=self.k, img_ids=p.img_ids,
-                           txt_ids=p.txt_ids)
+    recall = rerank_recall(p.img @ p.txt.T, score, k=self.k, match=p.match)
     return {f"itm_retrieval_{k}": v for k, v in recall.items()}

@@ -20,6 +20,7 @@ def _recall(scores: np.ndarray, match: np.ndarray, ks: Sequence[int]) -> dict[in
 def retrieval_recall(img_emb: np.ndarray, txt_emb: np.ndarray, *,
                      img_ids: np.ndarray | None = None,
                      txt_ids: np.ndarray | None = None,
+                     match: np.ndarray | None = None,
                      ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
   """Recall@k for image->text and text->image retrieval.
 
@@ -32,6 +33,7 @@ def retrieval_recall(img_emb: np.ndarray, txt_emb: np.ndarray, *,
     txt_emb: [m, d] text embeddings.
     img_ids: [n] ints (default arange(n)).
     txt_ids: [m] ints (default arange(m)).
+    match: [n, m] bool, which texts go with which image, in place of the ids.
     ks: the k of recall@k.
 
   Returns:
@@ -50,7 +52,10 @@ def retrieval_recall(img_emb: np.ndarray, txt_emb: np.ndarray, *,
     raise ValueError(f"img_ids {img_ids.shape} / txt_ids {txt_ids.shape} must match "
                      f"img_emb {img_emb.shape} / txt_emb {txt_emb.shape} rows")
   scores = img_emb @ txt_emb.T
-  match = img_ids[:, None] == txt_ids[None, :]
+  if match is None:
+    match = img_ids[:, None] == txt_ids[None, :]
+  elif np.shape(match) != scores.shape:
+    raise ValueError(f"match {np.shape(match)} must be [n, m] = {scores.shape}")
   out = {}
   for name, s, m in (("i2t", scores, match), ("t2i", scores.T, match.T)):
     if not m.any(1).all():
@@ -60,7 +65,8 @@ def retrieval_recall(img_emb: np.ndarray, txt_emb: np.ndarray, *,
 
 
 def rerank_recall(sim: np.ndarray, score, *, k: int, img_ids: np.ndarray | None = None,
-                  txt_ids: np.ndarray | None = None) -> dict[str, float]:
+                  txt_ids: np.ndarray | None = None,
+                  match: np.ndarray | None = None) -> dict[str, float]:
   """Recall@1 after re-ranking: each query's top-k candidates by `sim` re-ordered by
   `score` (BLIP's ITM re-ranking); a query whose correct candidates are all outside the
   top k counts as missed.
@@ -69,7 +75,7 @@ def rerank_recall(sim: np.ndarray, score, *, k: int, img_ids: np.ndarray | None 
     sim: [n_img, n_txt] first-stage scores (contrastive similarities).
     score: (img_idx [m] int, txt_idx [m] int) -> [m] float, higher = better match.
     k: candidates re-ranked per query.
-    img_ids, txt_ids: as in retrieval_recall (default: positions).
+    img_ids, txt_ids, match: as in retrieval_recall (default: positions).
 
   Returns:
     {"i2t_r1": ..., "t2i_r1": ...}.
@@ -81,17 +87,19 @@ def rerank_recall(sim: np.ndarray, score, *, k: int, img_ids: np.ndarray | None 
   n, m = sim.shape
   if not 1 <= k:
     raise ValueError(f"k={k} must be >= 1")
-  img_ids = np.arange(n) if img_ids is None else np.asarray(img_ids)
-  txt_ids = np.arange(m) if txt_ids is None else np.asarray(txt_ids)
+  if match is None:
+    img_ids = np.arange(n) if img_ids is None else np.asarray(img_ids)
+    txt_ids = np.arange(m) if txt_ids is None else np.asarray(txt_ids)
+    match = img_ids[:, None] == txt_ids[None, :]
+  match = np.asarray(match, bool)
   out = {}
-  for name, s, q_ids, c_ids, pair in (
-      ("i2t", sim, img_ids, txt_ids, lambda q, c: (q, c)),
-      ("t2i", sim.T, txt_ids, img_ids, lambda q, c: (c, q))):
+  for name, s, good, pair in (("i2t", sim, match, lambda q, c: (q, c)),
+                              ("t2i", sim.T, match.T, lambda q, c: (c, q))):
     kk = min(k, s.shape[1])
     top = np.argsort(-s, axis=1, kind="stable")[:, :kk]            # [queries, kk]
     q = np.repeat(np.arange(s.shape[0]), kk)
     ii, jj = pair(q, top.reshape(-1))
     scores = np.asarray(score(ii, jj), np.float32).reshape(-1, kk)
     best = top[np.arange(len(top)), np.argmax(scores, axis=1)]
-    out[f"{name}_r1"] = float(np.mean(c_ids[best] == q_ids))
+    out[f"{name}_r1"] = float(np.mean(good[np.arange(len(best)), best]))
   return out

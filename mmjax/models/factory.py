@@ -13,13 +13,16 @@ if TYPE_CHECKING:   # a config is any ConfigDict-like mapping; ml_collections is
   import ml_collections
 
 
+RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "remat_policy", "scan", "attention_impl")
+
+
 def runtime(config: ml_collections.ConfigDict) -> dict:
-  """config.model's runtime settings, the same for every tower: dtype, param_dtype, remat,
-  remat_policy, scan, attention_impl."""
+  """config.model's runtime settings (RUNTIME_FIELDS), the same for every tower: how a run
+  computes, not which model it is."""
   model_cfg = config.model
-  return dict(dtype=dtype(model_cfg.dtype), param_dtype=dtype(model_cfg.param_dtype),
-              remat=model_cfg.remat, remat_policy=model_cfg.remat_policy, scan=model_cfg.scan,
-              attention_impl=model_cfg.attention_impl)
+  return dict(zip(RUNTIME_FIELDS, (dtype(model_cfg.dtype), dtype(model_cfg.param_dtype),
+                                   model_cfg.remat, model_cfg.remat_policy, model_cfg.scan,
+                                   model_cfg.attention_impl)))
 
 
 def dtypes(config: ml_collections.ConfigDict) -> dict:

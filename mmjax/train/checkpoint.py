@@ -144,12 +144,15 @@ def _move_aside(directory: str, step: int, workdir: str) -> None:
     multihost_utils.sync_global_devices(f"mmjax_broken_{step}")
 
 
-def load_variables(workdir: str, step: int | None = None) -> tuple[dict, int]:
+def load_variables(workdir: str, step: int | None = None, *, ema: bool = False
+                   ) -> tuple[dict, int]:
   """({'params'[, 'batch_stats']} (numpy), step) of another run's checkpoint: the newest,
   or `step`.
 
-  For initialising from a pretrained run (config.init_from); reads the state
-  item without a target, so the other run's model need not be built.
+  For initialising from a pretrained run (config.init_from) and exporting one; reads the
+  state item without a target, so the other run's model need not be built. ema=True: the
+  run's weight EMA (TrainState.params_ema, config.ema_decay) as 'params'; ValueError when
+  the run kept none.
   """
   directory = os.path.join(os.path.abspath(os.path.expanduser(workdir)), "checkpoints")
   if not os.path.isdir(directory):
@@ -160,7 +163,13 @@ def load_variables(workdir: str, step: int | None = None) -> tuple[dict, int]:
       raise ValueError(f"config.init_from.workdir={workdir!r} has no checkpoint")
     state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
   state = state["state"]
-  out = {"params": jax.tree.map(np.asarray, state["params"])}
+  params = state["params"]
+  if ema:
+    params = state.get("params_ema")
+    if not params:   # orbax keeps a None field as absent or None
+      raise ValueError(f"workdir {workdir!r} (step {step}) has no weight EMA: the run was "
+                       "trained without config.ema_decay")
+  out = {"params": jax.tree.map(np.asarray, params)}
   if state.get("batch_stats"):
     out["batch_stats"] = jax.tree.map(np.asarray, state["batch_stats"])
   return out, step

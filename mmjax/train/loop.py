@@ -27,9 +27,10 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
 from mmjax import objectives
-from mmjax.data import pipeline, sources, tokenizers
+from mmjax.data import eval_data, pipeline, sources, tokenizers
 from mmjax.data.preprocess import ImagePrep
 from mmjax.evaluate import Evaluator, evaluator as evaluator_lib
+from mmjax.evaluate.streaming import Split
 from mmjax.train import checkpoint, config as config_lib, export, init_from, monitor
 from mmjax.train import multihost
 from mmjax.train import optimizer
@@ -60,6 +61,7 @@ class Run:
   normalize: tuple | None = None      # (mean, std) of uint8 images, applied once on the device
   tokenizer_spec: str = ""            # the run's tokenizer (mmjax.data.tokenizers spec)
   preprocess: Any = None              # the run's eval image preparation (ImagePrep)
+  architecture: dict | None = None    # config.init_from.checkpoint's two_tower kwargs, else None
   data_id: str = ""                   # the training data's name (DataSource.tokenizer_name: a
                                       # TFDS name, a hash of the shard paths); checkpoints keep it
                                       # (None: [-1, 1])
@@ -215,7 +217,6 @@ def _own_eval_sets(config, prep: ImagePrep, run_names) -> tuple[dict, dict]:
   """config.evals with templates specs loaded, and {entry: EvalSet} for the entries with a
   `dataset` (entries on the same dataset, split and limit share one), streamed through the
   run's eval preprocessing `prep`."""
-  from mmjax.data import eval_data   # the evaluation sets' reader (TFDS, folders, shards)
   evals, sets, opened = {}, {}, {}
   for name, spec in (config.evals or {}).items():
     spec = dict(spec.items())
@@ -239,8 +240,6 @@ def _own_eval_sets(config, prep: ImagePrep, run_names) -> tuple[dict, dict]:
 
 def _open_eval_set(config, name: str, spec: dict, prep: ImagePrep):
   """(the eval_data.EvalSet, its evaluator_lib.EvalSet) of config.evals.<name>.dataset."""
-  from mmjax.data import eval_data
-  from mmjax.evaluate.streaming import Split
   try:
     ds = eval_data.open_eval_set(spec["dataset"],
                                  split=spec.get("split", "test"),
@@ -341,7 +340,8 @@ def build(config: ml_collections.ConfigDict, *, validate: bool = True) -> Run:
              state_sharding=state_sharding, batch_sharding=sharding.batch_sharding(mesh),
              t_start=t_start, start=None if ckpt is None else ckpt.variables,
              normalize=normalize, data_id=source.tokenizer_name, tokenizer_spec=tok.spec,
-             preprocess=ImagePrep(config.data.image_size) if ckpt is None else ckpt.preprocess)
+             preprocess=ImagePrep(config.data.image_size) if ckpt is None else ckpt.preprocess,
+             architecture=None if ckpt is None else ckpt.config)
 
 
 def _sync(name: str) -> None:
@@ -483,7 +483,8 @@ def run(built: Run, workdir: str, *, callbacks: Sequence[Callable[[int, dict], N
                           "skipped_in_a_row": guard.in_a_row, "data": built.data_id}
     if primary:
       _save_config(config, workdir, start)
-      export.save_model_card(workdir, built.tokenizer_spec, built.preprocess)
+      export.save_model_card(workdir, built.tokenizer_spec, built.preprocess,
+                             built.architecture)
     step_fn = _step_fn(built)
     writer = MetricWriter(workdir, resume_step=start)
     if init_results:
