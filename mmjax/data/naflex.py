@@ -1,0 +1,215 @@
+"""NaFlex images on the host: aspect-preserving resize to a patch budget, patches, padding, packing.
+
+SigLIP 2's NaFlex variant resizes each image so that its patch grid (h, w) holds at most
+`max_patches` patches while keeping (about) the image's aspect ratio, then cuts it into p x p
+patches flattened in (patch_row, patch_col, channel) order: [h * w, p * p * 3] uint8. The
+resize is transformers' (Siglip2ImageProcessor, PIL backend): the same scale search and PIL's
+bilinear filter, so the patches normalised as (x / 255 - 0.5) / 0.5 are its pixel_values.
+
+A batch is a dict of NumPy arrays, one row per sequence of L tokens (what a NaFlex tower takes):
+  'patches'     uint8 [b, L, p * p * 3]   (normalised on the device)
+  'segment_ids' int32 [b, L]              0 = padding, k = the row's k-th image (1-based)
+  'positions'   int32 [b, L, 2]           the token's (row, col) in its image's grid; 0 for padding
+  'shapes'      int32 [b, k_max, 2]       each slot's grid (h, w); (0, 0) for an empty slot
+`pad` puts one image in each row; `pack` several (NaViT's patch n' pack).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+from PIL import Image
+
+# transformers' search interval and tolerance for the scale (get_image_size_for_max_num_patches):
+# kept equal so that the target sizes are equal for every input, including where a finer
+# search would give a larger image (a step of the patch count within EPS of the best scale)
+# and tiny images, which stop growing at SCALE_MAX.
+EPS = 1e-5
+SCALE_MIN, SCALE_MAX = EPS / 10, 100.0
+
+
+class NaflexImage(NamedTuple):
+  """One image as patches: patches uint8 [h * w, p * p * 3], row-major over grid (h, w)."""
+  patches: np.ndarray
+  grid: tuple[int, int]
+
+
+def _check_positive_int(name: str, value, low: int = 1) -> None:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+    raise ValueError(f"{name} must be an int >= {low}; got {value!r}")
+
+
+def _patches_along(size: int, scale: float, patch: int) -> int:
+  """How many patches a side of `size` pixels scaled by `scale` takes: rounded up, at least 1.
+  The float operations in transformers' order (size * scale, then / patch)."""
+  return max(1, math.ceil(size * scale / patch))
+
+
+def size_for_budget(height: int, width: int, patch: int, max_patches: int) -> tuple[int, int]:
+  """The NaFlex resize target (H, W) in pixels for a height x width image.
+
+  H and W are multiples of `patch` (each side rounded up, at least one patch) with
+  (H / patch) * (W / patch) <= max_patches, at the largest scale a bisection over
+  [1e-6, 100] to 1e-5 finds: transformers' get_image_size_for_max_num_patches, equal to it
+  for every input.
+  """
+  _check_positive_int("height", height)
+  _check_positive_int("width", width)
+  _check_positive_int("patch", patch)
+  _check_positive_int("max_patches", max_patches)
+  low, high = SCALE_MIN, SCALE_MAX
+  while high - low >= EPS:
+    scale = (low + high) / 2
+    count = _patches_along(height, scale, patch) * _patches_along(width, scale, patch)
+    if count <= max_patches:
+      low = scale
+    else:
+      high = scale
+  return _patches_along(height, low, patch) * patch, _patches_along(width, low, patch) * patch
+
+
+def _as_rgb(image) -> Image.Image:
+  """A PIL image in mode RGB from a PIL image of any mode (converted as open_clip does:
+  .convert('RGB'), alpha dropped) or a uint8 [H, W, 3] array (other arrays refused)."""
+  if isinstance(image, Image.Image):
+    return image if image.mode == "RGB" else image.convert("RGB")
+  array = np.asarray(image)
+  if array.ndim != 3 or array.shape[-1] != 3 or array.dtype != np.uint8:
+    raise ValueError(f"image must be uint8 [H, W, 3] (or a PIL image, converted to RGB); "
+                     f"got {array.dtype} {list(array.shape)}")
+  return Image.fromarray(array)
+
+
+def patchify(pixels: np.ndarray, patch: int) -> np.ndarray:
+  """uint8 [H, W, C] (H, W multiples of patch) -> [H/p * W/p, p * p * C], patches row-major,
+  each flattened in (row within the patch, column within the patch, channel) order."""
+  height, width, channels = pixels.shape
+  if height % patch or width % patch:
+    raise ValueError(f"pixels [{height}, {width}, {channels}] are not multiples of patch={patch}")
+  h, w = height // patch, width // patch
+  blocks = pixels.reshape(h, patch, w, patch, channels).transpose(0, 2, 1, 3, 4)
+  return blocks.reshape(h * w, patch * patch * channels)
+
+
+def prepare(image, patch: int, max_patches: int) -> NaflexImage:
+  """One image -> NaflexImage(patches uint8 [h * w, p * p * 3], grid (h, w)), h * w <= max_patches.
+
+  image: uint8 [H0, W0, 3] or a PIL image (any mode, converted to RGB). Resized to
+  size_for_budget(H0, W0, ...) with PIL's bilinear filter, as transformers' Siglip2 PIL-backend
+  processor does, then cut into patches (see `patchify`).
+  """
+  _check_positive_int("patch", patch)
+  _check_positive_int("max_patches", max_patches)
+  rgb = _as_rgb(image)
+  height, width = size_for_budget(rgb.height, rgb.width, patch, max_patches)
+  if (rgb.height, rgb.width) != (height, width):
+    rgb = rgb.resize((width, height), Image.BILINEAR)
+  return NaflexImage(patchify(np.asarray(rgb), patch), (height // patch, width // patch))
+
+
+def _check_images(images, seq_len: int) -> int:
+  """The common patch width D of `images`; a ValueError naming the first bad image otherwise."""
+  _check_positive_int("seq_len", seq_len)
+  if not len(images):
+    raise ValueError("images is empty")
+  dim = images[0].patches.shape[-1]
+  for i, (patches, (h, w)) in enumerate(images):
+    if h < 1 or w < 1:
+      raise ValueError(f"images[{i}].grid must be at least (1, 1); got ({h}, {w})")
+    if patches.ndim != 2 or patches.shape != (h * w, dim) or patches.dtype != np.uint8:
+      raise ValueError(f"images[{i}].patches must be uint8 [h * w, {dim}] = [{h * w}, {dim}] for "
+                       f"grid ({h}, {w}); got {patches.dtype} {list(patches.shape)}")
+    if h * w > seq_len:
+      raise ValueError(f"images[{i}] has {h * w} patches (grid {h} x {w}) > seq_len={seq_len}")
+  return dim
+
+
+def _empty_batch(rows: int, seq_len: int, slots: int, dim: int) -> dict[str, np.ndarray]:
+  return {"patches": np.zeros((rows, seq_len, dim), np.uint8),
+          "segment_ids": np.zeros((rows, seq_len), np.int32),
+          "positions": np.zeros((rows, seq_len, 2), np.int32),
+          "shapes": np.zeros((rows, slots, 2), np.int32)}
+
+
+def _put(batch: dict, row: int, start: int, slot: int, image: NaflexImage) -> int:
+  """Writes `image` into `row` from token `start` as slot `slot` (segment id slot + 1);
+  returns the token after it."""
+  h, w = image.grid
+  end = start + h * w
+  batch["patches"][row, start:end] = image.patches
+  batch["segment_ids"][row, start:end] = slot + 1
+  # Row-major within the image: token i of it sits at (i // w, i % w).
+  batch["positions"][row, start:end] = np.stack(np.divmod(np.arange(h * w), w), axis=-1)
+  batch["shapes"][row, slot] = (h, w)
+  return end
+
+
+def pad(images: list[NaflexImage], seq_len: int) -> dict[str, np.ndarray]:
+  """One image per sequence, padded to seq_len tokens (padding at the end).
+
+  Returns 'patches' uint8 [b, L, D], 'segment_ids' int32 [b, L] (1 for the image, 0 for
+  padding), 'positions' int32 [b, L, 2], 'shapes' int32 [b, 1, 2], b = len(images), L = seq_len.
+  """
+  dim = _check_images(images, seq_len)
+  batch = _empty_batch(len(images), seq_len, 1, dim)
+  for i, image in enumerate(images):
+    _put(batch, i, 0, 0, image)
+  return batch
+
+
+def first_fit_decreasing(counts, capacity: int, max_items: int) -> np.ndarray:
+  """int32 [n, 2]: (bin, slot) of each item when `counts` [n] are packed into bins of
+  `capacity` with at most `max_items` each.
+
+  First fit decreasing: items in order of decreasing count (ties in input order), each into
+  the first open bin with room, or a new bin; slots numbered in the order items arrive. The
+  same counts always give the same placement.
+  """
+  counts = np.asarray(counts, np.int64)
+  room = np.zeros(0, np.int64)     # free tokens of each bin
+  filled = np.zeros(0, np.int64)   # items in each bin
+  placement = np.zeros((len(counts), 2), np.int32)
+  for i in np.argsort(-counts, kind="stable"):
+    fits = np.flatnonzero((room >= counts[i]) & (filled < max_items))
+    if fits.size:
+      b = fits[0]
+    else:
+      b = len(room)
+      room, filled = np.append(room, capacity), np.append(filled, 0)
+    placement[i] = (b, filled[b])
+    room[b] -= counts[i]
+    filled[b] += 1
+  return placement
+
+
+def pack(images: list[NaflexImage], seq_len: int,
+         max_per_seq: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+  """Several images per sequence (NaViT's patch n' pack), placed by `first_fit_decreasing`.
+
+  Returns (batch, placement). batch: 'patches' uint8 [rows, L, D], 'segment_ids' int32
+  [rows, L] (k for the row's k-th image, 1-based; its tokens contiguous; 0 for the padding at
+  the row's end), 'positions' int32 [rows, L, 2], 'shapes' int32 [rows, max_per_seq, 2].
+  placement: int32 [n_images, 2], (row, slot) of each input image, slot = segment id - 1, so
+  per-slot outputs [rows, max_per_seq, ...] map back to the input order as out[row, slot].
+  rows is as few as the packing needs (not fixed: pad rows yourself for a static batch shape).
+  """
+  _check_positive_int("max_per_seq", max_per_seq)
+  dim = _check_images(images, seq_len)
+  counts = [image.patches.shape[0] for image in images]
+  placement = first_fit_decreasing(counts, seq_len, max_per_seq)
+  batch = _empty_batch(int(placement[:, 0].max()) + 1, seq_len, max_per_seq, dim)
+  next_token = np.zeros(len(batch["patches"]), np.int64)
+  # Slots were numbered in the order images arrived in their row, so writing them in that
+  # order keeps each row's segments in slot order.
+  for i in np.lexsort((placement[:, 1], placement[:, 0])):
+    row, slot = placement[i]
+    next_token[row] = _put(batch, row, next_token[row], slot, images[i])
+  return batch, placement
+
+
+def padding_share(batch: dict[str, np.ndarray]) -> float:
+  """The share of tokens that are padding (segment id 0) in batch['segment_ids'] [b, L]."""
+  segment_ids = np.asarray(batch["segment_ids"])
+  return float(np.mean(segment_ids == 0)) if segment_ids.size else 0.0
