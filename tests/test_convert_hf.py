@@ -153,7 +153,7 @@ def test_bad_directories_are_named(tmp_path, torch_seed):
   with pytest.raises(ValueError, match="has no config.json"):
     convert.from_hf(tmp_path)
   (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
-  with pytest.raises(ValueError, match=r"model_type='bert'; mmjax converts \['clip', 'siglip'\]"):
+  with pytest.raises(ValueError, match=r"model_type='bert'; mmjax converts \['clip', 'siglip', 'siglip2'\]"):
     convert.from_hf(tmp_path)
   cfg = hf_config("clip").to_dict()
   cfg["text_config"]["eos_token_id"] = 5

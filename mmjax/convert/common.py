@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file
 
 from mmjax.data.preprocess import ImagePrep
-from mmjax.models import image as image_lib, scan as scan_lib, text, two_tower, vit
+from mmjax.models import image as image_lib, naflex, scan as scan_lib, text, two_tower, vit
 
 Path = tuple[str, ...]
 
@@ -162,7 +162,9 @@ def tower_settings(tower: str, fields: Mapping) -> dict:
   The complete fields of a built model (a run's: mmjax.train.export) name their kind too."""
   cls, decode = (vit.ViT, vit.config) if tower == "image" else (text.TextTransformer,
                                                                  text.config)
-  if fields.get(image_lib.KIND) == "vit":
+  if tower == "image" and fields.get(image_lib.KIND) == "naflex":
+    cls, decode = naflex.NaFlexViT, naflex.config
+  if fields.get(image_lib.KIND) in ("vit", "naflex"):
     fields = {k: v for k, v in fields.items() if k != image_lib.KIND}
   return {**{f.name: f.default for f in dataclasses.fields(cls)}, **decode(**fields)}
 
@@ -176,10 +178,15 @@ def layout_mismatches(config: Mapping, want: Mapping, layout: str) -> list[str]:
     got, need = config.get(key, default), want.get(key, default)
     if got != need:
       out.append(f"config[{key!r}]={got!r}; {layout} needs {need!r}")
+  kinds = [image_lib.kind(c["image"]).name for c in (config, want)]
+  if kinds[0] != kinds[1]:
+    return [f"config['image'] is a {kinds[0]!r} tower; {layout} needs a {kinds[1]!r} one"]
   for tower in ("image", "text"):
     got, need = tower_settings(tower, config[tower]), tower_settings(tower, want[tower])
-    out += [f"config[{tower!r}][{key!r}]={got[key]!r}; {layout} needs {need[key]!r}"
-            for key in _LAYOUT[tower] if got[key] != need[key]]
+    keys = _LAYOUT[tower] + (("posemb_grid",) if kinds[0] == "naflex" and tower == "image"
+                             else ())
+    out += [f"config[{tower!r}][{key!r}]={got.get(key)!r}; {layout} needs {need.get(key)!r}"
+            for key in keys if got.get(key) != need.get(key)]
   return out
 
 
@@ -224,7 +231,7 @@ def _model_shapes(config_json: str, image_size: int) -> tuple:
   model = two_tower.Model(**{**config, **{t: {**config[t], "scan": False}
                                          for t in ("image", "text")}})
   variables = jax.eval_shape(lambda: model.init(
-      jax.random.PRNGKey(0), jnp.zeros((1, image_size, image_size, 3)),
+      jax.random.PRNGKey(0), image_lib.example_input(config["image"], image_size),
       jnp.zeros((1, config["text"]["max_len"]), jnp.int32)))
   return tuple((p, jax.ShapeDtypeStruct(v.shape, jnp.float32))
                for p, v in traverse_util.flatten_dict(merge_stats(

@@ -13,8 +13,9 @@ The numbers come from config.json (with transformers' defaults for the fields
 save_pretrained leaves out); the arrays from model.safetensors (sharded
 safetensors and pytorch_model.bin too, the latter through torch). Both
 directions are exact; so are the tokenizer ids and the pixels of the exported processor
-(transformers' PIL backend: its torchvision one resizes up to ~1/255 apart). Not covered:
-Siglip2Model (NaFlex) and CLIP variants other than ViT/ViT.
+(transformers' PIL backend: its torchvision one resizes up to ~1/255 apart). Siglip2Model
+(NaFlex) directories convert both ways to a NaFlex image tower (mmjax.models.naflex), whose
+inputs mmjax.data.naflex prepares. Not covered: CLIP variants other than ViT/ViT.
 """
 
 from __future__ import annotations
@@ -57,14 +58,20 @@ _DEFAULTS = {
                            layer_norm_eps=1e-5, pad_token_id=1, bos_token_id=49406,
                            eos_token_id=49407),
 }
+# Siglip2Model: the NaFlex vision tower (num_patches: the position table's G * G, no image
+# size), SigLIP's text tower.
+_DEFAULTS[("siglip2", "vision")] = {
+    **{k: v for k, v in _DEFAULTS[("siglip", "vision")].items() if k != "image_size"},
+    "num_patches": 256}
+_DEFAULTS[("siglip2", "text")] = _DEFAULTS[("siglip", "text")]
 _ACTS = {"gelu_pytorch_tanh": "gelu", "gelu_new": "gelu", "gelu": "gelu_exact",
          "quick_gelu": "quick_gelu"}
 _ACTS_BACK = {"gelu": "gelu_pytorch_tanh", "gelu_exact": "gelu", "quick_gelu": "quick_gelu"}
-_ARCH = {"siglip": "SiglipModel", "clip": "CLIPModel"}
+_ARCH = {"siglip": "SiglipModel", "clip": "CLIPModel", "siglip2": "Siglip2Model"}
 
 
 _POSITIVE = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-_POSITIVE_TOWER = {"vision": ("image_size", "patch_size"),
+_POSITIVE_TOWER = {"vision": ("image_size", "patch_size", "num_patches"),
                    "text": ("vocab_size", "max_position_embeddings")}
 
 
@@ -82,7 +89,7 @@ def _check_tower(c: Mapping, tower: str, where: str) -> None:
   """ValueError naming the first field of {tower}_config of the wrong type or value."""
   name = f"{where}: {tower}_config"
   for k in _POSITIVE + _POSITIVE_TOWER[tower]:
-    if not _positive(c[k]):
+    if k in c and not _positive(c[k]):
       raise ValueError(f"{name}.{k}={c[k]!r} is not a positive integer")
   if c["hidden_size"] % c["num_attention_heads"]:
     raise ValueError(f"{name}.num_attention_heads={c['num_attention_heads']} does not divide "
@@ -129,22 +136,31 @@ def mmjax_config(cfg: Mapping, where: str = "config.json") -> tuple[dict, int]:
   kind = cfg.get("model_type")
   if kind not in _ARCH:
     raise ValueError(f"{where}: model_type={kind!r}; mmjax converts {sorted(_ARCH)} "
-                     "(transformers' SiglipModel and CLIPModel)")
+                     "(transformers' SiglipModel, CLIPModel and Siglip2Model)")
   v, t = _sub(cfg, kind, "vision", where), _sub(cfg, kind, "text", where)
   patch = _square(v["patch_size"], "patch_size", where)
-  size = _square(v["image_size"], "image_size", where)
+  size = _square(v["image_size"], "image_size", where) if "image_size" in v else None
   tower = lambda c: dict(width=c["hidden_size"], depth=c["num_hidden_layers"],
                          mlp_dim=c["intermediate_size"], num_heads=c["num_attention_heads"],
                          act=_ACTS[c["hidden_act"]], ln_eps=float(c["layer_norm_eps"]))
-  image = dict(tower(v), patch_size=(patch, patch), posemb="learn")
+  image = dict(tower(v), patch_size=(patch, patch))
   text = dict(tower(t), vocab_size=t["vocab_size"], max_len=t["max_position_embeddings"],
               pad_id=None)
-  if kind == "siglip":
+  if kind == "siglip2":
+    grid = int(round(v["num_patches"] ** 0.5))
+    if grid * grid != v["num_patches"]:
+      raise ValueError(f"{where}: vision_config.num_patches={v['num_patches']} is not a square "
+                       "(the position table is G x G)")
+    image = dict(tower(v), patch_size=(patch, patch), posemb_grid=grid, tower="naflex")
+    size = patch * grid   # the square image whose grid is the table's (fixed-size evaluation)
+  if kind in ("siglip", "siglip2"):
     if not v["vision_use_head"]:
       raise ValueError(f"{where}: vision_config.vision_use_head=False; SiglipModel's image "
                        "embedding is its attention-pooling head")
     embed = t["projection_size"] or t["hidden_size"]
-    image.update(pool_type="map", patch_bias=True)
+    image.update(pool_type="map")
+    if kind == "siglip":
+      image.update(posemb="learn", patch_bias=True)
     text.update(causal=False, pool_type="last")
     out = dict(image=image, text=text, embed_dim=embed, loss="siglip", image_proj="none",
                text_proj="dense_bias")
@@ -157,7 +173,8 @@ def mmjax_config(cfg: Mapping, where: str = "config.json") -> tuple[dict, int]:
     embed = cfg.get("projection_dim") or 512
     if not _positive(embed):
       raise ValueError(f"{where}: projection_dim={embed!r} is not a positive integer")
-    image.update(pool_type="tok", posemb_cls=True, ln_pre=True, patch_bias=False)
+    image.update(posemb="learn", pool_type="tok", posemb_cls=True, ln_pre=True,
+                 patch_bias=False)
     text.update(causal=True, pool_type="argmax")
     out = dict(image=image, text=text, embed_dim=embed, loss="clip")
   return out, size
@@ -177,6 +194,21 @@ def _layers(src: str, dst: tuple, depth: int, heads: int) -> list[Rule]:
   return rules
 
 
+def _patches(v: str, img: Mapping) -> list[Rule]:
+  """The patch and position embeddings: SiglipModel's / CLIPModel's convolution and position
+  rows, or Siglip2Model's (NaFlex) Linear on flattened patches and G * G table rows."""
+  if img.get("tower") == "naflex":
+    g = img["posemb_grid"]
+    return [*common.linear(f"{v}.embeddings.patch_embedding", ("img", "embedding")),
+            common.same(f"{v}.embeddings.position_embedding.weight", ("img", "pos_embedding"),
+                        lambda x: x.reshape(g, g, -1), lambda x: x.reshape(g * g, -1))]
+  out = [common.conv(f"{v}.embeddings.patch_embedding.weight", ("img", "embedding", "kernel")),
+         common.row(f"{v}.embeddings.position_embedding.weight", ("img", "pos_embedding"))]
+  if img.get("patch_bias", True):
+    out.append(common.same(f"{v}.embeddings.patch_embedding.bias", ("img", "embedding", "bias")))
+  return out
+
+
 def rules(config: Mapping) -> list[Rule]:
   """The key map of the HF model that `config` (from mmjax_config) describes."""
   img, txt = config["image"], config["text"]
@@ -187,8 +219,7 @@ def rules(config: Mapping) -> list[Rule]:
                                                                 "embedding")),
          common.row(f"{t}.embeddings.position_embedding.weight", ("txt", "pos_embedding")),
          *common.layer_norm(f"{t}.final_layer_norm", ("txt", "encoder", "ln_final")),
-         common.conv(f"{v}.embeddings.patch_embedding.weight", ("img", "embedding", "kernel")),
-         common.row(f"{v}.embeddings.position_embedding.weight", ("img", "pos_embedding")),
+         *_patches(v, img),
          *common.layer_norm(f"{v}.post_layernorm", ("img", "encoder", "ln_final"))]
   if config["loss"] == "siglip":
     h = (f"{v}.head", ("img", "map_head"))
@@ -201,7 +232,6 @@ def rules(config: Mapping) -> list[Rule]:
             *common.layer_norm(f"{h[0]}.layernorm", (*h[1], "ln")),
             *common.linear(f"{h[0]}.mlp.fc1", (*h[1], "mlp", "Dense_0")),
             *common.linear(f"{h[0]}.mlp.fc2", (*h[1], "mlp", "Dense_1")),
-            common.same(f"{v}.embeddings.patch_embedding.bias", ("img", "embedding", "bias")),
             *common.linear(f"{t}.head", ("txt_proj",)),
             common.scalar("logit_scale", ("t",), (1,)),
             common.scalar("logit_bias", ("b",), (1,))]
@@ -319,7 +349,7 @@ def from_hf(path: str | os.PathLike, *, dtype: Any = np.float32) -> Converted:
   params = common.apply_rules(rules(config), weights, config=config, image_size=size,
                               what=f"{directory} ({cfg['model_type']})", dtype=dtype,
                               ignore=ignore)
-  kind = cfg["model_type"]
+  kind = "siglip" if cfg["model_type"] == "siglip2" else cfg["model_type"]
   return Converted(config, params, _preprocess(directory, kind, size),
                    _tokenizer(directory, kind, config["text"]["vocab_size"]))
 
@@ -329,7 +359,10 @@ def hf_config(config: Mapping, image_size: int) -> dict:
   the first field that has no HF counterpart)."""
   img, txt = config["image"], config["text"]
   kind = config.get("loss", "siglip")
-  if kind not in _ARCH:
+  naflex = img.get("tower") == "naflex"
+  if naflex and kind == "siglip":
+    kind = "siglip2"
+  if kind not in _ARCH or naflex and kind != "siglip2":
     raise ValueError(f"config['loss']={kind!r}")
   for tower, c in (("image", img), ("text", txt)):
     if c.get("act", "gelu") not in _ACTS_BACK:
@@ -339,12 +372,16 @@ def hf_config(config: Mapping, image_size: int) -> dict:
                          hidden_act=_ACTS_BACK[c.get("act", "gelu")],
                          layer_norm_eps=c.get("ln_eps", 1e-6))
   patch = tuple(np.broadcast_to(img["patch_size"], 2).tolist())
-  vision = dict(tower(img), image_size=image_size, patch_size=patch[0], num_channels=3)
+  vision = dict(tower(img), patch_size=patch[0], num_channels=3)
+  if naflex:
+    vision["num_patches"] = img.get("posemb_grid", 16) ** 2
+  else:
+    vision["image_size"] = image_size
   text = dict(tower(txt), vocab_size=txt["vocab_size"],
               max_position_embeddings=txt["max_len"])
   out = {"model_type": kind, "architectures": [_ARCH[kind]], "vision_config": vision,
          "text_config": text}
-  if kind == "siglip":
+  if kind in ("siglip", "siglip2"):
     text["projection_size"] = config["embed_dim"]
     vision["vision_use_head"] = True
   else:
@@ -369,7 +406,9 @@ def to_hf(config: Mapping, params: Mapping, path: str | os.PathLike, *,
   preprocess: the checkpoint's ImagePrep (a Converted's .preprocess).
   """
   flat = traverse_util.flatten_dict(dict(params))
-  if image_size is None:
+  if image_size is None and config["image"].get("tower") == "naflex":
+    image_size = 0   # no fixed size: the table's grid is in the config
+  elif image_size is None:
     n = np.shape(flat[("img", "pos_embedding")])[1] - (1 if config.get("loss") == "clip" else 0)
     image_size = int(round(np.sqrt(n))) * int(np.broadcast_to(config["image"]["patch_size"],
                                                               2)[0])

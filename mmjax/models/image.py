@@ -1,5 +1,6 @@
 """The image tower of any model, chosen by variant through a registry: a ViT ('B/16'), a
-ResNet ('RN50', 'BiT-R50x1'), or any kind registered with `register`.
+ResNet ('RN50', 'BiT-R50x1'), a NaFlex ViT (tower='naflex': native aspect ratios, packed
+sequences; its input is a dict, mmjax.models.naflex), or any kind registered with `register`.
 
 Every tower maps image [b, H, W, 3] -> (pooled [b, d], {'encoded': [b, n, c] tokens}) and
 lives under the model's 'img' params, so every objective takes any of them. `config` decodes
@@ -13,8 +14,9 @@ import dataclasses
 from typing import Any, Callable
 
 import flax.linen as nn
+import jax.numpy as jnp
 
-from mmjax.models import resnet, vit
+from mmjax.models import naflex, resnet, vit
 
 KIND = "tower"   # the complete fields' key naming their kind
 
@@ -27,7 +29,8 @@ class ImageTower:
   kind, 'vit', takes whatever no other claims); config(variant, **fields) -> complete checked
   fields (a ValueError starting with the field it is about); module(**fields, name=) -> the
   Flax module; width(fields) -> the pooled output's width; uses_batch_stats(fields) -> whether
-  it normalises by batch statistics at train time (BatchNorm).
+  it normalises by batch statistics at train time (BatchNorm); example(fields, image_size) ->
+  an input of one image that initialises it (default: zeros [1, S, S, 3]).
   """
   name: str
   claims: Callable[[Any, dict], bool]
@@ -35,6 +38,7 @@ class ImageTower:
   module: Callable[..., nn.Module]
   width: Callable[[dict], int] = lambda fields: fields["width"]
   uses_batch_stats: Callable[[dict], bool] = lambda fields: False
+  example: Callable[[dict, int], Any] = lambda fields, size: jnp.zeros((1, size, size, 3))
 
 
 TOWERS: dict[str, ImageTower] = {}
@@ -49,6 +53,8 @@ def register(tower: ImageTower) -> ImageTower:
 
 register(ImageTower("vit", claims=lambda variant, fields: False, config=vit.config,
                     module=vit.ViT))
+register(ImageTower("naflex", claims=lambda variant, fields: False, config=naflex.config,
+                    module=naflex.NaFlexViT, example=naflex.example_input))
 register(ImageTower(
     "resnet", claims=lambda variant, fields: (resnet.is_variant(variant)
                                               or fields.get("layers") is not None),
@@ -93,6 +99,11 @@ def uses_batch_stats(fields: dict) -> bool:
   """Whether complete tower fields describe a tower with BatchNorm on batch statistics at
   train time: its train-time forward sows 'batch_stats'."""
   return kind(fields).uses_batch_stats(_fields(fields))
+
+
+def example_input(fields: dict, image_size: int):
+  """One image as complete tower fields' module takes it (initialisation, shapes)."""
+  return kind(fields).example(_fields(fields), image_size)
 
 
 def width(fields: dict) -> int:

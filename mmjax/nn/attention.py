@@ -13,13 +13,15 @@ Layout is [batch, seq, heads, head_dim], as in `jax.nn.dot_product_attention`.
     BLOCKWISE_MIN_SEQ, "xla" below.
 "blockwise" and "pallas" take key-padding masks ([b, 1, 1, kv_len]) only: the
 point of them is that no [q_len, kv_len] array exists; "auto" takes any mask
-("xla" on every platform for a mask that is not key padding).
+("xla" on every platform for a mask that is not key padding). Every impl takes
+`Segments` (query i sees key j where their segment ids are equal): several
+sequences packed into one row (NaViT's patch n' pack), or per-segment pooling.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -32,6 +34,13 @@ from mmjax.nn.partitioning import constrain
 from mmjax.numerics import MASKED, attention_vjp, check_array
 
 IMPLS = ("xla", "blockwise", "pallas", "auto")
+
+
+class Segments(NamedTuple):
+  """Segment ids: query i sees key j only where q[b, i] == kv[b, j]. A pytree, so it
+  travels where a mask does (MultiHeadAttention's, an Encoder's, through scan and remat)."""
+  q: jax.Array    # int [b, q_len]
+  kv: jax.Array   # int [b, kv_len]
 
 
 def _check(q, k, v, mask):
@@ -65,7 +74,7 @@ def _key_padding_segments(mask, q, k, impl: str) -> dict:
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
-                          mask: jax.Array | None = None, is_causal: bool = False,
+                          mask: jax.Array | Segments | None = None, is_causal: bool = False,
                           impl: str = "xla") -> jax.Array:
   """softmax(q k^T / sqrt(head_dim)) v, per head.
 
@@ -74,6 +83,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     k, v: [b, kv_len, h_kv, d] likewise; h a multiple of h_kv (grouped-query heads).
     mask: bool, broadcastable to [b, h, q_len, kv_len]; True = attend.
       "blockwise" and "pallas" take key padding, [b or 1, 1, 1, kv_len], only.
+      Or Segments(q [b, q_len], kv [b, kv_len]) int: attend where the ids are equal
+      (every impl).
     is_causal: also mask key positions after the query position.
     impl: "xla" | "blockwise" | "pallas" | "auto" (module docstring). All
       compute scores and softmax in float32 (operands in their own dtype).
@@ -85,6 +96,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   """
   if impl not in IMPLS:
     raise ValueError(f"impl={impl!r} is not one of {IMPLS}")
+  if isinstance(mask, Segments):
+    return _segmented(q, k, v, mask, is_causal, impl)
   _check(q, k, v, mask)
   if impl == "auto":
     if mask is not None and (mask.ndim != 4 or mask.shape[1] != 1 or mask.shape[2] != 1):
@@ -101,6 +114,25 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     from mmjax.pallas.flash_attention import flash_attention   # Pallas loads only when chosen
     return flash_attention(q, k, v, is_causal=is_causal, **seg)
   return _xla(q, k, v, mask, is_causal)
+
+
+def _segmented(q, k, v, seg: Segments, is_causal: bool, impl: str):
+  """dot_product_attention with segment ids, in every impl."""
+  _check(q, k, v, None)
+  want = {"q": q.shape[:2], "kv": k.shape[:2]}
+  for name, ids in zip(Segments._fields, seg):
+    check_array(f"Segments.{name}", ids, floating=False)
+    if ids.shape != want[name]:
+      raise ValueError(f"Segments.{name} {ids.shape} must be [batch, {name}_len] = {want[name]}")
+  qs, ks = (jnp.asarray(x, jnp.int32) for x in seg)
+  if impl == "xla":
+    return _xla(q, k, v, _segment_mask(qs, ks), is_causal)
+  if impl == "blockwise":
+    return blockwise_attention(q, k, v, is_causal=is_causal, q_segment_ids=qs, kv_segment_ids=ks)
+  if impl == "pallas":
+    from mmjax.pallas.flash_attention import flash_attention   # Pallas loads only when chosen
+    return flash_attention(q, k, v, is_causal=is_causal, q_segment_ids=qs, kv_segment_ids=ks)
+  return _auto((bool(is_causal), True), q, k, v, qs, ks)
 
 
 def _xla(q, k, v, mask, is_causal: bool, *, with_lse: bool = False):

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmjax.nn import precision
-from mmjax.nn.attention import MultiHeadAttention
+from mmjax.nn.attention import MultiHeadAttention, Segments
 from mmjax.nn.linear import Dense, LayerNorm
 from mmjax.nn.partitioning import constrain
 
@@ -215,7 +215,10 @@ def posemb_sincos_2d(h: int, w: int, width: int, temperature: float = 10_000.0,
 class MAPHead(nn.Module):
   """Multihead attention pooling: a learned probe attends over the tokens.
 
-  [b, n, width] (+ optional key mask [b, n], True = real token) -> [b, width].
+  [b, n, width] (+ optional key mask [b, n], True = real token) -> [b, width]; with
+  mask=Segments(q [b, k], kv [b, n]) (mmjax.nn.attention), one probe per segment id of q,
+  each attending to the tokens of that id: -> [b, k, width] (several images packed into
+  one sequence, pooled one by one).
   """
   num_heads: int
   mlp_dim: int | None = None
@@ -226,14 +229,17 @@ class MAPHead(nn.Module):
   ln_eps: float = 1e-6
 
   @nn.compact
-  def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+  def __call__(self, x: jax.Array, mask: jax.Array | Segments | None = None) -> jax.Array:
     b, _, width = x.shape
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     probe = self.param("probe", nn.initializers.xavier_uniform(), (1, 1, width), self.param_dtype)
-    probe = jnp.broadcast_to(probe, (b, 1, width)).astype(x.dtype)
-    key_mask = None if mask is None else mask[:, None, None, :]
+    per_segment = isinstance(mask, Segments)
+    queries = mask.q.shape[1] if per_segment else 1
+    probe = jnp.broadcast_to(probe, (b, queries, width)).astype(x.dtype)
+    if mask is not None and not per_segment:
+      mask = mask[:, None, None, :]
     x = MultiHeadAttention(self.num_heads, impl=self.attention_impl, name="attn", **kw)(
-        probe, x, mask=key_mask)
+        probe, x, mask=mask)
     y = LayerNorm(epsilon=self.ln_eps, name="ln", **kw)(x)
     x = x + MlpBlock(self.mlp_dim or 4 * width, act=self.act, name="mlp", **kw)(y)
-    return x[:, 0]
+    return x if per_segment else x[:, 0]

@@ -1,0 +1,153 @@
+"""NaFlex ViT (issue 31): transformers' Siglip2Model (NaFlex) directories convert both ways and
+give its image and text embeddings (float64 reference; grids that are not the table's, larger
+and smaller, so the position table is both stretched and shrunk), and a packed batch (several
+images a sequence, kept apart by segment ids) gives the embeddings of its images one by one,
+in every attention impl."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mmjax import convert
+from mmjax.models import naflex, two_tower
+from tests.open_clip_peer import import_transformers
+from tests.reference import assert_close
+
+transformers = import_transformers()
+import torch  # noqa: E402
+
+P = 4          # patch side
+GRIDS = [(5, 7), (2, 3), (8, 4), (1, 1), (6, 6)]   # (rows, cols) of each image's patches
+L = 41         # padded sequence length (>= the largest, 36)
+
+
+def hf_model():
+  """A random Siglip2Model with a 6 x 6 position table, every vector moved off its init."""
+  cfg = transformers.Siglip2Config(
+      vision_config=dict(hidden_size=48, intermediate_size=100, num_hidden_layers=2,
+                         num_attention_heads=3, patch_size=P, num_patches=36),
+      text_config=dict(vocab_size=300, hidden_size=32, intermediate_size=72,
+                       num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=13,
+                       projection_size=48))
+  model = transformers.Siglip2Model(cfg).eval()
+  with torch.no_grad():
+    for p in model.parameters():
+      if p.ndim <= 1 or p.shape[:2] == (1, 1):
+        p.add_(0.2 * torch.randn_like(p))
+  return model
+
+
+def padded(rng):
+  """One image a row: patches [b, L, P*P*3], mask [b, L], grids [b, 2], positions [b, L, 2]."""
+  b = len(GRIDS)
+  patches = rng.normal(size=(b, L, P * P * 3)).astype(np.float32)
+  mask = np.zeros((b, L), np.int32)
+  positions = np.zeros((b, L, 2), np.int32)
+  for i, (h, w) in enumerate(GRIDS):
+    mask[i, :h * w] = 1
+    positions[i, :h * w] = np.stack(np.divmod(np.arange(h * w), w), -1)
+  patches[mask == 0] = rng.normal(size=patches[mask == 0].shape)   # padding is not zero
+  return patches, mask, np.asarray(GRIDS, np.int32), positions
+
+
+def mm_inputs(patches, mask, grids, positions):
+  return {"patches": jnp.asarray(patches), "segment_ids": jnp.asarray(mask),
+          "positions": jnp.asarray(positions), "shapes": jnp.asarray(grids)[:, None]}
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+  torch.manual_seed(0)
+  model = hf_model()
+  path = tmp_path_factory.mktemp("siglip2")
+  model.save_pretrained(path)
+  return model, convert.from_hf(path), path
+
+
+def test_embeddings_match_transformers_siglip2(converted, rng):
+  hf, ckpt, _ = converted
+  assert ckpt.config["image"]["tower"] == "naflex" and ckpt.config["image"]["posemb_grid"] == 6
+  patches, mask, grids, positions = padded(rng)
+  ids = rng.integers(0, 300, size=(3, 13))
+  model = two_tower.Model(**ckpt.config)
+  project = lambda tower: lambda m, x: getattr(m, f"{tower}_proj")(getattr(m, tower)(x)[0])
+  got_img = model.apply({"params": ckpt.params}, mm_inputs(patches, mask, grids, positions),
+                        method=project("img"))
+  got_txt = model.apply({"params": ckpt.params}, jnp.asarray(ids, jnp.int32),
+                        method=project("txt"))
+  ref = hf.double()
+  with torch.no_grad():
+    want_img = ref.vision_model(pixel_values=torch.from_numpy(patches).double(),
+                                pixel_attention_mask=torch.from_numpy(mask),
+                                spatial_shapes=torch.from_numpy(grids).long()).pooler_output
+    want_txt = ref.text_model(input_ids=torch.from_numpy(ids)).pooler_output
+  hf.float()
+  assert_close([np.asarray(got_img), np.asarray(got_txt)],
+               [want_img.numpy(), want_txt.numpy()], dtype=jnp.float32,
+               name=["siglip2 image features", "siglip2 text features"])
+
+
+def test_round_trip_loads_in_transformers(converted, tmp_path):
+  hf, ckpt, _ = converted
+  convert.to_hf(ckpt.config, ckpt.params, tmp_path)
+  back = convert.from_hf(tmp_path)
+  jax.tree.map(np.testing.assert_array_equal, back.params, ckpt.params)
+  again = transformers.Siglip2Model.from_pretrained(tmp_path).eval()
+  for (name, a), (_, b) in zip(sorted(hf.state_dict().items()),
+                               sorted(again.state_dict().items())):
+    np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=name)
+
+
+def _pack(patches, mask, grids, rows):
+  """The images placed in `rows` (lists of image indices) of one sequence each."""
+  k = max(map(len, rows))
+  out_p = np.zeros((len(rows), L, patches.shape[-1]), np.float32)
+  seg = np.zeros((len(rows), L), np.int32)
+  pos = np.zeros((len(rows), L, 2), np.int32)
+  shapes = np.zeros((len(rows), k, 2), np.int32)
+  for r, images in enumerate(rows):
+    at = 0
+    for s, i in enumerate(images):
+      h, w = grids[i]
+      out_p[r, at:at + h * w] = patches[i, :h * w]
+      seg[r, at:at + h * w] = s + 1
+      pos[r, at:at + h * w] = np.stack(np.divmod(np.arange(h * w), w), -1)
+      shapes[r, s] = (h, w)
+      at += h * w
+    assert at <= L, f"row {r} holds {at} tokens > {L}"
+  return {"patches": jnp.asarray(out_p), "segment_ids": jnp.asarray(seg),
+          "positions": jnp.asarray(pos), "shapes": jnp.asarray(shapes)}
+
+
+@pytest.mark.parametrize("impl", ["xla", "blockwise", "auto"])
+@pytest.mark.parametrize("pool_type", ["map", "gap"])
+def test_packed_batch_equals_images_one_by_one(rng, impl, pool_type):
+  """Five images in three rows (a row of three, two rows of one, room left in each):
+  each slot's pooled output equals the image alone in its padded row."""
+  tower = naflex.Model("mu/4", depth=3, pool_type=pool_type, posemb_grid=6,
+                       attention_impl=impl)
+  patches, mask, grids, positions = padded(rng)
+  single = mm_inputs(patches, mask, grids, positions)
+  params = tower.init(jax.random.PRNGKey(1), single)
+  params = jax.tree.map(lambda x: x + 0.1 * jnp.asarray(rng.normal(size=x.shape), x.dtype),
+                        params)
+  want, _ = tower.apply(params, single)                      # [5, width]
+  rows = [[1, 3, 2], [0], [4]]
+  got, _ = tower.apply(params, _pack(patches, mask, grids, rows))   # [3, 3, width]
+  assert got.shape == (3, 3, want.shape[-1])
+  for r, images in enumerate(rows):
+    for s, i in enumerate(images):
+      np.testing.assert_allclose(got[r, s], want[i], rtol=2e-5, atol=2e-5,
+                                 err_msg=f"row {r} slot {s} (image {i})")
+
+
+def test_posemb_resize_is_antialiased_bilinear(rng):
+  """A grid of the table's size gives the table itself; other grids equal
+  jax.image.resize(..., 'bilinear', antialias=True) of it."""
+  table = jnp.asarray(rng.normal(size=(6, 6, 5)), jnp.float32)
+  for h, w in [(6, 6), (3, 9), (13, 2), (1, 1)]:
+    pos = jnp.stack(jnp.divmod(jnp.arange(h * w), w), -1)[None]
+    got = naflex.resized_posemb(table, pos, jnp.full((1, h * w, 2), jnp.array([h, w])))
+    want = jax.image.resize(table, (h, w, 5), "bilinear", antialias=True).reshape(1, h * w, 5)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=f"grid {(h, w)}")
