@@ -69,12 +69,14 @@ def _topk_accuracy(output, target, topk=(1,)):
   return [correct[:k].float().sum().item() / len(target) for k in topk]
 
 
-def _clip_benchmark(monkeypatch, tmp_path, root, weights, *extra) -> dict:
+def _clip_benchmark(monkeypatch, tmp_path, root, weights, *extra, model="Tiny-CB") -> dict:
+  """CLIP_benchmark's command line (`clip_benchmark eval`) on the webdataset folder `root`
+  with open_clip's `model` and its `weights` file; its metrics."""
   out = tmp_path / "cb.json"
   monkeypatch.setattr(zeroshot_classification, "accuracy", _topk_accuracy)
   monkeypatch.setattr(sys, "argv", [
       "clip_benchmark", "eval", "--dataset", "wds/tiny", "--dataset_root", str(root),
-      "--model", "Tiny-CB", "--pretrained", weights, "--no_amp", "--num_workers", "0",
+      "--model", model, "--pretrained", weights, "--no_amp", "--num_workers", "0",
       "--batch_size", "8", "--recall_k", "1", "5", "10", "--output", str(out), "--quiet",
       *extra])
   torch.set_num_threads(1)

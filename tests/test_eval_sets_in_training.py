@@ -127,3 +127,64 @@ def test_bad_eval_set_entries_are_one_line(data_dir, rng, tmp_path, entry, messa
     loop.train(tiny_config(data_dir, total_steps=3, evals={"e": entry}), str(tmp_path / "run"))
   assert "\n" not in str(e.value)
   assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_finetuned_run_exports_and_every_tool_gives_its_scores(data_dir, rng, tmp_path,
+                                                                monkeypatch):
+  """Issue 30's loop end to end: a CLIP model (transformers' save_pretrained) fine-tuned on
+  webdataset shards with a classification and a retrieval set evaluated during training;
+  exported by `python -m experiments.export` to a Hugging Face directory (transformers'
+  AutoModel and AutoProcessor load it; experiments.evaluate on it gives the run's scores) and
+  to open_clip (CLIP_benchmark's own command line on it gives the run's scores)."""
+  from experiments import evaluate, export
+  from mmjax.train import loop
+  from tests.open_clip_peer import import_transformers, save_tiny_hf_clip
+  from tests.test_clip_benchmark import _clip_benchmark, open_clip
+  transformers = import_transformers()
+  hf = save_tiny_hf_clip(tmp_path / "hf", seed=int(rng.integers(1000)))
+  overrides = _shards(rng, tmp_path)
+  del overrides["data.vocab_size"]   # the checkpoint's tokenizer
+  cls_set = _cb_set(tmp_path / "wds_cls", rng, 13)
+  (tmp_path / "wds_cls" / "zeroshot_classification_templates.txt").write_text(
+      "a photo of {c}.\na drawing of the number {c}\n")
+  ret_set = _cb_set(tmp_path / "wds_coco", rng, 11, retrieval=True)
+  overrides.update({"loss": "clip", "init_from.checkpoint": f"hf:{hf}", "batch_size": 8,
+                    "total_steps": 2, "checkpoint.every": 2, "evals": {
+                        "cls": dict(type="zeroshot", dataset=cls_set, every=0),
+                        "coco": dict(type="retrieval", dataset=ret_set, every=0)}})
+  run = tmp_path / "run"
+  loop.train(tiny_config(data_dir, **overrides), str(run))
+  results = json.loads((run / "results.json").read_text())
+
+  out = tmp_path / "export_hf"
+  assert export.main(["--checkpoint", f"workdir:{run}", "--to", f"hf:{out}"]) == 0
+  transformers.AutoModel.from_pretrained(out)
+  transformers.AutoProcessor.from_pretrained(out)
+
+  def mmjax_cli(dataset):
+    path = tmp_path / "cli.json"
+    assert evaluate.main(["--checkpoint", f"hf:{out}", "--dataset", dataset, "--output",
+                          str(path), "--no_progress"]) == 0
+    return json.loads(path.read_text())["metrics"]
+
+  oc = tmp_path / "oc_export"
+  assert export.main(["--checkpoint", f"workdir:{run}", "--to", f"open_clip:{oc}"]) == 0
+  open_clip.add_model_config(str(oc / "oc_export.json"))
+  weights = str(oc / "open_clip_model.safetensors")
+
+  def benchmark(root, *extra):
+    return _clip_benchmark(monkeypatch, tmp_path, root, weights, *extra, model="oc_export")
+
+  got, cb = mmjax_cli(cls_set), benchmark(tmp_path / "wds_cls")
+  assert results["cls/zeroshot_top1"] == pytest.approx(got["acc1"], abs=1e-9)
+  assert cb["acc1"] == pytest.approx(got["acc1"], abs=1e-6)
+  assert cb["mean_per_class_recall"] == pytest.approx(got["mean_per_class_recall"], abs=1e-6)
+  got = mmjax_cli(ret_set)
+  cb = benchmark(tmp_path / "wds_coco", "--task", "zeroshot_retrieval")
+  for k in (1, 5, 10):
+    assert results[f"coco/retrieval_i2t_r{k}"] == pytest.approx(
+        got[f"text_retrieval_recall@{k}"], abs=1e-9)
+    for side in ("image", "text"):
+      key = f"{side}_retrieval_recall@{k}"
+      assert cb[key] == pytest.approx(got[key], abs=1e-6), (key, cb, got)
+  assert 0 < results["cls/zeroshot_top1"] < 1 or 0 < results["coco/retrieval_t2i_r1"] < 1
