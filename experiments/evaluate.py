@@ -63,10 +63,12 @@ class _Clock:
 
 def evaluate(checkpoint: str, dataset: str, *, split: str = "test", data_dir: str | None = None,
              templates: str | None = None, tokenizer: str | None = None, batch_size: int = 64,
-             limit: int | None = None, num_threads: int = 4, progress: bool = True) -> dict:
+             limit: int | None = None, num_threads: int = 4, progress: bool = True,
+             max_patches: int | None = None) -> dict:
   """Evaluates `checkpoint` (a mmjax.convert.load spec, or 'workdir:/run[@step]') on `dataset`
   (mmjax.data.eval_data.open_eval_set spec); returns the result dict. templates: None takes
-  the dataset's own (a CLIP_benchmark webdataset folder's), else OpenAI's 80."""
+  the dataset's own (a CLIP_benchmark webdataset folder's), else OpenAI's 80. max_patches: a
+  NaFlex checkpoint's sequence length (patches per image; default its own)."""
   import jax
   from tqdm import tqdm
   from mmjax.train import export
@@ -83,6 +85,11 @@ def evaluate(checkpoint: str, dataset: str, *, split: str = "test", data_dir: st
       temps = eval_data.load_templates(templates, class_names=ds.class_names,
                                        dataset=eval_data.dataset_keys(ds.name))
   ckpt = export.load(checkpoint)   # a converter's spec, or a run's 'workdir:/path[@step]'
+  if max_patches is not None:
+    if not hasattr(ckpt.preprocess, "max_patches"):
+      raise ValueError(f"--max_patches={max_patches}: checkpoint {checkpoint!r} is not a NaFlex "
+                       "model (its images have a fixed size)")
+    ckpt = ckpt._replace(preprocess=ckpt.preprocess._replace(max_patches=max_patches))
   tok = tokenizers.tokenizer_for_tower(tokenizer, checkpoint_spec=ckpt.tokenizer,
                                        vocab_size=ckpt.config["text"]["vocab_size"],
                                        field="--tokenizer")
@@ -113,6 +120,7 @@ def evaluate(checkpoint: str, dataset: str, *, split: str = "test", data_dir: st
     metrics["n"], task = r["n"], "zeroshot_retrieval"
   out = {"checkpoint": checkpoint, "dataset": ds.name, "split": split, "task": task,
          "metrics": metrics, "tokenizer": tok.spec, "image_size": ckpt.preprocess.size,
+         "max_patches": getattr(ckpt.preprocess, "max_patches", None),
          "images_per_second": clock.rate(), "seconds": time.time() - t0}
   if temps is not None:
     prompts = (sum(map(len, temps.values())) if isinstance(temps, dict)
@@ -152,14 +160,19 @@ def main(argv=None) -> int:
   p.add_argument("--batch_size", type=int, default=64)
   p.add_argument("--limit", type=int, default=None, help="the first N examples only")
   p.add_argument("--num_threads", type=int, default=4, help="image decoding threads")
+  p.add_argument("--max_patches", type=int, default=None,
+                 help="a NaFlex (SigLIP 2) checkpoint's sequence length: patches per image, "
+                 "each image resized to at most that many at its aspect ratio (default: the "
+                 "checkpoint's preprocessor_config.json, else 256)")
   p.add_argument("--output", default=None, help="write the result JSON here")
   p.add_argument("--no_progress", action="store_true")
   a = p.parse_args(argv)
   try:
-    _check_positive(a, "batch_size", "limit", "num_threads")
+    _check_positive(a, "batch_size", "limit", "num_threads", "max_patches")
     result = evaluate(a.checkpoint, a.dataset, split=a.split, data_dir=a.data_dir,
                       templates=a.templates, tokenizer=a.tokenizer, batch_size=a.batch_size,
-                      limit=a.limit, num_threads=a.num_threads, progress=not a.no_progress)
+                      limit=a.limit, num_threads=a.num_threads, progress=not a.no_progress,
+                      max_patches=a.max_patches)
   except (ValueError, ImportError, OSError) as e:   # OSError: an unreadable image file
     print(f"mmjax: error: {e}", file=sys.stderr)
     return 1

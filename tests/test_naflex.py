@@ -89,10 +89,15 @@ def test_embeddings_match_transformers_siglip2(converted, rng):
 
 
 def test_round_trip_loads_in_transformers(converted, tmp_path):
+  from mmjax.data.naflex import NaflexPrep
   hf, ckpt, _ = converted
-  convert.to_hf(ckpt.config, ckpt.params, tmp_path)
+  prep = NaflexPrep(P, 20, (0.4, 0.5, 0.6), (0.3, 0.2, 0.1))
+  convert.to_hf(ckpt.config, ckpt.params, tmp_path, preprocess=prep)
   back = convert.from_hf(tmp_path)
   jax.tree.map(np.testing.assert_array_equal, back.params, ckpt.params)
+  assert back.preprocess == prep
+  proc = transformers.AutoImageProcessor.from_pretrained(tmp_path)
+  assert (proc.patch_size, proc.max_num_patches) == (P, 20)
   again = transformers.Siglip2Model.from_pretrained(tmp_path).eval()
   for (name, a), (_, b) in zip(sorted(hf.state_dict().items()),
                                sorted(again.state_dict().items())):
@@ -151,3 +156,54 @@ def test_posemb_resize_is_antialiased_bilinear(rng):
     got = naflex.resized_posemb(table, pos, jnp.full((1, h * w, 2), jnp.array([h, w])))
     want = jax.image.resize(table, (h, w, 5), "bilinear", antialias=True).reshape(1, h * w, 5)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=f"grid {(h, w)}")
+
+
+def test_evaluate_a_siglip2_naflex_directory_as_transformers_would(converted, rng, tmp_path):
+  """experiments.evaluate on a Siglip2Model directory: images of any aspect ratio through
+  NaflexPrep at the checkpoint's and at a chosen sequence length; the zero-shot accuracy equals
+  the one computed from transformers' Siglip2 image processor (PIL backend) and model."""
+  from experiments import evaluate as cli
+  from mmjax.data.naflex import NaflexPrep
+  from mmjax.data.tokenizers import get_tokenizer
+  from tests.test_evaluate_cli import CLASSES, image_folder
+  from tests.test_tokenizers import t5_model
+  hf, ckpt, path = converted
+  assert ckpt.preprocess == NaflexPrep(P, 256)   # no preprocessor_config.json: the defaults
+  root = image_folder(tmp_path / "val", rng, [2, 3, 1, 2, 2, 1])
+  spec = f"sentencepiece:{t5_model(tmp_path, rng)[0]}"
+  templates = tmp_path / "t.txt"
+  templates.write_text("a photo of a {c}.\nart of the {c}\n")
+  from transformers.models.siglip2.image_processing_pil_siglip2 import Siglip2ImageProcessorPil
+  from PIL import Image
+  files = sorted((c, f) for c in CLASSES for f in (root / c).glob("*.png"))
+  names = [c for c in CLASSES if (root / c).is_dir()]
+  labels = np.array([names.index(c) for c, _ in files])
+  tok = get_tokenizer(spec)
+  prompts = [t.format(c=c) for c in names for t in ("a photo of a {c}.", "art of the {c}")]
+  with torch.no_grad():
+    txt = hf.text_model(input_ids=torch.from_numpy(np.asarray(tok.encode(prompts, 13)))
+                        .long()).pooler_output.numpy()
+  txt /= np.linalg.norm(txt, axis=1, keepdims=True)
+  cls = txt.reshape(len(names), 2, -1).mean(1)
+  cls /= np.linalg.norm(cls, axis=1, keepdims=True)
+  for max_patches in (None, 20):
+    result = cli.evaluate(f"hf:{path}", f"folder:{root}", templates=str(templates),
+                          tokenizer=spec, batch_size=4, progress=False, num_threads=1,
+                          max_patches=max_patches)
+    proc = Siglip2ImageProcessorPil(patch_size=P, max_num_patches=max_patches or 256)
+    inputs = proc([Image.open(f).convert("RGB") for _, f in files], return_tensors="pt")
+    with torch.no_grad():
+      img = hf.vision_model(**inputs).pooler_output.numpy()
+    acc = float(np.mean((img @ cls.T).argmax(1) == labels))
+    assert result["max_patches"] == (max_patches or 256)
+    assert result["metrics"]["acc1"] == pytest.approx(acc, abs=1e-9), (max_patches, result)
+
+
+def test_max_patches_on_a_fixed_size_model_is_one_line(tmp_path, rng):
+  from experiments import evaluate as cli
+  from tests.test_convert_hf import random_hf
+  from tests.test_evaluate_cli import image_folder
+  random_hf("siglip").save_pretrained(tmp_path / "s")
+  with pytest.raises(ValueError, match=r"--max_patches=64: checkpoint .* is not a NaFlex model"):
+    cli.evaluate(f"hf:{tmp_path / 's'}", f"folder:{image_folder(tmp_path / 'v', rng, [1] * 6)}",
+                 max_patches=64, progress=False)

@@ -34,6 +34,7 @@ from safetensors.numpy import save_file
 from mmjax.convert import common
 from mmjax.convert.common import Converted, Rule
 from mmjax.data import clip_tokenizer, tokenizers
+from mmjax.data.naflex import NaflexPrep
 from mmjax.data.preprocess import OPENAI_MEAN, OPENAI_STD, ImagePrep
 
 # transformers' config defaults (SiglipVisionConfig / SiglipTextConfig / CLIPVisionConfig /
@@ -262,6 +263,19 @@ def _preprocess(directory: str, kind: str, size: int) -> ImagePrep:
   return ImagePrep(size, "crop" if crop else "squash", resample, mean, std).check()
 
 
+def _naflex_preprocess(directory: str, image: Mapping) -> NaflexPrep:
+  """A Siglip2Model's NaFlex preparation: preprocessor_config.json's max_num_patches (the
+  image processor's default, 256, without one), mean and std."""
+  path = os.path.join(directory, "preprocessor_config.json")
+  p = common.read_json(path) if os.path.isfile(path) else {}
+  prep = NaflexPrep(int(image["patch_size"][0]), p.get("max_num_patches", 256),
+                    tuple(p.get("image_mean", (0.5,) * 3)), tuple(p.get("image_std", (0.5,) * 3)))
+  try:
+    return prep.check()
+  except ValueError as e:
+    raise ValueError(f"{path}: {e}") from None
+
+
 def _tokenizer(directory: str, kind: str, vocab_size: int) -> str | None:
   if kind == "clip" and vocab_size == 49408:
     return "clip"   # OpenAI's BPE, mmjax.data.clip_tokenizer
@@ -350,7 +364,9 @@ def from_hf(path: str | os.PathLike, *, dtype: Any = np.float32) -> Converted:
                               what=f"{directory} ({cfg['model_type']})", dtype=dtype,
                               ignore=ignore)
   kind = "siglip" if cfg["model_type"] == "siglip2" else cfg["model_type"]
-  return Converted(config, params, _preprocess(directory, kind, size),
+  prep = (_naflex_preprocess(directory, config["image"]) if cfg["model_type"] == "siglip2"
+          else _preprocess(directory, kind, size))
+  return Converted(config, params, prep,
                    _tokenizer(directory, kind, config["text"]["vocab_size"]))
 
 
@@ -435,10 +451,17 @@ def _write_json(path: str, obj) -> None:
 _RESAMPLE_IDS = {"bilinear": 2, "bicubic": 3}   # PIL's, as transformers' processors save them
 
 
-def preprocessor_config(prep: ImagePrep) -> dict:
-  """An ImagePrep -> preprocessor_config.json: SiglipImageProcessor ('squash') or
+def preprocessor_config(prep: ImagePrep | NaflexPrep) -> dict:
+  """An ImagePrep -> preprocessor_config.json: Siglip2ImageProcessor (a NaflexPrep),
+  SiglipImageProcessor ('squash') or
   CLIPImageProcessor ('crop': shortest edge, then the centre). transformers crops at
   d // 2 (crop_offset 'floor'); a 'round' one differs by a pixel when d % 4 == 3."""
+  if isinstance(prep, NaflexPrep):
+    prep = prep.check()
+    return dict(image_processor_type="Siglip2ImageProcessor", patch_size=prep.patch,
+                max_num_patches=prep.max_patches, do_resize=True, resample=2, do_rescale=True,
+                rescale_factor=1 / 255, do_normalize=True, image_mean=list(map(float, prep.mean)),
+                image_std=list(map(float, prep.std)), do_convert_rgb=True)
   prep = ImagePrep(*prep).check()
   s = prep.size
   out = dict(do_resize=True, resample=_RESAMPLE_IDS[prep.resample], do_rescale=True,

@@ -350,7 +350,12 @@ def eval_batches(ds: EvalSet, prep: ImagePrep, batch_size: int, *, limit: int | 
 def _stack(examples: list[dict], size: int) -> dict:
   pad = size - len(examples)
   full = examples + [examples[0]] * pad
-  out = {"image": np.stack([e["image"] for e in full]),
+  images = [e["image"] for e in full]
+  if isinstance(images[0], dict):   # a NaFlex tower's input (mmjax.data.naflex.NaflexPrep)
+    image = {k: np.stack([im[k] for im in images]) for k in images[0]}
+  else:
+    image = np.stack(images)
+  out = {"image": image,
          "valid": np.arange(size) < len(examples)}
   if "label" in examples[0]:
     out["label"] = np.array([e["label"] for e in full], np.int32)

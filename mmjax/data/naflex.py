@@ -213,3 +213,32 @@ def padding_share(batch: dict[str, np.ndarray]) -> float:
   """The share of tokens that are padding (segment id 0) in batch['segment_ids'] [b, L]."""
   segment_ids = np.asarray(batch["segment_ids"])
   return float(np.mean(segment_ids == 0)) if segment_ids.size else 0.0
+
+
+class NaflexPrep(NamedTuple):
+  """A NaFlex checkpoint's eval image preparation (ImagePrep's counterpart): an image ->
+  the tower's input for one image a row of max_patches tokens, normalised,
+  {'patches' float32 [L, p*p*3], 'segment_ids' int32 [L], 'positions' int32 [L, 2],
+  'shapes' int32 [1, 2]} (stacked per key into a batch). Evaluating at another sequence
+  length is NaflexPrep(patch, L, ...)."""
+  patch: int
+  max_patches: int
+  mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+  std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+  @property
+  def size(self) -> None:
+    """No fixed image size (ImagePrep.size's place in a result)."""
+    return None
+
+  def check(self) -> "NaflexPrep":
+    _check_positive_int("NaflexPrep.patch", self.patch)
+    _check_positive_int("NaflexPrep.max_patches", self.max_patches)
+    return self
+
+  def __call__(self, image) -> dict[str, np.ndarray]:
+    one = {k: v[0] for k, v in pad([prepare(image, self.patch, self.max_patches)],
+                                   self.max_patches).items()}
+    x = one["patches"].reshape(self.max_patches, -1, 3).astype(np.float32) / np.float32(255.0)
+    x = (x - np.float32(self.mean)) / np.float32(self.std)
+    return {**one, "patches": x.reshape(self.max_patches, -1)}
