@@ -22,6 +22,8 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image
 
+from mmjax.data.preprocess import crop_box
+
 # transformers' search interval and tolerance for the scale (get_image_size_for_max_num_patches):
 # kept equal so that the target sizes are equal for every input, including where a finer
 # search would give a larger image (a step of the patch count within EPS of the best scale)
@@ -242,3 +244,101 @@ class NaflexPrep(NamedTuple):
     x = one["patches"].reshape(self.max_patches, -1, 3).astype(np.float32) / np.float32(255.0)
     x = (x - np.float32(self.mean)) / np.float32(self.std)
     return {**one, "patches": x.reshape(self.max_patches, -1)}
+
+
+# --- training batches -------------------------------------------------------------------------
+#
+# Both data pipelines (TFDS through grain, webdataset shards) prepare examples one at a time
+# and stack them; a NaFlex image has its own patch count, so each example carries its patches
+# padded to a fixed `max_patches` ('image' uint8 [M, p*p*3]) and its grid ('image_grid' int32
+# [2]). `Batches` then turns a stacked local batch into the tower's input: one image a row
+# ('pad'), or packed into a fixed number of rows ('pack').
+
+
+def native_patches(height: int, width: int, patch: int) -> int:
+  """The patch count of an image at its own resolution: ceil(H / p) * ceil(W / p)."""
+  return -(-height // patch) * -(-width // patch)
+
+
+def train_view(image: np.ndarray, patch: int, max_patches: int, *, native: bool,
+               rng: np.random.Generator | None = None, crop_scale_min: float = 1.0,
+               flip: bool = False) -> tuple[np.ndarray, np.ndarray]:
+  """One training example's image -> (patches uint8 [max_patches, p*p*3] (zeros past the
+  image's), grid int32 [2]).
+
+  image: uint8 [H, W, 3]. native: at most the image's own patch count (packed batches keep
+  small images small); else resized to fill max_patches (SigLIP 2's padded batches). With
+  rng: a random crop keeping at least crop_scale_min of the area (any aspect ratio the crop
+  box gives) and a random horizontal flip (flip)."""
+  box = None
+  if rng is not None and crop_scale_min < 1.0:
+    box = crop_box(*image.shape[:2], rng, (crop_scale_min, 1.0), (3 / 4, 4 / 3))
+  if box is not None:   # None: ten misses, the whole image
+    top, left, h, w = box
+    image = image[top:top + h, left:left + w]
+  if rng is not None and flip and rng.random() < 0.5:
+    image = image[:, ::-1]
+  budget = max_patches
+  if native:
+    budget = max(1, min(max_patches, native_patches(*image.shape[:2], patch)))
+  one = prepare(np.ascontiguousarray(image), patch, budget)
+  out = np.zeros((max_patches, one.patches.shape[1]), np.uint8)
+  out[:len(one.patches)] = one.patches
+  return out, np.asarray(one.grid, np.int32)
+
+
+def unpatchify(image: NaflexImage, patch: int) -> np.ndarray:
+  """patchify's inverse: uint8 [h * p, w * p, 3]."""
+  (h, w), p = image.grid, patch
+  return image.patches.reshape(h, w, p, p, 3).transpose(0, 2, 1, 3, 4).reshape(h * p, w * p, 3)
+
+
+class Batches:
+  """A stacked local batch of train_view outputs -> the tower's input, fixed shapes.
+
+  mode 'pad': row i holds image i (rows = b, L = max_patches). mode 'pack': the b images
+  packed into `rows` rows of seq_len tokens, at most max_per_seq a row; when they do not fit,
+  the largest is shrunk (re-resized to 85% of its patches) until they do, counted in
+  `shrunk`. 'image' becomes {'patches' uint8 [R, L, D], 'segment_ids', 'positions', 'shapes'
+  [R, k, 2], 'index' int32 [b]}: image i's pooled output is pooled.reshape(R * k, -1)[index[i]]
+  (offset by `first_row` * k: the rows of the processes before this one).
+  """
+
+  def __init__(self, mode: str, patch: int, seq_len: int, *, rows: int = 0,
+               max_per_seq: int = 1, first_row: int = 0):
+    if mode not in ("pad", "pack"):
+      raise ValueError(f"config.data.naflex.mode={mode!r} must be 'pad' or 'pack'")
+    self.mode, self.patch, self.seq_len = mode, patch, seq_len
+    self.rows, self.max_per_seq, self.first_row = rows, max_per_seq, first_row
+    self.shrunk = 0
+
+  def __call__(self, batch: dict) -> dict:
+    patches, grids = batch["image"], batch.pop("image_grid")
+    images = [NaflexImage(p[:h * w], (int(h), int(w))) for p, (h, w) in zip(patches, grids)]
+    if self.mode == "pad":
+      out = pad(images, patches.shape[1])
+      out["index"] = np.arange(len(images), dtype=np.int32) + self.first_row
+    else:
+      out = self._pack(images)
+    return {**batch, "image": out}
+
+  def _pack(self, images: list[NaflexImage]) -> dict:
+    while True:
+      counts = [len(im.patches) for im in images]
+      place = first_fit_decreasing(counts, self.seq_len, self.max_per_seq)
+      if place[:, 0].max() < self.rows:
+        break
+      i = int(np.argmax(counts))
+      if counts[i] == 1:
+        raise ValueError(f"config.data.naflex: {len(images)} images do not fit {self.rows} "
+                         f"rows of {self.max_per_seq} (max_per_seq) at one patch each")
+      images[i] = prepare(unpatchify(images[i], self.patch), self.patch,
+                          max(1, int(counts[i] * 0.85)))
+      self.shrunk += 1
+    out, place = pack(images, self.seq_len, self.max_per_seq)
+    full = _empty_batch(self.rows, self.seq_len, self.max_per_seq, out["patches"].shape[-1])
+    for k, v in out.items():
+      full[k][:len(v)] = v
+    full["index"] = ((place[:, 0] + self.first_row) * self.max_per_seq + place[:, 1]).astype(
+        np.int32)
+    return full

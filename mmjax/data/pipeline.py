@@ -22,6 +22,7 @@ from absl import flags
 from PIL import Image
 from tensorflow_datasets.core.utils import tqdm_utils
 
+from mmjax.data import naflex as naflex_lib
 from mmjax.data import digits
 from mmjax.data.preprocess import crop_box
 
@@ -203,7 +204,7 @@ class _Preprocess:
   module-level class so grain workers can pickle it."""
 
   def __init__(self, tokenizer, image_size, text_len, augment, crop_scale_min, flip,
-               image_key, text_key, label_key, views=1, caption_fields=None):
+               image_key, text_key, label_key, views=1, caption_fields=None, naflex=None):
     self.__dict__.update(locals())
     del self.__dict__["self"]
 
@@ -219,8 +220,13 @@ class _Preprocess:
   def __call__(self, ex: dict, rng: np.random.Generator) -> dict:
     image = _rgb(np.asarray(ex[self.image_key]))
     text = _decode_text(ex[self.text_key])
-    out = {"image": self._view(image, rng),
-           "text": self.tokenizer.encode([text], self.text_len)[0]}
+    out = {"text": self.tokenizer.encode([text], self.text_len)[0]}
+    if self.naflex:   # (patch, max_patches, native): mmjax.data.naflex.train_view
+      out["image"], out["image_grid"] = naflex_lib.train_view(
+          image, *self.naflex[:2], native=self.naflex[2], rng=rng,
+          crop_scale_min=self.crop_scale_min if self.augment else 1.0, flip=self.flip)
+    else:
+      out["image"] = self._view(image, rng)
     for key, field in (self.caption_fields or {}).items():
       out[key] = field(text)
     if self.views == 2:
@@ -232,7 +238,8 @@ class _Preprocess:
 
 def make_train_iterator(source, data, *, tokenizer, global_batch_size: int, seed: int,
                         process_index: int = 0, process_count: int = 1, views: int = 1,
-                        read_threads: int = 2, prefetch_batches: int = 2, caption_fields=None):
+                        read_threads: int = 2, prefetch_batches: int = 2, caption_fields=None,
+                        naflex: tuple[int, int, bool] | None = None):
   """An endless, seeded, shuffled iterator over this process's share of each global batch,
   with get_state/set_state.
 
@@ -242,6 +249,8 @@ def make_train_iterator(source, data, *, tokenizer, global_batch_size: int, seed
   batches read ahead by the read_threads. A batch may be larger than the dataset.
   caption_fields: {key: a picklable caption -> array function}: each batch gets key [b, ...]
   (an objective's Objective.caption_fields: CatLIP's multi-hot label 'targets').
+  naflex: (patch, max_patches, native) for a NaFlex tower: 'image' is each image's patches
+  uint8 [b, max_patches, p*p*3] and 'image_grid' int32 [b, 2] (mmjax.data.naflex.train_view).
 
   Restoring a saved state (`it.set_state(state)`) continues with exactly the
   batches the original iterator would have produced.
@@ -257,11 +266,11 @@ def make_train_iterator(source, data, *, tokenizer, global_batch_size: int, seed
     print(f"mmjax: config.batch_size={global_batch_size} is larger than the dataset "
           f"({len(source)} examples): each batch holds every example about "
           f"{global_batch_size / len(source):.1f} times", flush=True)
-  if views not in (1, 2):
-    raise ValueError(f"views={views} must be 1 or 2")
+  if views not in (1, 2) or (naflex and views != 1):
+    raise ValueError(f"views={views} must be 1 or 2 (1 with NaFlex batches)")
   prep = _Preprocess(tokenizer, data.image_size, data.text_len, data.augment,
                      data.crop_scale_min, data.flip, data.image_key, data.text_key,
-                     data.label_key, views, caption_fields)
+                     data.label_key, views, caption_fields, naflex)
   # Few reader threads: grain's default 16 fight XLA for the cores of a small host. The
   # elements read ahead are whole local batches (batched before to_iter_dataset), so
   # prefetch_batches counts batches (2 * local of them would be 32,768 batches of 16,384).
@@ -312,7 +321,10 @@ class EvalImages:
       rows = range(*index.indices(len(self)))
       if not rows:
         return np.zeros((0, *self.shape[1:]), np.float32)
-      return np.stack([self._row(i) for i in rows])
+      out = [self._row(i) for i in rows]
+      if isinstance(out[0], dict):   # a NaFlex tower's input (mmjax.data.naflex.NaflexPrep)
+        return {k: np.stack([o[k] for o in out]) for k in out[0]}
+      return np.stack(out)
     i = int(index)
     if not -len(self) <= i < len(self):
       raise IndexError(f"index {i} out of range for {len(self)} images")
@@ -348,7 +360,7 @@ def make_eval_arrays(source, data, *, tokenizer, normalize: tuple | None = None,
   if texts and missing is not None:
     raise ValueError(f"{_where(source, missing)} has no caption ({text_key!r}), and the set's "
                      "other examples do; an evaluation set captions all its examples or none")
-  if prep is not None and prep.size != image_size:
+  if prep is not None and prep.size is not None and prep.size != image_size:
     raise ValueError(f"config.data.image_size={image_size} but the checkpoint's preprocessing "
                      f"makes {prep.size} px images")
   images = EvalImages(source, image_key, image_size, normalize, prep)

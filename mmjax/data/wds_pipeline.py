@@ -34,7 +34,7 @@ import tqdm
 from absl import flags
 from PIL import Image
 
-from mmjax.data import wds
+from mmjax.data import naflex as naflex_lib, wds
 from mmjax.data.preprocess import crop_box
 
 KINDS = ("image", "caption", "tar")   # data/skipped_<kind>
@@ -156,8 +156,9 @@ class Decode:
 
   def __init__(self, *, tokenizer, image_size: int, text_len: int, image_ext: str,
                text_ext: str, seed: int, augment: bool = True, crop_scale_min: float = 0.6,
-               flip: bool = False, views: int = 1, caption_fields=None):
+               flip: bool = False, views: int = 1, caption_fields=None, naflex=None):
     self.tokenizer, self.size, self.text_len = tokenizer, image_size, text_len
+    self.naflex = naflex   # (patch, max_patches, native): mmjax.data.naflex.train_view
     self.image_exts, self.text_ext = _exts(image_ext, "image_ext"), _exts(text_ext, "text_ext")[0]
     self.seed, self.augment, self.scale_min, self.flip, self.views = (
         seed, augment, crop_scale_min, flip, views)
@@ -190,15 +191,22 @@ class Decode:
       return _skip("caption", f"{where}.{self.text_ext}: {why}", sample)
     rng = np.random.default_rng([self.seed, sample["__item__"],
                                  zlib.crc32(sample["__key__"].encode())])
+    extra = {}
     try:
       with Image.open(io.BytesIO(sample[ext])) as im:
-        views = [self._view(im, rng, draft=self.views == 1)]
+        if self.naflex:
+          patches, extra["image_grid"] = naflex_lib.train_view(
+              np.asarray(im.convert("RGB")), *self.naflex[:2], native=self.naflex[2], rng=rng,
+              crop_scale_min=self.scale_min if self.augment else 1.0, flip=self.flip)
+          views = [patches]
+        else:
+          views = [self._view(im, rng, draft=self.views == 1)]
         if self.views == 2:
           views.append(self._view(im, rng, draft=False))
     except _IMAGE_ERRORS as e:
       return _skip("image", f"{where}.{ext}: {type(e).__name__}: {e}", sample)
     out = {"image": views[0], "text": self.tokenizer.encode([text], self.text_len)[0],
-           "__epoch__": sample["__item__"] / sample["__n__"]}
+           "__epoch__": sample["__item__"] / sample["__n__"], **extra}
     if self.views == 2:
       out["image2"] = views[1]
     for key, field in self.caption_fields.items():
@@ -373,10 +381,12 @@ def stream_layout(n_shards: int, streams: int, process_count: int) -> tuple[int,
 
 def make_train_iterator(paths: list[str], data, *, tokenizer, global_batch_size: int,
                         seed: int, process_index: int = 0, process_count: int = 1,
-                        views: int = 1, caption_fields=None) -> TrainIterator:
+                        views: int = 1, caption_fields=None,
+                        naflex: tuple[int, int, bool] | None = None) -> TrainIterator:
   """This process's share of each global batch from the shards `paths`: 'image' uint8
   [b, S, S, 3], 'text' int32 [b, L], 'image2' for views=2, and caption_fields' keys
-  ({key: a picklable caption -> array function}, as mmjax.data.pipeline's).
+  ({key: a picklable caption -> array function}, as mmjax.data.pipeline's); with naflex,
+  'image' patches and 'image_grid' as mmjax.data.pipeline.make_train_iterator's.
 
   data: config.data (image_size, text_len, augment, crop_scale_min, flip, image_ext, text_ext,
   streams, shuffle_buffer, shard_cycle, num_workers, max_skip_fraction). The batches depend on
@@ -399,7 +409,7 @@ def make_train_iterator(paths: list[str], data, *, tokenizer, global_batch_size:
   decode = Decode(tokenizer=tokenizer, image_size=data.image_size, text_len=data.text_len,
                   image_ext=data.image_ext, text_ext=data.text_ext, seed=seed,
                   augment=data.augment, crop_scale_min=data.crop_scale_min, flip=data.flip,
-                  views=views, caption_fields=caption_fields)
+                  views=views, caption_fields=caption_fields, naflex=naflex)
   order = ShardOrder(paths, seed)
   local = streams // process_count
   parts = []

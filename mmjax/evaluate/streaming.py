@@ -25,11 +25,19 @@ Batch = dict
 
 
 def _pad(x, pad: int):
-  """x (an array, a lazy array's slice or a list) with its first row repeated pad times."""
+  """x (an array, a lazy array's slice, a list, or a dict of arrays: a NaFlex tower's input)
+  with its first row repeated pad times."""
+  if isinstance(x, dict):
+    return {k: _pad(v, pad) for k, v in x.items()}
   if isinstance(x, list):
     return x + [x[0]] * pad
   x = np.asarray(x)
   return np.concatenate([x, np.repeat(x[:1], pad, 0)]) if pad else x
+
+
+def _length(x) -> int:
+  """Rows of x (an array, a list, or a dict of arrays)."""
+  return len(next(iter(x.values()))) if isinstance(x, dict) else len(x)
 
 
 def _rows(x, valid: np.ndarray):
@@ -54,7 +62,7 @@ def array_batches(arrays: dict, batch_size: int) -> Iterator[Batch]:
   n = len(arrays["image"])
   for i in range(0, n, batch_size):
     chunk = {k: v[i:i + batch_size] for k, v in arrays.items()}
-    m = len(chunk["image"])
+    m = _length(chunk["image"])
     out = {k: _pad(v, batch_size - m) for k, v in chunk.items()}
     out["valid"] = np.arange(batch_size) < m
     yield out

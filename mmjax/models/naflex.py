@@ -13,8 +13,9 @@ triangle filter, antialiased when shrinking: bilinear resizing as jax.image.resi
 antialias=True) and transformers' Siglip2 do it) and picked by position.
 
 Output: pooled [b, width] when k == 1 (one image a sequence, SigLIP 2's padded batches), else
-[b, k, width] (an empty slot's row is meaningless: the caller drops it by its shape); and
-{'encoded': [b, L, width]}.
+[b, k, width] (an empty slot's row is meaningless: the caller drops it by its shape); with
+'index' int [n] in the input (a training batch: image i in flat slot index[i] of the b * k),
+[n, width] in the images' order; and {'encoded': [b, L, width]}.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ KEYS = ("patches", "segment_ids", "positions", "shapes")
 def config(variant: str | None = None, **fields) -> dict[str, Any]:
   """Complete, checked NaFlexViT fields from a ViT variant ('B/16') and overrides; every
   ValueError starts with the field."""
+  if fields.pop("patch_dropout", 0.0):
+    raise ValueError("patch_dropout: a NaFlex tower drops no patches")
   names = {f for f in NaFlexViT.__dataclass_fields__} - {"parent", "name"}
   unknown = sorted(set(fields) - names)
   if unknown:
@@ -180,4 +183,6 @@ class NaFlexViT(nn.Module):
       pooled = (total / jnp.maximum(member.sum(1), 1.0)[..., None]).astype(x.dtype)
     else:
       return x, {"encoded": x}
+    if "index" in image:   # a training batch's images in their order (mmjax.data.naflex.Batches)
+      return pooled.reshape(-1, pooled.shape[-1])[image["index"]], {"encoded": x}
     return (pooled[:, 0] if k == 1 else pooled), {"encoded": x}

@@ -75,6 +75,15 @@ def _data_defaults() -> ml_collections.ConfigDict:
       shuffle_buffer=2000,    # raw samples shuffled together, per stream and worker
       shard_cycle=4,          # shards each stream (and worker) reads at once, interleaved
       max_skip_fraction=0.5,  # a run whose bad samples and shards exceed this share stops
+      # NaFlex image towers (config.model.image.tower='naflex', SigLIP 2): each image at its
+      # aspect ratio as up to max_patches patches (mmjax.data.naflex). mode 'pad': one image a
+      # row of max_patches tokens, resized to fill it (SigLIP 2's batches); 'pack': each image
+      # at most its own patch count, packed into `rows` rows (global, per step) of seq_len
+      # tokens, at most max_per_seq a row (NaViT's patch n' pack); too many patches: the
+      # largest images shrink. Evaluation: one image a row of eval_max_patches (None:
+      # max_patches). image_size is not used.
+      naflex=dict(mode=placeholder(str), max_patches=256, seq_len=1024, rows=0,
+                  max_per_seq=8, eval_max_patches=placeholder(int)),
   ))
 
 
@@ -101,6 +110,9 @@ def _model_defaults() -> ml_collections.ConfigDict:
                  # pool's; pool_type 'attn' | 'gap' | 'none'. With init_from.checkpoint an
                  # open_clip RN's BatchNorm is 'frozen_bn' unless norm says 'batch'.
                  layers=placeholder(tuple), norm=placeholder(str),
+                 # 'naflex': a NaFlex ViT (mmjax.models.naflex; config.data.naflex says how
+                 # its batches are made); None: chosen by variant (ViT or ResNet).
+                 tower=placeholder(str), posemb_grid=placeholder(int),
                  **_tower_overrides()),
       text=dict(variant="Ti", pool_type=placeholder(str), causal=placeholder(bool),
                 **_tower_overrides()),
@@ -268,6 +280,32 @@ def _check_eval_names(evals) -> None:
                        "(a metric prefix, e.g. 'zs')")
 
 
+def _check_naflex(config: ml_collections.ConfigDict) -> None:
+  """config.model.image.tower='naflex' and config.data.naflex go together, with sizes that
+  fit: ValueError naming the field."""
+  n, tower = config.data.naflex, config.model.image.tower
+  if (tower == "naflex") != (n.mode is not None):
+    raise ValueError(f"config.data.naflex.mode={n.mode!r} with config.model.image.tower="
+                     f"{tower!r}: a NaFlex tower takes NaFlex batches ('pad' or 'pack'), and only "
+                     "it does")
+  if n.mode is None:
+    return
+  if n.mode not in ("pad", "pack"):
+    raise ValueError(f"config.data.naflex.mode must be 'pad' or 'pack'; got {n.mode!r}")
+  for key in ("max_patches", "seq_len", "max_per_seq") + (("rows",) if n.mode == "pack" else ()):
+    if not isinstance(n[key], int) or isinstance(n[key], bool) or n[key] < 1:
+      raise ValueError(f"config.data.naflex.{key} must be a positive int; got {n[key]!r}")
+  if n.eval_max_patches is not None and n.eval_max_patches < 1:
+    raise ValueError(f"config.data.naflex.eval_max_patches must be a positive int or None; "
+                     f"got {n.eval_max_patches!r}")
+  if n.mode == "pack" and n.max_patches > n.seq_len:
+    raise ValueError(f"config.data.naflex.max_patches={n.max_patches} > seq_len={n.seq_len}: "
+                     "an image must fit a row")
+  if config.accum_steps != 1 or config.model.image.patch_dropout:
+    raise ValueError("config.accum_steps and config.model.image.patch_dropout are not "
+                     "supported with NaFlex batches (config.data.naflex.mode)")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the field for what can be checked before any data or compile:
   the keys, the objective's and the data source's own rules (Objective.check_config,
@@ -289,6 +327,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
                          "(it applies to the contrastive losses, GradCache included); "
                          f"got {config[key]!r}")
   objective.check_config(config)
+  _check_naflex(config)
   steps = config.total_steps
   if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
     raise ValueError(f"config.total_steps must be a non-negative int (0: evaluate only); "

@@ -18,6 +18,7 @@ import os
 import ml_collections
 
 from mmjax import convert, objectives
+from mmjax.data.naflex import NaflexPrep
 from mmjax.data.preprocess import ImagePrep
 from mmjax.data.tokenizers import get_tokenizer
 from mmjax.models import factory
@@ -81,7 +82,9 @@ def from_workdir(workdir: str, step: int | None = None, *, ema: bool = False
                 image_proj=model.image_proj, text_proj=model.text_proj,
                 temperature_init=model.temperature_init, bias_init=model.bias_init,
                 loss=config.loss)
-  return convert.Converted(fields, variables["params"], ImagePrep(**card["preprocess"]),
+  prep = card["preprocess"]
+  prep = NaflexPrep(**prep) if "max_patches" in prep else ImagePrep(**prep)
+  return convert.Converted(fields, variables["params"], prep,
                            card["tokenizer"], variables.get("batch_stats"))
 
 

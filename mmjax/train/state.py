@@ -67,18 +67,26 @@ def abstract_state(objective, tx: optax.GradientTransformation, abstract_variabl
 
 def images_to_float(batch: dict, normalize: tuple | None = None) -> dict:
   """The batch with its uint8 images (every uint8 [b, H, W, C] field: 'image', an objective's
-  further views) as float32: (x / 255 - mean) / std for normalize=(mean, std), else [-1, 1];
+  further views; a NaFlex batch's 'patches') as float32: (x / 255 - mean) / std for normalize=(mean, std), else [-1, 1];
   float images pass as they are."""
   out = dict(batch)
   for key, x in batch.items():
-    if x.dtype == jnp.uint8 and x.ndim == 4:
-      x = x.astype(jnp.float32)
-      if normalize is None:
-        out[key] = x * (2.0 / 255.0) - 1.0
-      else:
-        mean, std = (jnp.asarray(v, jnp.float32) for v in normalize)
-        out[key] = (x / 255.0 - mean) / std
+    if isinstance(x, dict) and "patches" in x and x["patches"].dtype == jnp.uint8:
+      # A NaFlex batch (mmjax.data.naflex): patches [R, L, p*p*3], channels last.
+      patches = _to_float(x["patches"].reshape(*x["patches"].shape[:-1], -1, 3), normalize)
+      out[key] = {**x, "patches": patches.reshape(x["patches"].shape)}
+    elif not isinstance(x, dict) and x.dtype == jnp.uint8 and x.ndim == 4:
+      out[key] = _to_float(x, normalize)
   return out
+
+
+def _to_float(x: jax.Array, normalize: tuple | None) -> jax.Array:
+  """uint8 [..., 3] -> float32: (x / 255 - mean) / std, or [-1, 1] without normalize."""
+  x = x.astype(jnp.float32)
+  if normalize is None:
+    return x * (2.0 / 255.0) - 1.0
+  mean, std = (jnp.asarray(v, jnp.float32) for v in normalize)
+  return (x / 255.0 - mean) / std
 
 
 def _schedule_count(opt_state, step: jax.Array) -> jax.Array:
