@@ -1,4 +1,4 @@
-"""big_vision two-tower .npz checkpoints (SigLIP, SigLIP 2, LiT) <-> mmjax.
+"""big_vision two-tower .npz checkpoints (SigLIP, SigLIP 2 and its NaFlex, LiT) <-> mmjax.
 
   ckpt = from_big_vision("webli_en_b16_224_63724782.npz", tokenizer="c4_en.model")
   model = two_tower.Model(**ckpt.config)
@@ -15,6 +15,15 @@ depth axis. big_vision's towers use the tanh GELU and LayerNorm eps 1e-6, and
 its text tower attends bidirectionally with no padding mask. The arrays map one
 to one (mmjax's ViT keeps big_vision's param layout), so both directions are
 exact.
+
+SigLIP 2's fixed-resolution files have SigLIP's layout (vit.py + two_towers.py; a
+256,000-token Gemma vocabulary). Its NaFlex files (image_model
+'proj.image_text.naflex_vit') differ in the image stem only: 'img/embedding' is a
+Dense on flattened patches, kernel [p*p*3, width] whose rows run over (row,
+column, channel) of a patch (tf.image.extract_patches' order, mmjax's), and
+'img/pos_embedding' is the learned table [G, G, width], (row, column) first;
+the encoder ('img/Transformer/...') and 'img/MAPHead_0' are vit.py's. A 2-d
+'img/embedding/kernel' picks mmjax's NaFlex tower (tower='naflex').
 """
 
 from __future__ import annotations
@@ -89,22 +98,31 @@ def _head(prefix: str, dst: str, proj: str) -> list[Rule]:
   return [common.same(f"{prefix}head/{p}", (dst, p)) for p in parts]
 
 
+def _stem(prefix: str, img: Mapping) -> list[Rule]:
+  """The patch and position embeddings. Both towers keep big_vision's layouts: ViT's conv
+  kernel [p, p, 3, width] and rows [1, n, width]; NaFlex's Dense kernel [p*p*3, width]
+  (bias always) and table [G, G, width]."""
+  naflex = img.get("tower") == "naflex"
+  out = [common.same(f"{prefix}embedding/kernel", ("img", "embedding", "kernel"))]
+  if naflex or img.get("patch_bias", True):
+    out.append(common.same(f"{prefix}embedding/bias", ("img", "embedding", "bias")))
+  if naflex or img.get("posemb", "sincos2d") == "learn":
+    out.append(common.same(f"{prefix}pos_embedding", ("img", "pos_embedding")))
+  return out
+
+
 def rules(config: Mapping, *, scan: bool = False, root: str = "params/") -> list[Rule]:
   """The key map of the big_vision two-tower checkpoint `config` describes."""
   img, txt = config["image"], config["text"]
   i, t = f"{root}img/", f"{root}txt/"
   out = [*_encoder(f"{i}Transformer/", ("img",), img["depth"], scan),
          *_encoder(f"{t}Encoder_0/", ("txt",), txt["depth"], scan),
-         common.same(f"{i}embedding/kernel", ("img", "embedding", "kernel")),
+         *_stem(i, img),
          common.same(f"{t}Embed_0/embedding", ("txt", "token_embedding", "embedding")),
          common.same(f"{t}pos_embedding", ("txt", "pos_embedding")),
          *_head(i, "img_proj", config.get("image_proj", "dense")),
          *_head(t, "txt_proj", config.get("text_proj", "dense")),
          common.scalar(f"{root}t", ("t",), (1,))]
-  if img.get("patch_bias", True):
-    out.append(common.same(f"{i}embedding/bias", ("img", "embedding", "bias")))
-  if img.get("posemb", "sincos2d") == "learn":
-    out.append(common.same(f"{i}pos_embedding", ("img", "pos_embedding")))
   if img.get("pool_type", "map") == "tok":
     out.append(common.same(f"{i}cls", ("img", "cls")))
   if img.get("pool_type", "map") == "map":
@@ -127,6 +145,47 @@ def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 def _root(keys) -> str:
   return "params/" if any(k.startswith("params/") for k in keys) else ""
+
+
+def _vit_stem(image: dict, shape, has, where: str, image_size: int | None) -> int:
+  """Adds vit.py's stem and pooling fields to `image`; returns the image size."""
+  ph, pw = shape("img/embedding/kernel")[:2]
+  image.update(patch_size=(ph, pw), patch_bias=has("img/embedding/bias"),
+               posemb="learn" if has("img/pos_embedding") else "sincos2d",
+               pool_type="map" if has("img/MAPHead_0/probe") else
+               "tok" if has("img/cls") else "gap")
+  if image["posemb"] != "learn":
+    return image_size or 224
+  n = shape("img/pos_embedding")[1]
+  side = int(round(np.sqrt(n)))
+  if side * side != n or ph != pw:
+    raise ValueError(f"{where}pos_embedding holds {n} positions with patch {(ph, pw)}; "
+                     "mmjax converts square grids")
+  if image_size not in (None, side * ph):
+    raise ValueError(f"image_size={image_size}: the checkpoint's position embeddings are "
+                     f"for {side * ph}")
+  return side * ph
+
+
+def _naflex_stem(image: dict, shape, has, where: str, image_size: int | None) -> int:
+  """Adds naflex_vit.py's fields to `image` (its Dense stem [p*p*3, width] and table
+  [G, G, width]); returns image_size or p * G (the square image whose grid is the table's,
+  for fixed-size evaluation)."""
+  rows, width = shape("img/embedding/kernel")
+  p = int(round(np.sqrt(rows / 3)))
+  if 3 * p * p != rows:
+    raise ValueError(f"{where}embedding/kernel is {(rows, width)}; a NaFlex patch embedding "
+                     "takes p * p * 3 pixels (square RGB patches)")
+  if not has("img/pos_embedding"):
+    raise ValueError(f"{where}pos_embedding is missing; a NaFlex image tower (a 2-d "
+                     "embedding/kernel) needs its position table [G, G, width]")
+  table = shape("img/pos_embedding")
+  if len(table) != 3 or table[0] != table[1] or table[2] != image["width"]:
+    raise ValueError(f"{where}pos_embedding is {table}; a NaFlex position table is "
+                     f"[G, G, {image['width']}]")
+  image.update(tower="naflex", patch_size=(p, p), posemb_grid=table[0],
+               pool_type="map" if has("img/MAPHead_0/probe") else "gap")
+  return image_size or p * table[0]
 
 
 def infer_config(arrays: Mapping[str, Any], *, image_size: int | None = None,
@@ -164,23 +223,8 @@ def infer_config(arrays: Mapping[str, Any], *, image_size: int | None = None,
   text, scan_t = encoder("txt/Encoder_0/", "text")
   if scan_i != scan_t:
     raise ValueError(f"{where}: one tower is scanned and the other is not")
-  ph, pw = shape("img/embedding/kernel")[:2]
-  image.update(patch_size=(ph, pw), patch_bias=has("img/embedding/bias"),
-               posemb="learn" if has("img/pos_embedding") else "sincos2d",
-               pool_type="map" if has("img/MAPHead_0/probe") else
-               "tok" if has("img/cls") else "gap")
-  if image["posemb"] == "learn":
-    n = shape("img/pos_embedding")[1]
-    side = int(round(np.sqrt(n)))
-    if side * side != n or ph != pw:
-      raise ValueError(f"{where}: img/pos_embedding holds {n} positions with patch "
-                       f"{(ph, pw)}; mmjax converts square grids")
-    size = side * ph
-    if image_size not in (None, size):
-      raise ValueError(f"image_size={image_size}: the checkpoint's position embeddings are "
-                       f"for {size}")
-  else:
-    size = image_size or 224
+  stem = _naflex_stem if len(shape("img/embedding/kernel")) == 2 else _vit_stem
+  size = stem(image, shape, has, f"{where}: {root}img/", image_size)
   vocab, _ = shape("txt/Embed_0/embedding")
   text.update(vocab_size=vocab, max_len=shape("txt/pos_embedding")[1], causal=False,
               pad_id=None, pool_type=text_pool or ("map" if has("txt/MAPHead_0/probe")
@@ -226,7 +270,9 @@ def from_big_vision(npz_path: str | os.PathLike, variant: str | None = None, *,
       Converted.tokenizer is None.
     text_pool: the text tower's pool_type when it is not 'last' (SigLIP's) and
       has no MAPHead; the arrays cannot tell 'last' from 'first' or 'gap'.
-    image_size: for sincos2d towers (no learned position embeddings) only.
+    image_size: for sincos2d towers (no learned position embeddings), and for NaFlex
+      ones the size of Converted.preprocess' fixed-size square (default p * G: the
+      grid of the position table); others fix it themselves.
     dtype: of the returned params (numpy arrays, host memory).
   """
   arrays = read_npz(npz_path)
@@ -251,7 +297,7 @@ def to_big_vision(config: Mapping, params: Mapping, npz_path: str | os.PathLike,
   Returns the path. ValueError naming the first config field big_vision's layout lacks."""
   img = config["image"]
   size = int(np.broadcast_to(img["patch_size"], 2)[0]) * int(round(np.sqrt(
-      np.shape(params["img"]["pos_embedding"])[1]))) if img.get("posemb") == "learn" else 224
+      np.shape(params["img"]["pos_embedding"])[1]))) if img.get("posemb") == "learn" else None
   arrays = common.unapply_rules(rules(config, scan=scan), params)
   arrays = {k: v.astype(np.float32) for k, v in arrays.items()}
   want, _, _ = infer_config(arrays, image_size=size,
