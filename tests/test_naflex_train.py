@@ -81,6 +81,11 @@ def test_batches_keep_every_image_in_order(rng):
   images = [rng.integers(0, 256, size=tuple(rng.integers(8, 60, size=2)) + (3,), dtype=np.uint8)
             for _ in range(12)]
   views = [naflex.train_view(im, 4, 48, native=True) for im in images]
+  for im, (_, grid) in zip(images, views):   # at most its own patch count, and the cap
+    assert grid.prod() <= min(48, naflex.native_patches(*im.shape[:2], 4)), (im.shape, grid)
+  small = np.zeros((9, 14, 3), np.uint8)       # 3 x 4 patches of its own
+  assert tuple(naflex.train_view(small, 4, 48, native=True)[1]) == (3, 4)
+  assert naflex.train_view(small, 4, 48, native=False)[1].prod() > 30   # filled to the cap
   batch = {"image": np.stack([v[0] for v in views]), "image_grid": np.stack([v[1] for v in views]),
            "text": np.arange(12)}
   packer = naflex.Batches("pack", 4, 96, rows=4, max_per_seq=5, first_row=2)
@@ -91,6 +96,7 @@ def test_batches_keep_every_image_in_order(rng):
   for i, flat in enumerate(img["index"]):
     row, slot = divmod(int(flat), 5)
     row -= 2   # this process's rows come after two of another's
+    assert 0 <= row < 4, (i, flat)
     h, w = img["shapes"][row, slot]
     seg = img["segment_ids"][row] == slot + 1
     assert seg.sum() == h * w > 0
@@ -109,3 +115,52 @@ def test_naflex_config_mistakes_are_one_line(data_dir, shards, tmp_path):
     with pytest.raises(ValueError, match=message) as e:
       loop.train(naflex_config(data_dir, shards, "pack", **overrides), str(tmp_path / "r"))
     assert "\n" not in str(e.value)
+
+
+def test_a_packed_naflex_run_resumes_exactly(data_dir, shards, tmp_path):
+  """Cut back to its step-2 checkpoint and resumed, a packed NaFlex run repeats the
+  uninterrupted run's losses (the batch assembly is a function of the data position)."""
+  import shutil
+  from mmjax.train import loop
+  from tests.test_resume import _cut_back, _losses
+  config = naflex_config(data_dir, shards, "pack", **{
+      "total_steps": 6, "checkpoint.every": 2, "checkpoint.keep": 3, "evaluate.probes": False,
+      "data.label_key": "", "evaluate.retrieval_match": "pair"})
+  whole, part = tmp_path / "whole", tmp_path / "part"
+  loop.train(config, str(whole))
+  shutil.copytree(whole, part)
+  _cut_back(str(part), 2)
+  loop.train(config, str(part))
+  want, got = dict(_losses(str(whole))), dict(_losses(str(part)))
+  assert [got[s] for s in range(3, 7)] == [want[s] for s in range(3, 7)], (got, want)
+
+
+def test_packed_naflex_on_two_devices_matches_one(data_dir, shards, tmp_path):
+  """The packed rows split over the data axis, each image's slot gathered back to its place:
+  the per-step losses of one device."""
+  from mmjax.train import loop
+  from tests.test_resume import _losses
+  cheap = {"total_steps": 4, "checkpoint.every": 4, "evaluate.probes": False,
+           "data.label_key": "", "evaluate.retrieval_match": "pair"}
+  loop.train(naflex_config(data_dir, shards, "pack", **cheap), str(tmp_path / "one"))
+  got = loop.train(naflex_config(data_dir, shards, "pack", num_devices=2, **cheap),
+                   str(tmp_path / "two"))
+  assert got["devices"] == 2
+  np.testing.assert_allclose([l for _, l in _losses(str(tmp_path / "two"))],
+                             [l for _, l in _losses(str(tmp_path / "one"))], rtol=2e-4, atol=2e-5)
+
+
+def test_naflex_patches_are_normalised_once_per_channel(rng):
+  """images_to_float on a NaFlex batch: (x / 255 - mean) / std per channel of the
+  channels-last patches; the other keys untouched."""
+  import jax.numpy as jnp
+  from mmjax.train.state import images_to_float
+  patches = rng.integers(0, 256, size=(2, 5, 4 * 4 * 3), dtype=np.uint8)
+  image = {"patches": jnp.asarray(patches), "segment_ids": jnp.ones((2, 5), jnp.int32)}
+  mean, std = (0.1, 0.5, 0.9), (0.2, 0.3, 0.4)
+  got = images_to_float({"image": image, "text": jnp.zeros((2, 3), jnp.int32)}, (mean, std))
+  want = ((patches.reshape(2, 5, 16, 3) / 255.0 - np.array(mean)) / np.array(std))
+  np.testing.assert_allclose(got["image"]["patches"], want.reshape(2, 5, 48), rtol=1e-5, atol=1e-6)
+  assert got["image"]["segment_ids"] is image["segment_ids"]
+  got = images_to_float({"image": image}, None)["image"]["patches"]
+  np.testing.assert_allclose(got, patches / 127.5 - 1.0, rtol=1e-5, atol=1e-6)
