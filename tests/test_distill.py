@@ -85,3 +85,26 @@ def test_box_tokens_round_trip_within_a_bin_and_iou(rng):
   b = np.array([[0.25, 0.25, 0.75, 0.75], [0.5, 0.5, 0.6, 0.6], [0, 0, 0, 0.0]])
   np.testing.assert_allclose(distill.box_iou(a, b), [0.0625 / (0.25 + 0.25 - 0.0625), 0, 0],
                              rtol=1e-6)
+
+
+def test_vit_mask_token_replaces_masked_patches_only(rng):
+  """mask=all False is the unmasked forward; masked patches all become the mask token (before
+  the position embedding), so the output no longer depends on their pixels; the token learns."""
+  from mmjax.models import vit
+  tower = vit.Model("mu/4", posemb="learn", mask_token=True, pool_type="gap")
+  image = jnp.asarray(rng.normal(size=(2, 12, 16, 3)), jnp.float32)   # 3 x 4 patches
+  params = tower.init(jax.random.PRNGKey(0), image)
+  none = jnp.zeros((2, 12), bool)
+  np.testing.assert_array_equal(tower.apply(params, image, mask=none)[0],
+                                tower.apply(params, image)[0])
+  mask = jnp.asarray(rng.random((2, 12)) < 0.5).at[:, 0].set(True)
+  other = jnp.where(jnp.repeat(jnp.repeat(mask.reshape(2, 3, 4), 4, 1), 4, 2)[..., None],
+                    jnp.asarray(rng.normal(size=image.shape), jnp.float32), image)
+  np.testing.assert_allclose(tower.apply(params, image, mask=mask)[0],
+                             tower.apply(params, other, mask=mask)[0], rtol=1e-5, atol=1e-6)
+  assert not np.allclose(tower.apply(params, image, mask=mask)[0], tower.apply(params, image)[0])
+  g = jax.grad(lambda p: tower.apply(p, image, mask=mask)[0].sum())(params)
+  assert np.any(g["params"]["mask_token"])
+  with pytest.raises(ValueError, match="mask= needs a ViT with mask_token=True"):
+    vit.Model("mu/4").apply(vit.Model("mu/4").init(jax.random.PRNGKey(0), image), image,
+                            mask=mask)

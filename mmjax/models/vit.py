@@ -176,11 +176,16 @@ class ViT(nn.Module):
   act: str = "gelu"          # mmjax.nn.layers.ACTIVATIONS
   ln_eps: float = 1e-6
   patch_dropout: float = 0.0  # FLIP: at train time drop this share of patch tokens per example
+  mask_token: bool = False   # a learned 'mask_token' for masked patches (iBOT/TIPS: `mask=`)
 
   @nn.compact
-  def __call__(self, image: jax.Array, *, train: bool = False, keep: jax.Array | None = None):
+  def __call__(self, image: jax.Array, *, train: bool = False, keep: jax.Array | None = None,
+               mask: jax.Array | None = None):
     """keep: int [b, k] patch indices (row-major) to encode, the rest dropped (MAE);
-    None keeps all, except that patch_dropout > 0 draws them at train time."""
+    None keeps all, except that patch_dropout > 0 draws them at train time.
+    mask: bool [b, h * w], True where a patch's embedding is replaced by the learned mask
+    token before the position embedding is added (iBOT / TIPS masked prediction); needs
+    mask_token=True."""
     if image.ndim != 4:
       raise ValueError(f"image must be [b, H, W, C]; got shape {image.shape}")
     ph, pw = self.patch_size
@@ -190,6 +195,14 @@ class ViT(nn.Module):
     x = PatchEmbed(width, (ph, pw), use_bias=self.patch_bias, name="embedding", **kw)(image)
     b, h, w, _ = x.shape
     x = constrain(x.reshape(b, h * w, width), "batch", "seq", "embed")
+    if self.mask_token:
+      token = self.param("mask_token", nn.initializers.normal(0.02), (width,), self.param_dtype)
+      if mask is not None:
+        if mask.shape != (b, h * w):
+          raise ValueError(f"mask {mask.shape} must be [batch, patches] = {(b, h * w)}")
+        x = jnp.where(mask[..., None], token.astype(x.dtype), x)
+    elif mask is not None:
+      raise ValueError("mask= needs a ViT with mask_token=True (its learned mask token)")
 
     def add_cls(x):
       cls = self.param("cls", nn.initializers.zeros, (1, 1, width), self.param_dtype)

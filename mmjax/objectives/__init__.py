@@ -10,6 +10,6 @@ anywhere (a config file may define it): `config.loss='name'` then trains it.
 
 from mmjax.objectives.base import (Context, Objective, get, make, names, register,
                                    train_apply)
-from mmjax.objectives import catlip, coca, contrastive, mae, moco  # noqa: F401  (registers)
+from mmjax.objectives import catlip, coca, contrastive, mae, moco, siglip2  # noqa: F401  (registers)
 
 __all__ = ["Context", "Objective", "get", "make", "names", "register", "train_apply"]

@@ -81,6 +81,8 @@ class Objective:
     """The params alone (see init_variables)."""
     return self.init_variables(rng, batch)["params"]
 
+  takes_step = False   # True: grad_fn also takes step= (the state's step, int32 [])
+
   def grad_fn(self, params: Params, ema: Any, batch: dict, rng: jax.Array,
               batch_stats: Any = None) -> tuple[tuple[jax.Array, dict], Params]:
     """((loss, metrics), grads) of the global batch. batch_stats: the running statistics

@@ -124,8 +124,10 @@ def make_train_step(objective, tx: optax.GradientTransformation, *,
   def _step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     rng = jax.random.fold_in(state.rng, state.step)
     batch = images_to_float(batch, normalize)
+    # An objective whose losses change with the step (SigLIP 2's late-training ones) gets it.
+    extra = {"step": state.step} if getattr(objective, "takes_step", False) else {}
     (value, aux), grads = objective.grad_fn(state.params, state.ema, batch, rng,
-                                            batch_stats=state.batch_stats)
+                                            batch_stats=state.batch_stats, **extra)
     aux = dict(aux)
     moved = aux.pop("batch_stats", None)
     stats = state.batch_stats if state.batch_stats is None or not moved else moved
@@ -133,7 +135,11 @@ def make_train_step(objective, tx: optax.GradientTransformation, *,
     finite = jnp.isfinite(value) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    ema = objective.ema_update(state.ema, params, state.step)
+    # An objective may compute part of its EMA state in the step (SigLIP 2's teacher centers):
+    # aux['ema'], merged in before the update.
+    parts = aux.pop("ema", None)
+    ema = objective.ema_update(state.ema if parts is None else {**state.ema, **parts}, params,
+                               state.step)
     params_ema = state.params_ema
     if ema_decay:
       params_ema = jax.tree.map(

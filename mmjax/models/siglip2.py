@@ -1,0 +1,103 @@
+"""SigLIP 2's training model: SigLIP's two towers (the same params, so a trained model
+exports as a SigLIP checkpoint once the training-only parts are dropped: `EXTRA_KEYS`) plus
+LocCa's decoder, which cross-attends to the image tower's unpooled tokens, and the prototype
+heads of the late-training self-distillation (mmjax.losses.distill).
+
+  model = Siglip2(image=dict(image_fields, mask_token=True), text=..., embed_dim=...,
+                  decoder=dict(vocab_size=..., max_len=..., width=..., depth=..., mlp_dim=...,
+                               num_heads=...), prototypes=256)
+  pooled, tokens = model.apply(v, image, mask=mask, method="image_outputs")  # [b, w], [b, n, w]
+  logits = model.apply(v, dec_tokens, tokens, method="decode")               # [b, L, vocab]
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mmjax.models import coca, two_tower
+from mmjax.nn.linear import Dense
+from mmjax.numerics import l2_normalize
+
+# The params that only training uses: SigLIP's checkpoint is the rest (img/mask_token too).
+EXTRA_KEYS = ("decoder", "proto_global", "proto_patch")
+
+
+class LoccaDecoder(nn.Module):
+  """Its own token and position embeddings, then CoCa's decoder blocks (causal self-attention,
+  cross-attention to the image tokens) and vocabulary head: tokens [b, L] int, image_tokens
+  [b, n, e] -> logits [b, L, vocab_size] float32."""
+  vocab_size: int
+  max_len: int
+  width: int
+  depth: int
+  mlp_dim: int
+  num_heads: int
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  attention_impl: str = "xla"
+  act: str = "gelu"
+  ln_eps: float = 1e-6
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array, image_tokens: jax.Array, *, train: bool = False):
+    if tokens.shape[1] > self.max_len:
+      raise ValueError(f"decoder tokens {tokens.shape} longer than max_len={self.max_len}")
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    x = nn.Embed(self.vocab_size, self.width, embedding_init=nn.initializers.normal(0.02),
+                 name="token_embedding", **kw)(tokens)
+    pe = self.param("pos_embedding", nn.initializers.normal(0.01),
+                    (1, self.max_len, self.width), self.param_dtype)
+    x = x + pe[:, :tokens.shape[1]].astype(x.dtype)
+    logits, _ = coca.Decoder(self.vocab_size, self.width, self.depth, self.mlp_dim,
+                             self.num_heads, attention_impl=self.attention_impl, act=self.act,
+                             ln_eps=self.ln_eps, name="blocks", **kw)(x, image_tokens,
+                                                                     train=train)
+    return logits
+
+
+class Siglip2(two_tower.TwoTower):
+  """TwoTower plus the decoder (`decoder`: LoccaDecoder's fields) and the prototype heads
+  (`prototypes` outputs, on the pooled image and on each image token)."""
+  decoder: dict | None = None
+  prototypes: int = 256
+
+  def setup(self):
+    super().setup()
+    self.locca = LoccaDecoder(**self.decoder, dtype=self.dtype, param_dtype=self.param_dtype,
+                              name="decoder")
+    self.proto_global = Dense(self.prototypes, dtype=self.dtype, param_dtype=self.param_dtype,
+                              name="proto_global")
+    self.proto_patch = Dense(self.prototypes, dtype=self.dtype, param_dtype=self.param_dtype,
+                             name="proto_patch")
+
+  def image_outputs(self, image, *, mask: jax.Array | None = None, train: bool = False):
+    """(pooled [b, w], tokens [b, n, w]) of the image tower; mask [b, n] bool: patches replaced
+    by the tower's mask token."""
+    kwargs = {} if mask is None else {"mask": mask}
+    pooled, out = self.img(image, train=train, **kwargs)
+    return pooled, out["encoded"]
+
+  def embed_pooled(self, pooled: jax.Array) -> jax.Array:
+    """The image embedding of pooled features, as encode_image makes it: [b, w] -> [b, e]."""
+    return l2_normalize(self.img_proj(pooled))
+
+  def decode(self, tokens: jax.Array, image_tokens: jax.Array, *, train: bool = False):
+    return self.locca(tokens, image_tokens, train=train)
+
+  def prototype_logits(self, pooled: jax.Array, tokens: jax.Array):
+    """(global [b, K] float32, per patch [b, n, K] float32)."""
+    return (self.proto_global(pooled, out_dtype=jnp.float32),
+            self.proto_patch(tokens, out_dtype=jnp.float32))
+
+  def __call__(self, image, text, *, train: bool = False):
+    zimg, ztxt, out = super().__call__(image, text, train=train)
+    if image is not None and text is not None:   # init: every part is made
+      pooled, tokens = self.image_outputs(image, train=train)
+      self.prototype_logits(pooled, tokens)
+      self.decode(text[:, :self.decoder["max_len"]] % self.decoder["vocab_size"], tokens,
+                  train=train)
+    return zimg, ztxt, out

@@ -1,0 +1,155 @@
+"""SigLIP 2's objective (issue 32, in progress): the sigmoid loss + LocCa captioning from the
+start, SILC + TIPS against the EMA teacher from the switch-on step; the teacher copies the
+student before it and averages it after; exact resume across the switch-on; the two towers
+export as a SigLIP model."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests.configs import tiny_config
+from tests.test_resume import _cut_back, _losses, _rows
+
+SMALL = {"loss": "siglip2", "total_steps": 6, "checkpoint.every": 2, "checkpoint.keep": 3,
+         "siglip2.distill_fraction": 0.5, "siglip2.prototypes": 24,
+         "evaluate.probes": False}
+
+
+def test_switch_on_teacher_and_exact_resume(data_dir, tmp_path):
+  import shutil
+  from mmjax.train import loop
+  config = tiny_config(data_dir, **SMALL)
+  whole, part = tmp_path / "whole", tmp_path / "part"
+  results = loop.train(config, str(whole))
+  rows = [r for r in _rows(str(whole)) if "loss" in r]
+  on = {r["step"]: r["distill_on"] for r in rows}
+  assert on == {1: 0.0, 2: 0.0, 3: 0.0, 4: 1.0, 5: 1.0, 6: 1.0}, on   # state.step >= 3
+  for r in rows:
+    parts = r["sigmoid_loss"] + r["caption_loss"] + r["distill_on"] * (
+        r["consistency_loss"] + 0.25 * r["masked_loss"])
+    assert r["loss"] == pytest.approx(parts, rel=1e-5), r
+  assert results["zeroshot_top1"] >= 0
+  from tests.test_resume import _saved
+  state, _ = _saved(str(whole), 6)
+  ema = state["ema"]
+  assert np.any(np.asarray(ema["center_global"])) and np.any(np.asarray(ema["center_patch"]))
+  t, p = ema["teacher"]["proto_global"]["kernel"], state["params"]["proto_global"]["kernel"]
+  assert not np.allclose(t, p)   # an average of the student since the switch-on, not a copy
+  shutil.copytree(whole, part)
+  _cut_back(str(part), 2)   # before the switch-on: the resumed run switches it on itself
+  loop.train(config, str(part))
+  want, got = dict(_losses(str(whole))), dict(_losses(str(part)))
+  assert [got[s] for s in range(3, 7)] == [want[s] for s in range(3, 7)], (got, want)
+
+
+def test_teacher_copies_before_and_averages_after(data_dir):
+  from mmjax import objectives
+  from mmjax.objectives.siglip2 import TEACHER_KEYS
+  from mmjax.train import config as config_lib
+  config = tiny_config(data_dir, **SMALL)
+  config_lib.validate(config)
+  obj = objectives.make(config, objectives.Context(vocab_size=300))
+  batch = {"image": jnp.zeros((2, 32, 32, 3)), "text": jnp.ones((2, 16), jnp.int32)}
+  params = obj.init_variables(jax.random.PRNGKey(0), batch)["params"]
+  ema = obj.ema_init(params)
+  moved = jax.tree.map(lambda x: x + 1.0, params)
+  before = obj.ema_update(ema, moved, jnp.int32(2))
+  jax.tree.map(np.testing.assert_array_equal, before["teacher"],
+               {k: moved[k] for k in TEACHER_KEYS})
+  after = obj.ema_update(ema, moved, jnp.int32(3))
+  m = config.siglip2.teacher_momentum
+  jax.tree.map(lambda t, e, p: np.testing.assert_allclose(t, m * e + (1 - m) * p, rtol=1e-6,
+                                                         atol=1e-7),
+               after["teacher"], ema["teacher"], {k: moved[k] for k in TEACHER_KEYS})
+
+
+def test_the_towers_export_as_a_siglip_model(data_dir, rng):
+  """Without the training-only params, a SigLIP TwoTower gives the objective's embeddings."""
+  from mmjax import objectives
+  from mmjax.models import siglip2, two_tower
+  from mmjax.train import config as config_lib
+  config = tiny_config(data_dir, **SMALL)
+  config_lib.validate(config)
+  obj = objectives.make(config, objectives.Context(vocab_size=300))
+  image = jnp.asarray(rng.normal(size=(3, 32, 32, 3)), jnp.float32)
+  text = jnp.asarray(rng.integers(1, 300, size=(3, 16)), jnp.int32)
+  params = obj.init_variables(jax.random.PRNGKey(1), {"image": image, "text": text})["params"]
+  m = obj.model
+  plain = two_tower.TwoTower(image={k: v for k, v in m.image.items() if k != "mask_token"},
+                             text=m.text, embed_dim=m.embed_dim,
+                             temperature_init=m.temperature_init, bias_init=m.bias_init,
+                             image_proj=m.image_proj, text_proj=m.text_proj)
+  kept = {k: v for k, v in params.items() if k not in siglip2.EXTRA_KEYS}
+  kept["img"] = {k: v for k, v in kept["img"].items() if k != "mask_token"}
+  got = plain.apply({"params": kept}, image, text)
+  want = m.apply({"params": params}, image, text)
+  for g, w in zip(got[:2], want[:2]):
+    np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6)
+
+
+def test_bad_settings_are_one_line(data_dir, tmp_path):
+  from mmjax.train import loop
+  for key, bad, message in (("siglip2.mask_ratio", 1.0, r"config\.siglip2\.mask_ratio must be"),
+                            ("siglip2.local_crops", 0, r"config\.siglip2\.local_crops must be"),
+                            ("siglip2.distill_fraction", 1.5, r"distill_fraction must be")):
+    with pytest.raises(ValueError, match=message):
+      loop.train(tiny_config(data_dir, **{**SMALL, key: bad}), str(tmp_path / "r"))
+
+
+def test_local_views_are_crops_of_the_image(data_dir, rng):
+  """On a horizontal ramp, each view spans about local_crop of the ramp, at its own place."""
+  from mmjax import objectives
+  from mmjax.train import config as config_lib
+  config = tiny_config(data_dir, **SMALL)
+  config_lib.validate(config)
+  obj = objectives.make(config, objectives.Context(vocab_size=300))
+  ramp = jnp.broadcast_to(jnp.linspace(0.0, 1.0, 32)[None, None, :, None], (4, 32, 32, 3))
+  views = obj.local_views(jax.random.PRNGKey(0), ramp)
+  assert views.shape == (2, 4, 32, 32, 3)
+  spans = np.asarray(views.max((2, 3, 4)) - views.min((2, 3, 4)))
+  assert np.all(np.abs(spans - 0.5) < 0.06), spans
+  starts = np.asarray(views.min((2, 3, 4)))
+  assert len(np.unique(np.round(starts, 3))) > 1   # not all the same crop
+  down = jnp.swapaxes(ramp, 1, 2)                  # the same, vertically
+  tops = np.asarray(obj.local_views(jax.random.PRNGKey(0), down).min((2, 3, 4)))
+  assert len(np.unique(np.round(tops, 3))) > 1
+
+
+def test_distillation_reads_the_views_it_should(data_dir, rng):
+  """SILC: the student's global prototypes of the local views against the teacher's of the
+  whole image; TIPS: the student's patch prototypes with the masked patches replaced against
+  the teacher's unmasked ones, averaged over the masked patches: recomputed here through the
+  model's methods from the same random draws."""
+  from mmjax import objectives
+  from mmjax.losses import distill
+  from mmjax.train import config as config_lib
+  config = tiny_config(data_dir, **SMALL)
+  config_lib.validate(config)
+  obj = objectives.make(config, objectives.Context(vocab_size=300))
+  image = jnp.asarray(rng.normal(size=(3, 32, 32, 3)), jnp.float32)
+  text = jnp.asarray(rng.integers(1, 300, size=(3, 16)), jnp.int32)
+  params = obj.init_variables(jax.random.PRNGKey(2), {"image": image, "text": text})["params"]
+  ema = obj.ema_init(jax.tree.map(lambda x: x * 0.9, params))   # a teacher unlike the student
+  ema["center_global"] = jnp.asarray(rng.normal(size=24), jnp.float32)
+  rng_key = jax.random.PRNGKey(3)
+  got = obj.distill_losses(params, ema, image, rng_key)
+  m, s = obj.model, config.siglip2
+  r_views, r_mask, _ = jax.random.split(rng_key, 3)
+  apply = lambda p, *a, **k: m.apply({"params": p}, *a, **k)
+  teacher = {**params, **ema["teacher"]}
+  tp, tt = apply(teacher, image, method="image_outputs")
+  t_global, t_patch = apply(teacher, tp, tt, method="prototype_logits")
+  views = obj.local_views(r_views, image)
+  s_global = jnp.stack([apply(params, *apply(params, v, method="image_outputs"),
+                              method="prototype_logits")[0] for v in views])
+  temps = dict(student_temp=s.student_temp, teacher_temp=s.teacher_temp)
+  want = distill.consistency_loss(s_global, t_global, ema["center_global"], **temps)
+  np.testing.assert_allclose(got["consistency_loss"], want, rtol=1e-5)
+  mask = jax.random.uniform(r_mask, tt.shape[:2]) < s.mask_ratio
+  sp, st = apply(params, image, mask=mask, method="image_outputs")
+  s_patch = apply(params, sp, st, method="prototype_logits")[1]
+  want = distill.masked_prediction_loss(s_patch, t_patch, mask, ema["center_patch"], **temps)
+  np.testing.assert_allclose(got["masked_loss"], want, rtol=1e-5)
