@@ -33,6 +33,7 @@ LAZY_ALLOWED = {
     "sklearn": "imports scipy (~0.7 s): the digits build and the probes only",
     "matplotlib": "slow to import: the end-of-run plot only",
     "tensorboardX": "slow to import (~0.8 s): the metric writer only",
+    "webdataset": "imports torch (~1 s), a test extra: mmjax.data.scenes.write_scene_shards only",
 }
 # Function-level imports of mmjax modules that are allowed: mmjax.pallas loads
 # jax.experimental.pallas and its Mosaic / Triton lowerings, only when a Pallas impl is chosen.

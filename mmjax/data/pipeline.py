@@ -23,12 +23,13 @@ from PIL import Image
 from tensorflow_datasets.core.utils import tqdm_utils
 
 from mmjax.data import naflex as naflex_lib
-from mmjax.data import digits
+from mmjax.data import digits, scenes
 from mmjax.data.preprocess import crop_box
 
 # Datasets mmjax ships and can build offline on first use.
-_EMBEDDED = {"mmjax_digits": digits.MmjaxDigits}
-_DEFAULT_TEMPLATES = {"mmjax_digits": digits.ZEROSHOT_TEMPLATES}
+_EMBEDDED = {"mmjax_digits": digits.MmjaxDigits, "mmjax_digit_scenes": scenes.MmjaxDigitScenes}
+_DEFAULT_TEMPLATES = {"mmjax_digits": digits.ZEROSHOT_TEMPLATES,
+                      "mmjax_digit_scenes": scenes.ZEROSHOT_TEMPLATES}
 
 
 def default_templates(name: str) -> list[str] | None:
