@@ -18,6 +18,20 @@ SMALL = {"loss": "siglip2", "total_steps": 6, "checkpoint.every": 2, "checkpoint
          "evaluate.probes": False}
 
 
+def _built(data_dir, rng, seed: int):
+  """(the objective of SMALL, image [3, 32, 32, 3], text [3, 16], its initial params)."""
+  from mmjax import objectives
+  from mmjax.train import config as config_lib
+  config = tiny_config(data_dir, **SMALL)
+  config_lib.validate(config)
+  obj = objectives.make(config, objectives.Context(vocab_size=300))
+  obj.config = config
+  image = jnp.asarray(rng.normal(size=(3, 32, 32, 3)), jnp.float32)
+  text = jnp.asarray(rng.integers(1, 300, size=(3, 16)), jnp.int32)
+  params = obj.init_variables(jax.random.PRNGKey(seed), {"image": image, "text": text})["params"]
+  return obj, image, text, params
+
+
 def test_switch_on_teacher_and_exact_resume(data_dir, tmp_path):
   import shutil
   from mmjax.train import loop
@@ -68,15 +82,8 @@ def test_teacher_copies_before_and_averages_after(data_dir):
 
 def test_the_towers_export_as_a_siglip_model(data_dir, rng):
   """Without the training-only params, a SigLIP TwoTower gives the objective's embeddings."""
-  from mmjax import objectives
   from mmjax.models import siglip2, two_tower
-  from mmjax.train import config as config_lib
-  config = tiny_config(data_dir, **SMALL)
-  config_lib.validate(config)
-  obj = objectives.make(config, objectives.Context(vocab_size=300))
-  image = jnp.asarray(rng.normal(size=(3, 32, 32, 3)), jnp.float32)
-  text = jnp.asarray(rng.integers(1, 300, size=(3, 16)), jnp.int32)
-  params = obj.init_variables(jax.random.PRNGKey(1), {"image": image, "text": text})["params"]
+  obj, image, text, params = _built(data_dir, rng, seed=1)
   m = obj.model
   plain = two_tower.TwoTower(image={k: v for k, v in m.image.items() if k != "mask_token"},
                              text=m.text, embed_dim=m.embed_dim,
@@ -123,15 +130,9 @@ def test_distillation_reads_the_views_it_should(data_dir, rng):
   whole image; TIPS: the student's patch prototypes with the masked patches replaced against
   the teacher's unmasked ones, averaged over the masked patches: recomputed here through the
   model's methods from the same random draws."""
-  from mmjax import objectives
   from mmjax.losses import distill
-  from mmjax.train import config as config_lib
-  config = tiny_config(data_dir, **SMALL)
-  config_lib.validate(config)
-  obj = objectives.make(config, objectives.Context(vocab_size=300))
-  image = jnp.asarray(rng.normal(size=(3, 32, 32, 3)), jnp.float32)
-  text = jnp.asarray(rng.integers(1, 300, size=(3, 16)), jnp.int32)
-  params = obj.init_variables(jax.random.PRNGKey(2), {"image": image, "text": text})["params"]
+  obj, image, _, params = _built(data_dir, rng, seed=2)
+  config = obj.config
   ema = obj.ema_init(jax.tree.map(lambda x: x * 0.9, params))   # a teacher unlike the student
   ema["center_global"] = jnp.asarray(rng.normal(size=24), jnp.float32)
   rng_key = jax.random.PRNGKey(3)
