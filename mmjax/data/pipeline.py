@@ -205,7 +205,8 @@ class _Preprocess:
   module-level class so grain workers can pickle it."""
 
   def __init__(self, tokenizer, image_size, text_len, augment, crop_scale_min, flip,
-               image_key, text_key, label_key, views=1, caption_fields=None, naflex=None):
+               image_key, text_key, label_key, views=1, caption_fields=None, naflex=None,
+               region_fields=None, regions_key="regions"):
     self.__dict__.update(locals())
     del self.__dict__["self"]
 
@@ -230,6 +231,13 @@ class _Preprocess:
       out["image"] = self._view(image, rng)
     for key, field in (self.caption_fields or {}).items():
       out[key] = field(text)
+    if self.region_fields:
+      if self.regions_key not in ex:
+        raise ValueError(f"config.data.regions_key={self.regions_key!r}: the records have no "
+                         f"such field (theirs: {sorted(ex)})")
+      regions = _decode_text(ex[self.regions_key])
+      for key, field in self.region_fields.items():
+        out[key] = field(regions)
     if self.views == 2:
       out["image2"] = self._view(image, rng)
     if self.label_key and self.label_key in ex:
@@ -240,7 +248,7 @@ class _Preprocess:
 def make_train_iterator(source, data, *, tokenizer, global_batch_size: int, seed: int,
                         process_index: int = 0, process_count: int = 1, views: int = 1,
                         read_threads: int = 2, prefetch_batches: int = 2, caption_fields=None,
-                        naflex: tuple[int, int, bool] | None = None):
+                        naflex: tuple[int, int, bool] | None = None, region_fields=None):
   """An endless, seeded, shuffled iterator over this process's share of each global batch,
   with get_state/set_state.
 
@@ -250,6 +258,8 @@ def make_train_iterator(source, data, *, tokenizer, global_batch_size: int, seed
   batches read ahead by the read_threads. A batch may be larger than the dataset.
   caption_fields: {key: a picklable caption -> array function}: each batch gets key [b, ...]
   (an objective's Objective.caption_fields: CatLIP's multi-hot label 'targets').
+  region_fields: {key: a picklable regions-JSON -> array function}, applied to each record's
+  config.data.regions_key field (an objective's Objective.region_fields).
   naflex: (patch, max_patches, native) for a NaFlex tower: 'image' is each image's patches
   uint8 [b, max_patches, p*p*3] and 'image_grid' int32 [b, 2] (mmjax.data.naflex.train_view).
 
@@ -271,7 +281,8 @@ def make_train_iterator(source, data, *, tokenizer, global_batch_size: int, seed
     raise ValueError(f"views={views} must be 1 or 2 (1 with NaFlex batches)")
   prep = _Preprocess(tokenizer, data.image_size, data.text_len, data.augment,
                      data.crop_scale_min, data.flip, data.image_key, data.text_key,
-                     data.label_key, views, caption_fields, naflex)
+                     data.label_key, views, caption_fields, naflex, region_fields,
+                     data.regions_key)
   # Few reader threads: grain's default 16 fight XLA for the cores of a small host. The
   # elements read ahead are whole local batches (batched before to_iter_dataset), so
   # prefetch_batches counts batches (2 * local of them would be 32,768 batches of 16,384).

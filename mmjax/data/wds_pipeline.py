@@ -156,13 +156,15 @@ class Decode:
 
   def __init__(self, *, tokenizer, image_size: int, text_len: int, image_ext: str,
                text_ext: str, seed: int, augment: bool = True, crop_scale_min: float = 0.6,
-               flip: bool = False, views: int = 1, caption_fields=None, naflex=None):
+               flip: bool = False, views: int = 1, caption_fields=None, naflex=None,
+               region_fields=None, regions_ext: str = "json"):
     self.tokenizer, self.size, self.text_len = tokenizer, image_size, text_len
     self.naflex = naflex   # (patch, max_patches, native): mmjax.data.naflex.train_view
     self.image_exts, self.text_ext = _exts(image_ext, "image_ext"), _exts(text_ext, "text_ext")[0]
     self.seed, self.augment, self.scale_min, self.flip, self.views = (
         seed, augment, crop_scale_min, flip, views)
     self.caption_fields = dict(caption_fields or {})
+    self.region_fields, self.regions_ext = dict(region_fields or {}), regions_ext
 
   def _view(self, im: Image.Image, rng: np.random.Generator, draft: bool) -> np.ndarray:
     if self.augment:
@@ -211,6 +213,13 @@ class Decode:
       out["image2"] = views[1]
     for key, field in self.caption_fields.items():
       out[key] = field(text)
+    if self.region_fields:
+      if self.regions_ext not in sample:
+        return _skip("caption", f"{where}: no .{self.regions_ext} member (its regions, "
+                     "config.data.regions_ext)", sample)
+      regions = sample[self.regions_ext].decode("utf-8", "replace")
+      for key, field in self.region_fields.items():
+        out[key] = field(regions)
     return out
 
 
@@ -382,7 +391,8 @@ def stream_layout(n_shards: int, streams: int, process_count: int) -> tuple[int,
 def make_train_iterator(paths: list[str], data, *, tokenizer, global_batch_size: int,
                         seed: int, process_index: int = 0, process_count: int = 1,
                         views: int = 1, caption_fields=None,
-                        naflex: tuple[int, int, bool] | None = None) -> TrainIterator:
+                        naflex: tuple[int, int, bool] | None = None,
+                        region_fields=None) -> TrainIterator:
   """This process's share of each global batch from the shards `paths`: 'image' uint8
   [b, S, S, 3], 'text' int32 [b, L], 'image2' for views=2, and caption_fields' keys
   ({key: a picklable caption -> array function}, as mmjax.data.pipeline's); with naflex,
@@ -409,7 +419,8 @@ def make_train_iterator(paths: list[str], data, *, tokenizer, global_batch_size:
   decode = Decode(tokenizer=tokenizer, image_size=data.image_size, text_len=data.text_len,
                   image_ext=data.image_ext, text_ext=data.text_ext, seed=seed,
                   augment=data.augment, crop_scale_min=data.crop_scale_min, flip=data.flip,
-                  views=views, caption_fields=caption_fields, naflex=naflex)
+                  views=views, caption_fields=caption_fields, naflex=naflex,
+                  region_fields=region_fields, regions_ext=data.regions_ext)
   order = ShardOrder(paths, seed)
   local = streams // process_count
   parts = []

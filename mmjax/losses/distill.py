@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mmjax.numerics import check_array
 
@@ -94,13 +95,15 @@ def update_center(center: jax.Array, teacher: jax.Array, momentum: float = 0.9) 
   return momentum * center.astype(jnp.float32) + (1.0 - momentum) * jax.lax.stop_gradient(mean)
 
 
-def box_tokens(boxes: jax.Array, bins: int, offset: int) -> jax.Array:
+def box_tokens(boxes, bins: int, offset: int):
   """LocCa's boxes as text tokens: each normalised coordinate (x0, y0, x1, y1 in [0, 1]) in one
-  of `bins` equal bins, as token id offset + bin. boxes: [..., 4] float -> [..., 4] int32."""
+  of `bins` equal bins, as token id offset + bin. boxes: [..., 4] float -> [..., 4] int32 (a
+  NumPy array for NumPy boxes: the host's data workers call it too)."""
   if bins < 2:
     raise ValueError(f"bins={bins} must be at least 2")
-  b = jnp.floor(jnp.clip(jnp.asarray(boxes, jnp.float32), 0.0, 1.0) * bins)
-  return (jnp.minimum(b, bins - 1) + offset).astype(jnp.int32)
+  xp = jnp if isinstance(boxes, jax.Array) else np
+  b = xp.floor(xp.clip(xp.asarray(boxes, xp.float32), 0.0, 1.0) * bins)
+  return (xp.minimum(b, bins - 1) + offset).astype(xp.int32)
 
 
 def token_boxes(tokens: jax.Array, bins: int, offset: int) -> jax.Array:

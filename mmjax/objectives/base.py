@@ -32,13 +32,15 @@ class Context:
 
   vocab_size: the tokenizer's ids; mesh, batch_axes: where a sharded loss runs;
   converted: a converted checkpoint's model kwargs (config.init_from.checkpoint);
-  train_texts: () -> the training captions (read on demand: CatLIP builds its labels).
+  train_texts: () -> the training captions (read on demand: CatLIP builds its labels);
+  tokenizer: the run's (host-side fields that tokenize: SigLIP 2's region texts).
   """
   vocab_size: int = 0
   mesh: Mesh | None = None
   batch_axes: tuple[str, ...] = ()
   converted: dict | None = None
   train_texts: Callable[[], Iterable[str]] | None = None
+  tokenizer: Any = None
 
 
 class Objective:
@@ -94,6 +96,12 @@ class Objective:
     """[b, H, W, 3] -> [b, d] image features for the linear probe and kNN. variables:
     {'params': ...[, 'batch_stats': ...]} (TrainState.variables)."""
     raise NotImplementedError
+
+  def region_fields(self) -> dict[str, Callable[[str], np.ndarray]]:
+    """Batch fields computed on the host from each record's regions (a JSON string, the
+    record's config.data.regions_key / regions_ext): {key: regions -> array} (picklable;
+    SigLIP 2's referring expressions). Empty: the records' regions are not read."""
+    return {}
 
   def caption_fields(self) -> dict[str, Callable[[str], np.ndarray]]:
     """Batch fields computed on the host from each training caption: {key: caption -> array}

@@ -1,11 +1,16 @@
-"""SigLIP 2's recipe (issue 32, in progress): the sigmoid loss + LocCa's decoder trained on
-captioning, and, for the last `distill_fraction` of training, SILC's local-to-global
-self-distillation and TIPS' masked prediction against an EMA teacher.
+"""SigLIP 2's recipe (issue 32, in progress): the sigmoid loss + LocCa's decoder, and, for the
+last `distill_fraction` of training, SILC's local-to-global self-distillation and TIPS' masked
+prediction against an EMA teacher.
 
-Built so far: captioning (the decoder reads [CAPTION] + the caption, cross-attending to the
-image tower's unpooled tokens) and both distillation losses with their teacher. Referring
-expressions and grounded captioning (boxes as tokens: mmjax.losses.distill.box_tokens) need
-the digit scenes' regions in the batch; they come next.
+LocCa's decoder cross-attends to the image tower's unpooled tokens; its vocabulary is the
+text's, three task tokens (CAPTION, REF, GROUND) and `box_bins` box-coordinate tokens
+(mmjax.losses.distill.box_tokens). Teacher-forced, each position predicting the next token:
+  captioning           [CAPTION] caption                 -> the caption
+  referring expression [REF] region text [4 box tokens]  -> the box tokens
+  grounded captioning  [GROUND] [4 box tokens] region text -> the region text
+The regions come from the records' JSON (config.data.regions_key / regions_ext, written by
+mmjax.data.scenes), turned into fixed arrays on the host (RegionTargets); refexp_weight and
+grounded_weight 0 (the defaults) train captioning only (any image-text data).
 
 The teacher: the student's towers and prototype heads, averaged (teacher_momentum) from the
 switch-on step; before it the teacher copies the student, so it starts from the trained model.
@@ -16,9 +21,12 @@ the tower's mask token.
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from mmjax.losses import distill
 from mmjax.losses.captioning import caption_loss
@@ -27,6 +35,32 @@ from mmjax.objectives.base import Context, Objective, encoders, register, train_
 from mmjax.objectives.contrastive import loss_of
 
 TEACHER_KEYS = ("img", "proto_global", "proto_patch")   # what the teacher averages
+TASKS = ("caption", "ref", "ground")   # their tokens follow the text vocabulary, in this order
+
+
+class RegionTargets:
+  """A record's regions JSON -> int32 [max_regions, 5 + region_len]: per region its valid flag,
+  its 4 box tokens (box_tokens(box, bins, offset)) and its text's tokens (padded); the first
+  max_regions regions, the rest rows of zeros. Picklable (grain's workers run it)."""
+
+  def __init__(self, tokenizer, max_regions: int, region_len: int, bins: int, offset: int):
+    self.tok, self.max_regions, self.region_len = tokenizer, max_regions, region_len
+    self.bins, self.offset = bins, offset
+
+  def __call__(self, regions: str) -> np.ndarray:
+    try:
+      items = json.loads(regions)[:self.max_regions]
+      boxes = np.asarray([r["box"] for r in items], np.float32).reshape(-1, 4)
+      texts = [str(r["text"]) for r in items]
+    except (ValueError, KeyError, TypeError) as e:
+      raise ValueError(f"regions JSON: a list of {{'box': [x0, y0, x1, y1], 'text': ...}} "
+                       f"({type(e).__name__}: {e}); got {regions[:80]!r}") from None
+    out = np.zeros((self.max_regions, 5 + self.region_len), np.int32)
+    if items:
+      out[:len(items), 0] = 1
+      out[:len(items), 1:5] = distill.box_tokens(boxes, self.bins, self.offset)
+      out[:len(items), 5:] = self.tok.encode(texts, self.region_len)
+    return out
 
 
 @register("siglip2")
@@ -42,6 +76,11 @@ class Siglip2(Objective):
   def default_settings():
     return dict(
         caption_weight=1.0,
+        refexp_weight=0.0,        # referring expressions (> 0: the records need regions,
+        grounded_weight=0.0,      # as mmjax_digit_scenes'); grounded captioning likewise
+        max_regions=4,
+        region_len=8,             # a region text's tokens
+        box_bins=32,
         decoder_depth=2,
         decoder_max_len=ml_collections.config_dict.placeholder(int),   # None: text_len + 1
         distill_fraction=0.2,     # the last 20% of training (SigLIP 2's)
@@ -60,7 +99,8 @@ class Siglip2(Objective):
   @classmethod
   def check_config(cls, config):
     s = config.siglip2
-    for key in ("caption_weight", "consistency_weight", "masked_weight"):
+    for key in ("caption_weight", "refexp_weight", "grounded_weight", "consistency_weight",
+                "masked_weight"):
       if not s[key] >= 0:
         raise ValueError(f"config.siglip2.{key} must be >= 0; got {s[key]!r}")
     for key in ("distill_fraction", "teacher_momentum", "center_momentum"):
@@ -69,7 +109,8 @@ class Siglip2(Objective):
     for key in ("local_crop", "mask_ratio"):
       if not 0.0 < s[key] < 1.0:
         raise ValueError(f"config.siglip2.{key} must be in (0, 1); got {s[key]!r}")
-    for key in ("decoder_depth", "prototypes", "local_crops"):
+    for key in ("decoder_depth", "prototypes", "local_crops", "max_regions", "region_len",
+                "box_bins"):
       if not isinstance(s[key], int) or isinstance(s[key], bool) or s[key] < 1:
         raise ValueError(f"config.siglip2.{key} must be a positive int; got {s[key]!r}")
     if config.model.image.tower == "naflex":
@@ -80,11 +121,16 @@ class Siglip2(Objective):
     s = self.settings = config.siglip2
     base = factory.two_tower_model(config, context.vocab_size, loss="siglip")
     text = dict(base.text)
-    # The decoder's vocabulary: the text's and a task token (CAPTION).
-    self.caption_id = context.vocab_size
-    decoder = dict(vocab_size=context.vocab_size + 1,
-                   max_len=s.decoder_max_len or config.data.text_len + 1, width=text["width"],
-                   depth=s.decoder_depth, mlp_dim=text["mlp_dim"], num_heads=text["num_heads"])
+    # The decoder's vocabulary: the text's, the task tokens, the box tokens.
+    v = context.vocab_size
+    self.task_ids = {t: v + i for i, t in enumerate(TASKS)}
+    self.box_offset = v + len(TASKS)
+    self.uses_regions = s.refexp_weight > 0 or s.grounded_weight > 0
+    self.tokenizer = context.tokenizer
+    max_len = max(config.data.text_len, s.region_len + 4) + 1
+    decoder = dict(vocab_size=self.box_offset + s.box_bins, max_len=s.decoder_max_len or max_len,
+                   width=text["width"], depth=s.decoder_depth, mlp_dim=text["mlp_dim"],
+                   num_heads=text["num_heads"])
     self.model = siglip2.Siglip2(
         image=dict(base.image, mask_token=True), text=text, embed_dim=base.embed_dim,
         temperature_init=base.temperature_init, bias_init=base.bias_init,
@@ -94,6 +140,37 @@ class Siglip2(Objective):
                            axes=context.batch_axes)
     self.pad_id = text.get("pad_id", 0)
     self.start = int(round((1.0 - s.distill_fraction) * config.total_steps))
+
+  @property
+  def batch_keys(self):
+    return ("image", "text", "regions") if self.uses_regions else ("image", "text")
+
+  def region_fields(self):
+    if not self.uses_regions:
+      return {}
+    if self.tokenizer is None:
+      raise ValueError("config.loss='siglip2' with region losses needs the run's tokenizer "
+                       "(objectives.Context.tokenizer)")
+    s = self.settings
+    return {"regions": RegionTargets(self.tokenizer, s.max_regions, s.region_len, s.box_bins,
+                                     self.box_offset)}
+
+  def region_sequences(self, regions: jax.Array) -> dict:
+    """regions [b, R, 5 + Lr] (RegionTargets') -> {'ref', 'ground'}: (inputs [b * R, Lr + 4],
+    labels [b * R, Lr + 4]), labels the pad id except at the targets (the box tokens; the
+    region text's tokens) of valid regions."""
+    b, r, _ = regions.shape
+    regions = regions.reshape(b * r, -1)
+    valid, box, words = regions[:, :1] > 0, regions[:, 1:5], regions[:, 5:]
+    task = lambda name: jnp.full((b * r, 1), self.task_ids[name], regions.dtype)
+    pad = lambda x: jnp.full_like(x, self.pad_id)
+    ref = jnp.concatenate([task("ref"), words, box], 1)
+    ref_target = jnp.concatenate([pad(words), box], 1)
+    ground = jnp.concatenate([task("ground"), box, words], 1)
+    ground_target = jnp.concatenate([pad(box[:, :-1]), words, pad(box[:, :1])], 1)
+    keep = lambda labels: jnp.where(valid, labels, self.pad_id)
+    return {"ref": (ref[:, :-1], keep(ref_target)),
+            "ground": (ground[:, :-1], keep(ground_target[:, :ground.shape[1] - 1]))}
 
   def init_variables(self, rng, batch):
     return self.model.init(rng, batch["image"], batch["text"])
@@ -115,7 +192,7 @@ class Siglip2(Objective):
     """(decoder input [b, L + 1]: CAPTION then the caption, labels [b, L + 1]: the caption
     then a pad): teacher forcing, each position predicting the next token."""
     b = text.shape[0]
-    task = jnp.full((b, 1), self.caption_id, text.dtype)
+    task = jnp.full((b, 1), self.task_ids["caption"], text.dtype)
     pad = jnp.full((b, 1), self.pad_id, text.dtype)
     return jnp.concatenate([task, text], 1), jnp.concatenate([text, pad], 1)
 
@@ -172,11 +249,20 @@ class Siglip2(Objective):
     inputs, labels = self.caption_inputs(text)
     logits = model.apply({"params": params}, inputs, tokens, method="decode")
     parts["caption_loss"] = caption_loss(logits, labels, pad_id=self.pad_id)
+    total_locca = s.caption_weight * parts["caption_loss"]
+    if self.uses_regions:
+      r = batch["regions"].shape[1]
+      per_region = jnp.repeat(tokens, r, axis=0)              # [b * R, n, w]
+      for name, weight in (("ref", s.refexp_weight), ("ground", s.grounded_weight)):
+        inputs, labels = self.region_sequences(batch["regions"])[name]
+        logits = model.apply({"params": params}, inputs, per_region, method="decode")
+        parts[f"{name}_loss"] = caption_loss(logits, labels, pad_id=self.pad_id)
+        total_locca = total_locca + weight * parts[f"{name}_loss"]
     d = self.distill_losses(params, ema, image, r_distill)
     on = (step >= self.start).astype(jnp.float32)
     parts.update(consistency_loss=d["consistency_loss"], masked_loss=d["masked_loss"],
                  distill_on=on)
-    total = (parts["sigmoid_loss"] + s.caption_weight * parts["caption_loss"]
+    total = (parts["sigmoid_loss"] + total_locca
              + on * (s.consistency_weight * d["consistency_loss"]
                      + s.masked_weight * d["masked_loss"]))
     centers = {k: jnp.where(on > 0, d[k], ema[k]) for k in ("center_global", "center_patch")}

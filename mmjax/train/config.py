@@ -82,6 +82,11 @@ def _data_defaults() -> ml_collections.ConfigDict:
       # tokens, at most max_per_seq a row (NaViT's patch n' pack); too many patches: the
       # largest images shrink. Evaluation: one image a row of eval_max_patches (None:
       # max_patches). image_size is not used.
+      # Per-region annotations an objective reads (SigLIP 2's referring expressions): a JSON
+      # list of {'box': [x0, y0, x1, y1] in [0, 1], 'text': ...} per record, the TFDS feature
+      # regions_key or the webdataset member regions_ext (mmjax.data.scenes writes both).
+      regions_key="regions",
+      regions_ext="json",
       naflex=dict(mode=placeholder(str), max_patches=256, seq_len=1024, rows=0,
                   max_per_seq=8, eval_max_patches=placeholder(int)),
   ))

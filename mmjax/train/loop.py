@@ -379,7 +379,7 @@ def build(config: ml_collections.ConfigDict, *, validate: bool = True) -> Run:
   objective = objectives.make(config, objectives.Context(
       vocab_size=tok.vocab_size, mesh=mesh, batch_axes=sharding.batch_axes(mesh),
       converted=None if ckpt is None else ckpt.config,
-      train_texts=lambda: pipeline.iter_texts(train_src, config.data.text_key)))
+      train_texts=lambda: pipeline.iter_texts(train_src, config.data.text_key), tokenizer=tok))
   normalize = None if ckpt is None else (ckpt.preprocess.mean, ckpt.preprocess.std)
   rng = jax.random.PRNGKey(config.seed)
   # The model's init is traced once, for shapes: the frozen labels and the state's shardings.
@@ -406,7 +406,8 @@ def build(config: ml_collections.ConfigDict, *, validate: bool = True) -> Run:
   data_iter = source.train_iterator(
       config.data, tokenizer=tok, global_batch_size=config.batch_size, seed=config.seed,
       process_index=jax.process_index(), process_count=jax.process_count(), views=views,
-      caption_fields=objective.caption_fields(), **({"naflex": nf.view} if nf else {}))
+      caption_fields=objective.caption_fields(), **({"naflex": nf.view} if nf else {}),
+      **({"region_fields": objective.region_fields()} if objective.region_fields() else {}))
   if nf:
     data_iter = NaflexIterator(data_iter, nf.batches)
   prep = nf.prep if nf else None if ckpt is None else ckpt.preprocess
