@@ -202,11 +202,39 @@ def test_full_recipe_trains_on_digit_scenes(data_dir, tmp_path):
   config = tiny_config(data_dir, **{**SMALL, "data.name": "mmjax_digit_scenes",
                                     "data.augment": False, "total_steps": 20,
                                     "siglip2.refexp_weight": 1.0, "siglip2.grounded_weight": 1.0,
+                                    "evaluate.probes": True, "evaluate.probe_train_examples": 200,
+                                    "evaluate.probe_shots": (),
                                     "checkpoint.every": 20, "siglip2.distill_fraction": 0.25})
-  loop.train(config, str(tmp_path / "run"))
+  results = loop.train(config, str(tmp_path / "run"))
+  assert 0.0 <= results["refexp_acc"] <= 1.0 and 0.0 < results["dense_probe_top1"] <= 1.0
   rows = [r for r in _rows(str(tmp_path / "run")) if "loss" in r]
   for key in ("ref_loss", "ground_loss", "caption_loss", "consistency_loss", "masked_loss"):
     values = [r[key] for r in rows]
     assert np.all(np.isfinite(values)), (key, values)
   for key in ("ref_loss", "ground_loss"):
     assert np.mean([r[key] for r in rows[-4:]]) < np.mean([r[key] for r in rows[:4]]), key
+
+
+def test_refexp_accuracy_and_patch_labels():
+  """refexp_acc counts a region right when the predicted box overlaps the true one with IoU
+  >= 0.5, over valid regions only; PatchLabels reads the class at each patch's centre."""
+  from mmjax.evaluate import evaluators
+  from mmjax.evaluate.streaming import Embedded, Split
+  from mmjax.objectives.siglip2 import PatchLabels
+  bins, offset = 10, 100
+  regions = np.zeros((2, 3, 9), np.int32)
+  regions[:, :2, 0] = 1
+  regions[:, :, 1:5] = offset + np.array([1, 1, 5, 5])            # the true boxes
+  shift = {(0, 0): 0, (0, 1): 1, (1, 0): 3, (1, 1): 0}            # box tokens moved by this
+  pred = regions[..., 1:5].copy()
+  for (i, j), d in shift.items():
+    pred[i, j] += d
+  pred[:, 2] = offset   # an invalid region, predicted wrong: not counted
+  split = Split.from_arrays({"image": np.zeros((2, 4, 4, 3), np.float32), "regions": regions})
+  fn = lambda v, batch: pred[: len(batch["regions"])]
+  got = evaluators.Refexp(Embedded(split, fn, 2, key=None), bins, offset).run(None)
+  # shift 1 of a 4-bin box: IoU 9/16 + ... = (3*3)/(4*4+4*4-9) ~ 0.39 < 0.5; 3 bins: 0.
+  assert got == {"refexp_acc": 0.5}, got
+  m = np.zeros((6, 9), np.uint8)
+  m[0:3, 6:9] = 4
+  assert list(PatchLabels(2)({"class_map": m})) == [0, 4, 0, 0]

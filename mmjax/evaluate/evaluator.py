@@ -33,7 +33,7 @@ from mmjax.evaluate.streaming import Split
 # An entry's own evaluation set (any type): its spec, split and first N examples.
 DATASET_KEYS = ("dataset", "split", "limit")
 # The standard set, in the order its metrics are computed.
-STANDARD = ("probe", "zeroshot", "retrieval", "captioning", "rerank")
+STANDARD = ("probe", "zeroshot", "retrieval", "captioning", "rerank", "refexp", "dense_probe")
 _OPTION_DEFAULTS = dict(batch_size=256, retrieval_match="pair", knn_k=20, probe_shots=(),
                         templates=None)
 

@@ -1,5 +1,5 @@
 """The evaluators, registered by name (big_vision's `config.evals` types): zeroshot,
-retrieval, probe, captioning and rerank.
+retrieval, probe, captioning, rerank, refexp and dense_probe.
 
 Each is a small class with `run(variables) -> {metric: float}`, built from the objective's
 hooks and the data by `build(inputs, settings)` (which raises NotApplicable when the
@@ -17,6 +17,7 @@ import jax
 import numpy as np
 
 from mmjax.evaluate.captioning import class_word_match, corpus_bleu
+from mmjax.losses.distill import box_iou, token_boxes
 from mmjax.evaluate.probe import knn_accuracy, linear_probe_accuracy, softmax_regression_accuracy
 from mmjax.evaluate.retrieval import rerank_recall, retrieval_recall
 from mmjax.evaluate.streaming import Embedded, Memo, Split, Texts, caption_ids
@@ -78,12 +79,13 @@ class Inputs:
       self._jitted[fn] = jax.jit(fn)
     return self._jitted[fn]
 
-  def embedded(self, split: Split, fn: Callable, batch_size: int) -> Embedded:
-    """One Embedded per (split, fn, batch size): evaluators that read the same one share
-    its outputs within a round."""
-    key = (id(split), fn, batch_size)
+  def embedded(self, split: Split, fn: Callable, batch_size: int,
+               field: str | None = "image") -> Embedded:
+    """One Embedded per (split, fn, batch size, field): evaluators that read the same one
+    share its outputs within a round. field None: fn reads the whole batch."""
+    key = (id(split), fn, batch_size, field)
     if key not in self._embedded:
-      self._embedded[key] = Embedded(split, fn, batch_size, memo=self.memo)
+      self._embedded[key] = Embedded(split, fn, batch_size, key=field, memo=self.memo)
     return self._embedded[key]
 
   def image_embeddings(self, batch_size: int) -> Embedded:
@@ -359,3 +361,66 @@ class Rerank:
 
     recall = rerank_recall(p.img @ p.txt.T, score, k=self.k, match=p.match)
     return {f"itm_retrieval_{k}": v for k, v in recall.items()}
+
+
+@register("refexp")
+class Refexp:
+  """refexp_acc: the share of the eval images' regions whose box, predicted from the region's
+  text by the objective (refexp_predictor: greedy box tokens), overlaps the true one with IoU
+  >= 0.5 (LocCa's referring-expression accuracy). Needs the split's 'regions' (an objective's
+  eval_fields: [R, 5 + Lr] valid, box tokens, text) and the objective's box_bins."""
+  options = ("batch_size",)
+
+  def __init__(self, predicted: Embedded, bins: int, offset: int):
+    self.predicted, self.bins, self.offset = predicted, bins, offset
+
+  @classmethod
+  def build(cls, inputs: Inputs, s: dict) -> "Refexp":
+    hook = getattr(inputs.objective, "refexp_predictor", lambda: None)()
+    if hook is None:
+      raise NotApplicable("the objective predicts no boxes (refexp_predictor() is None)")
+    if "regions" not in inputs.eval_split.fields:
+      raise NotApplicable("referring expressions need regions and the split has none")
+    fn, bins, offset = hook
+    return cls(inputs.embedded(inputs.eval_split, inputs.jit(fn), s["batch_size"], None), bins,
+               offset)
+
+  def run(self, variables) -> dict[str, float]:
+    pred, fields = self.predicted.all(variables)             # [n, R, 4] box tokens
+    regions = np.asarray(fields["regions"])
+    valid = regions[..., 0] > 0
+    if not valid.any():
+      raise ValueError("refexp: the evaluation split has no regions")
+    iou = np.asarray(box_iou(token_boxes(pred, self.bins, self.offset),
+                             token_boxes(regions[..., 1:5], self.bins, self.offset)))
+    return {"refexp_acc": float(np.mean(iou[valid] >= 0.5))}
+
+
+@register("dense_probe")
+class DenseProbe:
+  """dense_probe_top1: a linear probe of each patch token's class (the split's 'patch_labels'
+  [n_patches] int, an objective's eval_fields: the class at the patch's centre, 0 background)
+  on the frozen patch features (the objective's patch_features), fit on the probe split's
+  patches, tested on the eval split's."""
+  options = ("batch_size",)
+
+  def __init__(self, train: Embedded, test: Embedded):
+    self.train, self.test = train, test
+
+  @classmethod
+  def build(cls, inputs: Inputs, s: dict) -> "DenseProbe":
+    fn = getattr(inputs.objective, "patch_features", lambda: None)()
+    if fn is None:
+      raise NotApplicable("the objective gives no patch features (patch_features() is None)")
+    splits = (inputs.probe_split, inputs.eval_split)
+    if any(sp is None or "patch_labels" not in sp.fields for sp in splits):
+      raise NotApplicable("the dense probe needs patch labels in the probe and eval splits")
+    fn = inputs.jit(fn)
+    return cls(*(inputs.embedded(sp, fn, s["batch_size"]) for sp in splits))
+
+  def run(self, variables) -> dict[str, float]:
+    (tx, tr), (ex, te) = self.train.all(variables), self.test.all(variables)
+    flat = lambda x: x.reshape(-1, x.shape[-1])
+    return {"dense_probe_top1": linear_probe_accuracy(
+        flat(tx), np.asarray(tr["patch_labels"]).reshape(-1), flat(ex),
+        np.asarray(te["patch_labels"]).reshape(-1))}

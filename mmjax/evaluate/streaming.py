@@ -118,7 +118,7 @@ class Memo:
 
 class Embedded:
   """A split through fn(variables, x [b, ...]) -> [b, ...] (jitted by the caller), x its
-  batches' `key` field.
+  batches' `key` field (key None: the whole batch, a dict, 'valid' left out).
 
   stream(variables) yields (out [v, ...], fields) per batch, the valid rows only, fields the
   batch's other keys; all(variables) gives them concatenated over the split, once per round
@@ -133,7 +133,8 @@ class Embedded:
   def _compute(self, variables) -> Iterator[tuple[np.ndarray, dict]]:
     for batch in self.split.batches(self.batch_size):
       valid = np.asarray(batch["valid"], bool)
-      out = np.asarray(self.fn(variables, batch[self.key]))[valid]
+      x = batch[self.key] if self.key else {k: v for k, v in batch.items() if k != "valid"}
+      out = np.asarray(self.fn(variables, x))[valid]
       yield out, {k: _rows(v, valid) for k, v in batch.items() if k not in (self.key, "valid")}
 
   def stream(self, variables) -> Iterator[tuple[np.ndarray, dict]]:

@@ -97,6 +97,13 @@ class Objective:
     {'params': ...[, 'batch_stats': ...]} (TrainState.variables)."""
     raise NotImplementedError
 
+  def eval_fields(self) -> dict[str, Callable[[dict], np.ndarray]]:
+    """Evaluation-split fields computed on the host from each whole record (its decoded
+    features): {key: record -> array}, each function naming the record keys it reads in its
+    `reads` attribute; added to the eval and probe splits when the records have them (SigLIP
+    2's regions and per-patch labels). Empty: none."""
+    return {}
+
   def region_fields(self) -> dict[str, Callable[[str], np.ndarray]]:
     """Batch fields computed on the host from each record's regions (a JSON string, the
     record's config.data.regions_key / regions_ext): {key: regions -> array} (picklable;

@@ -63,6 +63,32 @@ class RegionTargets:
     return out
 
 
+class RecordRegions:
+  """A record's regions feature -> RegionTargets' array (an eval field: `reads` it)."""
+
+  def __init__(self, targets: RegionTargets, key: str):
+    self.targets, self.key, self.reads = targets, key, (key,)
+
+  def __call__(self, record: dict) -> np.ndarray:
+    raw = record[self.key]
+    return self.targets(raw.decode() if isinstance(raw, bytes) else str(raw))
+
+
+class PatchLabels:
+  """A record's class map [H, W] -> int32 [grid * grid]: the class at each patch's centre
+  once the map is squashed to the image's size, as the image is (row-major patches)."""
+  reads = ("class_map",)
+
+  def __init__(self, grid: int):
+    self.grid = grid
+
+  def __call__(self, record: dict) -> np.ndarray:
+    m = np.asarray(record["class_map"])
+    h, w = m.shape[:2]
+    centre = lambda n, size: ((np.arange(n) + 0.5) * size / n).astype(int)
+    return m[np.ix_(centre(self.grid, h), centre(self.grid, w))].reshape(-1).astype(np.int32)
+
+
 @register("siglip2")
 class Siglip2(Objective):
   """config.siglip2: sigmoid loss + caption_weight x the decoder's caption loss; from step
@@ -127,6 +153,8 @@ class Siglip2(Objective):
     self.box_offset = v + len(TASKS)
     self.uses_regions = s.refexp_weight > 0 or s.grounded_weight > 0
     self.tokenizer = context.tokenizer
+    self.regions_key = config.data.regions_key
+    self.grid = config.data.image_size // int(base.image["patch_size"][0])
     max_len = max(config.data.text_len, s.region_len + 4) + 1
     decoder = dict(vocab_size=self.box_offset + s.box_bins, max_len=s.decoder_max_len or max_len,
                    width=text["width"], depth=s.decoder_depth, mlp_dim=text["mlp_dim"],
@@ -154,6 +182,40 @@ class Siglip2(Objective):
     s = self.settings
     return {"regions": RegionTargets(self.tokenizer, s.max_regions, s.region_len, s.box_bins,
                                      self.box_offset)}
+
+  def eval_fields(self):
+    """'patch_labels' (the dense probe's) from records with a class map, 'regions' (the
+    referring expressions') from records with regions, when the region tasks are trained."""
+    out = {"patch_labels": PatchLabels(self.grid)}
+    if self.uses_regions and self.tokenizer is not None:
+      out["regions"] = RecordRegions(self.region_fields()["regions"], self.regions_key)
+    return out
+
+  def patch_features(self):
+    """(variables, image) -> the image tower's patch tokens [b, n, w] (the dense probe's)."""
+    return lambda v, image: self.model.apply(v, image, method="image_outputs")[1]
+
+  def refexp_predictor(self):
+    """(fn(variables, {'image', 'regions'}) -> box tokens [b, R, 4], bins, offset): each
+    region's box decoded greedily from [REF] + its text, among the box tokens."""
+    if not self.uses_regions:
+      return None
+    s, model = self.settings, self.model
+    lo, hi = self.box_offset, self.box_offset + s.box_bins
+
+    def predict(variables, image, regions):
+      _, tokens = model.apply(variables, image, method="image_outputs")
+      b, r, _ = regions.shape
+      per_region = jnp.repeat(tokens, r, axis=0)
+      rows = regions.reshape(b * r, -1)
+      seq = jnp.concatenate([jnp.full((b * r, 1), self.task_ids["ref"], rows.dtype),
+                             rows[:, 5:]], 1)
+      for _ in range(4):
+        logits = model.apply(variables, seq, per_region, method="decode")[:, -1, lo:hi]
+        seq = jnp.concatenate([seq, (jnp.argmax(logits, -1) + lo)[:, None].astype(seq.dtype)], 1)
+      return seq[:, -4:].reshape(b, r, 4)
+
+    return (lambda v, batch: predict(v, batch["image"], batch["regions"])), s.box_bins, lo
 
   def region_sequences(self, regions: jax.Array) -> dict:
     """regions [b, R, 5 + Lr] (RegionTargets') -> {'ref', 'ground'}: (inputs [b * R, Lr + 4],

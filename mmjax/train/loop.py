@@ -260,10 +260,19 @@ def _check_labels(config, source) -> None:
 def _make_evaluator(config, objective, source, train_src, tok, prep=None) -> Evaluator:
   """prep: a converted checkpoint's ImagePrep (its eval resize, crop and normalisation)."""
   d, e = config.data, config.evaluate
-  arrays = lambda src: pipeline.make_eval_arrays(src, d, tokenizer=tok, lazy_images=True,
-                                                 prep=prep)
+  extra = objective.eval_fields()
+
+  def arrays(src):
+    out = pipeline.make_eval_arrays(src, d, tokenizer=tok, lazy_images=True, prep=prep)
+    # Each field reads the record keys it names (`reads`); records without them get none.
+    if extra and len(src) and all(k in src[0] for fn in extra.values() for k in fn.reads):
+      out.update({k: np.stack([fn(src[i]) for i in range(len(src))]) for k, fn in extra.items()})
+    return out
+
   probe_arrays = None
-  if evaluator_lib.wants(config.evals, e, "probe") and d.label_key:
+  wants_probe = evaluator_lib.wants(config.evals, e, "probe") or (
+      extra and evaluator_lib.wants(config.evals, e, "dense_probe"))
+  if wants_probe and d.label_key:
     probe_arrays = arrays(_first(train_src, e.probe_train_examples))
   zeroshot = None
   names = source.class_names(d.label_key)
