@@ -85,6 +85,15 @@ class Siglip2(two_tower.TwoTower):
     """The image embedding of pooled features, as encode_image makes it: [b, w] -> [b, e]."""
     return l2_normalize(self.img_proj(pooled))
 
+  def train_outputs(self, image, text, *, train: bool = False):
+    """(zimg, ztxt, out) as __call__ gives them, and the image tokens [b, n, w]: the image
+    tower run once for the sigmoid loss and the decoder."""
+    pooled, tokens = self.image_outputs(image, train=train)
+    out = {"scale": jnp.exp(self.t)}
+    if self.bias_init is not None:
+      out["bias"] = self.b
+    return self.embed_pooled(pooled), self.encode_text(text, train=train), out, tokens
+
   def decode(self, tokens: jax.Array, image_tokens: jax.Array, *, train: bool = False):
     return self.locca(tokens, image_tokens, train=train)
 

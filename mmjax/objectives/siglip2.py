@@ -31,7 +31,7 @@ import numpy as np
 from mmjax.losses import distill
 from mmjax.losses.captioning import caption_loss
 from mmjax.models import factory, siglip2
-from mmjax.objectives.base import Context, Objective, encoders, register, train_apply
+from mmjax.objectives.base import Context, Objective, encoders, register
 from mmjax.objectives.contrastive import loss_of
 
 TEACHER_KEYS = ("img", "proto_global", "proto_patch")   # what the teacher averages
@@ -305,9 +305,9 @@ class Siglip2(Objective):
     s, model = self.settings, self.model
     r_drop, r_distill = jax.random.split(rng)
     image, text = batch["image"], batch["text"]
-    (zimg, ztxt, out), _ = train_apply(model, params, image, text, rngs={"dropout": r_drop})
+    zimg, ztxt, out, tokens = model.apply({"params": params}, image, text, train=True,
+                                          rngs={"dropout": r_drop}, method="train_outputs")
     parts = {"sigmoid_loss": self.sigmoid(zimg, ztxt, out)}
-    _, tokens = model.apply({"params": params}, image, method="image_outputs")
     inputs, labels = self.caption_inputs(text)
     logits = model.apply({"params": params}, inputs, tokens, method="decode")
     parts["caption_loss"] = caption_loss(logits, labels, pad_id=self.pad_id)
@@ -320,8 +320,12 @@ class Siglip2(Objective):
         logits = model.apply({"params": params}, inputs, per_region, method="decode")
         parts[f"{name}_loss"] = caption_loss(logits, labels, pad_id=self.pad_id)
         total_locca = total_locca + weight * parts[f"{name}_loss"]
-    d = self.distill_losses(params, ema, image, r_distill)
     on = (step >= self.start).astype(jnp.float32)
+    # Before the switch-on the distillation is not computed at all (most of training).
+    off = {"consistency_loss": jnp.zeros(()), "masked_loss": jnp.zeros(()),
+           "center_global": ema["center_global"], "center_patch": ema["center_patch"]}
+    d = jax.lax.cond(step >= self.start,
+                     lambda: self.distill_losses(params, ema, image, r_distill), lambda: off)
     parts.update(consistency_loss=d["consistency_loss"], masked_loss=d["masked_loss"],
                  distill_on=on)
     total = (parts["sigmoid_loss"] + total_locca
