@@ -238,3 +238,16 @@ def test_refexp_accuracy_and_patch_labels():
   m = np.zeros((6, 9), np.uint8)
   m[0:3, 6:9] = 4
   assert list(PatchLabels(2)({"class_map": m})) == [0, 4, 0, 0]
+
+
+def test_the_recipe_configs_validate():
+  """experiments/configs/siglip_scenes.py and siglip2_scenes.py differ in the objective only."""
+  from experiments.configs import siglip2_scenes, siglip_scenes
+  from mmjax.train import config as config_lib
+  a, b = siglip_scenes.get_config(), siglip2_scenes.get_config()
+  for c in (a, b):
+    config_lib.validate(c)
+  assert (a.loss, b.loss) == ("siglip", "siglip2")
+  same = ("batch_size", "total_steps", "data", "model", "evaluate", "optim")
+  assert all(a[k].to_dict() == b[k].to_dict() if hasattr(a[k], "to_dict") else a[k] == b[k]
+             for k in same)
