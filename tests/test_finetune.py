@@ -2,6 +2,7 @@
 AdamW step times factors derived from the parameter paths; weight EMA (config.ema_decay)
 against a float64 NumPy walk."""
 
+import functools
 import re
 
 import jax
@@ -32,6 +33,7 @@ RESNET_DEPTH = {
 RESNET_BLOCKS = 15
 
 
+@functools.lru_cache(maxsize=None)   # one init per tower for the tests that share it
 def _params(tower: str):
   """tower: 'vit', 'vit_scan' (DEPTH blocks) or 'resnet' (RESNET_LAYERS) image tower."""
   over = {"model.scan": tower == "vit_scan", "model.image.depth": DEPTH["img"],
@@ -42,7 +44,8 @@ def _params(tower: str):
                  "model.image.num_heads": 2})
   c = tiny_config("/unused", **over)
   model = factory.two_tower_model(c, 100, loss="siglip")
-  v = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), jnp.zeros((1, 16), jnp.int32))
+  v = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)),
+                          jnp.zeros((1, 16), jnp.int32))
   return c, v["params"]
 
 
