@@ -104,6 +104,10 @@ def test_bad_settings_are_one_line(data_dir, tmp_path):
                             ("siglip2.distill_fraction", 1.5, r"distill_fraction must be")):
     with pytest.raises(ValueError, match=message):
       loop.train(tiny_config(data_dir, **{**SMALL, key: bad}), str(tmp_path / "r"))
+  resnet = {"model.image.variant": None, "model.image.layers": (1, 1, 1, 1),
+            "model.image.width": 8, "model.image.num_heads": 2}
+  with pytest.raises(ValueError, match=r"siglip2' needs a ViT image tower .* 'resnet'"):
+    loop.train(tiny_config(data_dir, **{**SMALL, **resnet}), str(tmp_path / "r"))
 
 
 def test_local_views_are_crops_of_the_image(data_dir, rng):

@@ -30,7 +30,7 @@ import numpy as np
 
 from mmjax.losses import distill
 from mmjax.losses.captioning import caption_loss
-from mmjax.models import factory, siglip2
+from mmjax.models import factory, image as image_lib, siglip2
 from mmjax.objectives.base import Context, Objective, encoders, register
 from mmjax.objectives.contrastive import loss_of
 
@@ -146,6 +146,9 @@ class Siglip2(Objective):
   def __init__(self, config: ml_collections.ConfigDict, context: Context):
     s = self.settings = config.siglip2
     base = factory.two_tower_model(config, context.vocab_size, loss="siglip")
+    if image_lib.kind(base.image).name != "vit":
+      raise ValueError(f"config.loss='siglip2' needs a ViT image tower (its patch tokens and "
+                       f"mask token); config.model.image is a {image_lib.kind(base.image).name!r}")
     text = dict(base.text)
     # The decoder's vocabulary: the text's, the task tokens, the box tokens.
     v = context.vocab_size
