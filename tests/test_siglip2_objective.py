@@ -221,10 +221,9 @@ def test_full_recipe_trains_on_digit_scenes(data_dir, tmp_path):
 
 def test_refexp_accuracy_and_patch_labels():
   """refexp_acc counts a region right when the predicted box overlaps the true one with IoU
-  >= 0.5, over valid regions only; PatchLabels reads the class at each patch's centre."""
+  >= 0.5, over valid regions only."""
   from mmjax.evaluate import evaluators
   from mmjax.evaluate.streaming import Embedded, Split
-  from mmjax.objectives.siglip2 import PatchLabels
   bins, offset = 10, 100
   regions = np.zeros((2, 3, 9), np.int32)
   regions[:, :2, 0] = 1
@@ -239,9 +238,6 @@ def test_refexp_accuracy_and_patch_labels():
   got = evaluators.Refexp(Embedded(split, fn, 2, key=None), bins, offset).run(None)
   # shift 1 of a 4-bin box: IoU 9/16 + ... = (3*3)/(4*4+4*4-9) ~ 0.39 < 0.5; 3 bins: 0.
   assert got == {"refexp_acc": 0.5}, got
-  m = np.zeros((6, 9), np.uint8)
-  m[0:3, 6:9] = 4
-  assert list(PatchLabels(2)({"class_map": m})) == [0, 4, 0, 0]
 
 
 def test_the_recipe_configs_validate():

@@ -24,6 +24,7 @@ from tensorflow_datasets.core.utils import tqdm_utils
 
 from mmjax.data import naflex as naflex_lib
 from mmjax.data import digits, scenes
+from mmjax.data import regions as region_lib
 from mmjax.data.preprocess import crop_box
 
 # Datasets mmjax ships and can build offline on first use.
@@ -356,13 +357,22 @@ def make_eval_arrays(source, data, *, tokenizer, normalize: tuple | None = None,
   prep: a converted checkpoint's `ImagePrep` (its resize, crop and normalisation, as
   experiments.evaluate applies them) in place of the square resize and `normalize`.
 
-  data: config.data (image_size, text_len, image_key, text_key, label_key).
+  'region_boxes' float64 [n, 16, 5] (mmjax.data.regions.region_boxes) if every example has
+  regions (config.data.regions_key: the dense probe's patch labels).
+
+  data: config.data (image_size, text_len, image_key, text_key, label_key, regions_key).
   """
   image_size, text_len = data.image_size, data.text_len
   image_key, text_key, label_key = data.image_key, data.text_key, data.label_key
-  texts, labels, missing = [], [], None
+  regions_key = data.get("regions_key") or None
+  texts, labels, missing, boxes = [], [], None, []
   for i in range(len(source)):
     ex = _meta(source, i)
+    if regions_key in ex:
+      try:
+        boxes.append(region_lib.region_boxes(ex[regions_key]))
+      except ValueError as e:
+        raise ValueError(f"{_where(source, i)}: {regions_key!r}: {e}") from None
     if text_key in ex:
       texts.append(_decode_text(ex[text_key]))
     elif missing is None:
@@ -381,4 +391,6 @@ def make_eval_arrays(source, data, *, tokenizer, normalize: tuple | None = None,
     out["text"] = tokenizer.encode(texts, text_len)
   if labels:
     out["label"] = np.asarray(labels, np.int32)
+  if boxes and len(boxes) == len(source):
+    out["region_boxes"] = np.stack(boxes)
   return out

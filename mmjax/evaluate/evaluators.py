@@ -11,14 +11,17 @@ take; the evaluators pass it through untouched.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import numpy as np
 
+from mmjax.data import regions as region_lib
 from mmjax.evaluate.captioning import class_word_match, corpus_bleu
 from mmjax.losses.distill import box_iou, token_boxes
-from mmjax.evaluate.probe import knn_accuracy, linear_probe_accuracy, softmax_regression_accuracy
+from mmjax.evaluate.probe import (knn_accuracy, linear_probe_accuracy, linear_probe_predict,
+                                  softmax_regression_accuracy)
 from mmjax.evaluate.retrieval import rerank_recall, retrieval_recall
 from mmjax.evaluate.streaming import Embedded, Memo, Split, Texts, caption_ids
 from mmjax.evaluate.zeroshot import ZeroShotCounts, class_embeddings
@@ -398,10 +401,12 @@ class Refexp:
 
 @register("dense_probe")
 class DenseProbe:
-  """dense_probe_top1: a linear probe of each patch token's class (the split's 'patch_labels'
-  [n_patches] int, an objective's eval_fields: the class at the patch's centre, 0 background)
-  on the frozen patch features (the objective's patch_features), fit on the probe split's
-  patches, tested on the eval split's."""
+  """A linear probe of each patch token's class on the frozen patch features (the objective's
+  patch_features, [b, g * g, w] on a g x g patch grid), fit on the probe split's patches and
+  tested on the eval split's. A patch's class is that of the region whose box holds its
+  centre, or background (the splits' 'region_boxes', mmjax.data.regions.patch_labels).
+  dense_probe_top1: over all patches; dense_probe_fg_top1: over the patches inside a region
+  (the informative one when background dominates)."""
   options = ("batch_size",)
 
   def __init__(self, train: Embedded, test: Embedded):
@@ -413,14 +418,23 @@ class DenseProbe:
     if fn is None:
       raise NotApplicable("the objective gives no patch features (patch_features() is None)")
     splits = (inputs.probe_split, inputs.eval_split)
-    if any(sp is None or "patch_labels" not in sp.fields for sp in splits):
-      raise NotApplicable("the dense probe needs patch labels in the probe and eval splits")
+    if any(sp is None or "region_boxes" not in sp.fields for sp in splits):
+      raise NotApplicable("the dense probe needs regions (config.data.regions_key) in the "
+                          "probe and eval splits")
     fn = inputs.jit(fn)
     return cls(*(inputs.embedded(sp, fn, s["batch_size"]) for sp in splits))
 
   def run(self, variables) -> dict[str, float]:
     (tx, tr), (ex, te) = self.train.all(variables), self.test.all(variables)
+    n = tx.shape[1]
+    grid = math.isqrt(n)
+    if grid * grid != n:
+      raise ValueError(f"dense_probe: {n} patch features an image are not a square grid")
+    train_y, test_y = (region_lib.patch_labels(f["region_boxes"], grid).reshape(-1)
+                       for f in (tr, te))
     flat = lambda x: x.reshape(-1, x.shape[-1])
-    return {"dense_probe_top1": linear_probe_accuracy(
-        flat(tx), np.asarray(tr["patch_labels"]).reshape(-1), flat(ex),
-        np.asarray(te["patch_labels"]).reshape(-1))}
+    pred = linear_probe_predict(flat(tx), train_y, flat(ex), test_y)
+    fg = test_y > 0
+    return {"dense_probe_top1": float(np.mean(pred == test_y)),
+            "dense_probe_fg_top1": float(np.mean(pred[fg] == test_y[fg])) if fg.any()
+            else float("nan")}

@@ -28,18 +28,29 @@ def few_shot_indices(labels: np.ndarray, shots: int, seed: int = 0) -> np.ndarra
 def linear_probe_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
                           test_y: np.ndarray, *, shots: int | None = None, l2: float = 1e-3,
                           max_iter: int = 1000) -> float:
-  """Top-1 of a multinomial logistic regression fit on frozen features.
-
-  Features are standardised with the train split's mean and std; the fit is
-  scikit-learn's L-BFGS with L2 penalty `l2` (per example, as in C = 1/(n l2)).
-  shots=k fits on k examples per class only (big_vision's few-shot linear
-  probes): on easy data the full-data probe saturates even for random features.
+  """Top-1 of a multinomial logistic regression fit on frozen features (linear_probe_predict).
 
   Args:
     train_x: [n, d] features, train_y: [n] int labels; test_x [m, d], test_y [m].
 
   Returns:
     accuracy on the test split, in [0, 1].
+  """
+  pred = linear_probe_predict(train_x, train_y, test_x, test_y, shots=shots, l2=l2,
+                              max_iter=max_iter)
+  return float(np.mean(pred == np.asarray(test_y)))
+
+
+def linear_probe_predict(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
+                         test_y: np.ndarray, *, shots: int | None = None, l2: float = 1e-3,
+                         max_iter: int = 1000) -> np.ndarray:
+  """The test split's predicted labels [m] of a multinomial logistic regression fit on frozen
+  features (train_x [n, d], train_y [n] int; test_x [m, d]; test_y [m] is checked only).
+
+  Features are standardised with the train split's mean and std; the fit is
+  scikit-learn's L-BFGS with L2 penalty `l2` (per example, as in C = 1/(n l2)).
+  shots=k fits on k examples per class only (big_vision's few-shot linear
+  probes): on easy data the full-data probe saturates even for random features.
   """
   from sklearn.linear_model import LogisticRegression   # ~0.7 s to import: only probes need it
 
@@ -54,7 +65,7 @@ def linear_probe_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.n
   mean, std = train_x.mean(0), train_x.std(0) + 1e-6
   clf = LogisticRegression(C=1.0 / (len(train_x) * l2), max_iter=max_iter)
   clf.fit((train_x - mean) / std, train_y)
-  return float(np.mean(clf.predict((test_x - mean) / std) == test_y))
+  return clf.predict((test_x - mean) / std)
 
 
 def knn_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,

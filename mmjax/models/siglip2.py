@@ -74,13 +74,6 @@ class Siglip2(two_tower.TwoTower):
     self.proto_patch = Dense(self.prototypes, dtype=self.dtype, param_dtype=self.param_dtype,
                              name="proto_patch")
 
-  def image_outputs(self, image, *, mask: jax.Array | None = None, train: bool = False):
-    """(pooled [b, w], tokens [b, n, w]) of the image tower; mask [b, n] bool: patches replaced
-    by the tower's mask token."""
-    kwargs = {} if mask is None else {"mask": mask}
-    pooled, out = self.img(image, train=train, **kwargs)
-    return pooled, out["encoded"]
-
   def embed_pooled(self, pooled: jax.Array) -> jax.Array:
     """The image embedding of pooled features, as encode_image makes it: [b, w] -> [b, e]."""
     return l2_normalize(self.img_proj(pooled))

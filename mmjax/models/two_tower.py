@@ -95,6 +95,19 @@ class TwoTower(nn.Module):
     pooled, _ = self.img(image, train=train)
     return l2_normalize(self.img_proj(pooled))
 
+  def image_outputs(self, image, *, mask: jax.Array | None = None, train: bool = False):
+    """(pooled [b, w], tokens [b, n, c]) of the image tower ('encoded'); mask [b, n] bool:
+    patches replaced by a ViT's mask token (its mask_token=True)."""
+    kwargs = {} if mask is None else {"mask": mask}
+    pooled, out = self.img(image, train=train, **kwargs)
+    return pooled, out["encoded"]
+
+  def patch_tokens(self, image: jax.Array) -> jax.Array:
+    """A ViT tower's patch tokens [b, g * g, w] (row-major, the class token left out) of image
+    [b, H, W, 3] (the dense probe's features)."""
+    tokens = self.image_outputs(image)[1]
+    return tokens[:, 1:] if self.image.get("pool_type") == "tok" else tokens
+
   def encode_text(self, tokens: jax.Array, *, train: bool = False) -> jax.Array:
     """[b, L] int32 -> [b, embed_dim] float32, unit norm."""
     pooled, _ = self.txt(tokens, train=train)

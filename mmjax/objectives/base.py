@@ -104,6 +104,11 @@ class Objective:
     2's regions and per-patch labels). Empty: none."""
     return {}
 
+  def patch_features(self) -> Callable | None:
+    """(variables, image [b, H, W, 3]) -> patch features [b, g * g, c] on a g x g grid
+    (row-major; the dense probe's), or None when the objective has none."""
+    return None
+
   def region_fields(self) -> dict[str, Callable[[str], np.ndarray]]:
     """Batch fields computed on the host from each record's regions (a JSON string, the
     record's config.data.regions_key / regions_ext): {key: regions -> array} (picklable;
@@ -223,6 +228,14 @@ def train_apply(model: nn.Module, params: Params, *args, batch_stats: Any = None
 def with_stats(aux: dict, stats: dict) -> dict:
   """aux with the moved running statistics under 'batch_stats' (the train step keeps them)."""
   return {**aux, "batch_stats": stats} if stats else aux
+
+
+def vit_patch_tokens(model: nn.Module) -> Callable | None:
+  """(variables, image) -> a two-tower model's ViT patch tokens (TwoTower.patch_tokens), or
+  None for another image tower (a ResNet's grid, a NaFlex tower's sequences)."""
+  if model.image.get(image_lib.KIND) != "vit":
+    return None
+  return lambda v, image: model.apply(v, image, method="patch_tokens")
 
 
 def encoders(model: nn.Module) -> tuple[Callable, Callable]:

@@ -13,7 +13,8 @@ from jax.sharding import Mesh
 from mmjax.losses import registry as loss_registry
 from mmjax.models import factory, image as image_lib
 from mmjax.objectives import gradcache
-from mmjax.objectives.base import Context, Objective, encoders, register, train_apply
+from mmjax.objectives.base import (Context, Objective, encoders, register, train_apply,
+                                  vit_patch_tokens)
 
 
 def loss_of(name: str, impl: str = "global", blocks: str = "dense", *,
@@ -87,3 +88,6 @@ class Contrastive(Objective):
 
   def towers(self):
     return encoders(self.model)
+
+  def patch_features(self):
+    return vit_patch_tokens(self.model)

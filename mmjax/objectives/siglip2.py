@@ -21,17 +21,16 @@ the tower's mask token.
 
 from __future__ import annotations
 
-import json
-
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from mmjax.data import regions as region_lib
 from mmjax.losses import distill
 from mmjax.losses.captioning import caption_loss
 from mmjax.models import factory, image as image_lib, siglip2
-from mmjax.objectives.base import Context, Objective, encoders, register
+from mmjax.objectives.base import Context, Objective, encoders, register, vit_patch_tokens
 from mmjax.objectives.contrastive import loss_of
 
 TEACHER_KEYS = ("img", "proto_global", "proto_patch")   # what the teacher averages
@@ -48,13 +47,9 @@ class RegionTargets:
     self.bins, self.offset = bins, offset
 
   def __call__(self, regions: str) -> np.ndarray:
-    try:
-      items = json.loads(regions)[:self.max_regions]
-      boxes = np.asarray([r["box"] for r in items], np.float32).reshape(-1, 4)
-      texts = [str(r["text"]) for r in items]
-    except (ValueError, KeyError, TypeError) as e:
-      raise ValueError(f"regions JSON: a list of {{'box': [x0, y0, x1, y1], 'text': ...}} "
-                       f"({type(e).__name__}: {e}); got {regions[:80]!r}") from None
+    items = region_lib.parse(regions)[:self.max_regions]
+    boxes = np.asarray([r["box"] for r in items], np.float32).reshape(-1, 4)
+    texts = [r["text"] for r in items]
     out = np.zeros((self.max_regions, 5 + self.region_len), np.int32)
     if items:
       out[:len(items), 0] = 1
@@ -72,21 +67,6 @@ class RecordRegions:
   def __call__(self, record: dict) -> np.ndarray:
     raw = record[self.key]
     return self.targets(raw.decode() if isinstance(raw, bytes) else str(raw))
-
-
-class PatchLabels:
-  """A record's class map [H, W] -> int32 [grid * grid]: the class at each patch's centre
-  once the map is squashed to the image's size, as the image is (row-major patches)."""
-  reads = ("class_map",)
-
-  def __init__(self, grid: int):
-    self.grid = grid
-
-  def __call__(self, record: dict) -> np.ndarray:
-    m = np.asarray(record["class_map"])
-    h, w = m.shape[:2]
-    centre = lambda n, size: ((np.arange(n) + 0.5) * size / n).astype(int)
-    return m[np.ix_(centre(self.grid, h), centre(self.grid, w))].reshape(-1).astype(np.int32)
 
 
 @register("siglip2")
@@ -157,7 +137,6 @@ class Siglip2(Objective):
     self.uses_regions = s.refexp_weight > 0 or s.grounded_weight > 0
     self.tokenizer = context.tokenizer
     self.regions_key = config.data.regions_key
-    self.grid = config.data.image_size // int(base.image["patch_size"][0])
     max_len = max(config.data.text_len, s.region_len + 4) + 1
     decoder = dict(vocab_size=self.box_offset + s.box_bins, max_len=s.decoder_max_len or max_len,
                    width=text["width"], depth=s.decoder_depth, mlp_dim=text["mlp_dim"],
@@ -187,16 +166,14 @@ class Siglip2(Objective):
                                      self.box_offset)}
 
   def eval_fields(self):
-    """'patch_labels' (the dense probe's) from records with a class map, 'regions' (the
-    referring expressions') from records with regions, when the region tasks are trained."""
-    out = {"patch_labels": PatchLabels(self.grid)}
+    """'regions' (the referring expressions') from records with regions, when the region
+    tasks are trained."""
     if self.uses_regions and self.tokenizer is not None:
-      out["regions"] = RecordRegions(self.region_fields()["regions"], self.regions_key)
-    return out
+      return {"regions": RecordRegions(self.region_fields()["regions"], self.regions_key)}
+    return {}
 
   def patch_features(self):
-    """(variables, image) -> the image tower's patch tokens [b, n, w] (the dense probe's)."""
-    return lambda v, image: self.model.apply(v, image, method="image_outputs")[1]
+    return vit_patch_tokens(self.model)
 
   def refexp_predictor(self):
     """(fn(variables, {'image', 'regions'}) -> box tokens [b, R, 4], bins, offset): each

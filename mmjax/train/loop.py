@@ -270,8 +270,8 @@ def _make_evaluator(config, objective, source, train_src, tok, prep=None) -> Eva
     return out
 
   probe_arrays = None
-  wants_probe = evaluator_lib.wants(config.evals, e, "probe") or (
-      extra and evaluator_lib.wants(config.evals, e, "dense_probe"))
+  wants_probe = (evaluator_lib.wants(config.evals, e, "probe")
+                 or evaluator_lib.wants(config.evals, e, "dense_probe"))
   if wants_probe and d.label_key:
     probe_arrays = arrays(_first(train_src, e.probe_train_examples))
   zeroshot = None
