@@ -92,15 +92,48 @@ def test_dense_probe_counts_background_and_foreground_patches(rng):
     probe(informative[:, :15])
 
 
-def test_siglip_gets_a_dense_probe_on_the_scenes(data_dir, tmp_path):
+def test_siglip_gets_a_dense_probe_on_the_scenes(data_dir, tmp_path, capsys):
   """The contrastive objective's patch features (a tok-pooled ViT: the class token left out)
-  and the scenes' regions give dense_probe metrics at step 0 (total_steps=0 evaluates)."""
+  and the scenes' regions give dense_probe metrics at step 0 (total_steps=0 evaluates). The
+  trained tokenizer learnt the zero-shot prompts with the captions: each fits text_len (one
+  trained on the captions alone spells 'handwritten' letter by letter and cuts the class
+  name off), and the run says nothing about truncated prompts."""
+  from mmjax.data import tokenizers
   from mmjax.train import loop
   config = tiny_config(data_dir, **{"loss": "siglip", "data.name": "mmjax_digit_scenes",
                                     "total_steps": 0, "evaluate.probes": True,
                                     "evaluate.probe_train_examples": 60,
                                     "evaluate.probe_shots": (),
                                     "model.image.pool_type": "tok"})
-  results = loop.train(config, str(tmp_path / "run"))
+  built = loop.build(config)
+  prompts = [t.format(n) for t in scenes.ZEROSHOT_TEMPLATES for n in scenes.NAMES]
+  tok = tokenizers.get_tokenizer(built.tokenizer_spec)
+  assert max(tok.num_tokens(p) for p in prompts) <= config.data.text_len
+  results = loop.run(built, str(tmp_path / "run"))
+  assert "zero-shot prompts are longer" not in capsys.readouterr().out
   assert 0.0 < results["dense_probe_top1"] <= 1.0
   assert 0.0 <= results["dense_probe_fg_top1"] < results["dense_probe_top1"]
+
+
+def test_a_prompt_longer_than_text_len_is_a_warning(capsys):
+  """Zero-shot prompts that do not fit text_len are named in one warning line (their class
+  names would be cut off); captions that fit say nothing."""
+  import ml_collections
+  from mmjax.train import loop
+
+  class Tok:
+    def num_tokens(self, text):
+      return len(text.split()) + 1
+
+  class Src:
+    def __len__(self):
+      return 2
+
+    def __getitem__(self, i):
+      return {"text": b"a one"}
+
+  config = ml_collections.ConfigDict({"data": {"text_len": 4, "text_key": "text"}})
+  loop._warn_truncation(Src(), Tok(), config, ["a photo of a seven", "a seven"])
+  out = capsys.readouterr().out.strip().splitlines()
+  assert len(out) == 1 and "1 of the 2 zero-shot prompts are longer than " \
+      "config.data.text_len=4" in out[0] and "'a photo of a seven': 6 tokens" in out[0], out

@@ -66,7 +66,8 @@ def test_boxes_are_the_tight_boxes_of_each_digits_ink_and_never_overlap(dataset)
       boxes = [_pixel_box(r["box"], h, w) for r in regions]
       for r, (x0, y0, x1, y1) in zip(regions, boxes):
         assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h
-        assert r["text"] == f"the digit {digits.CLASS_NAMES[r['label']]}"
+        name = digits.CLASS_NAMES[r["label"]]
+        assert r["text"] == f"{'an' if name == 'eight' else 'a'} {name}"
         inside = class_map[y0:y1, x0:x1]
         assert set(np.unique(inside)) <= {0, r["label"] + 1}
         rows, cols = np.nonzero(inside)   # the digit's ink touches all four sides of its box

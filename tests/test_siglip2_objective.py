@@ -101,7 +101,9 @@ def test_bad_settings_are_one_line(data_dir, tmp_path):
   from mmjax.train import loop
   for key, bad, message in (("siglip2.mask_ratio", 1.0, r"config\.siglip2\.mask_ratio must be"),
                             ("siglip2.local_crops", 0, r"config\.siglip2\.local_crops must be"),
-                            ("siglip2.distill_fraction", 1.5, r"distill_fraction must be")):
+                            ("siglip2.distill_fraction", 1.5, r"distill_fraction must be"),
+                            ("siglip2.regions_per_image", 5,
+                             r"regions_per_image must be an int in \[0, max_regions=4\]")):
     with pytest.raises(ValueError, match=message):
       loop.train(tiny_config(data_dir, **{**SMALL, key: bad}), str(tmp_path / "r"))
   resnet = {"model.image.variant": None, "model.image.layers": (1, 1, 1, 1),
@@ -189,7 +191,12 @@ def test_region_targets_and_sequences(data_dir, rng):
   assert list(labels[0, -4:]) == list(box0) and not labels[0, :-4].any()
   inputs, labels = (np.asarray(x) for x in seq["ground"])
   assert inputs[0, 0] == obj.task_ids["ground"] and list(inputs[0, 1:5]) == list(box0)
-  assert list(labels[0, 3:6]) == [3, 5, 5] and not labels[0, :3].any()
+  assert list(labels[0, 4:7]) == [3, 5, 5] and not labels[0, :4].any()
+  for name in ("ref", "ground"):   # teacher forcing: a target is the next input token
+    inputs, labels = (np.asarray(x) for x in seq[name])
+    full = np.concatenate([inputs, labels[:, -1:]], 1)
+    on = labels != 0
+    assert on.any() and np.array_equal(labels[on], full[:, 1:][on]), name
   assert not labels[2].any() and not np.asarray(seq["ref"][1])[3].any()   # no region, no target
   off = packed.copy()
   off[1, 0] = 0   # region 1 marked invalid, its tokens left in place: still no target
@@ -197,6 +204,70 @@ def test_region_targets_and_sequences(data_dir, rng):
     assert not np.asarray(obj.region_sequences(jnp.asarray(off[None]))[name][1])[1].any(), name
   with pytest.raises(ValueError, match=r"regions JSON: a list of"):
     RegionTargets(Tok(), 4, 8, 32, 0)('[{"text": "x"}]')
+
+
+def test_sample_regions_draws_distinct_valid_regions_uniformly(data_dir, rng):
+  """regions_per_image = k: k distinct rows per image, valid ones before invalid ones, each
+  valid one equally likely; 0 keeps them all."""
+  obj, _, _, _ = _built(data_dir, rng, seed=4, **{"siglip2.refexp_weight": 1.0,
+                                                  "siglip2.regions_per_image": 2})
+  b, r = 500, 4
+  regions = np.zeros((b, r, 6), np.int32)
+  n_valid = np.array([1, 2, 3, 4] * (b // 4))
+  regions[..., 0] = np.arange(r) < n_valid[:, None]
+  regions[..., 1] = np.arange(r)                       # each row's own index
+  got = np.asarray(obj.sample_regions(jax.random.PRNGKey(int(rng.integers(1 << 30))),
+                                      jnp.asarray(regions)))
+  assert got.shape == (b, 2, 6)
+  rows = got[..., 1]
+  assert np.all(rows[:, 0] != rows[:, 1])              # distinct
+  assert np.all(got[..., 0].sum(1) == np.minimum(n_valid, 2))   # as many valid as there are
+  four = rows[n_valid == 4].reshape(-1)                # 125 images x 2 draws: 62.5 a row
+  assert np.all(np.abs(np.bincount(four, minlength=4) - 62.5) < 25), np.bincount(four)
+  obj.settings.regions_per_image = 0
+  assert obj.sample_regions(jax.random.PRNGKey(0), regions) is regions
+
+
+def test_prototype_logits_are_cosines(rng):
+  """DINO-style heads: the logits are cosines of the features and the prototypes (float64)."""
+  from mmjax.models.siglip2 import Prototypes
+  x = rng.normal(size=(5, 3, 12)) * rng.uniform(0.1, 30, size=(5, 3, 1))
+  head = Prototypes(7)
+  params = head.init(jax.random.PRNGKey(0), jnp.asarray(x, jnp.float32))
+  got = np.asarray(head.apply(params, jnp.asarray(x, jnp.float32)))
+  w = np.asarray(params["params"]["kernel"], np.float64)
+  want = (x / np.linalg.norm(x, axis=-1, keepdims=True)) @ (w / np.linalg.norm(w, axis=0))
+  np.testing.assert_allclose(got, want, atol=2e-6)
+  assert got.shape == (5, 3, 7) and np.abs(got).max() <= 1 + 1e-6
+
+
+def test_captioner_is_greedy_and_caption_exact_counts(data_dir, rng):
+  """The captioner's tokens are the decoder's own argmax at every position when the caption is
+  fed back whole (teacher forcing agrees with the loop: no position is off by one), all text
+  tokens; caption_exact counts the captions equal to their reference."""
+  from mmjax.evaluate import evaluators
+  from mmjax.evaluate.streaming import Embedded, Split
+  obj, image, _, params = _built(data_dir, rng, seed=5)
+  # Params drawn larger than the init's, so the argmax is not the same token everywhere.
+  params = jax.tree.map(lambda p: p + 0.3 * jax.random.normal(jax.random.PRNGKey(1), p.shape),
+                        params)
+  v = {"params": params}
+  caps = np.asarray(obj.captioner()(v, image))
+  assert caps.shape == (3, obj.text_len) and caps.min() >= 0
+  assert caps.max() < obj.task_ids["caption"] and len(np.unique(caps)) > 1
+  _, tokens = obj.model.apply(v, image, method="image_outputs")
+  seq = np.concatenate([np.full((3, 1), obj.task_ids["caption"]), caps], 1)
+  logits = np.asarray(obj.model.apply(v, jnp.asarray(seq[:, :-1]), tokens, method="decode"))
+  np.testing.assert_array_equal(np.argmax(logits[..., :obj.task_ids["caption"]], -1), caps)
+
+  class Tok:
+    def decode(self, rows):
+      return [" ".join(f"w{t}" for t in r if t) for r in np.asarray(rows)]
+  texts = np.array([[1, 2, 0], [3, 4, 0], [5, 0, 0]])
+  made = np.array([[1, 2, 0], [3, 5, 0], [5, 0, 0]])   # two of three right
+  split = Split.from_arrays({"image": np.zeros((3, 2, 2, 3), np.float32), "text": texts})
+  got = evaluators.Captioning(Embedded(split, lambda v, x: made[:len(x)], 3), Tok()).run(None)
+  assert got["caption_exact"] == pytest.approx(2 / 3)
 
 
 def test_full_recipe_trains_on_digit_scenes(data_dir, tmp_path):

@@ -12,7 +12,7 @@ random non-overlapping places.
   ex["image"]       uint8 [H, W, 3]
   ex["text"]        b"a seven left of a two and above a four"
   ex["label"]       int: the class of the largest digit (the caption's first digit)
-  ex["regions"]     JSON: [{"box": [x0, y0, x1, y1], "text": "the digit seven", "label": 7,
+  ex["regions"]     JSON: [{"box": [x0, y0, x1, y1], "text": "a seven", "label": 7,
                             "digit": <index into sklearn's load_digits()>}, ...]
   ex["class_map"]   uint8 [H, W]: 0 background, class + 1 where that digit's ink is
 
@@ -76,7 +76,8 @@ def article(name: str) -> str:
 
 
 def region_text(label: int) -> str:
-  return f"the digit {NAMES[label]}"
+  """A region's text, in the captions' words ("a seven", "an eight")."""
+  return f"{article(NAMES[label])} {NAMES[label]}"
 
 
 def relation(a, b) -> str:
@@ -158,7 +159,7 @@ def make_scene(images: np.ndarray, targets: np.ndarray, pool: np.ndarray,
 
 def regions_json(regions: list) -> str:
   """The regions as the datasets store them: a JSON list of {"box": [x0, y0, x1, y1],
-  "text": "the digit three", "label": int, "digit": sklearn index}."""
+  "text": "a three", "label": int, "digit": sklearn index}."""
   return json.dumps([{"box": [round(v, 6) for v in r.box], "text": region_text(r.label),
                       "label": r.label, "digit": r.digit} for r in regions])
 
@@ -185,8 +186,10 @@ def generate(split: str, n: int | None = None, *, seed: int = SEED) -> Iterator[
 class MmjaxDigitScenes(tfds.core.GeneratorBasedBuilder):
   """Scenes of handwritten digits with boxes and captions; TFDS name 'mmjax_digit_scenes'."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "1-4 scikit-learn digits per scene, boxes, class maps."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "1-4 scikit-learn digits per scene, boxes, class maps.",
+                   "1.1.0": "Region texts in the captions' words ('a seven', not 'the digit "
+                            "seven')."}
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(

@@ -288,7 +288,9 @@ def _strings(tok, texts) -> list[str]:
 class Captioning:
   """caption_bleu (corpus BLEU, mmjax.evaluate.captioning) of the captions generated for the
   eval images against the eval captions of the image's class (retrieval_match='label') or its
-  own caption; caption_exact_match: the share that name their image's class and no other."""
+  own caption; caption_exact: the share equal to one of those references (words compared,
+  case and spacing ignored); caption_exact_match: the share that name their image's class and
+  no other (one object an image: the digits, not the scenes)."""
   options = ("retrieval_match", "batch_size")
 
   def __init__(self, generated: Embedded, tokenizer, *, match: str = "pair",
@@ -319,7 +321,10 @@ class Captioning:
       refs = [by_class[c] for c in labels]
     else:
       refs = [[t] for t in captions]
-    out = {"caption_bleu": corpus_bleu(generated, refs)}
+    words = lambda t: " ".join(str(t).lower().split())
+    out = {"caption_bleu": corpus_bleu(generated, refs),
+           "caption_exact": float(np.mean([words(g) in {words(r) for r in rs}
+                                           for g, rs in zip(generated, refs)]))}
     if self.class_names and labels is not None:
       out["caption_exact_match"] = class_word_match(generated, labels, self.class_names)
     return out

@@ -19,7 +19,6 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.models import coca, two_tower
-from mmjax.nn.linear import Dense
 from mmjax.numerics import l2_normalize
 
 # The params that only training uses: SigLIP's checkpoint is the rest (img/mask_token too).
@@ -59,6 +58,20 @@ class LoccaDecoder(nn.Module):
     return logits
 
 
+class Prototypes(nn.Module):
+  """DINO's prototype head: x [..., w] -> cosine similarities [..., count] float32 in [-1, 1]
+  between x and `count` learned prototypes (both l2-normalised, as DINO's weight-normalised
+  last layer on its normalised bottleneck), so logits / temperature stay bounded."""
+  count: int
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param("kernel", nn.initializers.normal(1.0), (x.shape[-1], self.count),
+                        self.param_dtype)
+    return l2_normalize(x) @ l2_normalize(kernel.T).T
+
+
 class Siglip2(two_tower.TwoTower):
   """TwoTower plus the decoder (`decoder`: LoccaDecoder's fields) and the prototype heads
   (`prototypes` outputs, on the pooled image and on each image token)."""
@@ -69,10 +82,8 @@ class Siglip2(two_tower.TwoTower):
     super().setup()
     self.locca = LoccaDecoder(**self.decoder, dtype=self.dtype, param_dtype=self.param_dtype,
                               name="decoder")
-    self.proto_global = Dense(self.prototypes, dtype=self.dtype, param_dtype=self.param_dtype,
-                              name="proto_global")
-    self.proto_patch = Dense(self.prototypes, dtype=self.dtype, param_dtype=self.param_dtype,
-                             name="proto_patch")
+    self.proto_global = Prototypes(self.prototypes, self.param_dtype, name="proto_global")
+    self.proto_patch = Prototypes(self.prototypes, self.param_dtype, name="proto_patch")
 
   def embed_pooled(self, pooled: jax.Array) -> jax.Array:
     """The image embedding of pooled features, as encode_image makes it: [b, w] -> [b, e]."""
@@ -92,8 +103,7 @@ class Siglip2(two_tower.TwoTower):
 
   def prototype_logits(self, pooled: jax.Array, tokens: jax.Array):
     """(global [b, K] float32, per patch [b, n, K] float32)."""
-    return (self.proto_global(pooled, out_dtype=jnp.float32),
-            self.proto_patch(tokens, out_dtype=jnp.float32))
+    return self.proto_global(pooled), self.proto_patch(tokens)
 
   def __call__(self, image, text, *, train: bool = False):
     zimg, ztxt, out = super().__call__(image, text, train=train)

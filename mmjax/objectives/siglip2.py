@@ -85,6 +85,8 @@ class Siglip2(Objective):
         refexp_weight=0.0,        # referring expressions (> 0: the records need regions,
         grounded_weight=0.0,      # as mmjax_digit_scenes'); grounded captioning likewise
         max_regions=4,
+        regions_per_image=1,      # each step the decoder trains on this many regions of an
+                                  # image (sampled among its valid ones); 0: all max_regions
         region_len=8,             # a region text's tokens
         box_bins=32,
         decoder_depth=2,
@@ -115,6 +117,9 @@ class Siglip2(Objective):
     for key in ("local_crop", "mask_ratio"):
       if not 0.0 < s[key] < 1.0:
         raise ValueError(f"config.siglip2.{key} must be in (0, 1); got {s[key]!r}")
+    if not (isinstance(s.regions_per_image, int) and 0 <= s.regions_per_image <= s.max_regions):
+      raise ValueError(f"config.siglip2.regions_per_image must be an int in [0, max_regions="
+                       f"{s.max_regions}]; got {s.regions_per_image!r}")
     for key in ("decoder_depth", "prototypes", "local_crops", "max_regions", "region_len",
                 "box_bins"):
       if not isinstance(s[key], int) or isinstance(s[key], bool) or s[key] < 1:
@@ -137,6 +142,7 @@ class Siglip2(Objective):
     self.uses_regions = s.refexp_weight > 0 or s.grounded_weight > 0
     self.tokenizer = context.tokenizer
     self.regions_key = config.data.regions_key
+    self.text_len = config.data.text_len
     max_len = max(config.data.text_len, s.region_len + 4) + 1
     decoder = dict(vocab_size=self.box_offset + s.box_bins, max_len=s.decoder_max_len or max_len,
                    width=text["width"], depth=s.decoder_depth, mlp_dim=text["mlp_dim"],
@@ -175,6 +181,16 @@ class Siglip2(Objective):
   def patch_features(self):
     return vit_patch_tokens(self.model)
 
+  def greedy(self, variables, seq: jax.Array, image_tokens: jax.Array, steps: int,
+             lo: int, hi: int) -> jax.Array:
+    """seq [b, s] (a task token and its prompt) + `steps` tokens decoded greedily among ids
+    [lo, hi), cross-attending to image_tokens [b, n, w]: [b, s + steps] (the decoder rerun
+    over the whole prefix each step: steps are few)."""
+    for _ in range(steps):
+      logits = self.model.apply(variables, seq, image_tokens, method="decode")[:, -1, lo:hi]
+      seq = jnp.concatenate([seq, (jnp.argmax(logits, -1) + lo)[:, None].astype(seq.dtype)], 1)
+    return seq
+
   def refexp_predictor(self):
     """(fn(variables, {'image', 'regions'}) -> box tokens [b, R, 4], bins, offset): each
     region's box decoded greedily from [REF] + its text, among the box tokens."""
@@ -186,16 +202,35 @@ class Siglip2(Objective):
     def predict(variables, image, regions):
       _, tokens = model.apply(variables, image, method="image_outputs")
       b, r, _ = regions.shape
-      per_region = jnp.repeat(tokens, r, axis=0)
       rows = regions.reshape(b * r, -1)
       seq = jnp.concatenate([jnp.full((b * r, 1), self.task_ids["ref"], rows.dtype),
                              rows[:, 5:]], 1)
-      for _ in range(4):
-        logits = model.apply(variables, seq, per_region, method="decode")[:, -1, lo:hi]
-        seq = jnp.concatenate([seq, (jnp.argmax(logits, -1) + lo)[:, None].astype(seq.dtype)], 1)
+      seq = self.greedy(variables, seq, jnp.repeat(tokens, r, axis=0), 4, lo, hi)
       return seq[:, -4:].reshape(b, r, 4)
 
     return (lambda v, batch: predict(v, batch["image"], batch["regions"])), s.box_bins, lo
+
+  def captioner(self, first=None):
+    """Captions [b, text_len] decoded greedily from [CAPTION] among the text's tokens (first,
+    the tokenizer's start token, is unused: the task token starts every caption)."""
+    del first
+    model = self.model
+
+    def captions(variables, image):
+      _, tokens = model.apply(variables, image, method="image_outputs")
+      seq = jnp.full((image.shape[0], 1), self.task_ids["caption"], jnp.int32)
+      return self.greedy(variables, seq, tokens, self.text_len, 0, self.task_ids["caption"])[:, 1:]
+    return jax.jit(captions)
+
+  def sample_regions(self, rng: jax.Array, regions: jax.Array) -> jax.Array:
+    """regions [b, R, ...] -> [b, k, ...]: per image k = regions_per_image distinct regions,
+    uniformly among its valid ones (invalid ones fill in where it has fewer); all for k = 0."""
+    k = self.settings.regions_per_image
+    if k == 0 or k == regions.shape[1]:
+      return regions
+    score = jax.random.uniform(rng, regions.shape[:2]) + (regions[..., 0] > 0)   # valid first
+    _, pick = jax.lax.top_k(score, k)                                            # [b, k]
+    return jnp.take_along_axis(regions, pick[..., None], axis=1)
 
   def region_sequences(self, regions: jax.Array) -> dict:
     """regions [b, R, 5 + Lr] (RegionTargets') -> {'ref', 'ground'}: (inputs [b * R, Lr + 4],
@@ -209,10 +244,10 @@ class Siglip2(Objective):
     ref = jnp.concatenate([task("ref"), words, box], 1)
     ref_target = jnp.concatenate([pad(words), box], 1)
     ground = jnp.concatenate([task("ground"), box, words], 1)
-    ground_target = jnp.concatenate([pad(box[:, :-1]), words, pad(box[:, :1])], 1)
+    ground_target = jnp.concatenate([pad(box), words], 1)
     keep = lambda labels: jnp.where(valid, labels, self.pad_id)
     return {"ref": (ref[:, :-1], keep(ref_target)),
-            "ground": (ground[:, :-1], keep(ground_target[:, :ground.shape[1] - 1]))}
+            "ground": (ground[:, :-1], keep(ground_target))}
 
   def init_variables(self, rng, batch):
     return self.model.init(rng, batch["image"], batch["text"])
@@ -283,7 +318,7 @@ class Siglip2(Objective):
   def losses(self, params, ema, batch, rng, step) -> tuple[jax.Array, dict]:
     """(the weighted total, its parts and the new teacher centers under 'ema')."""
     s, model = self.settings, self.model
-    r_drop, r_distill = jax.random.split(rng)
+    r_drop, r_distill, r_regions = jax.random.split(rng, 3)
     image, text = batch["image"], batch["text"]
     zimg, ztxt, out, tokens = model.apply({"params": params}, image, text, train=True,
                                           rngs={"dropout": r_drop}, method="train_outputs")
@@ -293,10 +328,11 @@ class Siglip2(Objective):
     parts["caption_loss"] = caption_loss(logits, labels, pad_id=self.pad_id)
     total_locca = s.caption_weight * parts["caption_loss"]
     if self.uses_regions:
-      r = batch["regions"].shape[1]
-      per_region = jnp.repeat(tokens, r, axis=0)              # [b * R, n, w]
+      regions = self.sample_regions(r_regions, batch["regions"])
+      per_region = jnp.repeat(tokens, regions.shape[1], axis=0)   # [b * k, n, w]
+      sequences = self.region_sequences(regions)
       for name, weight in (("ref", s.refexp_weight), ("ground", s.grounded_weight)):
-        inputs, labels = self.region_sequences(batch["regions"])[name]
+        inputs, labels = sequences[name]
         logits = model.apply({"params": params}, inputs, per_region, method="decode")
         parts[f"{name}_loss"] = caption_loss(logits, labels, pad_id=self.pad_id)
         total_locca = total_locca + weight * parts[f"{name}_loss"]

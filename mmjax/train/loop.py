@@ -28,7 +28,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from mmjax import objectives
 from mmjax.models import factory
-from mmjax.data import eval_data, pipeline, sources, tokenizers
+from mmjax.data import eval_data, pipeline, prompts, sources, tokenizers
 from mmjax.data import naflex as naflex_data
 from mmjax.data.preprocess import ImagePrep
 from mmjax.evaluate import Evaluator, evaluator as evaluator_lib
@@ -199,8 +199,10 @@ def _open_data(config, ddir: str, ckpt=None):
     else:
       spec, field = _tokenizer_spec(config, ddir, source.tokenizer_name)
       try:
-        tok = tokenizers.get_tokenizer(
-            spec, train_texts=lambda: pipeline.iter_texts(train_src, d.text_key))
+        # The captions and the zero-shot prompts: a prompt's words outside the captions
+        # would otherwise be spelt out piece by piece (and cut off at text_len).
+        tok = tokenizers.get_tokenizer(spec, train_texts=lambda: itertools.chain(
+            pipeline.iter_texts(train_src, d.text_key), _zeroshot_prompts(config, source)))
       except ValueError as e:
         raise ValueError(f"{field}: {e}") from None
   except OSError as e:
@@ -209,19 +211,37 @@ def _open_data(config, ddir: str, ckpt=None):
                      f"({e.strerror or e}); the dataset and tokenizer are built there on first "
                      "use, so it must be writable until then") from None
   if jax.process_index() == 0 and hasattr(tok, "num_tokens"):
-    _warn_truncation(train_src, tok, config)
+    _warn_truncation(train_src, tok, config, _zeroshot_prompts(config, source))
   return source, train_src, tok
 
 
-def _warn_truncation(train_src, tok, config, sample: int = 2000) -> None:
-  """Warns when training captions do not fit config.data.text_len (EOS included):
-  their ends, often the words that matter, would be cut off."""
+def _zeroshot_prompts(config, source) -> list[str]:
+  """The zero-shot prompts of the run's own evaluation (its templates, a list of strings,
+  filled with the dataset's class names); [] without class names."""
+  names = source.class_names(config.data.label_key) if config.data.label_key else None
+  templates = config.evaluate.templates or source.templates or DEFAULT_TEMPLATES
+  if not names or not all(isinstance(t, str) for t in templates):
+    return []
+  return [prompts.fill_template(t, n) for t in templates for n in names]
+
+
+def _warn_truncation(train_src, tok, config, zeroshot: Sequence[str] = (),
+                     sample: int = 2000) -> None:
+  """Warns when training captions or zero-shot prompts do not fit config.data.text_len (EOS
+  included): their ends, often the words that matter (a prompt's class name), would be cut
+  off."""
   d = config.data
   texts = list(itertools.islice(pipeline.iter_texts(train_src, d.text_key), sample))
   long = sum(tok.num_tokens(t) > d.text_len for t in texts)
   if long:
     print(f"mmjax: warning: {long} of the first {len(texts)} training captions are longer than "
           f"config.data.text_len={d.text_len} tokens and will be truncated", flush=True)
+  long = [t for t in zeroshot if tok.num_tokens(t) > d.text_len]
+  if long:
+    print(f"mmjax: warning: {len(long)} of the {len(zeroshot)} zero-shot prompts are longer "
+          f"than config.data.text_len={d.text_len} tokens and will be truncated, their class "
+          f"names maybe with them (e.g. {long[0]!r}: {tok.num_tokens(long[0])} tokens)",
+          flush=True)
 
 
 def _first(source, n: int):
