@@ -247,11 +247,12 @@ def test_the_pieces_are_checked_where_they_are_built():
 
 # ---------------------------------------------------------------- what the package knows
 
-# Where no objective and no data format may be named: the loop, the train step, the evaluators.
+# Where no objective, no data format and no image tower kind may be named: the loop, the train
+# step, the evaluators.
 GENERIC = ["mmjax/train/loop.py", "mmjax/train/state.py", "mmjax/evaluate/evaluator.py",
            "mmjax/evaluate/evaluators.py", "mmjax/evaluate/streaming.py"]
 NAMES = ["clip", "siglip", "mae", "moco", "catlip", "coca", "wds", "webdataset", "tfds",
-         "image2", "targets"]
+         "image2", "targets", "naflex"]   # naflex: an image tower kind with its own batches
 
 
 def _code(path: pathlib.Path) -> str:

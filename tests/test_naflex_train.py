@@ -164,3 +164,66 @@ def test_naflex_patches_are_normalised_once_per_channel(rng):
   assert got["image"]["segment_ids"] is image["segment_ids"]
   got = images_to_float({"image": image}, None)["image"]["patches"]
   np.testing.assert_allclose(got, patches / 127.5 - 1.0, rtol=1e-5, atol=1e-6)
+
+
+def test_naflex_batching_puts_each_process_after_the_ones_before(rng):
+  """sources.image_batching for a NaFlex tower, as process 1 of 2 builds it: the sources'
+  per-example view, an iterator turning their batches into the tower's input with this
+  process's rows (pack) or images (pad) after process 0's, the parent's position and
+  counters plus the NaFlex ones, and the eval preparation; the mistakes in one line."""
+  from mmjax.data import naflex, sources
+  from mmjax.data.preprocess import ImageBatching
+  from mmjax.train import config as config_lib
+  c = config_lib.defaults()
+  c.batch_size = 8   # 4 images a process
+  c.data.naflex.update(mode="pack", max_patches=16, seq_len=32, rows=4, max_per_seq=3,
+                       eval_max_patches=20)
+  fields = {"tower": "naflex", "patch_size": (4, 4)}
+  views = [naflex.train_view(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8), 4, 16,
+                             native=True) for _ in range(4)]
+
+  class Parent:
+    state = None
+
+    def __next__(self):
+      return {"image": np.stack([v[0] for v in views]),
+              "image_grid": np.stack([v[1] for v in views]), "text": np.arange(4)}
+
+    def get_state(self):
+      return {"position": 7}
+
+    def set_state(self, state):
+      self.state = state
+
+    def metrics(self):
+      return {"data/epoch": 0}
+
+  parent = Parent()
+  made = sources.image_batching(c, fields, normalize=((0.1,) * 3, (0.2,) * 3), process_index=1,
+                                process_count=2)
+  assert made.view == {"naflex": (4, 16, True)}
+  assert made.prep == naflex.NaflexPrep(4, 20, (0.1,) * 3, (0.2,) * 3)
+  it = made.wrap(parent)
+  out = next(it)
+  rows = out["image"]["index"] // 3   # max_per_seq slots a row; process 0 has rows 0 and 1
+  assert out["image"]["patches"].shape == (2, 32, 48) and set(rows) <= {2, 3}, rows
+  assert np.array_equal(out["text"], np.arange(4)) and "image_grid" not in out
+  assert it.get_state() == {"position": 7}
+  it.set_state({"position": 3})
+  assert parent.state == {"position": 3}
+  assert set(it.metrics()) == {"data/epoch", "data/padding_share", "data/naflex_shrunk"}
+  assert 0.0 < it.metrics()["data/padding_share"] < 1.0
+  c.data.naflex.mode = "pad"
+  made = sources.image_batching(c, fields, process_index=1, process_count=2)
+  assert made.view == {"naflex": (4, 16, False)}
+  assert made.prep == naflex.NaflexPrep(4, 20)
+  np.testing.assert_array_equal(next(made.wrap(parent))["image"]["index"], np.arange(4, 8))
+  c.data.naflex.update(mode="pack", rows=3)
+  with pytest.raises(ValueError, match=r"^config\.data\.naflex\.rows=3 is not divisible by 2 "
+                                       r"processes$"):
+    sources.image_batching(c, fields, process_index=0, process_count=2)
+  with pytest.raises(ValueError, match=r"^config\.data\.naflex\.mode is set but the image tower "
+                                       r"\(the checkpoint's\) is not a NaFlex one$"):
+    sources.image_batching(c, {"tower": "vit", "patch_size": (4, 4)})
+  c.data.naflex.mode = None
+  assert sources.image_batching(c, fields) == ImageBatching()

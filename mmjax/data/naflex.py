@@ -12,6 +12,10 @@ A batch is a dict of NumPy arrays, one row per sequence of L tokens (what a NaFl
   'positions'   int32 [b, L, 2]           the token's (row, col) in its image's grid; 0 for padding
   'shapes'      int32 [b, k_max, 2]       each slot's grid (h, w); (0, 0) for an empty slot
 `pad` puts one image in each row; `pack` several (NaViT's patch n' pack).
+
+A training run's NaFlex batches (config.data.naflex): `train_batching` gives the sources'
+per-example view, the iterator that assembles the tower's input (NaflexIterator over Batches)
+and the evaluation's NaflexPrep; mmjax.data.sources registers it for the tower kind 'naflex'.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image
 
-from mmjax.data.preprocess import crop_box
+from mmjax.data.preprocess import ImageBatching, crop_box
 
 # transformers' search interval and tolerance for the scale (get_image_size_for_max_num_patches):
 # kept equal so that the target sizes are equal for every input, including where a finer
@@ -342,3 +346,63 @@ class Batches:
     full["index"] = ((place[:, 0] + self.first_row) * self.max_per_seq + place[:, 1]).astype(
         np.int32)
     return full
+
+
+class NaflexIterator:
+  """A train iterator whose batches' images become a NaFlex tower's input (Batches): the
+  position, state and counters are its parent's, plus data/padding_share and
+  data/naflex_shrunk (images shrunk to fit the rows so far)."""
+
+  def __init__(self, parent, batches: Batches):
+    self.parent, self.batches, self.padding = parent, batches, 0.0
+
+  def __next__(self) -> dict:
+    out = self.batches(dict(next(self.parent)))
+    self.padding = padding_share(out["image"])
+    return out
+
+  def get_state(self) -> dict:
+    return self.parent.get_state()
+
+  def set_state(self, state: dict) -> None:
+    self.parent.set_state(state)
+
+  def metrics(self) -> dict:
+    out = self.parent.metrics() if hasattr(self.parent, "metrics") else {}
+    return {**out, "data/padding_share": self.padding,
+            "data/naflex_shrunk": float(self.batches.shrunk)}
+
+  def close(self) -> None:
+    if hasattr(self.parent, "close"):
+      self.parent.close()
+
+
+def train_batching(config, fields: dict, *, normalize=None, process_index: int = 0,
+                   process_count: int = 1) -> ImageBatching | None:
+  """config.data.naflex for one process of the run, or None when its mode is unset.
+
+  fields: the image tower's complete fields (the checkpoint's when the run starts from one);
+  normalize: the checkpoint's (mean, std), None for [-1, 1]. The view is the sources'
+  naflex=(patch, max_patches, native); the wrap a NaflexIterator whose Batches place this
+  process's rows (pack) or images (pad) after those of the processes before it."""
+  n = config.data.naflex
+  if n.mode is None:
+    return None
+  if fields.get("tower") != "naflex":
+    raise ValueError("config.data.naflex.mode is set but the image tower (the checkpoint's) is "
+                     "not a NaFlex one")
+  patch = int(fields["patch_size"][0])
+  if n.mode == "pack":
+    if n.rows % process_count:
+      raise ValueError(f"config.data.naflex.rows={n.rows} is not divisible by {process_count} "
+                       "processes")
+    rows = n.rows // process_count
+    batches = Batches("pack", patch, n.seq_len, rows=rows, max_per_seq=n.max_per_seq,
+                      first_row=process_index * rows)
+  else:
+    local = config.batch_size // process_count
+    batches = Batches("pad", patch, n.max_patches, first_row=process_index * local)
+  mean, std = normalize if normalize is not None else ((0.5,) * 3, (0.5,) * 3)
+  return ImageBatching(view={"naflex": (patch, n.max_patches, n.mode == "pack")},
+                       wrap=lambda train_iterator: NaflexIterator(train_iterator, batches),
+                       prep=NaflexPrep(patch, n.eval_max_patches or n.max_patches, mean, std))

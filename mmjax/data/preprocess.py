@@ -1,8 +1,9 @@
-"""How a model's eval images are prepared: resize, crop, normalise (per checkpoint)."""
+"""How a model's eval images are prepared: resize, crop, normalise (per checkpoint); and how
+an image tower that takes more than [b, S, S, 3] images gets its batches (ImageBatching)."""
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -12,6 +13,19 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 RESIZES = ("squash", "crop")
 RESAMPLES = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
 CROP_OFFSETS = ("floor", "round")
+
+
+class ImageBatching(NamedTuple):
+  """How a run's image tower takes its images (mmjax.data.sources.image_batching), beside the
+  sources' uint8 [b, S, S, 3]: the default changes nothing.
+
+  view: extra keyword arguments of DataSource.train_iterator (each example's image view);
+  wrap: the train iterator -> one whose batches are the tower's input (same position, state
+  and close; its metrics() may add counters); prep: the evaluation's image preparation, or
+  None (the run's default, ImagePrep or the checkpoint's)."""
+  view: dict = {}
+  wrap: Callable[[Any], Any] = lambda train_iterator: train_iterator
+  prep: Any = None
 
 
 class ImagePrep(NamedTuple):

@@ -10,6 +10,10 @@ Every source's train batches hold uint8 images ('image', and 'image2' for two vi
 [b, S, S, 3] uint8); the train step normalises them once, on the device
 (mmjax.train.state.images_to_float).
 
+An image tower that takes more than such images (a NaFlex ViT: patches, grids, packed rows)
+has its batches made by a maker registered for its kind with `register_batching`; the loop
+asks `image_batching` and so knows no tower kind.
+
 Records: a random-access source of examples, `len(src)` and `src[i]` -> {image_key: uint8
 [H, W, 3], text_key: str or bytes[, label_key: int]} (config.data's keys); an optional
 `src.meta(i)` returns record i without decoding its image.
@@ -19,7 +23,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, Protocol
 
-from mmjax.data import pipeline, wds_pipeline
+from mmjax.data import naflex, pipeline, wds_pipeline
+from mmjax.data.preprocess import ImageBatching
 
 
 class TrainIterator(Protocol):
@@ -103,6 +108,33 @@ def get(data) -> type:
 def open(data, data_dir: str) -> DataSource:   # noqa: A001  (sources.open, as tfds.builder)
   """config.data's source, opened once (a TFDS dataset is built on first use)."""
   return get(data)(data, data_dir)
+
+
+_BATCHING: dict[str, Callable[..., ImageBatching | None]] = {}
+
+
+def register_batching(kind: str, make: Callable[..., ImageBatching | None]) -> None:
+  """Adds (or replaces) how the image tower kind `kind`'s batches are made:
+  make(config, fields, *, normalize, process_index, process_count) -> ImageBatching, or None
+  when the config does not ask for it (it raises ValueError when it does but `fields`, the
+  tower's complete fields, are not of its kind)."""
+  _BATCHING[kind] = make
+
+
+def image_batching(config, fields: dict, *, normalize=None, process_index: int = 0,
+                   process_count: int = 1) -> ImageBatching:
+  """How this process's batches reach the image tower of complete fields `fields` (the
+  checkpoint's when the run starts from one): the first registered maker that answers, else
+  the sources' images unchanged. normalize: the checkpoint's (mean, std), None for [-1, 1]."""
+  for make in _BATCHING.values():
+    out = make(config, fields, normalize=normalize, process_index=process_index,
+               process_count=process_count)
+    if out is not None:
+      return out
+  return ImageBatching()
+
+
+register_batching("naflex", naflex.train_batching)
 
 
 class TfdsSource(DataSource):

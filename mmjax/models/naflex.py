@@ -70,10 +70,11 @@ def Model(variant: str | None = None, **fields) -> "NaFlexViT":  # noqa: N802
   return NaFlexViT(**config(variant, **fields), name=name)
 
 
-def example_input(fields: dict, image_size: int) -> dict:
-  """One image of image_size x image_size as the tower takes it (zeros; initialisation)."""
+def example_input(fields: dict, image_size: int | None) -> dict:
+  """One image of image_size x image_size as the tower takes it (zeros; initialisation);
+  image_size None (a NaFlex checkpoint's preparation has no fixed size): one patch."""
   p = fields["patch_size"][0]
-  side = max(1, image_size // p)
+  side = max(1, (image_size or p) // p)
   n = side * side
   return {"patches": jnp.zeros((1, n, p * p * 3)), "segment_ids": jnp.ones((1, n), jnp.int32),
           "positions": jnp.stack(jnp.divmod(jnp.arange(n), side), -1)[None].astype(jnp.int32),

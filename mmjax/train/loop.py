@@ -14,7 +14,7 @@ import itertools
 import json
 import os
 import time
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -27,9 +27,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
 from mmjax import objectives
-from mmjax.models import factory
+from mmjax.models import factory, image as image_lib
 from mmjax.data import eval_data, pipeline, prompts, sources, tokenizers
-from mmjax.data import naflex as naflex_data
 from mmjax.data.preprocess import ImagePrep
 from mmjax.evaluate import Evaluator, evaluator as evaluator_lib
 from mmjax.evaluate.streaming import Split
@@ -64,7 +63,7 @@ class Run:
   tokenizer_spec: str = ""            # the run's tokenizer (mmjax.data.tokenizers spec)
   preprocess: Any = None              # the run's eval image preparation (ImagePrep)
   architecture: dict | None = None    # config.init_from.checkpoint's two_tower kwargs, else None
-  naflex_patch: int | None = None     # a NaFlex image tower's patch size (its init input)
+  image_fields: dict | None = None    # the image tower's complete fields (its init input)
   data_id: str = ""                   # the training data's name (DataSource.tokenizer_name: a
                                       # TFDS name, a hash of the shard paths); checkpoints keep it
                                       # (None: [-1, 1])
@@ -72,83 +71,18 @@ class Run:
   def init_state(self) -> state_lib.TrainState:
     """The initial state, created on the mesh already sharded (no host copy)."""
     d = self.config.data
-    dummy = _dummy_batch(d, self.naflex_patch)
+    dummy = _dummy_batch(d, self.image_fields)
     return jax.jit(lambda r: state_lib.init_state(self.objective, self.tx, r, dummy,
                                                   ema_decay=self.config.ema_decay),
                    out_shardings=self.state_sharding)(self.rng)
 
 
-def _dummy_batch(d, naflex_patch: int | None = None) -> dict:
-  """One example as the objective's init takes it (a NaFlex input with naflex_patch)."""
-  if naflex_patch is None:
-    image = jnp.zeros((1, d.image_size, d.image_size, 3), jnp.float32)
-  else:   # one row of one image: the params do not depend on the sizes
-    image = {"patches": jnp.zeros((1, 1, 3 * naflex_patch ** 2), jnp.float32),
-             "segment_ids": jnp.ones((1, 1), jnp.int32),
-             "positions": jnp.zeros((1, 1, 2), jnp.int32),
-             "shapes": jnp.ones((1, 1, 2), jnp.int32), "index": jnp.zeros((1,), jnp.int32)}
+def _dummy_batch(d, image_fields: dict | None = None) -> dict:
+  """One example as the objective's init takes it: the image as the tower of complete fields
+  image_fields takes it (mmjax.models.image.example_input; None: [1, S, S, 3])."""
+  image = (jnp.zeros((1, d.image_size, d.image_size, 3), jnp.float32) if image_fields is None
+           else image_lib.example_input(image_fields, d.image_size))
   return {"image": image, "text": jnp.zeros((1, d.text_len), jnp.int32)}
-
-
-class NaflexSettings(NamedTuple):
-  view: tuple[int, int, bool]   # the sources' per-example (patch, max_patches, native)
-  batches: Any                  # mmjax.data.naflex.Batches: a local batch -> the tower's input
-  prep: Any                     # the evaluation's NaflexPrep
-
-
-def _naflex_settings(config, ckpt) -> NaflexSettings | None:
-  """config.data.naflex for this process, or None without a NaFlex tower."""
-  n = config.data.naflex
-  if n.mode is None:
-    return None
-  image = ckpt.config["image"] if ckpt is not None else factory.tower_config(config, "image")
-  if image.get("tower") != "naflex":
-    raise ValueError("config.data.naflex.mode is set but the image tower (the checkpoint's) is "
-                     "not a NaFlex one")
-  patch = int(image["patch_size"][0])
-  p, count = jax.process_index(), jax.process_count()
-  if n.mode == "pack":
-    if n.rows % count:
-      raise ValueError(f"config.data.naflex.rows={n.rows} is not divisible by {count} processes")
-    rows = n.rows // count
-    batches = naflex_data.Batches("pack", patch, n.seq_len, rows=rows,
-                                  max_per_seq=n.max_per_seq, first_row=p * rows)
-  else:
-    local = config.batch_size // count
-    batches = naflex_data.Batches("pad", patch, n.max_patches, first_row=p * local)
-  mean, std = (ckpt.preprocess.mean, ckpt.preprocess.std) if ckpt is not None else ((0.5,) * 3,
-                                                                                    (0.5,) * 3)
-  prep = naflex_data.NaflexPrep(patch, n.eval_max_patches or n.max_patches, mean, std)
-  return NaflexSettings((patch, n.max_patches, n.mode == "pack"), batches, prep)
-
-
-class NaflexIterator:
-  """A train iterator whose batches' images become a NaFlex tower's input (Batches): the
-  position, state and counters are its parent's, plus data/padding_share and
-  data/naflex_shrunk (images shrunk to fit the rows so far)."""
-
-  def __init__(self, parent, batches):
-    self.parent, self.batches, self.padding = parent, batches, 0.0
-
-  def __next__(self) -> dict:
-    out = self.batches(dict(next(self.parent)))
-    self.padding = naflex_data.padding_share(out["image"])
-    return out
-
-  def get_state(self) -> dict:
-    return self.parent.get_state()
-
-  def set_state(self, state: dict) -> None:
-    self.parent.set_state(state)
-
-  def metrics(self) -> dict:
-    out = self.parent.metrics() if hasattr(self.parent, "metrics") else {}
-    return {**out, "data/padding_share": self.padding,
-            "data/naflex_shrunk": float(self.batches.shrunk)}
-
-  def close(self) -> None:
-    if hasattr(self.parent, "close"):
-      self.parent.close()
 
 
 def _data_metrics(data_iter) -> dict:
@@ -412,10 +346,14 @@ def build(config: ml_collections.ConfigDict, *, validate: bool = True) -> Run:
   normalize = None if ckpt is None else (ckpt.preprocess.mean, ckpt.preprocess.std)
   rng = jax.random.PRNGKey(config.seed)
   # The model's init is traced once, for shapes: the frozen labels and the state's shardings.
-  nf = _naflex_settings(config, ckpt)
-  naflex_patch = nf.view[0] if nf else None
+  image_fields = ckpt.config["image"] if ckpt is not None else factory.tower_config(config,
+                                                                                   "image")
+  # How the tower's batches are made beyond uint8 [b, S, S, 3] (a registered kind's own).
+  batching = sources.image_batching(config, image_fields, normalize=normalize,
+                                    process_index=jax.process_index(),
+                                    process_count=jax.process_count())
   abstract_variables = jax.eval_shape(objective.init_variables, rng,
-                                      _dummy_batch(config.data, naflex_patch))
+                                      _dummy_batch(config.data, image_fields))
   abstract_params = abstract_variables["params"]
   frozen = optimizer.frozen_labels(abstract_params, config.frozen) if config.frozen else None
   _check_frozen_batch_norm(objective, frozen, abstract_variables.get("batch_stats"), config)
@@ -435,18 +373,19 @@ def build(config: ml_collections.ConfigDict, *, validate: bool = True) -> Run:
   data_iter = source.train_iterator(
       config.data, tokenizer=tok, global_batch_size=config.batch_size, seed=config.seed,
       process_index=jax.process_index(), process_count=jax.process_count(), views=views,
-      caption_fields=objective.caption_fields(), **({"naflex": nf.view} if nf else {}),
+      caption_fields=objective.caption_fields(), **batching.view,
       **({"region_fields": objective.region_fields()} if objective.region_fields() else {}))
-  if nf:
-    data_iter = NaflexIterator(data_iter, nf.batches)
-  prep = nf.prep if nf else None if ckpt is None else ckpt.preprocess
+  data_iter = batching.wrap(data_iter)
+  prep = batching.prep   # the tower's own eval preparation, else the checkpoint's, else None
+  if prep is None and ckpt is not None:
+    prep = ckpt.preprocess
   evaluator = _make_evaluator(config, objective, source, train_src, tok, prep)
   return Run(config=config, mesh=mesh, objective=objective, tx=tx, schedule=schedule,
              data_iter=data_iter, evaluator=evaluator, rng=rng, abstract=abstract,
              state_sharding=state_sharding, batch_sharding=sharding.batch_sharding(mesh),
              t_start=t_start, start=None if ckpt is None else ckpt.variables,
              normalize=normalize, data_id=source.tokenizer_name, tokenizer_spec=tok.spec,
-             preprocess=prep or ImagePrep(config.data.image_size), naflex_patch=naflex_patch,
+             preprocess=prep or ImagePrep(config.data.image_size), image_fields=image_fields,
              architecture=None if ckpt is None else ckpt.config)
 
 
