@@ -141,8 +141,10 @@ def defaults() -> ml_collections.ConfigDict:
   # Its architecture, image size and preprocessing, text length and tokenizer replace
   # config.model's towers and config.data's image_size / text_len / tokenizer; config.loss
   # must be its loss. total_steps=0 evaluates it; more steps fine-tune it.
+  # init_from.skip: regexes over the prefix's parameter paths ('img/mask_token') that one
+  # run has and the other lacks: left as initialised here, or not read from there.
   c.init_from = ml_collections.ConfigDict(dict(workdir=placeholder(str), prefix="img",
-                                               checkpoint=placeholder(str)))
+                                               checkpoint=placeholder(str), skip=()))
   c.log_every = 20
   # A step whose loss or gradient norm is not finite leaves the state as it was, and
   # 'stop': the run stops there with an error (exit 1), the checkpoints already saved

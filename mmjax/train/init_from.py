@@ -3,6 +3,8 @@ and BatchNorm statistics) or config.init_from.workdir (a subtree of another run'
 
 from __future__ import annotations
 
+import re
+
 import jax
 import ml_collections
 import numpy as np
@@ -74,8 +76,12 @@ def from_run(state: TrainState, init_from, state_sharding, objective) -> TrainSt
                      f"runs; this run has {sorted(state.params)}, {init_from.workdir!r} has "
                      f"{sorted(loaded)}")
   loaded = {**loaded, prefix: scan_lib.match_blocks(loaded[prefix], state.params[prefix])}
-  want = jax.tree_util.tree_leaves_with_path(state.params[prefix])
-  got = dict(jax.tree_util.tree_leaves_with_path(loaded[prefix]))
+  skip = [re.compile(p) for p in init_from.get("skip") or ()]
+  name = lambda path: prefix + "/" + "/".join(str(getattr(k, "key", k)) for k in path)
+  kept = lambda path: not any(p.fullmatch(name(path)) for p in skip)
+  every = jax.tree_util.tree_leaves_with_path(state.params[prefix])
+  want = [(path, leaf) for path, leaf in every if kept(path)]
+  got = {p: x for p, x in jax.tree_util.tree_leaves_with_path(loaded[prefix]) if kept(p)}
   for path, leaf in want:
     if path not in got or got[path].shape != leaf.shape:
       raise ValueError(
@@ -88,9 +94,10 @@ def from_run(state: TrainState, init_from, state_sharding, objective) -> TrainSt
         f"config.init_from: {init_from.workdir!r} (step {step}) has {prefix} parameters this "
         f"run lacks, e.g. {prefix}{extra[0]} ({len(extra)} in all); the towers must have the "
         "same architecture")
+  # A skipped leaf keeps this run's initial value.
   sub = jax.tree.map(lambda x, y: np.asarray(y, x.dtype), state.params[prefix],
                      jax.tree.unflatten(jax.tree.structure(state.params[prefix]),
-                                        [got[p] for p, _ in want]))
+                                        [got[p] if kept(p) else leaf for p, leaf in every]))
   params = {**state.params, prefix: sub}
   params = jax.device_put(params, state_sharding.params)
   ema, stats = state.ema, state.batch_stats
