@@ -171,7 +171,7 @@ def test_log_mel_gradient_matches_float64_finite_differences(rng):
     up[i] += eps
     down[i] -= eps
     want[i] = (np.sum(w * ref_log_mel(up, **kw)) - np.sum(w * ref_log_mel(down, **kw))) / (2 * eps)
-  assert rel_err(got, want) < 1e-4, rel_err(got, want)
+  assert rel_err(got, want) < 1e-5, rel_err(got, want)   # worst seen 5.3e-7 over 3 seeds
 
 
 def test_log_mel_frames_and_jit():
