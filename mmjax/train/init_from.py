@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -102,7 +103,10 @@ def from_run(state: TrainState, init_from, state_sharding, objective) -> TrainSt
   params = jax.device_put(params, state_sharding.params)
   ema, stats = state.ema, state.batch_stats
   if ema is not None:
-    ema = jax.device_put(objective.ema_init(params), state_sharding.ema)
+    # Copies: an EMA that starts as the params (SigLIP 2's teacher, MoCo's momentum
+    # encoder) must not share their buffers, or the train step would donate one twice.
+    ema = jax.device_put(jax.tree.map(lambda x: jnp.array(x, copy=True),
+                                      objective.ema_init(params)), state_sharding.ema)
   if stats is not None and prefix in stats:   # the prefix's BatchNorm statistics come along
     theirs = (variables.get("batch_stats") or {}).get(prefix)
     if theirs is None:
