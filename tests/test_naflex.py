@@ -160,9 +160,14 @@ def test_posemb_resize_is_antialiased_bilinear(rng):
 
 def test_evaluate_a_siglip2_naflex_directory_as_transformers_would(converted, rng, tmp_path):
   """experiments.evaluate on a Siglip2Model directory: images of any aspect ratio through
-  NaflexPrep at the checkpoint's and at a chosen sequence length; the zero-shot accuracy equals
-  the one computed from transformers' Siglip2 image processor (PIL backend) and model."""
+  NaflexPrep at the checkpoint's and at a chosen sequence length; the image embeddings equal
+  those of transformers' Siglip2 image processor (PIL backend) and model, and the zero-shot
+  accuracy the one computed from them, the prompts naming the classes as evaluate does
+  (underscores as spaces). With random weights the classes' similarities are close (top-2
+  margins down to ~1e-4), so an image whose top two classes are within the float32 error of
+  each other may go either way: the accuracy is pinned to [sure hits, possible hits]."""
   from experiments import evaluate as cli
+  from mmjax.data.eval_data import readable_names
   from mmjax.data.naflex import NaflexPrep
   from mmjax.data.tokenizers import get_tokenizer
   from tests.test_evaluate_cli import CLASSES, image_folder
@@ -179,13 +184,17 @@ def test_evaluate_a_siglip2_naflex_directory_as_transformers_would(converted, rn
   names = [c for c in CLASSES if (root / c).is_dir()]
   labels = np.array([names.index(c) for c, _ in files])
   tok = get_tokenizer(spec)
-  prompts = [t.format(c=c) for c in names for t in ("a photo of a {c}.", "art of the {c}")]
+  # The class names as evaluate reads them off the folders ("golden_retriever": "golden retriever").
+  prompts = [t.format(c=c) for c in readable_names(names)
+             for t in ("a photo of a {c}.", "art of the {c}")]
   with torch.no_grad():
     txt = hf.text_model(input_ids=torch.from_numpy(np.asarray(tok.encode(prompts, 13)))
                         .long()).pooler_output.numpy()
   txt /= np.linalg.norm(txt, axis=1, keepdims=True)
   cls = txt.reshape(len(names), 2, -1).mean(1)
   cls /= np.linalg.norm(cls, axis=1, keepdims=True)
+  model = two_tower.Model(**ckpt.config)
+  tol = 1e-5   # float32 error of a similarity (measured: ~1e-7 on the embeddings)
   for max_patches in (None, 20):
     result = cli.evaluate(f"hf:{path}", f"folder:{root}", templates=str(templates),
                           tokenizer=spec, batch_size=4, progress=False, num_threads=1,
@@ -194,9 +203,24 @@ def test_evaluate_a_siglip2_naflex_directory_as_transformers_would(converted, rn
     inputs = proc([Image.open(f).convert("RGB") for _, f in files], return_tensors="pt")
     with torch.no_grad():
       img = hf.vision_model(**inputs).pooler_output.numpy()
-    acc = float(np.mean((img @ cls.T).argmax(1) == labels))
+    img /= np.linalg.norm(img, axis=1, keepdims=True)
+    # The embeddings of the images as evaluate prepares them (its checkpoint's NaflexPrep).
+    prep = ckpt.preprocess._replace(max_patches=max_patches or 256)
+    prepared = []
+    for _, f in files:
+      with Image.open(f) as im:
+        prepared.append(prep(im))
+    got = model.apply(ckpt.variables, {k: jnp.asarray(np.stack([x[k] for x in prepared]))
+                                       for k in prepared[0]}, method="encode_image")
+    np.testing.assert_allclose(np.asarray(got), img, atol=tol, err_msg=str(max_patches))
+    scores = img @ cls.T
+    true = scores[np.arange(len(labels)), labels]
+    others = np.where(np.eye(len(names), dtype=bool)[labels], -np.inf, scores).max(1)
+    sure, possible = int(np.sum(true > others + tol)), int(np.sum(true >= others - tol))
     assert result["max_patches"] == (max_patches or 256)
-    assert result["metrics"]["acc1"] == pytest.approx(acc, abs=1e-9), (max_patches, result)
+    n = len(labels)
+    assert sure / n - 1e-9 <= result["metrics"]["acc1"] <= possible / n + 1e-9, (
+        max_patches, sure, possible, result)
 
 
 def test_max_patches_on_a_fixed_size_model_is_one_line(tmp_path, rng):
