@@ -27,7 +27,7 @@ def _built(data_dir, rng, seed: int, **overrides):
   obj = objectives.make(config, objectives.Context(vocab_size=300))
   obj.config = config
   image = jnp.asarray(rng.normal(size=(3, 32, 32, 3)), jnp.float32)
-  text = jnp.asarray(rng.integers(1, 300, size=(3, 16)), jnp.int32)
+  text = jnp.asarray(rng.integers(1, 300, size=(3, config.data.text_len)), jnp.int32)
   params = obj.init_variables(jax.random.PRNGKey(seed), {"image": image, "text": text})["params"]
   return obj, image, text, params
 
@@ -206,11 +206,13 @@ def test_region_targets_and_sequences(data_dir, rng):
     RegionTargets(Tok(), 4, 8, 32, 0)('[{"text": "x"}]')
 
 
-def test_sample_regions_draws_distinct_valid_regions_uniformly(data_dir, rng):
+def test_sample_regions_draws_distinct_valid_regions_uniformly(rng):
   """regions_per_image = k: k distinct rows per image, valid ones before invalid ones, each
   valid one equally likely; 0 keeps them all."""
-  obj, _, _, _ = _built(data_dir, rng, seed=4, **{"siglip2.refexp_weight": 1.0,
-                                                  "siglip2.regions_per_image": 2})
+  from types import SimpleNamespace
+  from mmjax.objectives.siglip2 import Siglip2
+  obj = SimpleNamespace(settings=SimpleNamespace(regions_per_image=2))   # all it reads
+  obj.sample_regions = lambda key, x: Siglip2.sample_regions(obj, key, x)
   b, r = 500, 4
   regions = np.zeros((b, r, 6), np.int32)
   n_valid = np.array([1, 2, 3, 4] * (b // 4))
@@ -247,7 +249,7 @@ def test_captioner_is_greedy_and_caption_exact_counts(data_dir, rng):
   tokens; caption_exact counts the captions equal to their reference."""
   from mmjax.evaluate import evaluators
   from mmjax.evaluate.streaming import Embedded, Split
-  obj, image, _, params = _built(data_dir, rng, seed=5)
+  obj, image, _, params = _built(data_dir, rng, seed=5, **{"data.text_len": 6})
   # Params drawn larger than the init's, so the argmax is not the same token everywhere.
   params = jax.tree.map(lambda p: p + 0.3 * jax.random.normal(jax.random.PRNGKey(1), p.shape),
                         params)
