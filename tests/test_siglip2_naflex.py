@@ -104,7 +104,7 @@ def test_local_view_is_the_patches_of_a_pixel_crop(rng):
 
 
 def _naflex_objective(data_dir, rng):
-  """(the objective of SMALL with a NaFlex tower, a padded NaFlex batch, its params)."""
+  """(the objective of SMALL with a NaFlex tower, a padded NaFlex batch, texts, its params)."""
   from mmjax import objectives
   from mmjax.train import config as config_lib
   config = tiny_config(data_dir, **{**SMALL, **NAFLEX})
@@ -114,7 +114,12 @@ def _naflex_objective(data_dir, rng):
   image = {**batch, "patches": jnp.asarray(batch["patches"] / 127.5 - 1.0, jnp.float32)}
   text = jnp.asarray(rng.integers(1, 300, size=(4, 16)), jnp.int32)
   params = obj.init_variables(jax.random.PRNGKey(0), {"image": image, "text": text})["params"]
-  return obj, image, params
+  return obj, image, text, params
+
+
+def _noisy_padding(image):
+  valid = jnp.asarray(image["segment_ids"] > 0)[..., None]
+  return {**image, "patches": jnp.where(valid, image["patches"], 50.0)}
 
 
 def test_masks_never_touch_padding(data_dir, rng):
@@ -122,7 +127,7 @@ def test_masks_never_touch_padding(data_dir, rng):
   loss and the patch center are those of the valid tokens (recomputed through the model's
   methods); the padding's values change neither."""
   from mmjax.losses import distill
-  obj, image, params = _naflex_objective(data_dir, rng)
+  obj, image, _, params = _naflex_objective(data_dir, rng)
   valid = np.asarray(image["segment_ids"]) > 0
   shares = []
   for seed in range(20):
@@ -148,10 +153,30 @@ def test_masks_never_touch_padding(data_dir, rng):
   center = distill.update_center(ema["center_patch"], jnp.asarray(np.asarray(t_patch)[valid]),
                                  s.center_momentum)
   np.testing.assert_allclose(got["center_patch"], center, rtol=1e-5, atol=1e-7)
-  noisy = {**image, "patches": jnp.where(jnp.asarray(valid)[..., None], image["patches"], 50.0)}
-  again = obj.distill_losses(params, ema, noisy, key)
+  again = obj.distill_losses(params, ema, _noisy_padding(image), key)
   for k in ("masked_loss", "consistency_loss", "center_patch"):
     np.testing.assert_allclose(again[k], got[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_padding_values_change_no_loss_and_no_caption(data_dir, rng):
+  """Before and after the switch-on, every loss, and the greedy captions, are the same when the
+  padding tokens' pixels change (the decoder's cross-attention and the distillation read the
+  valid tokens only)."""
+  obj, image, text, params = _naflex_objective(data_dir, rng)
+  ema = obj.ema_init(params)
+  noisy = _noisy_padding(image)
+  for step in (0, obj.start):
+    key = jax.random.PRNGKey(step)
+    total, parts = obj.losses(params, ema, {"image": image, "text": text}, key, jnp.int32(step))
+    total2, parts2 = obj.losses(params, ema, {"image": noisy, "text": text}, key, jnp.int32(step))
+    np.testing.assert_allclose(total2, total, rtol=1e-5)
+    for k in ("caption_loss", "sigmoid_loss", "consistency_loss", "masked_loss"):
+      np.testing.assert_allclose(parts2[k], parts[k], rtol=1e-5, atol=1e-6, err_msg=k)
+  assert parts["distill_on"] == 1.0
+  big = jax.tree.map(lambda p: p + 0.3 * jax.random.normal(jax.random.PRNGKey(1), p.shape), params)
+  caps = np.asarray(obj.captioner()({"params": big}, image))
+  assert caps.shape == (4, obj.text_len) and len(np.unique(caps)) > 1
+  np.testing.assert_array_equal(np.asarray(obj.captioner()({"params": big}, noisy)), caps)
 
 
 def test_naflex_siglip2_trains_on_scenes_and_resumes_across_the_switch_on(data_dir, tmp_path):
