@@ -41,13 +41,18 @@ def _length(x) -> int:
 
 
 def _rows(x, valid: np.ndarray):
-  """The rows of x where valid [b] is True (x an array or a list)."""
+  """The rows of x where valid [b] is True (x an array, a list, or a dict of them: a NaFlex
+  image batch)."""
+  if isinstance(x, dict):
+    return {k: _rows(v, valid) for k, v in x.items()}
   if isinstance(x, list):
     return [t for t, v in zip(x, valid) if v]
   return np.asarray(x)[valid]
 
 
 def _concat(parts: Sequence):
+  if isinstance(parts[0], dict):
+    return {k: _concat([p[k] for p in parts]) for k in parts[0]}
   if isinstance(parts[0], list):
     return [t for p in parts for t in p]
   return np.concatenate(parts)

@@ -86,12 +86,19 @@ def masked_prediction_loss(student: jax.Array, teacher: jax.Array, mask: jax.Arr
   return jnp.sum(per_patch * m) / jnp.maximum(jnp.sum(m), 1.0)
 
 
-def update_center(center: jax.Array, teacher: jax.Array, momentum: float = 0.9) -> jax.Array:
+def update_center(center: jax.Array, teacher: jax.Array, momentum: float = 0.9,
+                  where: jax.Array | None = None) -> jax.Array:
   """center * momentum + (1 - momentum) * the teacher logits' mean over every leading axis:
-  [K] and [..., K] -> [K] float32."""
+  [K] and [..., K] -> [K] float32; where [...] bool (None: all): the rows averaged (a NaFlex
+  tower's valid tokens)."""
   if not 0.0 <= momentum <= 1.0:
     raise ValueError(f"momentum={momentum} must be in [0, 1]")
-  mean = jnp.mean(teacher.astype(jnp.float32).reshape(-1, teacher.shape[-1]), axis=0)
+  rows = teacher.astype(jnp.float32).reshape(-1, teacher.shape[-1])
+  if where is None:
+    mean = jnp.mean(rows, axis=0)
+  else:
+    w = where.reshape(-1, 1).astype(jnp.float32)
+    mean = jnp.sum(rows * w, axis=0) / jnp.maximum(jnp.sum(w), 1.0)
   return momentum * center.astype(jnp.float32) + (1.0 - momentum) * jax.lax.stop_gradient(mean)
 
 

@@ -61,16 +61,23 @@ class AttentionalPooler(nn.Module):
 
 
 class CrossBlock(BlockSettings):
-  """x + attn(LN(x), LN_kv(context)); x + mlp(LN(x)): [b, L, w], context [b, n, c] -> [b, L, w]."""
+  """x + attn(LN(x), LN_kv(context)); x + mlp(LN(x)): [b, L, w], context [b, n, c] -> [b, L, w].
+  key_mask [b, n] bool (None: every context token): the context tokens attended to (a NaFlex
+  tower's padding, segment id 0, left out)."""
 
   @nn.compact
-  def __call__(self, x: jax.Array, context: jax.Array, train: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array, context: jax.Array, train: bool = False,
+               key_mask: jax.Array | None = None) -> jax.Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     drop = nn.Dropout(self.dropout, deterministic=not train)
     y = LayerNorm(epsilon=self.ln_eps, name="ln1", **kw)(x)
     c = LayerNorm(epsilon=self.ln_eps, name="ln1_kv", **kw)(context)
+    if key_mask is not None and key_mask.shape != context.shape[:2]:
+      raise ValueError(f"key_mask {key_mask.shape} must be [batch, context tokens] = "
+                       f"{context.shape[:2]}")
+    mask = None if key_mask is None else key_mask[:, None, None, :]
     x = x + drop(MultiHeadAttention(self.num_heads, impl=self.attention_impl, name="attn",
-                                    **kw)(y, c))
+                                    **kw)(y, c, mask=mask))
     y = LayerNorm(epsilon=self.ln_eps, name="ln2", **kw)(x)
     return x + drop(MlpBlock(self.mlp_dim, self.dropout, act=self.act, name="mlp", **kw)(
         y, train=train))
@@ -142,7 +149,8 @@ class Decoder(nn.Module):
   """The multimodal decoder: `depth` x (causal self-attention block, cross-attention block
   to the image tokens), then LayerNorm and the vocabulary projection (no bias).
   x [b, L, width], image_tokens [b, n, e] -> (logits [b, L, vocab] float32, hidden [b, L, width]
-  after the LayerNorm). With decode=True (after the cache is made) L is 1: one step."""
+  after the LayerNorm); key_mask [b, n] bool (None: all): the image tokens cross-attended to.
+  With decode=True (after the cache is made) L is 1: one step."""
   vocab_size: int
   width: int
   depth: int
@@ -159,7 +167,8 @@ class Decoder(nn.Module):
   decode: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array, image_tokens: jax.Array, *, train: bool = False):
+  def __call__(self, x: jax.Array, image_tokens: jax.Array, *, train: bool = False,
+               key_mask: jax.Array | None = None):
     if x.shape[-1] != self.width:
       raise ValueError(f"decoder width {self.width} != the text tower's width {x.shape[-1]}")
     settings = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, dropout=self.dropout,
@@ -172,7 +181,7 @@ class Decoder(nn.Module):
       cross = nn.remat(cross, static_argnums=(3,), policy=policy)
     for i in range(self.depth):
       x = block(**settings, decode=self.decode, name=f"block{i}")(x, None, True, train)
-      x = cross(**settings, name=f"cross{i}")(x, image_tokens, train)
+      x = cross(**settings, name=f"cross{i}")(x, image_tokens, train, key_mask)
     h = LayerNorm(epsilon=self.ln_eps, name="ln_final", dtype=self.dtype,
                   param_dtype=self.param_dtype)(x)
     logits = Dense(self.vocab_size, use_bias=False, dtype=self.dtype,

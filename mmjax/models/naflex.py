@@ -129,6 +129,54 @@ def check_inputs(image) -> None:
                        f" it must be {'[b, L, 2]' if k == 'positions' else '[b, k, 2]' if k == 'shapes' else '[b, L]'}")
 
 
+def valid_tokens(image) -> jax.Array | None:
+  """A NaFlex input's non-padding tokens, bool [b, L] (segment id > 0); None for an image
+  array [b, H, W, 3] (every token of a ViT is an image's)."""
+  return jnp.asarray(image["segment_ids"]) > 0 if isinstance(image, dict) else None
+
+
+def _grid_order(positions: jax.Array, valid: jax.Array, cols: jax.Array) -> jax.Array:
+  """[L] int: the token holding row-major grid cell i at index i (then the padding): one
+  image's positions [L, 2], valid [L] bool, its grid's column count []."""
+  cell = positions[:, 0] * cols + positions[:, 1]
+  return jnp.argsort(jnp.where(valid, cell, positions.shape[0] + jnp.arange(valid.shape[0])))
+
+
+def crop_grid(image: dict, rng: jax.Array, share: float) -> dict:
+  """A random contiguous sub-grid of each image's patch grid, as a new NaFlex input: a smaller
+  image at the same pixel scale (SILC's local view of a NaFlex image).
+
+  image: NaFlex input of one image a row ('pad'): patches [b, L, D], segment_ids [b, L],
+  positions [b, L, 2], shapes [b, 1, 2]. Row i's grid (h, w) gives a crop of h' x w' patches,
+  h' = max(1, round(share * h)) (half to even), w' likewise, at a uniform random offset
+  (y0 in [0, h - h'], x0 in [0, w - w']). Returns the same keys and shapes: the crop's patches
+  row-major in tokens 0 .. h' w' - 1, positions (0..h'-1, 0..w'-1), segment id 1, shapes
+  (h', w'); zeros elsewhere (padding). Other keys ('index') are dropped.
+  """
+  if image["shapes"].shape[1] != 1:
+    raise ValueError(f"crop_grid takes one image a row; shapes is {image['shapes'].shape}")
+
+  def one(key, patches, seg, pos, shape):
+    h, w = jnp.maximum(shape[0, 0], 1), jnp.maximum(shape[0, 1], 1)
+    ch = jnp.maximum(1, jnp.round(share * h)).astype(jnp.int32)
+    cw = jnp.maximum(1, jnp.round(share * w)).astype(jnp.int32)
+    ky, kx = jax.random.split(key)
+    y0 = jax.random.randint(ky, (), 0, h - ch + 1)
+    x0 = jax.random.randint(kx, (), 0, w - cw + 1)
+    t = jnp.arange(seg.shape[0])
+    r, c = t // cw, t % cw
+    keep = t < ch * cw
+    src = _grid_order(pos, seg > 0, w)[jnp.where(keep, (y0 + r) * w + x0 + c, 0)]
+    return (jnp.where(keep[:, None], patches[src], 0).astype(patches.dtype),
+            keep.astype(seg.dtype),
+            jnp.where(keep[:, None], jnp.stack([r, c], -1), 0).astype(pos.dtype),
+            jnp.stack([ch, cw])[None].astype(shape.dtype))
+
+  keys = jax.random.split(rng, image["patches"].shape[0])
+  out = jax.vmap(one)(keys, *(jnp.asarray(image[k]) for k in KEYS))
+  return dict(zip(KEYS, out))
+
+
 class NaFlexViT(nn.Module):
   """A ViT over NaFlex inputs (the module docstring): image dict -> (pooled, {'encoded'}).
 
@@ -152,14 +200,26 @@ class NaFlexViT(nn.Module):
   attention_impl: str = "xla"
   act: str = "gelu"
   ln_eps: float = 1e-6
+  mask_token: bool = False   # a learned 'mask_token' for masked patches (TIPS: `mask=`), as ViT's
 
   @nn.compact
-  def __call__(self, image: dict, *, train: bool = False):
+  def __call__(self, image: dict, *, train: bool = False, mask: jax.Array | None = None):
+    """mask: bool [b, L], True where a token's patch embedding is replaced by the learned mask
+    token before the position embedding is added; needs mask_token=True."""
     check_inputs(image)
     seg = jnp.asarray(image["segment_ids"], jnp.int32)
     shapes = jnp.asarray(image["shapes"], jnp.int32)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = Dense(self.width, name="embedding", **kw)(image["patches"].astype(self.dtype))
+    if self.mask_token:
+      token = self.param("mask_token", nn.initializers.normal(0.02), (self.width,),
+                         self.param_dtype)
+      if mask is not None:
+        if mask.shape != seg.shape:
+          raise ValueError(f"mask {mask.shape} must be [batch, tokens] = {seg.shape}")
+        x = jnp.where(mask[..., None], token.astype(x.dtype), x)
+    elif mask is not None:
+      raise ValueError("mask= needs a NaFlex tower with mask_token=True (its learned mask token)")
     g = self.posemb_grid
     table = self.param("pos_embedding", nn.initializers.normal(self.width ** -0.5),
                        (g, g, self.width), self.param_dtype)

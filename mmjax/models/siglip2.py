@@ -7,7 +7,9 @@ heads of the late-training self-distillation (mmjax.losses.distill).
                   decoder=dict(vocab_size=..., max_len=..., width=..., depth=..., mlp_dim=...,
                                num_heads=...), prototypes=256)
   pooled, tokens = model.apply(v, image, mask=mask, method="image_outputs")  # [b, w], [b, n, w]
-  logits = model.apply(v, dec_tokens, tokens, method="decode")               # [b, L, vocab]
+  logits = model.apply(v, dec_tokens, tokens, key_mask, method="decode")     # [b, L, vocab]
+(image: [b, H, W, 3], or a NaFlex tower's dict, whose padding tokens key_mask leaves out of the
+decoder's cross-attention: mmjax.models.naflex.valid_tokens; None for a ViT.)
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ EXTRA_KEYS = ("decoder", "proto_global", "proto_patch")
 class LoccaDecoder(nn.Module):
   """Its own token and position embeddings, then CoCa's decoder blocks (causal self-attention,
   cross-attention to the image tokens) and vocabulary head: tokens [b, L] int, image_tokens
-  [b, n, e] -> logits [b, L, vocab_size] float32."""
+  [b, n, e], key_mask [b, n] bool or None (the image tokens attended to; None: all) -> logits
+  [b, L, vocab_size] float32."""
   vocab_size: int
   max_len: int
   width: int
@@ -42,7 +45,8 @@ class LoccaDecoder(nn.Module):
   ln_eps: float = 1e-6
 
   @nn.compact
-  def __call__(self, tokens: jax.Array, image_tokens: jax.Array, *, train: bool = False):
+  def __call__(self, tokens: jax.Array, image_tokens: jax.Array, *, train: bool = False,
+               key_mask: jax.Array | None = None):
     if tokens.shape[1] > self.max_len:
       raise ValueError(f"decoder tokens {tokens.shape} longer than max_len={self.max_len}")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -53,8 +57,8 @@ class LoccaDecoder(nn.Module):
     x = x + pe[:, :tokens.shape[1]].astype(x.dtype)
     logits, _ = coca.Decoder(self.vocab_size, self.width, self.depth, self.mlp_dim,
                              self.num_heads, attention_impl=self.attention_impl, act=self.act,
-                             ln_eps=self.ln_eps, name="blocks", **kw)(x, image_tokens,
-                                                                     train=train)
+                             ln_eps=self.ln_eps, name="blocks", **kw)(x, image_tokens, train=train,
+                                                                     key_mask=key_mask)
     return logits
 
 
@@ -98,8 +102,11 @@ class Siglip2(two_tower.TwoTower):
       out["bias"] = self.b
     return self.embed_pooled(pooled), self.encode_text(text, train=train), out, tokens
 
-  def decode(self, tokens: jax.Array, image_tokens: jax.Array, *, train: bool = False):
-    return self.locca(tokens, image_tokens, train=train)
+  def decode(self, tokens: jax.Array, image_tokens: jax.Array,
+             key_mask: jax.Array | None = None, *, train: bool = False):
+    """tokens [b, L], image_tokens [b, n, w], key_mask [b, n] bool or None (a NaFlex tower's
+    valid tokens) -> logits [b, L, vocab] float32."""
+    return self.locca(tokens, image_tokens, train=train, key_mask=key_mask)
 
   def prototype_logits(self, pooled: jax.Array, tokens: jax.Array):
     """(global [b, K] float32, per patch [b, n, K] float32)."""

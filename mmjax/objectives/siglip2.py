@@ -17,6 +17,13 @@ switch-on step; before it the teacher copies the student, so it starts from the 
 The local views: `local_crops` random square crops of `local_crop` of the image's side, resized
 back (SILC's local crops); the masked view: `mask_ratio` of the student's patches replaced by
 the tower's mask token.
+
+With a NaFlex image tower (config.model.image.tower='naflex', batches in config.data.naflex.mode
+'pad': one image a row, padding tokens of segment id 0) the decoder's cross-attention leaves the
+padding out (its key mask), the masked view masks valid patches only, and a local view is a
+random sub-grid of local_crop of each side of the image's patch grid
+(mmjax.models.naflex.crop_grid: a smaller image at the same pixel scale). Boxes are in
+normalised image coordinates, which NaFlex's aspect-preserving resize keeps.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import numpy as np
 from mmjax.data import regions as region_lib
 from mmjax.losses import distill
 from mmjax.losses.captioning import caption_loss
-from mmjax.models import factory, image as image_lib, siglip2
+from mmjax.models import factory, image as image_lib, naflex, siglip2
 from mmjax.objectives.base import Context, Objective, encoders, register, vit_patch_tokens
 from mmjax.objectives.contrastive import loss_of
 
@@ -67,6 +74,11 @@ class RecordRegions:
   def __call__(self, record: dict) -> np.ndarray:
     raw = record[self.key]
     return self.targets(raw.decode() if isinstance(raw, bytes) else str(raw))
+
+
+def _repeat(key_mask: jax.Array | None, r: int) -> jax.Array | None:
+  """[b, n] -> [b * r, n]: each image's row r times (None stays None)."""
+  return None if key_mask is None else jnp.repeat(key_mask, r, axis=0)
 
 
 @register("siglip2")
@@ -124,16 +136,17 @@ class Siglip2(Objective):
                 "box_bins"):
       if not isinstance(s[key], int) or isinstance(s[key], bool) or s[key] < 1:
         raise ValueError(f"config.siglip2.{key} must be a positive int; got {s[key]!r}")
-    if config.model.image.tower == "naflex":
-      raise ValueError("config.loss='siglip2' takes square images for now (its local crops); "
-                       "config.model.image.tower='naflex' is not supported yet")
+    if config.model.image.tower == "naflex" and config.data.naflex.mode == "pack":
+      # The decoder pairs each row's tokens with one text; packed rows hold several images.
+      raise ValueError("config.data.naflex.mode='pack': siglip2 takes NaFlex batches in mode 'pad'")
 
   def __init__(self, config: ml_collections.ConfigDict, context: Context):
     s = self.settings = config.siglip2
     base = factory.two_tower_model(config, context.vocab_size, loss="siglip")
-    if image_lib.kind(base.image).name != "vit":
+    if image_lib.kind(base.image).name not in ("vit", "naflex"):
       raise ValueError(f"config.loss='siglip2' needs a ViT image tower (its patch tokens and "
-                       f"mask token); config.model.image is a {image_lib.kind(base.image).name!r}")
+                       f"mask token) or a NaFlex one; config.model.image is a "
+                       f"{image_lib.kind(base.image).name!r}")
     text = dict(base.text)
     # The decoder's vocabulary: the text's, the task tokens, the box tokens.
     v = context.vocab_size
@@ -182,12 +195,13 @@ class Siglip2(Objective):
     return vit_patch_tokens(self.model)
 
   def greedy(self, variables, seq: jax.Array, image_tokens: jax.Array, steps: int,
-             lo: int, hi: int) -> jax.Array:
+             lo: int, hi: int, key_mask: jax.Array | None = None) -> jax.Array:
     """seq [b, s] (a task token and its prompt) + `steps` tokens decoded greedily among ids
-    [lo, hi), cross-attending to image_tokens [b, n, w]: [b, s + steps] (the decoder rerun
-    over the whole prefix each step: steps are few)."""
+    [lo, hi), cross-attending to image_tokens [b, n, w] (those of key_mask [b, n] bool, None:
+    all): [b, s + steps] (the decoder rerun over the whole prefix each step: steps are few)."""
     for _ in range(steps):
-      logits = self.model.apply(variables, seq, image_tokens, method="decode")[:, -1, lo:hi]
+      logits = self.model.apply(variables, seq, image_tokens, key_mask,
+                                method="decode")[:, -1, lo:hi]
       seq = jnp.concatenate([seq, (jnp.argmax(logits, -1) + lo)[:, None].astype(seq.dtype)], 1)
     return seq
 
@@ -205,7 +219,8 @@ class Siglip2(Objective):
       rows = regions.reshape(b * r, -1)
       seq = jnp.concatenate([jnp.full((b * r, 1), self.task_ids["ref"], rows.dtype),
                              rows[:, 5:]], 1)
-      seq = self.greedy(variables, seq, jnp.repeat(tokens, r, axis=0), 4, lo, hi)
+      seq = self.greedy(variables, seq, jnp.repeat(tokens, r, axis=0), 4, lo, hi,
+                        _repeat(naflex.valid_tokens(image), r))
       return seq[:, -4:].reshape(b, r, 4)
 
     return (lambda v, batch: predict(v, batch["image"], batch["regions"])), s.box_bins, lo
@@ -218,8 +233,9 @@ class Siglip2(Objective):
 
     def captions(variables, image):
       _, tokens = model.apply(variables, image, method="image_outputs")
-      seq = jnp.full((image.shape[0], 1), self.task_ids["caption"], jnp.int32)
-      return self.greedy(variables, seq, tokens, self.text_len, 0, self.task_ids["caption"])[:, 1:]
+      seq = jnp.full((tokens.shape[0], 1), self.task_ids["caption"], jnp.int32)
+      return self.greedy(variables, seq, tokens, self.text_len, 0, self.task_ids["caption"],
+                         naflex.valid_tokens(image))[:, 1:]
     return jax.jit(captions)
 
   def sample_regions(self, rng: jax.Array, regions: jax.Array) -> jax.Array:
@@ -273,9 +289,15 @@ class Siglip2(Objective):
     pad = jnp.full((b, 1), self.pad_id, text.dtype)
     return jnp.concatenate([task, text], 1), jnp.concatenate([text, pad], 1)
 
-  def local_views(self, rng: jax.Array, image: jax.Array) -> jax.Array:
-    """[v, b, H, W, 3]: v random square crops of local_crop of the side, resized to H x W."""
-    s, (b, h, w, c) = self.settings, image.shape
+  def local_views(self, rng: jax.Array, image):
+    """[v, b, H, W, 3]: v random square crops of local_crop of the side, resized to H x W; for
+    a NaFlex input, its keys with leading [v, b]: v random sub-grids (naflex.crop_grid)."""
+    s = self.settings
+    if isinstance(image, dict):
+      views = [naflex.crop_grid(image, r, s.local_crop)
+               for r in jax.random.split(rng, s.local_crops)]
+      return jax.tree.map(lambda *x: jnp.stack(x), *views)
+    b, h, w, c = image.shape
     side = max(1, int(round(s.local_crop * min(h, w))))
 
     def one(r, im):
@@ -288,6 +310,14 @@ class Siglip2(Objective):
     keys = jax.random.split(rng, s.local_crops * b).reshape(s.local_crops, b, -1)
     return jax.vmap(jax.vmap(one))(keys, jnp.broadcast_to(image, (s.local_crops, *image.shape)))
 
+  def masked_patches(self, rng: jax.Array, image, n: int | None = None) -> jax.Array:
+    """[b, n] bool: each patch masked with probability mask_ratio (n: a ViT's patch tokens); a
+    NaFlex input's valid tokens only ([b, L], padding never masked nor predicted)."""
+    valid = naflex.valid_tokens(image)
+    shape = valid.shape if valid is not None else (image.shape[0], n)
+    mask = jax.random.uniform(rng, shape) < self.settings.mask_ratio
+    return mask if valid is None else jnp.logical_and(mask, valid)
+
   def distill_losses(self, params, ema, image, rng) -> dict:
     """{'consistency_loss', 'masked_loss', 'center_global', 'center_patch'} of a batch."""
     s, model = self.settings, self.model
@@ -297,13 +327,13 @@ class Siglip2(Objective):
     t_global, t_patch = model.apply({"params": teacher}, t_pooled, t_tokens,
                                     method="prototype_logits")
     views = self.local_views(r_views, image)
-    v, b = views.shape[:2]
-    pooled, _ = model.apply({"params": params}, views.reshape(v * b, *image.shape[1:]),
-                            method="image_outputs")
+    v, b = jax.tree.leaves(views)[0].shape[:2]
+    flat = jax.tree.map(lambda x: x.reshape(v * b, *x.shape[2:]), views)
+    pooled, _ = model.apply({"params": params}, flat, method="image_outputs")
     s_global, _ = model.apply({"params": params}, pooled, jnp.zeros((v * b, 1, pooled.shape[-1])),
                               method="prototype_logits")
-    n = t_tokens.shape[1]
-    mask = jax.random.uniform(r_mask, (b, n)) < s.mask_ratio
+    valid = naflex.valid_tokens(image)   # None for a ViT: every patch
+    mask = self.masked_patches(r_mask, image, t_tokens.shape[1])
     _, m_tokens = model.apply({"params": params}, image, mask=mask, method="image_outputs")
     _, s_patch = model.apply({"params": params}, pooled[:b], m_tokens, method="prototype_logits")
     temps = dict(student_temp=s.student_temp, teacher_temp=s.teacher_temp)
@@ -313,7 +343,8 @@ class Siglip2(Objective):
         "masked_loss": distill.masked_prediction_loss(s_patch, t_patch, mask, ema["center_patch"],
                                                       **temps),
         "center_global": distill.update_center(ema["center_global"], t_global, s.center_momentum),
-        "center_patch": distill.update_center(ema["center_patch"], t_patch, s.center_momentum)}
+        "center_patch": distill.update_center(ema["center_patch"], t_patch, s.center_momentum,
+                                              where=valid)}
 
   def losses(self, params, ema, batch, rng, step) -> tuple[jax.Array, dict]:
     """(the weighted total, its parts and the new teacher centers under 'ema')."""
@@ -323,17 +354,20 @@ class Siglip2(Objective):
     zimg, ztxt, out, tokens = model.apply({"params": params}, image, text, train=True,
                                           rngs={"dropout": r_drop}, method="train_outputs")
     parts = {"sigmoid_loss": self.sigmoid(zimg, ztxt, out)}
+    key_mask = naflex.valid_tokens(image)   # a NaFlex row's padding: not cross-attended to
     inputs, labels = self.caption_inputs(text)
-    logits = model.apply({"params": params}, inputs, tokens, method="decode")
+    logits = model.apply({"params": params}, inputs, tokens, key_mask, method="decode")
     parts["caption_loss"] = caption_loss(logits, labels, pad_id=self.pad_id)
     total_locca = s.caption_weight * parts["caption_loss"]
     if self.uses_regions:
       regions = self.sample_regions(r_regions, batch["regions"])
       per_region = jnp.repeat(tokens, regions.shape[1], axis=0)   # [b * k, n, w]
+      region_mask = _repeat(key_mask, regions.shape[1])
       sequences = self.region_sequences(regions)
       for name, weight in (("ref", s.refexp_weight), ("ground", s.grounded_weight)):
         inputs, labels = sequences[name]
-        logits = model.apply({"params": params}, inputs, per_region, method="decode")
+        logits = model.apply({"params": params}, inputs, per_region, region_mask,
+                             method="decode")
         parts[f"{name}_loss"] = caption_loss(logits, labels, pad_id=self.pad_id)
         total_locca = total_locca + weight * parts[f"{name}_loss"]
     on = (step >= self.start).astype(jnp.float32)
