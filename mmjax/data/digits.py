@@ -81,15 +81,23 @@ class MmjaxDigits(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager):
     del dl_manager  # nothing to download: the data ships inside scikit-learn
-    from sklearn.datasets import load_digits   # ~0.7 s to import: only on the first build
-    digits = load_digits()
-    train, test = split_indices(digits.target)
-    return {"train": self._generate_examples(digits, train, "train"),
-            "test": self._generate_examples(digits, test, "test")}
+    return {split: self._generate_examples(split) for split in ("train", "test")}
 
-  def _generate_examples(self, digits, indices, split):
-    rng = np.random.default_rng([SEED, len(split)])
-    for i in indices:
-      label = int(digits.target[i])
-      yield int(i), {"image": upscale(digits.images[i]), "text": caption(label, rng),
-                     "label": label}
+  def _generate_examples(self, split):
+    yield from split_examples(split)
+
+
+def split_examples(split: str):
+  """The split's examples in order, as the TFDS build has them: (scikit-learn index,
+  {'image': 32x32 RGB PIL image, 'text': caption, 'label': int})."""
+  from sklearn.datasets import load_digits   # ~0.7 s to import: only when building
+  digits = load_digits()
+  train, test = split_indices(digits.target)
+  indices = {"train": train, "test": test}.get(split)
+  if indices is None:
+    raise ValueError(f"digits split {split!r}: the digits have 'train' and 'test'")
+  rng = np.random.default_rng([SEED, len(split)])
+  for i in indices:
+    label = int(digits.target[i])
+    yield int(i), {"image": upscale(digits.images[i]), "text": caption(label, rng),
+                   "label": label}

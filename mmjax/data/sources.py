@@ -141,6 +141,13 @@ class TfdsSource(DataSource):
   """A prepared TFDS dataset named config.data.name (array_record under data_dir): the
   default for every name no other source registered."""
 
+  @classmethod
+  def check_config(cls, config) -> None:
+    if config.data.get("audio_ext"):
+      raise ValueError(f"config.data.audio_ext={config.data.audio_ext!r}: audio is read from "
+                       "webdataset shards (config.data.name='wds'), not from TFDS "
+                       f"{config.data.name!r}")
+
   def __init__(self, data, data_dir: str):
     self.data = data
     self.dataset = pipeline.open_dataset(data, data_dir)

@@ -11,7 +11,8 @@ identity (seed, sequence position, key), and batches what decodes. Process p of 
 [p * streams / P, (p + 1) * streams / P), so the global batch, the processes' batches stacked in
 process order, is the same whatever P divides `streams` (default: one stream per process).
 
-A bad sample (an image that does not decode, no image member, no or an empty caption) or a
+A bad sample (an image that does not decode, no image member, no or an empty caption; with
+config.data.audio_ext, no audio member or one that does not decode: counted as a bad image) or a
 shard that cannot be read to its end is skipped: counted per kind (KINDS) in the batch that
 would have held it, warned once per kind, and a run ends (DataError) when more than
 max_skip_fraction of what it read was bad. The iterator's state (grain's, JSON) holds the
@@ -26,6 +27,7 @@ import hashlib
 import io
 import os
 import sys
+import wave
 import zlib
 
 import grain
@@ -144,20 +146,52 @@ def random_resized_crop(im: Image.Image, size: int, rng: np.random.Generator, *,
   return np.asarray(out, np.uint8)
 
 
+def decode_wav(data: bytes, *, sample_rate: int, length: int) -> np.ndarray:
+  """A PCM WAV file's bytes (8-, 16- or 32-bit, mono) -> float32 [length] in [-1, 1]: cut
+  or zero-padded at the end. ValueError (a one-line reason) for a bad header, no frames,
+  fewer frames than the header says, several channels or another sample rate (nothing is
+  resampled)."""
+  try:
+    with wave.open(io.BytesIO(data)) as w:
+      rate, width, channels, frames = (w.getframerate(), w.getsampwidth(), w.getnchannels(),
+                                        w.getnframes())
+      pcm = w.readframes(frames)
+  except (wave.Error, EOFError, OSError) as e:
+    raise ValueError(f"not a PCM WAV ({type(e).__name__}: {e})") from None
+  if rate != sample_rate:
+    raise ValueError(f"{rate} Hz, config.data.audio_rate is {sample_rate}")
+  if channels != 1:
+    raise ValueError(f"{channels} channels (mono only)")
+  kinds = {1: ("u1", 128, 128.0), 2: ("<i2", 0, 32768.0), 4: ("<i4", 0, 2.0 ** 31)}
+  if width not in kinds:
+    raise ValueError(f"{8 * width}-bit samples (8, 16 or 32-bit PCM only)")
+  dtype, zero, scale = kinds[width]
+  if not pcm:
+    raise ValueError("no audio frames")
+  if len(pcm) < frames * width:
+    raise ValueError(f"truncated: the header has {frames} frames, the file {len(pcm) // width}")
+  x = (np.frombuffer(pcm, dtype).astype(np.float32) - zero) / scale
+  out = np.zeros(length, np.float32)
+  out[:min(length, len(x))] = x[:length]
+  return out
+
+
 def _skip(kind: str, where: str, sample: dict) -> dict:
   return {"__skip__": kind, "__where__": where, "__item__": sample["__item__"],
           "__n__": sample["__n__"]}
 
 
 class Decode:
-  """A raw sample -> {'image' uint8 [S, S, 3], 'text' int32 [L][, 'image2', caption fields]}
-  or a skip marker. caption_fields: {key: a picklable caption -> array function}. A
-  module-level class: grain's workers pickle it."""
+  """A raw sample -> {'image' uint8 [S, S, 3], 'text' int32 [L][, 'image2', caption fields,
+  'audio' float32 [T]]} or a skip marker. caption_fields: {key: a picklable caption -> array
+  function}. audio_ext (None: no audio): the WAV member read as 'audio', T = audio_rate *
+  audio_seconds samples. A module-level class: grain's workers pickle it."""
 
   def __init__(self, *, tokenizer, image_size: int, text_len: int, image_ext: str,
                text_ext: str, seed: int, augment: bool = True, crop_scale_min: float = 0.6,
                flip: bool = False, views: int = 1, caption_fields=None, naflex=None,
-               region_fields=None, regions_ext: str = "json"):
+               region_fields=None, regions_ext: str = "json", audio_ext: str | None = None,
+               audio_rate: int = 16000, audio_seconds: float = 2.0):
     self.tokenizer, self.size, self.text_len = tokenizer, image_size, text_len
     self.naflex = naflex   # (patch, max_patches, native): mmjax.data.naflex.train_view
     self.image_exts, self.text_ext = _exts(image_ext, "image_ext"), _exts(text_ext, "text_ext")[0]
@@ -165,6 +199,14 @@ class Decode:
         seed, augment, crop_scale_min, flip, views)
     self.caption_fields = dict(caption_fields or {})
     self.region_fields, self.regions_ext = dict(region_fields or {}), regions_ext
+    self.audio_exts = _exts(audio_ext, "audio_ext") if audio_ext else ()
+    if set(self.audio_exts) - {"wav"}:
+      raise ValueError(f"config.data.audio_ext={audio_ext!r}: only 'wav' (PCM) is read")
+    samples = audio_rate * audio_seconds   # 16000 * 0.3 is 4800.000000000001
+    self.audio_rate, self.audio_len = audio_rate, int(round(samples))
+    if self.audio_exts and (self.audio_len <= 0 or abs(samples - self.audio_len) > 1e-6):
+      raise ValueError(f"config.data.audio_seconds={audio_seconds} x audio_rate={audio_rate} "
+                       "must be a positive whole number of samples")
 
   def _view(self, im: Image.Image, rng: np.random.Generator, draft: bool) -> np.ndarray:
     if self.augment:
@@ -207,6 +249,15 @@ class Decode:
           views.append(self._view(im, rng, draft=False))
     except _IMAGE_ERRORS as e:
       return _skip("image", f"{where}.{ext}: {type(e).__name__}: {e}", sample)
+    if self.audio_exts:
+      aext = next((e for e in self.audio_exts if e in sample), None)
+      if aext is None:
+        return _skip("image", f"{where}: no audio ({';'.join(self.audio_exts)})", sample)
+      try:
+        extra["audio"] = decode_wav(sample[aext], sample_rate=self.audio_rate,
+                                    length=self.audio_len)
+      except ValueError as e:
+        return _skip("image", f"{where}.{aext}: {e}", sample)
     out = {"image": views[0], "text": self.tokenizer.encode([text], self.text_len)[0],
            "__epoch__": sample["__item__"] / sample["__n__"], **extra}
     if self.views == 2:
@@ -394,14 +445,15 @@ def make_train_iterator(paths: list[str], data, *, tokenizer, global_batch_size:
                         naflex: tuple[int, int, bool] | None = None,
                         region_fields=None) -> TrainIterator:
   """This process's share of each global batch from the shards `paths`: 'image' uint8
-  [b, S, S, 3], 'text' int32 [b, L], 'image2' for views=2, and caption_fields' keys
+  [b, S, S, 3], 'text' int32 [b, L], 'image2' for views=2, 'audio' float32 [b, T] with
+  data.audio_ext (T = audio_rate * audio_seconds), and caption_fields' keys
   ({key: a picklable caption -> array function}, as mmjax.data.pipeline's); with naflex,
   'image' patches and 'image_grid' as mmjax.data.pipeline.make_train_iterator's.
 
   data: config.data (image_size, text_len, augment, crop_scale_min, flip, image_ext, text_ext,
-  streams, shuffle_buffer, shard_cycle, num_workers, max_skip_fraction). The batches depend on
-  the seed, the shards, `streams` and `num_workers`; not on the number of processes (when it
-  divides `streams`).
+  audio_ext, audio_rate, audio_seconds, streams, shuffle_buffer, shard_cycle, num_workers,
+  max_skip_fraction). The batches depend on the seed, the shards, `streams` and
+  `num_workers`; not on the number of processes (when it divides `streams`).
   """
   streams, note = stream_layout(len(paths), data.streams, process_count)
   if global_batch_size % streams:
@@ -420,7 +472,9 @@ def make_train_iterator(paths: list[str], data, *, tokenizer, global_batch_size:
                   image_ext=data.image_ext, text_ext=data.text_ext, seed=seed,
                   augment=data.augment, crop_scale_min=data.crop_scale_min, flip=data.flip,
                   views=views, caption_fields=caption_fields, naflex=naflex,
-                  region_fields=region_fields, regions_ext=data.regions_ext)
+                  region_fields=region_fields, regions_ext=data.regions_ext,
+                  audio_ext=data.audio_ext, audio_rate=data.audio_rate,
+                  audio_seconds=data.audio_seconds)
   order = ShardOrder(paths, seed)
   local = streams // process_count
   parts = []

@@ -87,6 +87,12 @@ def _data_defaults() -> ml_collections.ConfigDict:
       # regions_key or the webdataset member regions_ext (mmjax.data.scenes writes both).
       regions_key="regions",
       regions_ext="json",
+      # Audio beside the images (name='wds' only): the member audio_ext ('wav': PCM, mono, at
+      # audio_rate Hz, else skipped as a bad image) as the batch's 'audio' float32 [b, T],
+      # T = audio_rate * audio_seconds (cut or zero-padded); None: no audio.
+      audio_ext=placeholder(str),
+      audio_rate=16000,
+      audio_seconds=2.0,
       naflex=dict(mode=placeholder(str), max_patches=256, seq_len=1024, rows=0,
                   max_per_seq=8, eval_max_patches=placeholder(int)),
   ))
