@@ -329,15 +329,18 @@ def test_the_recipe_configs_validate():
 def test_init_from_skips_the_mask_token_both_ways(data_dir, tmp_path):
   """config.init_from.skip: a SigLIP 2 run (the decoder probe of siglip2_probe.py) takes a
   SigLIP run's image tower, its own mask token left as initialised; a SigLIP run takes a
-  SigLIP 2 run's, its mask token not read. Without skip either way is one line naming it."""
+  SigLIP 2 run's, its mask token not read. Without skip either way is one line naming it. The
+  sources are initial states of another seed, saved as a run saves them (no training)."""
   from mmjax.train import checkpoint, init_from, loop
-  short = {"total_steps": 2, "checkpoint.every": 2, "optim.warmup_steps": 1,
-           "evaluate.probes": False}
-  loop.train(tiny_config(data_dir, **short), str(tmp_path / "siglip"))
-  loop.train(tiny_config(data_dir, **{**SMALL, **short}), str(tmp_path / "siglip2"))
+  short = {"total_steps": 2, "optim.warmup_steps": 1, "evaluate.probes": False}
+  extra = {"siglip": {}, "siglip2": SMALL}
+  for name in extra:
+    built = loop.build(tiny_config(data_dir, **{**extra[name], **short, "seed": 7}))
+    manager = checkpoint.make_manager(str(tmp_path / name), every=1, keep=1)
+    checkpoint.save(manager, 1, built.init_state(), {}, force=True)
+    manager.wait_until_finished()
   for source, loss in (("siglip", "siglip2"), ("siglip2", "siglip")):
-    extra = SMALL if loss == "siglip2" else {}
-    cfg = tiny_config(data_dir, **{**extra, **short, "init_from.workdir": str(tmp_path / source)})
+    cfg = tiny_config(data_dir, **{**extra[loss], **short, "init_from.workdir": str(tmp_path / source)})
     built = loop.build(cfg)
     fresh = built.init_state()
     with pytest.raises(ValueError, match=r"config.init_from: img\['mask_token'\]|"
@@ -355,3 +358,5 @@ def test_init_from_skips_the_mask_token_both_ways(data_dir, tmp_path):
       np.testing.assert_array_equal(got.pop("mask_token"), fresh.params["img"]["mask_token"])
     saved["img"].pop("mask_token", None)
     jax.tree.map(np.testing.assert_array_equal, got, saved["img"])
+    assert not np.array_equal(saved["img"]["embedding"]["kernel"],
+                              fresh.params["img"]["embedding"]["kernel"])   # another seed
