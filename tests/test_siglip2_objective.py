@@ -32,33 +32,6 @@ def _built(data_dir, rng, seed: int, **overrides):
   return obj, image, text, params
 
 
-def test_switch_on_teacher_and_exact_resume(data_dir, tmp_path):
-  import shutil
-  from mmjax.train import loop
-  config = tiny_config(data_dir, **SMALL)
-  whole, part = tmp_path / "whole", tmp_path / "part"
-  results = loop.train(config, str(whole))
-  rows = [r for r in _rows(str(whole)) if "loss" in r]
-  on = {r["step"]: r["distill_on"] for r in rows}
-  assert on == {1: 0.0, 2: 0.0, 3: 0.0, 4: 1.0, 5: 1.0, 6: 1.0}, on   # state.step >= 3
-  for r in rows:
-    parts = r["sigmoid_loss"] + r["caption_loss"] + r["distill_on"] * (
-        r["consistency_loss"] + 0.25 * r["masked_loss"])
-    assert r["loss"] == pytest.approx(parts, rel=1e-5), r
-  assert results["zeroshot_top1"] >= 0
-  from tests.test_resume import _saved
-  state, _ = _saved(str(whole), 6)
-  ema = state["ema"]
-  assert np.any(np.asarray(ema["center_global"])) and np.any(np.asarray(ema["center_patch"]))
-  t, p = ema["teacher"]["proto_global"]["kernel"], state["params"]["proto_global"]["kernel"]
-  assert not np.allclose(t, p)   # an average of the student since the switch-on, not a copy
-  shutil.copytree(whole, part)
-  _cut_back(str(part), 2)   # before the switch-on: the resumed run switches it on itself
-  loop.train(config, str(part))
-  want, got = dict(_losses(str(whole))), dict(_losses(str(part)))
-  assert [got[s] for s in range(3, 7)] == [want[s] for s in range(3, 7)], (got, want)
-
-
 def test_teacher_copies_before_and_averages_after(data_dir):
   from mmjax import objectives
   from mmjax.objectives.siglip2 import TEACHER_KEYS
@@ -272,24 +245,45 @@ def test_captioner_is_greedy_and_caption_exact_counts(data_dir, rng):
   assert got["caption_exact"] == pytest.approx(2 / 3)
 
 
-def test_full_recipe_trains_on_digit_scenes(data_dir, tmp_path):
+def test_full_recipe_switch_on_and_exact_resume(data_dir, tmp_path):
   """Captioning, referring expressions and grounded captioning from the scenes' regions, then
-  the distillation: every loss finite, the region losses fall."""
+  the distillation from the switch-on (state.step >= 9 of 12): the total is the weighted sum of
+  its parts, every loss finite, the region losses fall, the teacher an average since the
+  switch-on (not a copy) with moved centers; cut back to step 8 (before the switch-on) and
+  resumed, the same losses."""
+  import shutil
   from mmjax.train import loop
+  from tests.test_resume import _saved
   config = tiny_config(data_dir, **{**SMALL, "data.name": "mmjax_digit_scenes",
                                     "data.augment": False, "total_steps": 12,
                                     "siglip2.refexp_weight": 1.0, "siglip2.grounded_weight": 1.0,
                                     "evaluate.probes": True, "evaluate.probe_train_examples": 100,
                                     "evaluate.probe_shots": (),
-                                    "checkpoint.every": 12, "siglip2.distill_fraction": 0.25})
-  results = loop.train(config, str(tmp_path / "run"))
+                                    "checkpoint.every": 4, "siglip2.distill_fraction": 0.25})
+  whole, part = tmp_path / "whole", tmp_path / "part"
+  results = loop.train(config, str(whole))
   assert 0.0 <= results["refexp_acc"] <= 1.0 and 0.0 < results["dense_probe_top1"] <= 1.0
-  rows = [r for r in _rows(str(tmp_path / "run")) if "loss" in r]
+  rows = [r for r in _rows(str(whole)) if "loss" in r]
+  assert {r["step"]: r["distill_on"] for r in rows} == {k: float(k > 9) for k in range(1, 13)}
+  for r in rows:
+    parts = (r["sigmoid_loss"] + r["caption_loss"] + r["ref_loss"] + r["ground_loss"]
+             + r["distill_on"] * (r["consistency_loss"] + 0.25 * r["masked_loss"]))
+    assert r["loss"] == pytest.approx(parts, rel=1e-5), r
   for key in ("ref_loss", "ground_loss", "caption_loss", "consistency_loss", "masked_loss"):
     values = [r[key] for r in rows]
     assert np.all(np.isfinite(values)), (key, values)
   for key in ("ref_loss", "ground_loss"):
     assert np.mean([r[key] for r in rows[-3:]]) < np.mean([r[key] for r in rows[:3]]), key
+  state, _ = _saved(str(whole), 12)
+  ema = state["ema"]
+  assert np.any(np.asarray(ema["center_global"])) and np.any(np.asarray(ema["center_patch"]))
+  t, p = ema["teacher"]["proto_global"]["kernel"], state["params"]["proto_global"]["kernel"]
+  assert not np.allclose(t, p)   # an average of the student since the switch-on, not a copy
+  shutil.copytree(whole, part)
+  _cut_back(str(part), 8)   # before the switch-on: the resumed run switches it on itself
+  loop.train(config, str(part))
+  want, got = dict(_losses(str(whole))), dict(_losses(str(part)))
+  assert [got[s] for s in range(9, 13)] == [want[s] for s in range(9, 13)], (got, want)
 
 
 def test_refexp_accuracy_and_patch_labels():
