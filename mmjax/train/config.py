@@ -136,12 +136,15 @@ def defaults() -> ml_collections.ConfigDict:
   c.batch_size = 128          # global, over all devices and processes
   c.total_steps = 1000
   c.loss = "siglip"           # the objective (mmjax.objectives.names()): 'siglip' | 'clip' (two
-                              # towers) | 'mae' | 'moco' | 'catlip' (images) | 'coca'
+                              # towers) | 'mae' | 'moco' | 'catlip' (images) | 'coca' |
+                              # 'siglip2' | 'bind' (config.bind: audio bound to the images)
   # LiT: regexes over parameter paths ('img/encoder/block0/attn/query/kernel') that
   # stay as initialised: no gradient computed, no optimizer state, e.g. ('img/.*',).
   c.frozen = ()
   # Start the subtree params[prefix] from another run's newest checkpoint (the
-  # same architecture there): e.g. a LiT image tower from an MAE run's 'img'.
+  # same architecture there): e.g. a LiT image tower from an MAE run's 'img'; prefix may
+  # be a tuple of top-level keys, e.g. ('img', 'img_proj', 'txt', 'txt_proj'): a
+  # SigLIP run's towers for config.loss='bind'.
   # Or start the whole two-tower model from a converted checkpoint:
   # 'big_vision:/path.npz' | 'hf:/dir' | 'open_clip:MODEL_NAME:/path' (mmjax.convert.load).
   # Its architecture, image size and preprocessing, text length and tokenizer replace
@@ -149,7 +152,10 @@ def defaults() -> ml_collections.ConfigDict:
   # must be its loss. total_steps=0 evaluates it; more steps fine-tune it.
   # init_from.skip: regexes over the prefix's parameter paths ('img/mask_token') that one
   # run has and the other lacks: left as initialised here, or not read from there.
-  c.init_from = ml_collections.ConfigDict(dict(workdir=placeholder(str), prefix="img",
+  c.init_from = ml_collections.ConfigDict(dict(workdir=placeholder(str),
+                                               # a str or a tuple of str: any type
+                                               prefix=ml_collections.FieldReference(
+                                                   "img", field_type=object),
                                                checkpoint=placeholder(str), skip=()))
   c.log_every = 20
   # A step whose loss or gradient norm is not finite leaves the state as it was, and
@@ -348,6 +354,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.init_from.checkpoint and config.init_from.workdir:
     raise ValueError("config.init_from.checkpoint and config.init_from.workdir are both set; "
                      "a run starts from one of them")
+  prefix = config.init_from.prefix
+  if not (isinstance(prefix, str) and prefix or isinstance(prefix, (tuple, list)) and prefix
+          and all(isinstance(p, str) and p for p in prefix)):
+    raise ValueError(f"config.init_from.prefix must be a top-level params key or a tuple of "
+                     f"them; got {prefix!r}")
   if config.init_from.checkpoint and not objective.takes_checkpoint:
     raise ValueError(f"config.init_from.checkpoint is a two-tower model; config.loss="
                      f"{config.loss!r} does not train one")

@@ -67,22 +67,21 @@ def from_checkpoint(state: TrainState, start: dict, state_sharding, spec: str) -
   return state.replace(params=params, batch_stats=stats)
 
 
-def from_run(state: TrainState, init_from, state_sharding, objective) -> TrainState:
-  """Replaces the params under init_from.prefix with those of another run's checkpoint (its
-  encoder blocks scanned or per-layer, converted to this run's config.model.scan)."""
-  variables, step = checkpoint.load_variables(init_from.workdir)
-  loaded, prefix = variables["params"], init_from.prefix
-  if prefix not in state.params or prefix not in loaded:
-    raise ValueError(f"config.init_from.prefix={prefix!r} must be a top-level params key of both "
-                     f"runs; this run has {sorted(state.params)}, {init_from.workdir!r} has "
-                     f"{sorted(loaded)}")
-  loaded = {**loaded, prefix: scan_lib.match_blocks(loaded[prefix], state.params[prefix])}
+def prefixes(prefix) -> tuple[str, ...]:
+  """config.init_from.prefix as a tuple of top-level params keys (a str is one)."""
+  return (prefix,) if isinstance(prefix, str) else tuple(prefix)
+
+
+def _loaded_subtree(mine, theirs, prefix: str, init_from, step: int):
+  """params[prefix] of this run (mine) replaced leaf by leaf by the other run's (theirs),
+  init_from.skip's leaves kept as initialised; ValueError naming a leaf that differs."""
+  theirs = scan_lib.match_blocks(theirs, mine)
   skip = [re.compile(p) for p in init_from.get("skip") or ()]
   name = lambda path: prefix + "/" + "/".join(str(getattr(k, "key", k)) for k in path)
   kept = lambda path: not any(p.fullmatch(name(path)) for p in skip)
-  every = jax.tree_util.tree_leaves_with_path(state.params[prefix])
+  every = jax.tree_util.tree_leaves_with_path(mine)
   want = [(path, leaf) for path, leaf in every if kept(path)]
-  got = {p: x for p, x in jax.tree_util.tree_leaves_with_path(loaded[prefix]) if kept(p)}
+  got = {p: x for p, x in jax.tree_util.tree_leaves_with_path(theirs) if kept(p)}
   for path, leaf in want:
     if path not in got or got[path].shape != leaf.shape:
       raise ValueError(
@@ -96,10 +95,25 @@ def from_run(state: TrainState, init_from, state_sharding, objective) -> TrainSt
         f"run lacks, e.g. {prefix}{extra[0]} ({len(extra)} in all); the towers must have the "
         "same architecture")
   # A skipped leaf keeps this run's initial value.
-  sub = jax.tree.map(lambda x, y: np.asarray(y, x.dtype), state.params[prefix],
-                     jax.tree.unflatten(jax.tree.structure(state.params[prefix]),
-                                        [got[p] if kept(p) else leaf for p, leaf in every]))
-  params = {**state.params, prefix: sub}
+  return jax.tree.map(lambda x, y: np.asarray(y, x.dtype), mine,
+                      jax.tree.unflatten(jax.tree.structure(mine),
+                                         [got[p] if kept(p) else leaf for p, leaf in every]))
+
+
+def from_run(state: TrainState, init_from, state_sharding, objective) -> TrainState:
+  """Replaces the params under each of init_from.prefix (a top-level key, or a tuple of them:
+  ('img', 'img_proj', 'txt', 'txt_proj')) with those of another run's checkpoint (its encoder
+  blocks scanned or per-layer, converted to this run's config.model.scan)."""
+  variables, step = checkpoint.load_variables(init_from.workdir)
+  loaded, keys = variables["params"], prefixes(init_from.prefix)
+  for prefix in keys:
+    if prefix not in state.params or prefix not in loaded:
+      raise ValueError(f"config.init_from.prefix={prefix!r} must be a top-level params key of "
+                       f"both runs; this run has {sorted(state.params)}, {init_from.workdir!r} "
+                       f"has {sorted(loaded)}")
+  params = {**state.params, **{prefix: _loaded_subtree(state.params[prefix], loaded[prefix],
+                                                       prefix, init_from, step)
+                               for prefix in keys}}
   params = jax.device_put(params, state_sharding.params)
   ema, stats = state.ema, state.batch_stats
   if ema is not None:
@@ -107,12 +121,14 @@ def from_run(state: TrainState, init_from, state_sharding, objective) -> TrainSt
     # encoder) must not share their buffers, or the train step would donate one twice.
     ema = jax.device_put(jax.tree.map(lambda x: jnp.array(x, copy=True),
                                       objective.ema_init(params)), state_sharding.ema)
-  if stats is not None and prefix in stats:   # the prefix's BatchNorm statistics come along
-    theirs = (variables.get("batch_stats") or {}).get(prefix)
-    if theirs is None:
-      raise ValueError(f"config.init_from: {prefix!r} keeps BatchNorm statistics here, and "
-                       f"{init_from.workdir!r} (step {step}) has none")
-    sub_stats = _cast_like(stats[prefix], theirs, f"{prefix!r} BatchNorm statistics")
-    stats = jax.device_put({**stats, prefix: sub_stats}, state_sharding.batch_stats)
-  print(f"mmjax: {prefix!r} initialised from {init_from.workdir} (step {step})", flush=True)
+  for prefix in keys:
+    if stats is not None and prefix in stats:   # the prefix's BatchNorm statistics come along
+      theirs = (variables.get("batch_stats") or {}).get(prefix)
+      if theirs is None:
+        raise ValueError(f"config.init_from: {prefix!r} keeps BatchNorm statistics here, and "
+                         f"{init_from.workdir!r} (step {step}) has none")
+      sub_stats = _cast_like(stats[prefix], theirs, f"{prefix!r} BatchNorm statistics")
+      stats = jax.device_put({**stats, prefix: sub_stats}, state_sharding.batch_stats)
+  named = keys[0] if len(keys) == 1 else keys
+  print(f"mmjax: {named!r} initialised from {init_from.workdir} (step {step})", flush=True)
   return state.replace(params=params, ema=ema, batch_stats=stats)
