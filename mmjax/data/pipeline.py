@@ -349,7 +349,7 @@ class EvalImages:
 
 
 def make_eval_arrays(source, data, *, tokenizer, normalize: tuple | None = None,
-                     lazy_images: bool = False, prep=None) -> dict:
+                     lazy_images: bool = False, prep=None, audio: bool = False) -> dict:
   """The split, no augmentation: 'image' float32 [n, S, S, 3], 'text' int32 [n, L] if the
   examples have captions (all of them: ValueError naming the first without), 'label' int32 [n]
   if present. lazy_images: 'image' is an `EvalImages` (decoded per
@@ -359,6 +359,10 @@ def make_eval_arrays(source, data, *, tokenizer, normalize: tuple | None = None,
 
   'region_boxes' float64 [n, 16, 5] (mmjax.data.regions.region_boxes) if every example has
   regions (config.data.regions_key: the dense probe's patch labels).
+
+  audio: 'audio' float32 [n, T] when the source reads audio (webdataset shards with
+  config.data.audio_ext: `source.audio(i)`, decoded as training decodes it, T = audio_rate x
+  audio_seconds), all in memory (the spoken digits' test split: 360 x 32000 floats, 46 MB).
 
   data: config.data (image_size, text_len, image_key, text_key, label_key, regions_key).
   """
@@ -393,4 +397,6 @@ def make_eval_arrays(source, data, *, tokenizer, normalize: tuple | None = None,
     out["label"] = np.asarray(labels, np.int32)
   if boxes and len(boxes) == len(source):
     out["region_boxes"] = np.stack(boxes)
+  if audio and getattr(source, "audio_exts", ()) and len(source):
+    out["audio"] = np.stack([source.audio(i) for i in range(len(source))])
   return out

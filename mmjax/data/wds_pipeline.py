@@ -501,15 +501,19 @@ def make_train_iterator(paths: list[str], data, *, tokenizer, global_batch_size:
 
 class DecodedShards:
   """A ShardIndex as a source of records {'image': uint8 [H, W, 3], 'text': str, 'label': int}
-  (the ones the samples have: `text` from text_ext, `label` from label_ext)."""
+  (the ones the samples have: `text` from text_ext, `label` from label_ext). audio_ext (None:
+  no audio): `audio(i)` decodes sample i's WAV as training does, float32 [audio_len]."""
 
   def __init__(self, index: wds.ShardIndex, *, image_ext: str = "jpg;png;webp;jpeg",
                text_ext: str = "txt", label_ext: str = "cls",
-               keys: tuple[str, str, str] = ("image", "text", "label")):
+               keys: tuple[str, str, str] = ("image", "text", "label"),
+               audio_ext: str | None = None, audio_rate: int = 16000, audio_len: int = 0):
     self.index = index
     self.image_exts, self.text_ext = _exts(image_ext, "image_ext"), _exts(text_ext, "text_ext")[0]
     self.label_ext = label_ext
     self.image_key, self.text_key, self.label_key = keys
+    self.audio_exts = _exts(audio_ext, "audio_ext") if audio_ext else ()
+    self.audio_rate, self.audio_len = audio_rate, audio_len
 
   def __len__(self) -> int:
     return len(self.index)
@@ -543,6 +547,19 @@ class DecodedShards:
 
   def __getitem__(self, i: int) -> dict:
     return self.record(self.index[i], self.index.where(i))
+
+  def audio(self, i: int) -> np.ndarray:
+    """Sample i's waveform, float32 [audio_len] (decode_wav: cut or zero-padded); ValueError
+    naming the sample when it has no audio member or it does not decode (evaluation shards
+    must be whole)."""
+    sample, where = self.index[i], self.where(i)
+    ext = next((e for e in self.audio_exts if e in sample), None)
+    if ext is None:
+      raise ValueError(f"{where}: no audio ({';'.join(self.audio_exts)})")
+    try:
+      return decode_wav(sample[ext], sample_rate=self.audio_rate, length=self.audio_len)
+    except ValueError as e:
+      raise ValueError(f"{where}.{ext}: {e}") from None
 
   def where(self, i: int) -> str:
     """Sample i as 'shard PATH, sample KEY' (its __key__), for errors."""
@@ -638,7 +655,9 @@ class WdsDataset:
   def decoded(self, index: wds.ShardIndex) -> "DecodedShards":
     d = self.data
     return DecodedShards(index, image_ext=d.image_ext, text_ext=d.text_ext, label_ext=d.label_ext,
-                         keys=(d.image_key, d.text_key, d.label_key or "label"))
+                         keys=(d.image_key, d.text_key, d.label_key or "label"),
+                         audio_ext=d.audio_ext, audio_rate=d.audio_rate,
+                         audio_len=int(round(d.audio_rate * d.audio_seconds)))
 
   def source(self, split: str):
     if split != self.data.eval_split:

@@ -4,8 +4,8 @@
   config.evals.probe = dict(type="probe", every=2000, probe_shots=(5, 10))
 
 Each entry names an evaluator type (mmjax.evaluate.evaluators: zeroshot, retrieval, probe,
-captioning, rerank), `every` (steps; 0: only at the end; default config.evaluate.every) and
-keyword arguments that override config.evaluate's keys of the same name for that evaluator
+captioning, rerank, refexp, dense_probe, audio), `every` (steps; 0: only at the end; default
+config.evaluate.every) and keyword arguments that override config.evaluate's keys of the same name for that evaluator
 alone (the type's `options`). Empty config.evals: the standard set, every one that applies to
 the objective and the data, each every config.evaluate.every.
 
@@ -33,7 +33,8 @@ from mmjax.evaluate.streaming import Split
 # An entry's own evaluation set (any type): its spec, split and first N examples.
 DATASET_KEYS = ("dataset", "split", "limit")
 # The standard set, in the order its metrics are computed.
-STANDARD = ("probe", "zeroshot", "retrieval", "captioning", "rerank", "refexp", "dense_probe")
+STANDARD = ("probe", "zeroshot", "retrieval", "captioning", "rerank", "refexp", "dense_probe",
+            "audio")
 _OPTION_DEFAULTS = dict(batch_size=256, retrieval_match="pair", knn_k=20, probe_shots=(),
                         templates=None)
 

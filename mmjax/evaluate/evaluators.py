@@ -1,5 +1,5 @@
 """The evaluators, registered by name (big_vision's `config.evals` types): zeroshot,
-retrieval, probe, captioning, rerank, refexp and dense_probe.
+retrieval, probe, captioning, rerank, refexp, dense_probe and audio.
 
 Each is a small class with `run(variables) -> {metric: float}`, built from the objective's
 hooks and the data by `build(inputs, settings)` (which raises NotApplicable when the
@@ -57,7 +57,7 @@ class Inputs:
   """What the evaluators of a run are built from.
 
   objective: features(variables, image) -> [b, d], towers() -> (embed_image, embed_text) or
-    None, transfer_head, captioner, reranker (mmjax.objectives.Objective).
+    None, transfer_head, captioner, reranker, modality_encoders (mmjax.objectives.Objective).
   eval_split: the split evaluated; probe_split: the probes' train split ('image', 'label').
   tokenizer, text_len: encode prompts; class_names: the labels' names (label order);
   templates: the zero-shot prompt templates.
@@ -443,3 +443,68 @@ class DenseProbe:
     return {"dense_probe_top1": float(np.mean(pred == test_y)),
             "dense_probe_fg_top1": float(np.mean(pred[fg] == test_y[fg])) if fg.any()
             else float("nan")}
+
+
+@register("audio")
+class Audio:
+  """Audio bound to a frozen image-text space (ImageBind's emergent evaluations), from the
+  objective's modality_encoders()['audio'] (fn(variables, audio [b, T]) -> unit-norm [b, e])
+  and the eval split's 'audio' [n, T]:
+
+  audio_image_r1, audio_image_r5: audio i's nearest images by cosine, correct = image i
+    (retrieval_match 'label': any image of its class);
+  audio_text_zeroshot_top1: audio i's nearest class embedding (the image zero-shot's prompts
+    and templates through the text tower: no (audio, text) pair seen) is its label;
+  audio_text_r1: audio i's nearest caption is caption i (or an identical one; 'label': one of
+    its class), the retrieval evaluator's matching.
+  The zero-shot needs class names and labels, audio_text_r1 captions: left out without them.
+  """
+  options = ("retrieval_match", "templates", "batch_size")
+
+  def __init__(self, audio: Embedded, images: Embedded, *, match: str = "pair",
+               zeroshot: ZeroShot | None = None, pairs: Pairs | None = None):
+    if match not in ("pair", "label"):
+      raise ValueError(f"retrieval_match must be 'pair' or 'label'; got {match!r}")
+    self.audio, self.images, self.match = audio, images, match
+    self.zeroshot, self.pairs = zeroshot, pairs
+
+  @classmethod
+  def build(cls, inputs: Inputs, s: dict) -> "Audio":
+    hooks = getattr(inputs.objective, "modality_encoders", lambda: {})() or {}
+    if "audio" not in hooks:
+      raise NotApplicable("the objective encodes no audio (modality_encoders() has no 'audio')")
+    if "audio" not in inputs.eval_split.fields:
+      raise NotApplicable("the audio evaluator needs the split's 'audio' (webdataset shards "
+                          "with config.data.audio_ext)")
+    images = inputs.image_embeddings(s["batch_size"])
+    if s["retrieval_match"] == "label":
+      _need_labels(inputs.eval_split, "retrieval_match='label'")
+    audio = inputs.embedded(inputs.eval_split, inputs.jit(hooks["audio"]), s["batch_size"],
+                            "audio")
+    return cls(audio, images, match=s["retrieval_match"],
+               zeroshot=(_optional(ZeroShot.build, inputs, s)
+                         if s.get("templates") or inputs.templates else None),
+               pairs=_optional(Pairs.build, inputs, s))
+
+  def run(self, variables) -> dict[str, float]:
+    aud, fields = self.audio.all(variables)            # [n, e], fields of the same n rows
+    img, _ = self.images.all(variables)                # [n, e]
+    ids = (np.asarray(fields["label"]) if self.match == "label" else np.arange(len(aud)))
+    r = retrieval_recall(aud, img, img_ids=ids, txt_ids=ids, ks=(1, 5))
+    out = {"audio_image_r1": r["i2t_r1"], "audio_image_r5": r["i2t_r5"]}
+    if self.zeroshot is not None:
+      cls = self.zeroshot.class_embeddings(variables)   # [C, e]
+      pred = np.argmax(aud @ cls.T, axis=1)
+      out["audio_text_zeroshot_top1"] = float(np.mean(pred == np.asarray(fields["label"])))
+    if self.pairs is not None:
+      p = self.pairs(variables)                         # p.match [n, m]: audio i ~ text j
+      out["audio_text_r1"] = retrieval_recall(aud, p.txt, match=p.match, ks=(1,))["i2t_r1"]
+    return out
+
+
+def _optional(build: Callable, inputs: Inputs, s: dict):
+  """build(inputs, s), or None where it does not apply."""
+  try:
+    return build(inputs, s)
+  except NotApplicable:
+    return None

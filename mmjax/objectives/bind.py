@@ -5,8 +5,8 @@ The image and text towers keep TwoTower's param names, so a CLIP / SigLIP run lo
 config.init_from.workdir with prefix ('img', 'img_proj', 'txt', 'txt_proj') and config.frozen
 ('img/.*', 'img_proj/.*', 'txt/.*', 'txt_proj/.*', 't', 'b') train the new towers alone, and
 X -> text emerges through the frozen image-text space (ImageBind's point). Zero-shot and
-retrieval evaluate that frozen space; `modality_encoders` is the hook for audio evaluators
-(not written yet).
+retrieval evaluate that frozen space; `modality_encoders` is the hook of the 'audio' evaluator
+(mmjax.evaluate.evaluators.Audio: audio -> image, emergent audio -> text).
 """
 
 from __future__ import annotations
@@ -133,6 +133,6 @@ class BindObjective(Objective):
 
   def modality_encoders(self) -> dict:
     """{modality: fn(variables, x) -> unit-norm [b, e]} of the extra towers (the hook for
-    audio -> image / text evaluators)."""
+    'audio' evaluator: audio -> image / text)."""
     return {m: (lambda v, x, m=m: self.model.apply(v, m, x, method="encode"))
             for m in (self.model.modalities or {})}

@@ -216,8 +216,9 @@ def _make_evaluator(config, objective, source, train_src, tok, prep=None) -> Eva
   d, e = config.data, config.evaluate
   extra = objective.eval_fields()
 
-  def arrays(src):
-    out = pipeline.make_eval_arrays(src, d, tokenizer=tok, lazy_images=True, prep=prep)
+  def arrays(src, audio=False):
+    out = pipeline.make_eval_arrays(src, d, tokenizer=tok, lazy_images=True, prep=prep,
+                                    audio=audio)
     # Each field reads the record keys it names (`reads`); records without them get none.
     if extra and len(src) and all(k in src[0] for fn in extra.values() for k in fn.reads):
       out.update({k: np.stack([fn(src[i]) for i in range(len(src))]) for k, fn in extra.items()})
@@ -235,7 +236,7 @@ def _make_evaluator(config, objective, source, train_src, tok, prep=None) -> Eva
     if templates is None:
       templates = source.templates or DEFAULT_TEMPLATES
     zeroshot = (names, list(templates))
-  eval_arrays = arrays(source.eval_source())
+  eval_arrays = arrays(source.eval_source(), audio=True)   # the probes' split needs no audio
   for a in (eval_arrays, probe_arrays):
     _check_label_range(a, names, getattr(source, "names_path", None), d)
   if "text" not in eval_arrays and not config.evals and jax.process_index() == 0:
