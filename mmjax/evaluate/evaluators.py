@@ -474,8 +474,8 @@ class Audio:
     if "audio" not in hooks:
       raise NotApplicable("the objective encodes no audio (modality_encoders() has no 'audio')")
     if "audio" not in inputs.eval_split.fields:
-      raise NotApplicable("the audio evaluator needs the split's 'audio' (webdataset shards "
-                          "with config.data.audio_ext)")
+      raise NotApplicable("the audio evaluator needs the split's 'audio' "
+                          "(config.data.audio_ext)")
     images = inputs.image_embeddings(s["batch_size"])
     if s["retrieval_match"] == "label":
       _need_labels(inputs.eval_split, "retrieval_match='label'")
