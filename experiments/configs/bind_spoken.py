@@ -19,7 +19,13 @@ def get_config():
   c.loss = "bind"
   c.bind.loss = "siglip"
   c.bind.pairs = (("image", "audio"),)
-  c.data.audio_ext = "wav"   # 2 s clips at 16 kHz (config.data.audio_rate / audio_seconds)
+  c.data.audio_ext = "wav"
+  # 1 s clips at 16 kHz (write_spoken_shards(..., clip_seconds=1.0)), 64 mels: 9 x 5 = 45
+  # overlapping patches, and a 4-block audio tower, so the recipe fits minutes on a 2-core CPU
+  # (ImageBind's 2 s x 128 mels make 228 patches).
+  c.data.audio_seconds = 1.0
+  c.bind.audio.n_mels = 64
+  c.bind.audio.depth = 4
   # The SigLIP run's towers loaded (init_from.workdir on the command line) and frozen; the
   # image-text head t, b is unused by the loss and frozen too: only the audio side learns.
   c.init_from.prefix = TWO_TOWER

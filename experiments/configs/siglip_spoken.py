@@ -1,7 +1,7 @@
 """SigLIP on the spoken-digit shards' images and captions (the first half of the binding recipe;
 the audio members are not read). Write the shards, then train:
 
-  python -c "from mmjax.data import spoken; spoken.write_spoken_shards('/tmp/spoken')"
+  python -c "from mmjax.data import spoken; spoken.write_spoken_shards('/tmp/spoken', clip_seconds=1.0)"
   python -m experiments.train --config experiments/configs/siglip_spoken.py --workdir /tmp/siglip_spoken \
       --config.data.shards='/tmp/spoken/train/*.tar' --config.data.eval_shards='/tmp/spoken/test/*.tar'
 
