@@ -40,7 +40,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from mmjax.data import digits
+from mmjax.data import digits, shard_writer
 
 NAMES = digits.CLASS_NAMES
 SEED = 20260611
@@ -230,10 +230,6 @@ def write_scene_shards(out: str, *, sizes: dict | None = None, shard_size: int =
   out/zeroshot_classification_templates.txt. A sample's members: png (the image), txt (the
   caption), cls (the label), json (regions_json) and map.png (the class map, 8-bit grey).
   sizes: {split: number of scenes} (default SPLIT_SIZES). Returns {split: [shard paths]}."""
-  try:
-    import webdataset   # imports torch (~1 s) and is a test extra: only this writer needs it
-  except ImportError:
-    raise ImportError("write_scene_shards writes with webdataset: pip install webdataset") from None
   if shard_size < 1:
     raise ValueError(f"shard_size={shard_size} must be >= 1")
   sizes = dict(SPLIT_SIZES if sizes is None else sizes)
@@ -244,20 +240,9 @@ def write_scene_shards(out: str, *, sizes: dict | None = None, shard_size: int =
     f.write("\n".join(t.replace("{}", "{c}") for t in ZEROSHOT_TEMPLATES) + "\n")
   shards = {}
   for split, n in sizes.items():
-    os.makedirs(os.path.join(out, split), exist_ok=True)
-    paths, writer = [], None
-    for i, s in enumerate(generate(split, n, seed=seed)):
-      if i % shard_size == 0:
-        if writer is not None:
-          writer.close()
-        paths.append(os.path.join(out, split, f"{len(paths)}.tar"))
-        writer = webdataset.TarWriter(paths[-1], mtime=0)   # fixed: same scenes, same bytes
-      writer.write({"__key__": f"{i:06d}", "png": _png(s.image), "txt": s.caption,
-                    "cls": str(s.regions[0].label), "json": regions_json(s.regions),
-                    "map.png": _png(s.class_map)})
-    if writer is not None:
-      writer.close()
-    with open(os.path.join(out, split, "nshards.txt"), "w") as f:
-      f.write(f"{len(paths)}\n")
-    shards[split] = paths
+    shards[split] = shard_writer.tar_split(os.path.join(out, split), (
+        {"__key__": f"{i:06d}", "png": _png(s.image), "txt": s.caption,
+         "cls": str(s.regions[0].label), "json": regions_json(s.regions),
+         "map.png": _png(s.class_map)}
+        for i, s in enumerate(generate(split, n, seed=seed))), shard_size=shard_size)
   return shards

@@ -11,6 +11,7 @@ noise at a random SNR, and written beside the image as 16-bit PCM mono WAV:
 from __future__ import annotations
 
 import functools
+import itertools
 import io
 import math
 import os
@@ -21,7 +22,7 @@ import wave
 import numpy as np
 from scipy.signal import resample_poly   # scipy: a dependency of jax
 
-from mmjax.data import digits
+from mmjax.data import digits, shard_writer
 from mmjax.data.scenes import _png
 
 # English voices of espeak-ng 1.51 that sound different ('en' is 'en-gb').
@@ -109,6 +110,13 @@ def encode_wav(audio: np.ndarray, sample_rate: int = SAMPLE_RATE) -> bytes:
   return buf.getvalue()
 
 
+def _spoken_sample(index: int, ex: dict, rng, sample_rate: int, clip_seconds: float) -> dict:
+  """One digit example as a webdataset sample with its spoken word (KEY.wav)."""
+  audio = spoken_digit(ex["label"], rng, sample_rate=sample_rate, clip_seconds=clip_seconds)
+  return {"__key__": f"{index:06d}", "png": _png(np.asarray(ex["image"])), "txt": ex["text"],
+          "cls": str(ex["label"]), "wav": encode_wav(audio, sample_rate)}
+
+
 def write_spoken_shards(out: str, *, sizes: dict | None = None, shard_size: int = 500,
                         seed: int = digits.SEED, sample_rate: int = SAMPLE_RATE,
                         clip_seconds: float = CLIP_SECONDS) -> dict:
@@ -118,10 +126,6 @@ def write_spoken_shards(out: str, *, sizes: dict | None = None, shard_size: int 
   label), wav (spoken_digit of the label, 16-bit PCM mono at sample_rate). sizes: {split:
   the first n examples, None for all} (default: both whole splits). Sample i of a split draws
   its voice from seed, the split and i. Returns {split: [shard paths]}."""
-  try:
-    import webdataset   # imports torch (~1 s) and is a test extra: only this writer needs it
-  except ImportError:
-    raise ImportError("write_spoken_shards writes with webdataset: pip install webdataset") from None
   if shard_size < 1:
     raise ValueError(f"shard_size={shard_size} must be >= 1")
   _binary()   # fail before writing anything
@@ -131,24 +135,9 @@ def write_spoken_shards(out: str, *, sizes: dict | None = None, shard_size: int 
     f.write("\n".join(digits.CLASS_NAMES) + "\n")
   shards = {}
   for split, n in sizes.items():
-    os.makedirs(os.path.join(out, split), exist_ok=True)
-    paths, writer = [], None
-    for i, (index, ex) in enumerate(digits.split_examples(split)):
-      if n is not None and i >= n:
-        break
-      if i % shard_size == 0:
-        if writer is not None:
-          writer.close()
-        paths.append(os.path.join(out, split, f"{len(paths)}.tar"))
-        writer = webdataset.TarWriter(paths[-1], mtime=0)   # fixed: same samples, same bytes
-      rng = np.random.default_rng([seed, len(split), i])
-      audio = spoken_digit(ex["label"], rng, sample_rate=sample_rate, clip_seconds=clip_seconds)
-      writer.write({"__key__": f"{index:06d}", "png": _png(np.asarray(ex["image"])),
-                    "txt": ex["text"], "cls": str(ex["label"]),
-                    "wav": encode_wav(audio, sample_rate)})
-    if writer is not None:
-      writer.close()
-    with open(os.path.join(out, split, "nshards.txt"), "w") as f:
-      f.write(f"{len(paths)}\n")
-    shards[split] = paths
+    shards[split] = shard_writer.tar_split(os.path.join(out, split), (
+        _spoken_sample(index, ex, np.random.default_rng([seed, len(split), i]), sample_rate,
+                       clip_seconds)
+        for i, (index, ex) in enumerate(itertools.islice(digits.split_examples(split), n))),
+        shard_size=shard_size)
   return shards
